@@ -1,0 +1,140 @@
+"""`make demo`: the whole MergeVLA pipeline on TableTop-4 with defaults, ending in the results table.
+
+    python -m experiments.robot.demo                       # full demo (target: ≤ 20 min on 2 CPU cores)
+    python -m experiments.robot.demo --quick true          # quick mode (fewer tasks, steps, episodes; ≤ 5 min)
+    python -m experiments.robot.demo --train.expert_steps 1000 --eval.trials_per_task 5 --out_dir runs/demo-long
+
+Stages (experiments/robot/tabletop_pipeline): generate TableTop-4 demonstrations → load the shipped pretrained
+tiny base (pretrained_models/tabletop4-tiny-base) → fine-tune 4 MergeVLA experts, 4 self-attention baseline
+experts and a joint multi-task model (same seed, same base) → merge (TA, TIES, TSV, KnOTS, WUDI, EMR with task
+masks + router; naive TA of the baseline experts without masks) → roll out every row with the harness →
+print the table, routing accuracy per suite, the router-subspace ablation and the wall time. Each stage is
+cached in `out_dir`: running again reuses what exists and matches its settings.
+
+Size knobs left unset (None) take the mode's preset (FULL or QUICK below); every other knob has one default.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import draccus
+
+from experiments.robot.tabletop_pipeline.pipeline import (
+    DEFAULT_BASE_DIR,
+    DEMO_ALGORITHMS,
+    SUITES,
+    PipelineConfig,
+    PipelineError,
+    run_pipeline,
+)
+
+# Presets of the size knobs. Sized from measured throughput on 2 CPU cores (see the README's demo section).
+FULL = {"task_ids": None, "demos_per_task": 20, "expert_steps": 600, "joint_steps": 1200, "trials_per_task": 2}
+QUICK = {"task_ids": [0, 1], "demos_per_task": 6, "expert_steps": 60, "joint_steps": 80, "trials_per_task": 2}
+
+
+@dataclass
+class DataKnobs:
+    task_ids: Optional[list[int]] = None  # tasks per suite (preset: full all 10, quick [0, 1])
+    demos_per_task: Optional[int] = None  # scripted demos per task (preset: full 20, quick 6)
+    demo_noise: float = 0.1  # scripted expert's action noise
+    data_dir: Optional[Path] = None  # dataset directory (default <out_dir>/tabletop4; reused when it matches)
+
+
+@dataclass
+class TrainKnobs:
+    expert_steps: Optional[int] = None  # optimizer steps per expert (preset: full 600, quick 60)
+    joint_steps: Optional[int] = None  # steps of the joint multi-task model (preset: full 1200, quick 80)
+    batch_size: int = 8
+    lr: float = 5e-4
+    lr_schedule: str = "cosine"  # constant | cosine | linear
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    image_aug: bool = True
+    joint: bool = True  # train and evaluate the joint multi-task model
+
+
+@dataclass
+class MergeKnobs:
+    algorithms: list[str] = field(default_factory=lambda: list(DEMO_ALGORITHMS))  # MergeVLA + masks + router
+    unmasked_algorithms: list[str] = field(default_factory=list)  # MergeVLA without masks
+    baseline_algorithms: list[str] = field(default_factory=lambda: ["task_arithmetic"])  # naive, no masks
+    mask_lambda: float = 0.6  # TALL mask λ
+    k_gate: int = 8  # router subspace size
+    expert_head_layers: int = 1  # L_h: action-expert blocks kept per task
+    baseline_head_layers: int = 0  # naive baseline merge shares every parameter
+
+
+@dataclass
+class EvalKnobs:
+    trials_per_task: Optional[int] = None  # episodes per task (preset: full 2, quick 2)
+    first_init_state: int = 0
+    num_envs: int = 16  # concurrent episodes (the policy's batch)
+    noop_steps: int = 0
+    router_variant: str = "value"  # rollouts' router subspaces: value | key | key_value
+    baseline_experts: bool = True  # roll out the baseline experts themselves too
+    plots: bool = True
+
+
+@dataclass
+class DemoConfig:
+    quick: bool = False  # quick mode: QUICK presets (CI)
+    seed: int = 0
+    out_dir: Optional[Path] = None  # default runs/demo (quick: runs/demo-quick)
+    workers: int = 2  # processes (training, merging and rollouts run in parallel)
+    base_dir: Path = DEFAULT_BASE_DIR  # pretrained tiny base
+    suites: list[str] = field(default_factory=lambda: list(SUITES))
+    data: DataKnobs = field(default_factory=DataKnobs)
+    train: TrainKnobs = field(default_factory=TrainKnobs)
+    merge: MergeKnobs = field(default_factory=MergeKnobs)
+    eval: EvalKnobs = field(default_factory=EvalKnobs)
+
+    def pipeline_config(self) -> PipelineConfig:
+        preset = QUICK if self.quick else FULL
+
+        def pick(value, key):
+            return preset[key] if value is None else value
+
+        return PipelineConfig(
+            out_dir=self.out_dir or Path("runs/demo-quick" if self.quick else "runs/demo"),
+            seed=self.seed, workers=self.workers, base_dir=self.base_dir, suites=list(self.suites),
+            task_ids=pick(self.data.task_ids, "task_ids"), data_dir=self.data.data_dir,
+            demos_per_task=pick(self.data.demos_per_task, "demos_per_task"), demo_noise=self.data.demo_noise,
+            expert_steps=pick(self.train.expert_steps, "expert_steps"),
+            joint_steps=pick(self.train.joint_steps, "joint_steps"), batch_size=self.train.batch_size,
+            lr=self.train.lr, lr_schedule=self.train.lr_schedule, warmup_steps=self.train.warmup_steps,
+            min_lr_ratio=self.train.min_lr_ratio, weight_decay=self.train.weight_decay,
+            max_grad_norm=self.train.max_grad_norm, image_aug=self.train.image_aug, train_joint=self.train.joint,
+            algorithms=list(self.merge.algorithms), unmasked_algorithms=list(self.merge.unmasked_algorithms),
+            mask_lambda=self.merge.mask_lambda, k_gate=self.merge.k_gate,
+            expert_head_layers=self.merge.expert_head_layers, baseline_algorithms=list(self.merge.baseline_algorithms),
+            baseline_head_layers=self.merge.baseline_head_layers,
+            trials_per_task=pick(self.eval.trials_per_task, "trials_per_task"),
+            first_init_state=self.eval.first_init_state, num_envs=self.eval.num_envs, noop_steps=self.eval.noop_steps,
+            router_variant=self.eval.router_variant, eval_baseline_experts=self.eval.baseline_experts,
+            plots=self.eval.plots,
+        )
+
+
+def main(cfg: DemoConfig) -> dict:
+    return run_pipeline(cfg.pipeline_config())
+
+
+def cli() -> int:
+    cfg = draccus.parse(DemoConfig)
+    try:
+        main(cfg)
+    except PipelineError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,80 @@
+"""Policies as the evaluation harness sees them, shared by LIBERO and TableTop-4.
+
+A policy turns raw environment observations (LIBERO's dict layout) into 8-step chunks of environment
+actions. `start_episodes` is called once with each episode's first observation (the router runs there);
+`act` is then called whenever an episode has executed its previous chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from prismatic.vla.normalization import gripper_to_env, normalize, unnormalize
+
+ImageTransform = Callable[[np.ndarray], np.ndarray]  # (H, W, 3) uint8 → (S, S, 3) uint8
+
+
+class Policy(Protocol):
+    def start_episodes(self, first_obs: Sequence[dict], instructions: Sequence[str]) -> list[dict]:
+        """Per-episode info to log (e.g. the routed expert and its scores); {} when there is nothing."""
+
+    def act(self, obs: Sequence[dict], instructions: Sequence[str], episode_ids: Sequence[int]) -> np.ndarray:
+        """(B, chunk_len, 7) actions in the environment's convention (gripper -1 open / +1 close)."""
+
+
+def quat_to_axis_angle(q: np.ndarray) -> np.ndarray:
+    """(x, y, z, w) quaternion → axis-angle vector (robosuite's convention)."""
+    q = np.asarray(q, dtype=np.float64)
+    w = float(np.clip(q[3], -1.0, 1.0))
+    den = np.sqrt(1.0 - w * w)
+    if den < 1e-8:
+        return np.zeros(3)
+    return q[:3] * 2.0 * np.arccos(w) / den
+
+
+def raw_proprio(obs: dict) -> np.ndarray:
+    """8-D proprio: eef position (3), axis-angle of the eef quaternion (3), gripper joint positions (2)."""
+    return np.concatenate(
+        [obs["robot0_eef_pos"], quat_to_axis_angle(obs["robot0_eef_quat"]), obs["robot0_gripper_qpos"]]
+    ).astype(np.float32)
+
+
+def camera_images(obs: dict, transform: ImageTransform | None = None) -> np.ndarray:
+    """(2, S, S, 3) uint8: third-person then wrist camera, each through `transform` (e.g. rotate + resize)."""
+    ims = [obs["agentview_image"], obs["robot0_eye_in_hand_image"]]
+    return np.stack([transform(im) if transform else im for im in ims])
+
+
+def to_env_actions(pred: np.ndarray, action_stats: dict) -> np.ndarray:
+    """Normalised model output (..., 7) → environment actions: un-normalise, then map the gripper."""
+    a = unnormalize(pred, action_stats)
+    a[..., -1] = gripper_to_env(a[..., -1])
+    return a
+
+
+@dataclass
+class VLAPolicy:
+    """One fine-tuned checkpoint (a MergeVLA with `.processor` and `.norm_stats`)."""
+
+    model: torch.nn.Module
+    image_transform: ImageTransform | None = None
+
+    def start_episodes(self, first_obs, instructions):
+        return [{} for _ in first_obs]
+
+    @torch.no_grad()
+    def act(self, obs, instructions, episode_ids):
+        stats = self.model.norm_stats
+        if stats is None:
+            raise ValueError("the checkpoint has no norm_stats; it cannot turn predictions into actions")
+        images = np.stack([camera_images(o, self.image_transform) for o in obs])
+        proprio = np.stack([normalize(raw_proprio(o), stats["proprio"]) for o in obs])
+        batch = self.model.processor(list(instructions), images, proprio)
+        device = next(self.model.parameters()).device
+        pred = self.model.predict_action(**{k: v.to(device) for k, v in batch.items()})
+        return to_env_actions(pred.float().cpu().numpy(), stats["action"])

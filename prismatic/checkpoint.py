@@ -1,0 +1,77 @@
+"""One safetensors file of tensors + one JSON manifest per checkpoint directory.
+
+The manifest records the weights file's sha256, so a truncated or swapped file is caught at load time, and
+it is written last, so a directory without a manifest is an unfinished write, never a valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from prismatic.io import atomic_path, sha256_file, write_json
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt or of an unexpected kind."""
+
+
+def save_checkpoint(
+    directory: Path | str, tensors: dict[str, torch.Tensor], manifest: dict, kind: str, overwrite: bool = False
+) -> Path:
+    d = Path(directory)
+    if (d / MANIFEST_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{d} already holds a checkpoint ({MANIFEST_FILE}); refusing to overwrite it")
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(d / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": kind})
+        digest = sha256_file(tmp)
+    write_json(d / MANIFEST_FILE, {**manifest, "format": kind, "format_version": FORMAT_VERSION,
+                                   "weights_sha256": digest})
+    return d
+
+
+def read_manifest(directory: Path | str, kind: str) -> dict:
+    d = Path(directory)
+    mf = d / MANIFEST_FILE
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {d} does not exist")
+    if not mf.is_file():
+        raise CheckpointError(f"{mf} is missing: {d} is not a finished {kind} checkpoint")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mf} is not valid JSON ({e})") from e
+    if manifest.get("format") != kind:
+        raise CheckpointError(f"{mf}: field 'format' is {manifest.get('format')!r}, expected {kind!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{mf}: field 'format_version' is {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def load_checkpoint(directory: Path | str, kind: str, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    d = Path(directory)
+    manifest = read_manifest(d, kind)
+    wf = d / WEIGHTS_FILE
+    if not wf.is_file():
+        raise CheckpointError(f"{wf} is missing")
+    if verify and sha256_file(wf) != manifest.get("weights_sha256"):
+        raise CheckpointError(
+            f"{wf} does not match the sha256 in {d / MANIFEST_FILE}: the file is truncated or corrupt"
+        )
+    try:
+        tensors = load_file(str(wf))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{wf} cannot be read as safetensors ({e})") from e
+    return tensors, manifest

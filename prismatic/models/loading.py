@@ -1,0 +1,181 @@
+"""Where the pretrained VLM θ0 comes from, and its identity (a content hash) for checkpoints and merging.
+
+Three sources, in order of preference:
+- `base_dir`: this project's base format, one file: `vlm.safetensors` (the VLM's state dict in our names),
+  `base.json` (config name + sha256) and `tokenizer.json`. Made by `vla-scripts/convert_base.py` from the
+  released Prismatic + Qwen files, or by the TableTop pretraining script.
+- `llm_path`: a Hugging Face-format Qwen2.5-0.5B directory; the projector (and the LLM as tuned in VLM
+  training) come from `prismatic_checkpoint`, the towers from it or from `dino_path` / `siglip_path`. Parts
+  that no file provides stay random only when `random_seed` is given (LLM-only experiments).
+- `random_seed`: every weight random from a seed (tests, tiny experiments).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from prismatic.io import atomic_path, state_dict_sha256, write_json
+from prismatic.models.configuration import VLAConfig
+from prismatic.models.modeling import PrismaticVLM
+
+BASE_FORMAT = "mergevla-base"
+PRETRAINED_README = "pretrained_models/README.md"
+
+
+@dataclass
+class BaseModelConfig:
+    base_dir: Optional[Path] = None  # mergevla base directory (vlm.safetensors + base.json + tokenizer.json)
+    llm_path: Optional[Path] = None  # Hugging Face-format Qwen2.5-0.5B directory
+    prismatic_checkpoint: Optional[Path] = None  # Prismatic VLM checkpoint (.pt or .safetensors)
+    dino_path: Optional[Path] = None  # DINOv2-reg tower (timm file or HF dir) when the checkpoint lacks it
+    siglip_path: Optional[Path] = None  # SigLIP tower (timm file or HF dir) when the checkpoint lacks it
+    # Alone: a fully random base (tests, tiny runs). With llm_path: the seed of the parts no file provides,
+    # so random vision towers are always asked for explicitly.
+    random_seed: Optional[int] = None
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in vars(self).items() if v is not None) or "nothing"
+
+
+class BaseModelError(FileNotFoundError):
+    pass
+
+
+def random_base(cfg: VLAConfig, seed: int) -> dict[str, torch.Tensor]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return PrismaticVLM(cfg).state_dict()
+
+
+def save_base_dir(directory: Path | str, cfg: VLAConfig, vlm_state: dict[str, torch.Tensor], tokenizer_json: str,
+                  extra: dict | None = None) -> str:
+    d = Path(directory)
+    if (d / "base.json").exists():
+        raise FileExistsError(f"{d} already holds a base model; refusing to overwrite it")
+    d.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in vlm_state.items()}
+    digest = state_dict_sha256(sd)
+    # Tied weights (lm_head = embed_tokens) are stored once; safetensors refuses shared storage anyway.
+    first_by_ptr: dict[tuple, str] = {}
+    tied = {}
+    for k in sorted(sd):
+        t = sd[k]
+        # Only identical views are ties: slices of one storage (e.g. a split qkv) are distinct tensors.
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if view in first_by_ptr and t.numel():
+            tied[k] = first_by_ptr[view]
+        else:
+            first_by_ptr.setdefault(view, k)
+    with atomic_path(d / "vlm.safetensors") as tmp:
+        save_file({k: v for k, v in sd.items() if k not in tied}, str(tmp))
+    with atomic_path(d / "tokenizer.json") as tmp:
+        tmp.write_text(tokenizer_json)
+    write_json(d / "base.json", {"format": BASE_FORMAT, "config": cfg.to_dict(), "sha256": digest, "tied": tied,
+                                 **(extra or {})})
+    return digest
+
+
+def load_base_dir(directory: Path | str, cfg: VLAConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    d = Path(directory)
+    meta_file = d / "base.json"
+    if not meta_file.is_file():
+        raise BaseModelError(f"{meta_file} not found: {d} is not a mergevla base directory (see {PRETRAINED_README})")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != BASE_FORMAT:
+        raise BaseModelError(f"{meta_file}: field 'format' is {meta.get('format')!r}, expected {BASE_FORMAT!r}")
+    saved = VLAConfig.from_dict(meta["config"])
+    for field in ("image_size", "dino", "siglip", "llm"):
+        if getattr(saved, field) != getattr(cfg, field):
+            raise BaseModelError(
+                f"{meta_file}: config field {field!r} is {getattr(saved, field)}, but the model config "
+                f"{cfg.name!r} expects {getattr(cfg, field)}"
+            )
+    sd = load_file(str(d / "vlm.safetensors"))
+    for alias, source in meta.get("tied", {}).items():
+        sd[alias] = sd[source]
+    return sd, meta
+
+
+def load_qwen_hf(path: Path | str, cfg: VLAConfig) -> dict[str, torch.Tensor]:
+    """State dict (our names, `llm.` prefix) of a Hugging Face-format Qwen2 directory; no network."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise BaseModelError(
+            f"no Qwen2.5-0.5B weights at {p}: put the Hugging Face-format directory (config.json, "
+            f"model.safetensors, tokenizer.json) there; see {PRETRAINED_README}"
+        )
+    hf = json.loads((p / "config.json").read_text())
+    want = {"hidden_size": cfg.llm.hidden_size, "num_hidden_layers": cfg.llm.num_layers,
+            "num_attention_heads": cfg.llm.num_heads, "num_key_value_heads": cfg.llm.num_kv_heads,
+            "intermediate_size": cfg.llm.intermediate_size, "vocab_size": cfg.llm.vocab_size}
+    for k, v in want.items():
+        if hf.get(k) != v:
+            raise BaseModelError(f"{p / 'config.json'}: {k} is {hf.get(k)}, config {cfg.name!r} expects {v}")
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise BaseModelError(f"no *.safetensors weights in {p} (only safetensors are read, never pickles)")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    out = {f"llm.{k}": v for k, v in sd.items()}
+    if "llm.lm_head.weight" not in out and cfg.llm.tie_word_embeddings:
+        out["llm.lm_head.weight"] = out["llm.model.embed_tokens.weight"]
+    return out
+
+
+def resolve_base(cfg: VLAConfig, base: BaseModelConfig) -> tuple[dict[str, torch.Tensor], dict, Path | None]:
+    """(VLM state dict, reference for manifests, tokenizer location or None)."""
+    if base.base_dir is not None:
+        sd, meta = load_base_dir(base.base_dir, cfg)
+        ref = {"kind": "dir", "path": str(Path(base.base_dir).resolve()), "sha256": meta["sha256"]}
+        return sd, ref, Path(base.base_dir)
+    if base.llm_path is not None:
+        llm = load_qwen_hf(base.llm_path, cfg)
+        towers_given = base.dino_path is not None or base.siglip_path is not None
+        if base.random_seed is None and base.prismatic_checkpoint is None:
+            raise BaseModelError(
+                "llm_path alone leaves the vision towers and projector unset: add prismatic_checkpoint "
+                f"(+ dino_path / siglip_path), or random_seed to make them random on purpose; see {PRETRAINED_README}"
+            )
+        sd = random_base(cfg, base.random_seed or 0)
+        sd.update(llm)
+        if base.prismatic_checkpoint is not None:
+            from prismatic.models import prismatic_weights as pw
+
+            if base.random_seed is None or towers_given:  # every part must come from a file
+                sd.update(pw.assemble_vlm_state(cfg, base.prismatic_checkpoint, base.dino_path, base.siglip_path)[0])
+            else:
+                sd.update(pw.load_prismatic_checkpoint(base.prismatic_checkpoint, cfg))
+        as_str = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
+        ref = {"kind": "files", "llm_path": as_str(base.llm_path),
+               "prismatic_checkpoint": as_str(base.prismatic_checkpoint), "dino_path": as_str(base.dino_path),
+               "siglip_path": as_str(base.siglip_path), "random_seed": base.random_seed,
+               "sha256": state_dict_sha256(sd)}
+        return sd, ref, Path(base.llm_path)
+    if base.random_seed is not None:
+        sd = random_base(cfg, base.random_seed)
+        return sd, {"kind": "random", "seed": base.random_seed, "sha256": state_dict_sha256(sd)}, None
+    raise BaseModelError(
+        "no base model given: set base_dir (a mergevla base directory), llm_path (+ prismatic_checkpoint), "
+        f"or random_seed for a random base; see {PRETRAINED_README}"
+    )
+
+
+def base_config_from_ref(ref: dict) -> BaseModelConfig:
+    kind = ref.get("kind")
+    if kind == "dir":
+        return BaseModelConfig(base_dir=Path(ref["path"]))
+    if kind == "files":
+        as_path = lambda k: Path(ref[k]) if ref.get(k) else None  # noqa: E731
+        return BaseModelConfig(llm_path=as_path("llm_path"), prismatic_checkpoint=as_path("prismatic_checkpoint"),
+                               dino_path=as_path("dino_path"), siglip_path=as_path("siglip_path"),
+                               random_seed=ref.get("random_seed"))
+    if kind == "random":
+        return BaseModelConfig(random_seed=int(ref["seed"]))
+    raise BaseModelError(f"unknown base reference kind {kind!r} (expected dir, files or random)")

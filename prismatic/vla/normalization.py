@@ -1,0 +1,51 @@
+"""Per-dimension q01/q99 normalisation to [-1, 1] (clipped), as in DESIGN §3.
+
+Stats layout, stored in every checkpoint manifest as `norm_stats`:
+    {"action":  {"q01": [7], "q99": [7], "mask": [7 bools]},
+     "proprio": {"q01": [8], "q99": [8], "mask": [8 bools]}}
+Dimensions whose mask is False (the gripper action) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-8
+
+
+def compute_stats(x: np.ndarray, mask: list[bool] | None = None) -> dict:
+    x = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
+    if len(x) == 0:
+        raise ValueError("cannot compute normalisation statistics of an empty array")
+    mask = [True] * x.shape[1] if mask is None else list(mask)
+    return {
+        "q01": np.quantile(x, 0.01, axis=0).tolist(),
+        "q99": np.quantile(x, 0.99, axis=0).tolist(),
+        "mask": [bool(m) for m in mask],
+    }
+
+
+def normalize(x: np.ndarray, stats: dict) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    lo, hi = np.asarray(stats["q01"], np.float32), np.asarray(stats["q99"], np.float32)
+    y = np.clip(2.0 * (x - lo) / (hi - lo + EPS) - 1.0, -1.0, 1.0)
+    return np.where(np.asarray(stats["mask"]), y, x).astype(np.float32)
+
+
+def unnormalize(y: np.ndarray, stats: dict) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float32)
+    lo, hi = np.asarray(stats["q01"], np.float32), np.asarray(stats["q99"], np.float32)
+    x = 0.5 * (np.clip(y, -1.0, 1.0) + 1.0) * (hi - lo + EPS) + lo
+    return np.where(np.asarray(stats["mask"]), x, y).astype(np.float32)
+
+
+def gripper_to_train(g_env: np.ndarray) -> np.ndarray:
+    """LIBERO's gripper action (-1 open, +1 close) → training label (1 open, 0 close)."""
+    return ((1.0 - np.asarray(g_env, np.float32)) / 2.0).clip(0.0, 1.0)
+
+
+def gripper_to_env(g_train: np.ndarray) -> np.ndarray:
+    """Predicted label (1 open, 0 close) → LIBERO's convention: sign(2g - 1), negated (-1 open, +1 close)."""
+    s = np.sign(2.0 * np.asarray(g_train, np.float32) - 1.0)
+    s = np.where(s == 0, 1.0, s)  # exactly 0.5 counts as open
+    return -s

@@ -1,0 +1,77 @@
+"""A Hugging Face-format Qwen2 directory (as `save_pretrained` writes it) becomes the VLM's LLM, offline."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from prismatic.models import BaseModelConfig, build_vla
+from prismatic.models.configuration import get_config
+from prismatic.models.loading import BaseModelError
+from prismatic.models.modeling import Qwen2ForCausalLM, make_projector, qwen2_hf_config
+from prismatic.models.prismatic_weights import load_prismatic_checkpoint
+
+CFG = get_config("tiny")
+
+
+def base_weight(vlm_sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """A base weight of the VLM, whether or not LoRA wrapped its layer (`….base_layer.weight`)."""
+    if name in vlm_sd:
+        return vlm_sd[name]
+    module, _, param = name.rpartition(".")
+    return vlm_sd[f"{module}.base_layer.{param}"]
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    torch.manual_seed(11)
+    llm = Qwen2ForCausalLM(qwen2_hf_config(CFG))
+    d = tmp_path_factory.mktemp("Qwen2.5-tiny")
+    llm.save_pretrained(d)
+    return d, {k: v.detach().clone() for k, v in llm.state_dict().items()}
+
+
+def test_hf_qwen_dir_loads_through_build_vla(qwen_dir):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest: any Hub lookup would fail, not retry
+    d, want = qwen_dir
+    model = build_vla(CFG, BaseModelConfig(llm_path=d, random_seed=0), seed=0)
+    got = model.vlm.state_dict()
+    for k, v in want.items():
+        assert torch.equal(base_weight(got, f"llm.{k}"), v), k
+    # the tied output head really is the embedding, and the model runs on it
+    assert torch.equal(base_weight(got, "llm.lm_head.weight"), want["model.embed_tokens.weight"])
+    batch = model.processor(["pick up the cube"], np.zeros((1, 2, 64, 64, 3), np.uint8), np.zeros((1, 8)))
+    assert torch.isfinite(model.predict_action(**batch)).all()
+    assert model.base_ref["kind"] == "files" and model.base_ref["llm_path"] == str(d.resolve())
+
+
+def test_hf_qwen_dir_plus_prismatic_checkpoint(qwen_dir, tmp_path):
+    """The Prismatic checkpoint's LLM (fine-tuned in VLM training) replaces the plain Qwen weights."""
+    d, _ = qwen_dir
+    torch.manual_seed(12)
+    tuned = {f"llm.{k}": v.detach().clone() for k, v in Qwen2ForCausalLM(qwen2_hf_config(CFG)).state_dict().items()}
+    proj = {f"projector.{k}": v for k, v in make_projector(CFG.vision_dim, CFG.llm.hidden_size).state_dict().items()}
+    torch.save({"model": {"projector": proj, "llm_backbone": tuned}}, tmp_path / "latest-checkpoint.pt")
+    assert load_prismatic_checkpoint(tmp_path / "latest-checkpoint.pt", CFG).keys() == {*proj, *tuned}
+    model = build_vla(CFG, BaseModelConfig(llm_path=d, prismatic_checkpoint=tmp_path / "latest-checkpoint.pt",
+                                           random_seed=0))
+    got = model.vlm.state_dict()
+    for k, v in {**tuned, **proj}.items():
+        assert torch.equal(base_weight(got, k), v), k
+
+
+def test_missing_qwen_dir_says_where_to_put_it(tmp_path):
+    where = tmp_path / "pretrained_models" / "Qwen2.5-0.5B"
+    with pytest.raises(BaseModelError, match=r"no Qwen2\.5-0\.5B weights at .*Qwen2\.5-0\.5B: put the Hugging Face"):
+        build_vla(CFG, BaseModelConfig(llm_path=where))
+
+
+def test_qwen_dir_of_another_size_is_refused(qwen_dir, tmp_path):
+    d, _ = qwen_dir
+    with pytest.raises(BaseModelError, match=r"config\.json: hidden_size is 128, config 'tiny' expects 64"):
+        build_vla(get_config("tiny", llm=type(CFG.llm)(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                                                          intermediate_size=384, vocab_size=512)),
+                  BaseModelConfig(llm_path=d))

@@ -1,0 +1,251 @@
+"""Issue 2: the MergeVLA model, real sizes on `meta` and the tiny config on CPU."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import Dinov2WithRegistersModel, SiglipVisionModel
+
+from prismatic.checkpoint import CheckpointError
+from prismatic.models import BaseModelConfig, MergeVLA, build_vla, from_pretrained, get_config, save_pretrained
+from prismatic.models.lora import apply_lora
+from prismatic.models.modeling import dino_hf_config, siglip_hf_config
+
+
+def n_params(module, pred=lambda n: True):
+    return sum(p.numel() for n, p in module.named_parameters() if pred(n))
+
+
+def linear_lora_count(in_f, out_f, r):
+    return r * (in_f + out_f)
+
+
+def test_real_size_parameter_counts_match_published_architecture():
+    cfg = get_config("qwen25-dinosiglip-224px")
+    with torch.device("meta"):
+        model = MergeVLA(cfg)
+        full_dino = Dinov2WithRegistersModel(dino_hf_config(cfg.dino, 224, cfg.dino.num_layers))
+        siglip_cfg = siglip_hf_config(cfg.siglip, 224, cfg.siglip.num_layers)
+        siglip_cfg.vision_use_head = True
+        full_siglip = SiglipVisionModel(siglip_cfg)
+    # Qwen2.5-0.5B, tied embeddings: the published 494,032,768.
+    assert n_params(model.vlm.llm) == 494_032_768
+    # The published towers (FACTS.md: 303.2M and 427.7M); we build all but the last block (and no head).
+    assert round(n_params(full_dino) / 1e6, 1) == 303.2
+    assert round(n_params(full_siglip) / 1e6, 1) == 427.7
+    dino_block = n_params(full_dino.encoder.layer[-1])
+    siglip_block = n_params(full_siglip.encoder.layers[-1])
+    siglip_head = n_params(full_siglip.head)
+    assert n_params(model.vlm.vision.dino) == n_params(full_dino) - dino_block
+    assert n_params(model.vlm.vision.siglip) == n_params(full_siglip) - siglip_block - siglip_head
+    # Projector 2176 → 8704 → 896 → 896.
+    assert n_params(model.vlm.projector) == (2176 * 8704 + 8704) + (8704 * 896 + 896) + (896 * 896 + 896)
+    # Action expert: LN(6272) + Linear(6272→896); 24 blocks of 8 Linear(896, 896) + gate + LN; LN + Linear(896→7).
+    d = 896
+    block = 8 * (d * d + d) + 1 + 2 * d
+    expected_expert = 2 * 7 * d + (7 * d * d + d) + 24 * block + 2 * d + (d * 7 + 7)
+    assert n_params(model.action_expert) == expected_expert
+    assert round(expected_expert / 1e6) == 160
+    # LoRA r=64 on every LLM linear: q, k, v, o, gate, up, down per layer.
+    with torch.device("meta"):
+        apply_lora(model, cfg.lora)
+    per_layer = sum(linear_lora_count(i, o, 64) for i, o in [
+        (896, 896), (896, 128), (896, 128), (896, 896), (896, 4864), (896, 4864), (4864, 896)])
+    assert n_params(model.vlm.llm, lambda n: "lora_" in n) == 24 * per_layer == 35_192_832
+    # ... and on every other VLM linear; nothing else gets LoRA (lm_head is tied and excluded).
+    expected_lora = sum(linear_lora_count(m.base_layer.in_features, m.base_layer.out_features, 64)
+                        for _, m in model.vlm.named_modules() if hasattr(m, "base_layer"))
+    assert n_params(model, lambda n: "lora_" in n) == expected_lora
+    assert not hasattr(model.vlm.llm.lm_head, "base_layer")
+
+
+def smooth_batch(model, n=2, seed=0):
+    rng = np.random.default_rng(seed)
+    a0, a1 = rng.uniform(-1, 1, (n, 1, 7)), rng.uniform(-1, 1, (n, 1, 7))
+    actions = a0 + (a1 - a0) * np.linspace(0, 1, 8)[None, :, None]
+    instructions = ["pick up the red cube and place it in the bowl", "push the plate"][:n]
+    images = rng.integers(0, 256, (n, 2, 64, 64, 3), dtype=np.uint8)
+    return model.processor(instructions, images, rng.normal(size=(n, 8)), actions)
+
+
+def test_tiny_forward_shapes(tiny_vla):
+    batch = smooth_batch(tiny_vla)
+    out = tiny_vla(**batch, keep_states=True)
+    cfg = tiny_vla.config
+    assert out.actions.shape == (2, 8, 7)
+    assert out.loss.ndim == 0
+    assert len(out.act_states) == len(out.vis_states) == cfg.llm.num_layers + 1
+    assert out.act_states[-1].shape == (2, cfg.num_action_queries, cfg.llm.hidden_size)
+    assert out.vis_states[-1].shape == (2, 2 * 64, cfg.llm.hidden_size)  # 2 images × 8×8 patches
+
+
+def test_sequence_layout_puts_vision_after_first_token_and_queries_after_text(tiny_vla):
+    model = tiny_vla
+    ids, lens = model.processor.tokenize(["pick up the cube", "push the red ball to the left zone"])
+    assert lens[0] < lens[1]
+    pixels = torch.rand(2, 2, 3, 64, 64)
+    x, query_pos, v = model.build_sequence(ids, lens, pixels)
+    emb = model.vlm.llm.get_input_embeddings()(ids)
+    vis = model.vlm.projector(model.vlm.vision(pixels))
+    q = model.config.num_action_queries
+    for b in range(2):
+        n = int(lens[b])
+        torch.testing.assert_close(x[b, 0], emb[b, 0])
+        torch.testing.assert_close(x[b, 1 : 1 + v], vis[b])
+        torch.testing.assert_close(x[b, 1 + v : v + n], emb[b, 1:n])
+        assert query_pos[b].tolist() == list(range(v + n, v + n + q))
+        torch.testing.assert_close(x[b, v + n : v + n + q], model.action_queries)
+        torch.testing.assert_close(x[b, v + n + q :], emb[b, n:])  # pads go last
+
+
+def test_padding_does_not_change_predictions(tiny_vla):
+    model = tiny_vla.eval()
+    batch = smooth_batch(model)
+    both = model(**batch).actions
+    alone = model(**{k: v[1:2] if k != "input_ids" else v[1:2, : int(batch["text_lens"][1])]
+                     for k, v in batch.items()}).actions
+    short = model(**{k: v[0:1] if k != "input_ids" else v[0:1, : int(batch["text_lens"][0])]
+                     for k, v in batch.items()}).actions
+    torch.testing.assert_close(both[1:2], alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(both[0:1], short, atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_reach_only_lora_queries_proprio_and_expert():
+    model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
+    model(**smooth_batch(model)).loss.backward()
+    # LoRA B starts at zero, so A gets no gradient on the first step; B, and everything from scratch, does.
+    for name, p in model.named_parameters():
+        trainable = ".lora_" in name or name.startswith(("action_queries", "proprio_proj.", "action_expert."))
+        assert p.requires_grad == trainable, name
+        if not trainable:
+            assert p.grad is None, name
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in grads if ".lora_B." in n)
+    assert grads["action_queries"].abs().sum() > 0
+    assert grads["proprio_proj.0.weight"].abs().sum() > 0
+    assert grads["action_expert.blocks.0.q_vis.weight"].abs().sum() > 0
+    assert grads["action_expert.blocks.0.gate"].abs().sum() > 0
+
+
+def test_baseline_and_mergevla_experts_differ_exactly_in_the_self_attention_path():
+    cross = MergeVLA(get_config("tiny")).action_expert
+    base = MergeVLA(get_config("tiny", expert_arch="self_attn")).action_expert
+    cross_names, base_names = set(dict(cross.named_parameters())), set(dict(base.named_parameters()))
+    extra = base_names - cross_names
+    assert cross_names < base_names
+    assert extra == {f"blocks.{i}.{p}_self.{w}" for i in range(4) for p in "qkv" for w in ("weight", "bias")}
+    # With the self path's values zeroed and its logits pushed to -inf-like, the two compute the same thing
+    # up to the gate function: set g so that tanh(g_base) == sigmoid(g_cross).
+    base.load_state_dict(cross.state_dict(), strict=False)
+    g = torch.tensor([0.3])
+    for bc, bb in zip(cross.blocks, base.blocks):
+        bc.gate.data.copy_(g)
+        bb.gate.data.copy_(torch.atanh(torch.sigmoid(g)))
+        bb.q_self.weight.data.zero_()
+        bb.q_self.bias.data.fill_(0.0)
+        bb.k_self.weight.data.zero_()
+        bb.k_self.bias.data.fill_(-1e4)  # ≠ 0 needed: zero keys would still take softmax mass
+        bb.q_self.bias.data[:] = 1.0  # queries·keys = -1e4·head_dim → exp underflows to exactly 0
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 128)
+    h_act, h_vis = torch.randn(2, 17, 128), torch.randn(2, 128, 128)
+    for bc, bb in zip(cross.blocks, base.blocks):
+        torch.testing.assert_close(bc(x, h_act, h_vis), bb(x, h_act, h_vis), atol=1e-5, rtol=1e-5)
+
+
+def test_one_hundred_steps_on_a_fixed_batch_cut_the_l1_loss_tenfold():
+    torch.manual_seed(0)
+    model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
+    batch = smooth_batch(model)
+    model.eval()
+    before = model(**batch).loss.item()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(100):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    after = model(**batch).loss.item()
+    assert after * 10 <= before, (before, after)
+
+
+def test_save_load_gives_identical_predictions(tmp_path):
+    model = build_vla("tiny", BaseModelConfig(random_seed=3), seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))  # LoRA B nonzero, so LoRA matters
+    model.norm_stats = {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]},
+                        "proprio": {"q01": [-1.0] * 8, "q99": [1.0] * 8, "mask": [True] * 8}}
+    batch = smooth_batch(model)
+    save_pretrained(model, tmp_path / "ckpt", step=7)
+    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    assert manifest["step"] == 7 and manifest["config_name"] == "tiny" and manifest["lora"]["scale"] == 2.0
+    assert manifest["base"]["kind"] == "random" and manifest["init_seed"] == 1
+    reloaded = from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(model.predict_action(**batch), reloaded.predict_action(**batch))
+    assert reloaded.norm_stats == model.norm_stats
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        save_pretrained(model, tmp_path / "ckpt")
+
+
+def test_checkpoint_on_another_base_is_refused(tmp_path):
+    model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
+    save_pretrained(model, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="was trained on base"):
+        from_pretrained(tmp_path / "ckpt", base=BaseModelConfig(random_seed=1))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "bad_json", "wrong_format"])
+def test_corrupt_or_truncated_checkpoint_raises_a_clear_error(tmp_path, damage):
+    model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
+    d = save_pretrained(model, tmp_path / "ckpt")
+    w, m = d / "model.safetensors", d / "manifest.json"
+    if damage == "truncate":
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+        match = "truncated or corrupt"
+    elif damage == "flip":
+        data = bytearray(w.read_bytes())
+        data[-5] ^= 0xFF
+        w.write_bytes(bytes(data))
+        match = "truncated or corrupt"
+    elif damage == "no_manifest":
+        m.unlink()
+        match = "manifest.json is missing"
+    elif damage == "bad_json":
+        m.write_text("{not json")
+        match = "not valid JSON"
+    else:
+        m.write_text(json.dumps({**json.loads(m.read_text()), "format": "something-else"}))
+        match = "field 'format'"
+    with pytest.raises(CheckpointError, match=match):
+        from_pretrained(d)
+
+
+def test_missing_base_gives_a_clear_error(tmp_path):
+    from prismatic.models.loading import BaseModelError
+
+    with pytest.raises(BaseModelError, match="no base model given"):
+        build_vla("tiny", BaseModelConfig())
+    with pytest.raises(BaseModelError, match="put the Hugging Face-format directory"):
+        build_vla("tiny", BaseModelConfig(llm_path=tmp_path / "Qwen2.5-0.5B"))
+
+
+def test_unknown_config_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="expected one of"):
+        get_config("huge")
+
+
+def test_base_dir_round_trip(tmp_path):
+    from prismatic.models.loading import random_base, save_base_dir
+
+    cfg = get_config("tiny")
+    tok = build_vla(cfg, BaseModelConfig(random_seed=5)).processor.tokenizer
+    digest = save_base_dir(tmp_path / "base", cfg, random_base(cfg, 5), tok.to_str())
+    model = build_vla(cfg, BaseModelConfig(base_dir=tmp_path / "base"))
+    assert model.base_ref["sha256"] == digest == build_vla(cfg, BaseModelConfig(random_seed=5)).base_ref["sha256"]
+    with pytest.raises(FileExistsError):
+        save_base_dir(tmp_path / "base", cfg, random_base(cfg, 5), tok.to_str())

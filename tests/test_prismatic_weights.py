@@ -1,0 +1,423 @@
+"""Prismatic / timm weights → our modules, checked numerically without real weights and without timm.
+
+The reference below is a from-scratch ViT forward with timm's semantics (fused qkv, layer scale, DINOv2-reg's
+cls + register tokens prepended *after* the patch-only position embedding); random timm-format state dicts are
+mapped and loaded into the transformers towers, whose second-to-last-block patch features must match it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from transformers import (
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    SiglipConfig,
+    SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from prismatic.models.configuration import get_config
+from prismatic.models.loading import BaseModelError
+from prismatic.models.modeling import PrismaticVLM, Qwen2ForCausalLM, make_projector, qwen2_hf_config
+from prismatic.models.prismatic_weights import (
+    WeightsError,
+    assemble_vlm_state,
+    load_prismatic_checkpoint,
+    load_vision_tower,
+    resample_grid,
+    timm_vit_to_hf,
+    tower_hf_config,
+)
+
+CFG = get_config("tiny")  # 64 px images, patch 8 → 8×8 grid; 3 blocks per tower (2 built)
+GRID = CFG.image_size // CFG.dino.patch_size
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------ reference (timm)
+
+
+def random_timm_sd(kind: str, src_grid: int, seed: int, extra_head: bool = True) -> dict[str, torch.Tensor]:
+    t = getattr(CFG, kind)
+    d, f, p = t.hidden_size, t.intermediate_size, t.patch_size
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=0.1, base=0.0):
+        return base + scale * torch.randn(*shape, generator=g)
+
+    sd = {"patch_embed.proj.weight": r(d, 3, p, p), "patch_embed.proj.bias": r(d), "pos_embed": r(1, src_grid**2, d),
+          "norm.weight": r(d, base=1.0), "norm.bias": r(d)}
+    if kind == "dino":
+        sd.update(cls_token=r(1, 1, d, scale=1.0), reg_token=r(1, t.num_register_tokens, d, scale=1.0))
+    for i in range(t.num_layers):
+        b = f"blocks.{i}."
+        sd.update({
+            b + "norm1.weight": r(d, base=1.0), b + "norm1.bias": r(d), b + "norm2.weight": r(d, base=1.0),
+            b + "norm2.bias": r(d), b + "attn.qkv.weight": r(3 * d, d), b + "attn.qkv.bias": r(3 * d),
+            b + "attn.proj.weight": r(d, d), b + "attn.proj.bias": r(d), b + "mlp.fc1.weight": r(f, d),
+            b + "mlp.fc1.bias": r(f), b + "mlp.fc2.weight": r(d, f), b + "mlp.fc2.bias": r(d),
+        })
+        if kind == "dino":  # far from timm's 1e-5 init so that a dropped layer scale shows
+            sd.update({b + "ls1.gamma": r(d, scale=0.3, base=1.0), b + "ls2.gamma": r(d, scale=0.3, base=1.0)})
+    if kind == "siglip" and extra_head:  # attention-pool head: present in timm files, never run by us
+        sd.update({"attn_pool.latent": r(1, 1, d), "attn_pool.q.weight": r(d, d), "attn_pool.kv.weight": r(2 * d, d),
+                   "attn_pool.norm.weight": r(d), "attn_pool.mlp.fc1.weight": r(f, d)})
+    return sd
+
+
+def timm_reference(sd: dict, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Patch features after block num_layers-2 (the second-to-last), timm semantics, no prefix tokens."""
+    t = getattr(CFG, kind)
+    d, heads = t.hidden_size, t.num_heads
+    hd = d // heads
+    h = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=t.patch_size)
+    h = h.flatten(2).transpose(1, 2)
+    pos = sd["pos_embed"]
+    side = round(pos.shape[1] ** 0.5)
+    if side != GRID:  # what timm does when created at another image size (img_size=224 for the 518 px model)
+        pos = pos.reshape(1, side, side, d).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=(GRID, GRID), mode="bicubic", align_corners=False, antialias=True)
+        pos = pos.permute(0, 2, 3, 1).reshape(1, GRID * GRID, d)
+    h = h + pos
+    prefix = 0
+    if kind == "dino":  # no_embed_class: cls and registers come in after the position embedding
+        b = h.shape[0]
+        h = torch.cat([sd["cls_token"].expand(b, -1, -1), sd["reg_token"].expand(b, -1, -1), h], dim=1)
+        prefix = 1 + t.num_register_tokens
+    for i in range(t.num_layers - 1):
+        w = {k[len(f"blocks.{i}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}
+        b, n, _ = h.shape
+        y = F.layer_norm(h, (d,), w["norm1.weight"], w["norm1.bias"], eps=t.layer_norm_eps)
+        q, k, v = F.linear(y, w["attn.qkv.weight"], w["attn.qkv.bias"]).reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        a = torch.softmax((q @ k.transpose(-1, -2)) * hd**-0.5, dim=-1) @ v
+        y = F.linear(a.transpose(1, 2).reshape(b, n, d), w["attn.proj.weight"], w["attn.proj.bias"])
+        h = h + (y * w["ls1.gamma"] if kind == "dino" else y)
+        y = F.layer_norm(h, (d,), w["norm2.weight"], w["norm2.bias"], eps=t.layer_norm_eps)
+        y = F.gelu(F.linear(y, w["mlp.fc1.weight"], w["mlp.fc1.bias"]), approximate="none" if kind == "dino" else "tanh")
+        y = F.linear(y, w["mlp.fc2.weight"], w["mlp.fc2.bias"])
+        h = h + (y * w["ls2.gamma"] if kind == "dino" else y)
+    return h[:, prefix:]
+
+
+def our_tower(kind: str, sd: dict) -> torch.nn.Module:
+    cls = Dinov2WithRegistersModel if kind == "dino" else SiglipVisionModel
+    m = cls(tower_hf_config(kind, getattr(CFG, kind), CFG.image_size)).eval()
+    m.load_state_dict(sd, strict=True)
+    return m
+
+
+def tower_features(m: torch.nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
+    prefix = 1 + CFG.dino.num_register_tokens if kind == "dino" else 0
+    with torch.no_grad():
+        return m(pixel_values=x, output_hidden_states=True).hidden_states[-1][:, prefix:]
+
+
+def images(seed: int = 0, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, CFG.image_size, CFG.image_size, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------ timm → HF
+
+
+@pytest.mark.parametrize("kind,src_grid", [("dino", GRID), ("dino", 12), ("siglip", GRID), ("siglip", 10)])
+def test_timm_tower_matches_reference_forward(kind, src_grid):
+    sd = random_timm_sd(kind, src_grid, seed=1)
+    mapped = timm_vit_to_hf(sd, kind, getattr(CFG, kind), CFG.image_size)
+    x = images()
+    ref = timm_reference(sd, x, kind)
+    got = tower_features(our_tower(kind, mapped), kind, x)
+    assert got.shape == (2, GRID * GRID, getattr(CFG, kind).hidden_size)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    if kind == "dino":  # the cls slot of the transformers table is zero: timm adds no position to the cls token
+        assert torch.all(mapped["embeddings.position_embeddings"][0, 0] == 0)
+
+
+def test_resample_keeps_row_major_grid_layout():
+    side, d = 6, 3
+    cols = torch.arange(side, dtype=torch.float32).repeat(side)  # value = column index, constant down columns
+    pos = torch.stack([cols, cols * 2, cols - 1], dim=1)
+    out = resample_grid(pos, 4, "test", "pos_embed").reshape(4, 4, d)
+    assert torch.allclose(out, out[:1].expand(4, -1, -1))  # still constant along rows: no transpose
+    assert torch.all(out[0, 1:, 0] > out[0, :-1, 0])  # and increasing along columns
+    assert resample_grid(pos, side, "test", "pos_embed") is pos
+    with pytest.raises(WeightsError, match="not a square grid"):
+        resample_grid(pos[:-1], 4, "file.safetensors", "pos_embed")
+
+
+def test_timm_mapping_errors_name_key_and_source():
+    t = CFG.dino
+    sd = random_timm_sd("dino", GRID, seed=2)
+    with pytest.raises(WeightsError, match=r"dino\.safetensors.*unexpected keys: blocks\.0\.attn\.extra\.weight"):
+        timm_vit_to_hf({**sd, "blocks.0.attn.extra.weight": torch.zeros(1)}, "dino", t, CFG.image_size, "dino.safetensors")
+    bad = dict(sd)
+    del bad["blocks.1.ls2.gamma"]
+    with pytest.raises(WeightsError, match=r"missing keys: encoder\.layer\.1\.layer_scale2\.lambda1"):
+        timm_vit_to_hf(bad, "dino", t, CFG.image_size)
+    bad = {**sd, "blocks.0.mlp.fc1.bias": torch.zeros(7)}
+    with pytest.raises(WeightsError, match=r"encoder\.layer\.0\.mlp\.fc1\.bias has shape \(7,\), expected \(128,\)"):
+        timm_vit_to_hf(bad, "dino", t, CFG.image_size)
+    deeper = {**sd, **{k.replace("blocks.2.", "blocks.5."): v for k, v in sd.items() if k.startswith("blocks.2.")}}
+    with pytest.raises(WeightsError, match="has 6 transformer blocks, but the config expects 3"):
+        timm_vit_to_hf(deeper, "dino", t, CFG.image_size)
+    # a file that already lacks the unused last block is fine
+    short = {k: v for k, v in sd.items() if not k.startswith("blocks.2.")}
+    assert timm_vit_to_hf(short, "dino", t, CFG.image_size).keys() == timm_vit_to_hf(sd, "dino", t, CFG.image_size).keys()
+
+
+def real_timm_shapes(kind: str, grid: int) -> dict[str, tuple[int, ...]]:
+    """The released timm files' layout at full size (DINOv2-reg's table is 37×37 at 518 px)."""
+    t = getattr(get_config("qwen25-dinosiglip-224px"), kind)
+    d, f, p = t.hidden_size, t.intermediate_size, t.patch_size
+    s = {"patch_embed.proj.weight": (d, 3, p, p), "patch_embed.proj.bias": (d,), "pos_embed": (1, grid * grid, d),
+         "norm.weight": (d,), "norm.bias": (d,)}
+    if kind == "dino":
+        s.update(cls_token=(1, 1, d), reg_token=(1, t.num_register_tokens, d))
+    else:
+        s.update({"attn_pool.latent": (1, 1, d), "attn_pool.q.weight": (d, d), "attn_pool.kv.weight": (2 * d, d)})
+    for i in range(t.num_layers):
+        for name, shape in (("norm1", (d,)), ("norm2", (d,)), ("attn.qkv", (3 * d,)), ("attn.proj", (d,)),
+                            ("mlp.fc1", (f,)), ("mlp.fc2", (d,))):
+            s[f"blocks.{i}.{name}.bias"] = shape
+            s[f"blocks.{i}.{name}.weight"] = {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc1": (f, d),
+                                              "mlp.fc2": (d, f)}.get(name, (d,))
+        if kind == "dino":
+            s.update({f"blocks.{i}.ls1.gamma": (d,), f"blocks.{i}.ls2.gamma": (d,)})
+    return s
+
+
+@pytest.mark.parametrize("kind,grid,params", [("dino", 37, 290_634_752), ("siglip", 16, 397_202_848)])
+def test_real_size_timm_layouts_fit_the_real_config(kind, grid, params):
+    """Full-size names and shapes, on the meta device (no memory): 23 of 24 / 26 of 27 blocks are kept."""
+    cfg = get_config("qwen25-dinosiglip-224px")
+    sd = {k: torch.empty(v, device="meta") for k, v in real_timm_shapes(kind, grid).items()}
+    out = timm_vit_to_hf(sd, kind, getattr(cfg, kind), cfg.image_size)
+    assert sum(v.numel() for v in out.values()) == params
+    pos = out["embeddings.position_embeddings" if kind == "dino" else "embeddings.position_embedding.weight"]
+    assert pos.shape[-2] == 256 + (kind == "dino")
+
+
+# ------------------------------------------------------------------------------- Prismatic checkpoints
+
+
+class NotATensor:
+    """An arbitrary object: a checkpoint holding one must be refused, not unpickled."""
+
+
+def prismatic_parts(seed: int = 3) -> dict[str, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    proj = {f"projector.{k}": v.detach().clone() for k, v in make_projector(CFG.vision_dim, CFG.llm.hidden_size)
+            .state_dict().items()}
+    llm = {f"llm.{k}": v.detach().clone() for k, v in Qwen2ForCausalLM(qwen2_hf_config(CFG)).state_dict().items()}
+    vision = {f"{pre}{k}": v for kind, pre in (("dino", "dino_featurizer."), ("siglip", "siglip_featurizer."))
+              for k, v in random_timm_sd(kind, GRID + 2, seed=seed + 10).items()}
+    return {"projector": proj, "llm_backbone": llm, "vision_backbone": vision}
+
+
+def fused_reference(parts: dict, x01: torch.Tensor) -> torch.Tensor:
+    """Prismatic's fused features: both towers' patch features, each on its own normalisation, concatenated."""
+    feats = []
+    for kind, pre in (("dino", "dino_featurizer."), ("siglip", "siglip_featurizer.")):
+        t = getattr(CFG, kind)
+        sd = {k[len(pre):]: v for k, v in parts["vision_backbone"].items() if k.startswith(pre)}
+        x = (x01 - torch.tensor(t.mean).view(1, 3, 1, 1)) / torch.tensor(t.std).view(1, 3, 1, 1)
+        feats.append(timm_reference(sd, x, kind))
+    return torch.cat(feats, dim=-1)
+
+
+def loaded_vlm(sd: dict) -> PrismaticVLM:
+    vlm = PrismaticVLM(CFG).eval()
+    vlm.load_state_dict(sd, strict=True)
+    return vlm
+
+
+def check_vlm(vlm: PrismaticVLM, parts: dict) -> None:
+    got = vlm.state_dict()
+    for k, v in {**parts["projector"], **parts["llm_backbone"]}.items():
+        assert torch.equal(got[k], v), k
+    x01 = torch.rand(1, 2, 3, CFG.image_size, CFG.image_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        feats = vlm.vision(x01)
+    torch.testing.assert_close(feats, fused_reference(parts, x01.flatten(0, 1)).reshape(feats.shape), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_prismatic_pt_checkpoint_loads_strictly(tmp_path):
+    parts = prismatic_parts()
+    f = tmp_path / "checkpoints" / "latest-checkpoint.pt"
+    f.parent.mkdir()
+    torch.save({"model": parts}, f)
+    sd = load_prismatic_checkpoint(f, CFG)
+    check_vlm(loaded_vlm(sd), parts)
+
+
+def test_prismatic_safetensors_variant_matches_pt(tmp_path):
+    parts = prismatic_parts()
+    flat = {f"projector.{k}": v for k, v in parts["projector"].items()}  # → projector.projector.0.weight
+    flat.update({f"llm_backbone.{k}": v.clone() for k, v in parts["llm_backbone"].items()
+                 if k != "llm.lm_head.weight"})  # tied: safetensors keeps one copy
+    flat.update({f"vision_backbone.{k}": v for k, v in parts["vision_backbone"].items()})
+    save_file(flat, str(tmp_path / "ckpt.safetensors"))
+    torch.save({"model": parts}, tmp_path / "ckpt.pt")
+    a = load_prismatic_checkpoint(tmp_path / "ckpt.safetensors", CFG)
+    b = load_prismatic_checkpoint(tmp_path / "ckpt.pt", CFG)
+    assert a.keys() == b.keys() == PrismaticVLM(CFG).state_dict().keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_without_vision_takes_towers_from_files(tmp_path):
+    parts = prismatic_parts()
+    torch.save({"model": {g: parts[g] for g in ("projector", "llm_backbone")}}, tmp_path / "ckpt.pt")
+    sd = load_prismatic_checkpoint(tmp_path / "ckpt.pt", CFG)
+    assert not any(k.startswith("vision.") for k in sd)
+    with pytest.raises(BaseModelError, match="holds no dino tower weights: give --dino_path"):
+        assemble_vlm_state(CFG, tmp_path / "ckpt.pt")
+    # DINOv2 as timm's Hub repo lays it out; SigLIP as timm gets it, from an OpenCLIP repo (text tower beside it)
+    towers = {kind: {k[len(pre):]: v.contiguous() for k, v in parts["vision_backbone"].items() if k.startswith(pre)}
+              for kind, pre in (("dino", "dino_featurizer."), ("siglip", "siglip_featurizer."))}
+    (tmp_path / "dino_dir").mkdir()
+    (tmp_path / "dino_dir" / "config.json").write_text(json.dumps({"architecture": "vit_large_patch14_reg4_dinov2"}))
+    save_file(towers["dino"], str(tmp_path / "dino_dir" / "model.safetensors"))
+    (tmp_path / "siglip_dir").mkdir()
+    open_clip = {**{f"visual.trunk.{k}": v for k, v in towers["siglip"].items()},
+                 "text.token_embedding.weight": torch.zeros(5, 3), "logit_scale": torch.zeros(())}
+    torch.save(open_clip, tmp_path / "siglip_dir" / "open_clip_pytorch_model.bin")
+    save_file(towers["dino"], str(tmp_path / "dino.safetensors"))  # a bare file works the same
+    a, b = (load_vision_tower(tmp_path / f, "dino", CFG) for f in ("dino_dir", "dino.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(BaseModelError, match=r"holds none of \('model\.safetensors'"):
+        load_vision_tower(tmp_path, "dino", CFG)
+    full, sources = assemble_vlm_state(CFG, tmp_path / "ckpt.pt", tmp_path / "dino_dir", tmp_path / "siglip_dir")
+    assert sources["dino"].endswith("dino_dir") and sources["siglip"].endswith("siglip_dir")
+    check_vlm(loaded_vlm(full), parts)
+
+
+def test_checkpoint_errors_name_key_and_file(tmp_path):
+    parts = prismatic_parts()
+    f = tmp_path / "latest-checkpoint.pt"
+
+    def load_with(**groups):
+        torch.save({"model": {**parts, **groups}}, f)
+        return load_prismatic_checkpoint(f, CFG)
+
+    proj = dict(parts["projector"])
+    del proj["projector.2.bias"]
+    with pytest.raises(WeightsError, match=r"latest-checkpoint\.pt: .*missing keys: projector\.2\.bias"):
+        load_with(projector=proj)
+    with pytest.raises(WeightsError, match=r"latest-checkpoint\.pt: .*unexpected keys: llm\.model\.extra\.weight"):
+        load_with(llm_backbone={**parts["llm_backbone"], "llm.model.extra.weight": torch.zeros(2)})
+    with pytest.raises(WeightsError, match=r"projector\.4\.weight has shape \(3, 3\), expected \(128, 128\)"):
+        load_with(projector={**parts["projector"], "projector.4.weight": torch.zeros(3, 3)})
+    with pytest.raises(WeightsError, match=r"vision_backbone\.dino_featurizer\..*unexpected keys: blocks\.0\.bogus"):
+        load_with(vision_backbone={**parts["vision_backbone"], "dino_featurizer.blocks.0.bogus": torch.zeros(1)})
+    torch.save({"model": {"projector": parts["projector"]}}, f)
+    with pytest.raises(WeightsError, match="no 'llm_backbone' weights"):
+        load_prismatic_checkpoint(f, CFG)
+    torch.save(parts["projector"], f)
+    with pytest.raises(WeightsError, match=r"top-level keys .* expected \{'model'"):
+        load_prismatic_checkpoint(f, CFG)
+    torch.save({"model": {"projector": NotATensor()}}, f)
+    with pytest.raises(WeightsError, match=r"latest-checkpoint\.pt: cannot be read .* torch\.load\(weights_only=True\)"):
+        load_prismatic_checkpoint(f, CFG)
+    with pytest.raises(BaseModelError, match=r"no Prismatic VLM checkpoint .* at .*nope\.pt: put it there \(see pretrained"):
+        load_prismatic_checkpoint(tmp_path / "nope.pt", CFG)
+
+
+# ------------------------------------------------------------------------------ Hugging Face tower dirs
+
+
+def test_hf_tower_directories_match_hf_forward(tmp_path):
+    """A Hub-format DINOv2-reg at a larger image size (its table resampled by us) and a SigLIP with its head:
+    our tower's last hidden state must equal the source model's own second-to-last-block output, with
+    transformers interpolating the table at run time for DINOv2."""
+    t = CFG.dino
+    torch.manual_seed(7)
+    dino = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=t.hidden_size, num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+        mlp_ratio=t.intermediate_size // t.hidden_size, image_size=96, patch_size=t.patch_size,
+        num_register_tokens=t.num_register_tokens, layer_norm_eps=t.layer_norm_eps, layerscale_value=0.7,
+    )).eval()
+    with torch.no_grad():
+        dino.embeddings.position_embeddings.normal_()
+        dino.embeddings.cls_token.normal_()
+        dino.embeddings.register_tokens.normal_()
+    s = CFG.siglip
+    siglip = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=s.hidden_size, num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
+        intermediate_size=s.intermediate_size, image_size=CFG.image_size, patch_size=s.patch_size,
+        layer_norm_eps=s.layer_norm_eps, vision_use_head=True,
+    )).eval()
+    x = images(seed=9)
+    for kind, src in (("dino", dino), ("siglip", siglip)):
+        src.save_pretrained(tmp_path / kind)
+        sd = load_vision_tower(tmp_path / kind, kind, CFG)
+        ours = our_tower(kind, {k[len(f"vision.{kind}."):]: v for k, v in sd.items()})
+        prefix = 1 + t.num_register_tokens if kind == "dino" else 0
+        with torch.no_grad():
+            want = src(pixel_values=x, output_hidden_states=True).hidden_states[getattr(CFG, kind).num_layers - 1]
+        torch.testing.assert_close(tower_features(ours, kind, x), want[:, prefix:], atol=1e-5, rtol=1e-5)
+    # a full SigLIP (text tower too) directory: only its vision tower is taken
+    full = SiglipModel(SiglipConfig(vision_config=siglip.config.to_dict(), text_config=dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        bos_token_id=1, eos_token_id=2, pad_token_id=1)))
+    full.save_pretrained(tmp_path / "siglip_full")
+    sd = load_vision_tower(tmp_path / "siglip_full", "siglip", CFG)
+    for name, p in full.vision_model.named_parameters():
+        if name.startswith(("embeddings.", "encoder.layers.0.", "encoder.layers.1.", "post_layernorm.")):
+            assert torch.equal(sd[f"vision.siglip.{name}"], p), name
+    with pytest.raises(WeightsError, match=r"config\.json: hidden_size is 64, but the siglip tower .* expects 32"):
+        load_vision_tower(tmp_path / "siglip", "siglip", get_config("tiny", siglip=type(s)(
+            hidden_size=32, num_layers=3, num_heads=4, intermediate_size=128, patch_size=8)))
+    with pytest.raises(BaseModelError, match=r"no dino tower weights .* at .*missing: put it there"):
+        load_vision_tower(tmp_path / "missing", "dino", CFG)
+
+
+# ------------------------------------------------------------------------------------------ converter
+
+
+def load_converter():
+    spec = importlib.util.spec_from_file_location("convert_base", REPO / "vla-scripts" / "convert_base.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve the config's annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_convert_base_writes_a_loadable_base_dir(tmp_path):
+    from prismatic.models import BaseModelConfig, build_vla
+    from prismatic.models.processing import build_tiny_tokenizer
+
+    conv = load_converter()
+    parts = prismatic_parts()
+    ckpt = tmp_path / "prism" / "checkpoints" / "latest-checkpoint.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"model": parts}, ckpt)
+    llm_dir = tmp_path / "qwen"
+    llm_dir.mkdir()
+    (llm_dir / "tokenizer.json").write_text(build_tiny_tokenizer().to_str())
+    out = tmp_path / "base"
+    args = ["--config_name", "tiny", "--llm_path", str(llm_dir), "--prismatic_checkpoint", str(ckpt),
+            "--out_dir", str(out)]
+    cfg = conv.parse_args(args)
+    conv.convert(cfg)
+    meta = json.loads((out / "base.json").read_text())
+    assert meta["format"] == "mergevla-base" and meta["sources"]["dino"] == str(ckpt)
+    from prismatic.models.loading import load_base_dir
+
+    base_sd, _ = load_base_dir(out, CFG)
+    check_vlm(loaded_vlm(base_sd), parts)  # every tensor survives the file round trip, towers included
+    model = build_vla("tiny", BaseModelConfig(base_dir=out))
+    assert model.base_ref["sha256"] == meta["sha256"]
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        conv.convert(cfg)
+    missing = conv.parse_args([*args[:-1], str(tmp_path / "other"), "--prismatic_checkpoint", str(tmp_path / "x.pt")])
+    with pytest.raises(BaseModelError, match=r"missing inputs.*\n  --prismatic_checkpoint .*x\.pt: the Prismatic VLM"):
+        conv.convert(missing)
