@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Fine-tune one MergeVLA expert on one LIBERO suite (run once per suite).
+#
+#   bash bash_scripts/finetune_libero.sh [SUITE] [extra finetune.py flags...]
+#
+# SUITE: libero_spatial (default) | libero_object | libero_goal | libero_10; it sets the step count of
+# DESIGN §2 (30k / 20k / 30k / 50k). Any other suite directory needs --max_steps. Extra flags come last,
+# so they override the defaults here (e.g. --config_name tiny --max_steps 20 for a CPU smoke run).
+#
+# Environment:
+#   DATA_ROOT  directory holding <suite>/ (HDF5) or <suite>_no_noops/ (RLDS)   [data/libero]
+#   FORMAT     hdf5 | rlds                                                       [hdf5]
+#   OUT_ROOT   runs go to OUT_ROOT/<suite>-<config>                              [runs]
+#   NPROC      processes (GPUs); > 1 launches torchrun                           [number of GPUs, or 1]
+#   PYTHON     interpreter                                                       [.venv/bin/python if present]
+#   SEED       training seed, the same for every suite of one experiment         [7]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUITE="libero_spatial"
+if [[ $# -gt 0 && "$1" != --* ]]; then SUITE="$1"; shift; fi
+
+case "$SUITE" in
+  libero_spatial) STEPS=30000 ;;
+  libero_object)  STEPS=20000 ;;
+  libero_goal)    STEPS=30000 ;;
+  libero_10)      STEPS=50000 ;;
+  *)
+    if [[ " $* " != *" --max_steps "* ]]; then
+      echo "error: no default step count for suite '$SUITE' (known: libero_spatial libero_object libero_goal libero_10); pass --max_steps N" >&2
+      exit 2
+    fi
+    STEPS="" ;;
+esac
+
+DATA_ROOT="${DATA_ROOT:-data/libero}"
+FORMAT="${FORMAT:-hdf5}"
+OUT_ROOT="${OUT_ROOT:-runs}"
+SEED="${SEED:-7}"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+if [[ -z "${NPROC:-}" ]]; then
+  NPROC=$("$PYTHON" -c "import torch; print(max(1, torch.cuda.device_count()))")
+fi
+
+# The run name follows the model config, so a tiny smoke run never lands in a real run's directory.
+CONFIG_NAME="qwen25-dinosiglip-224px"
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  if [[ "${args[$i]}" == "--config_name" && $((i + 1)) -lt ${#args[@]} ]]; then CONFIG_NAME="${args[$((i + 1))]}"; fi
+done
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+defaults=(
+  --suite "$SUITE" --data_root "$DATA_ROOT" --dataset_format "$FORMAT" --seed "$SEED"
+  --config_name "$CONFIG_NAME" --out_dir "$OUT_ROOT/$SUITE-$CONFIG_NAME"
+)
+if [[ -n "$STEPS" ]]; then defaults+=(--max_steps "$STEPS"); fi
+
+if [[ "$NPROC" -gt 1 ]]; then
+  exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" vla-scripts/finetune.py "${defaults[@]}" "$@"
+else
+  exec "$PYTHON" vla-scripts/finetune.py "${defaults[@]}" "$@"
+fi

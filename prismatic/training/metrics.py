@@ -1,0 +1,71 @@
+"""Metrics go to `<out_dir>/metrics.jsonl` always, and to Weights & Biases when enabled (offline by default)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from prismatic.io import write_text
+from prismatic.training.config import ConfigError, FinetuneConfig
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """On resume, drop lines logged after the checkpoint (those steps are trained again)."""
+    if not path.is_file():
+        return
+    def step_of(line: str) -> int | None:
+        try:
+            return json.loads(line).get("step")
+        except json.JSONDecodeError:  # a line torn by a kill
+            return None
+
+    kept = [ln for ln in path.read_text().splitlines() if (s := step_of(ln)) is not None and s <= after_step]
+    write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def check_wandb(cfg: FinetuneConfig):
+    """Import wandb and make sure it can never stop at a login prompt; errors before training starts."""
+    if not cfg.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError as e:
+        raise ConfigError("wandb is true but the wandb package is missing: pip install -e '.[wandb]' "
+                          "(or run with --wandb false; metrics always go to metrics.jsonl)") from e
+    if cfg.wandb_mode == "online" and not _has_wandb_credentials():
+        raise ConfigError("wandb_mode is 'online' but no WANDB_API_KEY (or ~/.netrc entry) is set; use "
+                          "--wandb_mode offline (sync later with `wandb sync`)")
+    return wandb
+
+
+class MetricsLogger:
+    def __init__(self, cfg: FinetuneConfig, run_id: str, enabled: bool):
+        self.enabled = enabled
+        self.path = cfg.run_dir() / "metrics.jsonl"
+        self.wandb_run = None
+        if enabled and cfg.wandb:
+            wandb = check_wandb(cfg)
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.run_dir().name, id=run_id,
+                                        resume="allow", mode=cfg.wandb_mode, dir=str(cfg.run_dir()),
+                                        config=cfg.to_dict())
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:  # append-only; truncate_metrics drops a torn line
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -1,0 +1,159 @@
+"""Raw LIBERO HDF5 reading: no-op filter, chunking, flips, instruction, proprio, lazy vs preloaded."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from data_fixtures import SUITE, hdf5_root, kept_steps, small_tasks
+
+from prismatic.vla.datasets import DatasetError, chunk_indices, load_suite, noop_keep_mask
+
+
+def test_noop_filter_matches_the_rlds_release_rule():
+    z = [0.0] * 6
+    actions = np.array([
+        z + [-1.0],  # nothing kept yet, no motion: no-op
+        [0.1] + z[1:] + [-1.0],  # moves: kept
+        z + [-1.0],  # no motion, gripper as the last kept step: no-op
+        z + [1.0],  # no motion but the gripper changes: kept
+        z + [1.0],  # no-op
+        [5e-5] + z[1:] + [1.0],  # motion below the 1e-4 threshold: no-op
+        [2e-4] + z[1:] + [1.0],  # above it: kept
+    ])
+    assert noop_keep_mask(actions).tolist() == [False, True, False, True, False, False, True]
+
+
+def test_chunks_take_seven_future_steps_and_repeat_the_last():
+    assert chunk_indices(3, 4).tolist() == [[0, 1, 2, 2], [1, 2, 2, 2], [2, 2, 2, 2]]
+    assert chunk_indices(10, 8)[1].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def _expected_samples(tasks):
+    """Every kept step of every demo, built from the generator's upright arrays, in the dataset's order."""
+    out = []
+    for task in tasks:
+        for demo in task.demos:
+            keep = kept_steps(demo.actions)
+            acts = demo.actions[keep].astype(np.float32)
+            acts[:, -1] = (1 - acts[:, -1]) / 2  # -1 open → 1, +1 close → 0
+            out.append((task.instruction, acts, np.concatenate([demo.ee_states, demo.gripper_states], 1)[keep],
+                        np.stack([demo.agentview[keep], demo.wrist[keep]], 1)))
+    return out
+
+
+@pytest.mark.parametrize("preload_gb", [4.0, 0.0], ids=["preloaded", "lazy"])
+def test_hdf5_samples_are_flipped_filtered_and_chunked(tmp_path, preload_gb):
+    tasks = small_tasks()
+    ds = load_suite(hdf5_root(tmp_path, tasks), SUITE, preload_images_gb=preload_gb)
+    expected = _expected_samples(tasks)
+    assert len(ds) == sum(len(e[1]) for e in expected) == 4 * (20 - 3)  # 3 no-ops per synthetic demo
+    by_start = {(e[0], e[1][0].tobytes()): e for e in expected}
+    for ep_start in ds.starts:
+        s = ds[int(ep_start)]
+        instr, acts, proprio, images = by_start[(s["instruction"], s["actions"][0].tobytes())]
+        n = len(acts)
+        for t in (0, 1, n - 2, n - 1):
+            s = ds[int(ep_start) + t]
+            np.testing.assert_array_equal(s["images"], images[t])  # upright again, both cameras
+            np.testing.assert_allclose(s["proprio"], proprio[t], rtol=1e-6)
+            np.testing.assert_allclose(s["actions"], acts[np.minimum(np.arange(t, t + 8), n - 1)], rtol=1e-6)
+            assert s["images"].dtype == np.uint8 and s["proprio"].dtype == s["actions"].dtype == np.float32
+    assert set(np.unique(ds.actions[:, -1])) == {0.0, 1.0}
+
+
+def test_lazy_and_preloaded_reads_agree(tmp_path):
+    root = hdf5_root(tmp_path)
+    a = load_suite(root, SUITE, preload_images_gb=4.0)
+    b = load_suite(root, SUITE, preload_images_gb=0.0)
+    idx = np.arange(len(a))
+    for k in ("images", "proprio", "actions"):
+        np.testing.assert_array_equal(a.get_batch(idx)[k], b.get_batch(idx)[k])
+    assert a.get_batch(idx)["instructions"] == b.get_batch(idx)["instructions"]
+
+
+def test_upright_files_are_not_flipped(tmp_path):
+    tasks = small_tasks()
+    ds = load_suite(hdf5_root(tmp_path, tasks, upright=True), SUITE)
+    flipped = load_suite(hdf5_root(tmp_path / "raw", tasks), SUITE)
+    np.testing.assert_array_equal(ds.get_batch(np.arange(len(ds)))["images"],
+                                  flipped.get_batch(np.arange(len(ds)))["images"])
+
+
+def test_no_filter_keeps_every_step(tmp_path):
+    ds = load_suite(hdf5_root(tmp_path), SUITE, filter_noops=False)
+    assert len(ds) == 4 * 20
+
+
+def test_instruction_comes_from_problem_info(tmp_path):
+    ds = load_suite(hdf5_root(tmp_path), SUITE)
+    assert sorted(set(ds.instructions)) == sorted(t.instruction for t in small_tasks())
+
+
+@pytest.mark.parametrize("stored", ['"put the red cube in the basket"', ["put the red ", "cube in the basket"]])
+def test_quoted_or_split_instructions_are_cleaned(tmp_path, stored):
+    root = hdf5_root(tmp_path)
+    for f in (root / SUITE).glob("*.hdf5"):
+        with h5py.File(f, "a") as h:
+            h["data"].attrs["problem_info"] = json.dumps({"language_instruction": stored})
+    assert set(load_suite(root, SUITE).instructions) == {"put the red cube in the basket"}
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def test_missing_data_root(tmp_path):
+    with pytest.raises(DatasetError, match=r"data_root .*nope does not exist"):
+        load_suite(tmp_path / "nope", SUITE)
+
+
+def test_unknown_suite_lists_the_available_ones(tmp_path):
+    with pytest.raises(DatasetError, match=r"unknown suite 'libero_goal'.*available hdf5 suites: \['libero_spatial'\]"):
+        load_suite(hdf5_root(tmp_path), "libero_goal")
+
+
+def test_empty_suite_directory(tmp_path):
+    (tmp_path / SUITE).mkdir()
+    with pytest.raises(DatasetError, match="holds no \\*.hdf5 files: the dataset is empty"):
+        load_suite(tmp_path, SUITE)
+
+
+def test_file_without_demos_is_an_empty_dataset(tmp_path):
+    (tmp_path / SUITE).mkdir()
+    with h5py.File(tmp_path / SUITE / "x_demo.hdf5", "w") as f:
+        f.create_group("data").attrs["problem_info"] = json.dumps({"language_instruction": "pick up the cube"})
+    with pytest.raises(DatasetError, match="the dataset is empty"):
+        load_suite(tmp_path, SUITE)
+
+
+def test_truncated_hdf5_names_the_file(tmp_path):
+    root = hdf5_root(tmp_path)
+    victim = sorted((root / SUITE).glob("*.hdf5"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 3])
+    with pytest.raises(DatasetError, match=f"{victim.name}.*(corrupt|truncated)"):
+        load_suite(root, SUITE)
+
+
+def test_garbage_hdf5_names_the_file(tmp_path):
+    (tmp_path / SUITE).mkdir()
+    (tmp_path / SUITE / "bad_demo.hdf5").write_bytes(b"not an hdf5 file" * 100)
+    with pytest.raises(DatasetError, match="bad_demo.hdf5 cannot be opened as HDF5"):
+        load_suite(tmp_path, SUITE)
+
+
+def test_missing_instruction_and_wrong_shapes_are_named(tmp_path):
+    root = hdf5_root(tmp_path)
+    f0 = sorted((root / SUITE).glob("*.hdf5"))[0]
+    with h5py.File(f0, "a") as f:
+        del f["data"].attrs["problem_info"]
+    with pytest.raises(DatasetError, match="problem_info.*missing"):
+        load_suite(root, SUITE)
+    with h5py.File(f0, "a") as f:
+        f["data"].attrs["problem_info"] = json.dumps({"language_instruction": "pick up the cube"})
+        del f["data/demo_0/obs/ee_states"]
+        f["data/demo_0/obs"].create_dataset("ee_states", data=np.zeros((20, 7)))
+    with pytest.raises(DatasetError, match=r"demo_0/obs/ee_states has shape \(20, 7\), expected \(T, 6\)"):
+        load_suite(root, SUITE)

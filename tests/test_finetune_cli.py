@@ -1,0 +1,111 @@
+"""The command-line entry points as users run them: finetune.py, torchrun (2 gloo processes), the bash script."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from data_fixtures import SUITE, hdf5_root
+
+from prismatic.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "vla-scripts" / "finetune.py"
+BASH = REPO / "bash_scripts" / "finetune_libero.sh"
+TINY = ["--config_name", "tiny", "--batch_size", "2", "--grad_accumulation_steps", "1", "--progress_bar", "false",
+        "--seed", "0", "--device", "cpu", "--cpu_threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return hdf5_root(tmp_path_factory.mktemp("libero"))
+
+
+def _env(**extra):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+
+
+def _run(cmd, timeout=240, **env):
+    return subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path):
+    r = _run([sys.executable, str(SCRIPT), *TINY, "--data_root", str(tmp_path / "nowhere"),
+              "--out_dir", str(tmp_path / "out")])
+    assert r.returncode == 2, r.stderr
+    assert f"error: data_root {tmp_path / 'nowhere'} does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_process_gloo_ddp_run(data_root, tmp_path):
+    out = tmp_path / "ddp"
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+              *TINY, "--data_root", str(data_root), "--out_dir", str(out), "--max_steps", "3", "--save_every", "3",
+              "--log_every", "1"], timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tensors, manifest = load_checkpoint(out / "checkpoints" / "step_000003", "mergevla-checkpoint")
+    assert manifest["step"] == 3 and all(torch.isfinite(t).all() for t in tensors.values())
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    n = manifest["dataset"]["num_steps"]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # only rank 0 logs
+    assert rows[-1]["epoch"] == pytest.approx(3 * 2 * 2 / n)  # 2 processes × batch 2 per step
+    # train() checks at the end that both processes hold the same weights; it would have exited non-zero
+
+
+def test_bash_script_trains_checkpoints_and_resumes(data_root, tmp_path):
+    env = {"DATA_ROOT": str(data_root), "OUT_ROOT": str(tmp_path / "runs"), "PYTHON": sys.executable, "NPROC": "1"}
+    first = _run(["bash", str(BASH), SUITE, *TINY, "--max_steps", "2", "--save_every", "1"], **env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "runs" / f"{SUITE}-tiny"
+    again = _run(["bash", str(BASH), SUITE, *TINY, "--max_steps", "3", "--save_every", "1", "--resume", "true"], **env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stderr and "from step 2" in again.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001", "step_000002", "step_000003"]
+    cfg = json.loads((run / "run.json").read_text())["config"]
+    assert cfg["suite"] == SUITE and cfg["config_name"] == "tiny" and cfg["data_root"] == str(data_root)
+
+
+@pytest.mark.parametrize("suite,steps", [("libero_spatial", 30000), ("libero_object", 20000),
+                                         ("libero_goal", 30000), ("libero_10", 50000)])
+def test_bash_script_sets_each_suites_step_count(tmp_path, suite, steps):
+    fake = tmp_path / "python"  # an "interpreter" that prints the command line it was given
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    r = _run(["bash", str(BASH), suite, "--lr", "1e-4"], PYTHON=str(fake), NPROC="1", DATA_ROOT="/data/x")
+    argv = r.stdout.split("\n")
+    assert r.returncode == 0 and argv[0].endswith("finetune.py")
+    assert argv[argv.index("--max_steps") + 1] == str(steps) and argv[argv.index("--suite") + 1] == suite
+    assert argv[argv.index("--data_root") + 1] == "/data/x"
+    assert argv[-3:-1] == ["--lr", "1e-4"]  # the user's flags come last, so they win
+
+
+def test_bash_script_needs_steps_for_other_suites():
+    r = _run(["bash", str(BASH), "libero_90"], PYTHON=sys.executable, NPROC="1")
+    assert r.returncode == 2 and "no default step count for suite 'libero_90'" in r.stderr
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_weights(data_root, tmp_path):
+    """A real kill -9 in the middle of training (the default suite simulates the crash in-process)."""
+    args = [sys.executable, str(SCRIPT), *TINY, "--data_root", str(data_root), "--max_steps", "6",
+            "--save_every", "2", "--grad_accumulation_steps", "2"]
+    assert _run([*args, "--out_dir", str(tmp_path / "a")]).returncode == 0
+    proc = subprocess.Popen([*args, "--out_dir", str(tmp_path / "b")], cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "b" / "checkpoints" / "step_000002" / "manifest.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _run([*args, "--out_dir", str(tmp_path / "b"), "--resume", "true"]).returncode == 0
+    a, _ = load_checkpoint(tmp_path / "a" / "checkpoints" / "step_000006", "mergevla-checkpoint")
+    b, _ = load_checkpoint(tmp_path / "b" / "checkpoints" / "step_000006", "mergevla-checkpoint")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,76 @@
+"""Learning-rate schedule, the resumable sampler and config validation (no model involved)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prismatic.training import ConfigError, FinetuneConfig, lr_at
+from prismatic.training.config import run_identity
+from prismatic.training.sampler import ResumableBatchSampler
+
+
+def test_constant_and_warmup():
+    assert [lr_at(s, 1e-3, 100) for s in (0, 50, 99)] == [1e-3] * 3
+    assert [lr_at(s, 1e-3, 100, warmup_steps=4) for s in range(6)] == pytest.approx(
+        [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_cosine_and_linear_decay_hit_hand_computed_points():
+    assert lr_at(0, 1.0, 10, "cosine") == pytest.approx(1.0)
+    assert lr_at(5, 1.0, 10, "cosine") == pytest.approx(0.5)
+    assert lr_at(5, 1.0, 10, "cosine", min_lr_ratio=0.1) == pytest.approx(0.55)
+    assert lr_at(10, 1.0, 10, "cosine", min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert lr_at(7, 1.0, 12, "linear", warmup_steps=2) == pytest.approx(0.5)  # halfway through 10 decay steps
+    assert lr_at(1, 1.0, 12, "linear", warmup_steps=2) == pytest.approx(1.0)
+
+
+def test_sampler_visits_each_sample_once_per_epoch_and_crosses_epochs():
+    s = ResumableBatchSampler(10, 3, seed=0)
+    first = np.concatenate([s.next_batch() for _ in range(3)])  # 9 of epoch 0
+    assert len(set(first.tolist())) == 9
+    crossing = s.next_batch()  # last of epoch 0 + two of epoch 1
+    assert set(first.tolist()) | {int(crossing[0])} == set(range(10))
+    assert crossing[1:].tolist() == np.random.default_rng([0, 1]).permutation(10)[:2].tolist()
+
+
+def test_sampler_ranks_split_the_global_batch_and_resume_anywhere():
+    whole = ResumableBatchSampler(50, 4, seed=3)
+    r0 = ResumableBatchSampler(50, 2, seed=3, rank=0, world_size=2)
+    r1 = ResumableBatchSampler(50, 2, seed=3, rank=1, world_size=2)
+    for _ in range(20):
+        assert np.concatenate([r0.next_batch(), r1.next_batch()]).tolist() == whole.next_batch().tolist()
+    resumed = ResumableBatchSampler(50, 4, seed=3, start=whole.position)
+    fresh = ResumableBatchSampler(50, 4, seed=3)
+    for _ in range(20):
+        fresh.next_batch()
+    assert resumed.next_batch().tolist() == fresh.next_batch().tolist()
+
+
+def test_config_validation_names_the_field():
+    for field, value, msg in [("batch_size", 0, "batch_size is 0"), ("config_name", "huge", "config_name is 'huge'"),
+                              ("warmup_steps", -1, "warmup_steps is -1")]:
+        cfg = FinetuneConfig()
+        setattr(cfg, field, value)
+        with pytest.raises(ConfigError, match=msg):
+            cfg.validate()
+    cfg = FinetuneConfig()
+    cfg.aug.crop_area = 1.5
+    with pytest.raises(ConfigError, match="crop_area"):
+        cfg.validate()
+
+
+def test_design_defaults():
+    c = FinetuneConfig()
+    assert (c.batch_size, c.grad_accumulation_steps, c.lr, c.weight_decay, c.lr_schedule) == (8, 2, 2e-4, 0.01, "constant")
+    assert c.image_aug and (c.aug.crop_area, c.aug.brightness, c.aug.contrast, c.aug.saturation, c.aug.hue) == (
+        0.9, 0.2, (0.8, 1.2), (0.8, 1.2), 0.05)
+
+
+def test_run_identity_ignores_how_a_run_is_run_but_not_what_it_learns():
+    a = FinetuneConfig().to_dict()
+    b = FinetuneConfig(save_every=7, num_workers=3, max_steps=99, resume=True).to_dict()
+    assert run_identity(a) == run_identity(b)
+    assert run_identity(a) != run_identity(FinetuneConfig(lr=1e-3).to_dict())
+    cos = FinetuneConfig(lr_schedule="cosine").to_dict()  # a decaying schedule depends on max_steps
+    assert run_identity(cos) != run_identity({**cos, "max_steps": 10})

@@ -1,0 +1,180 @@
+"""Fine-tuning the tiny config on CPU: learning, checkpoints, exact resume, and refusal of bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import SUITE, hdf5_root, tiny_config
+
+from prismatic.checkpoint import load_checkpoint
+from prismatic.models import from_pretrained
+from prismatic.training import ConfigError, RunDirError, lr_at, train
+from prismatic.training.run_dir import TRAIN_STATE_FILE
+from prismatic.vla.datasets import DatasetError, load_suite
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return hdf5_root(tmp_path_factory.mktemp("libero"))
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_thirty_steps_reduce_the_loss_and_checkpoint(data_root, tmp_path):
+    losses = []
+    cfg = tiny_config(data_root, tmp_path / "run", max_steps=30, save_every=10)
+    final = train(cfg, on_step=lambda step, rec: losses.append(rec["loss"]))
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses
+
+    assert final == tmp_path / "run" / "checkpoints" / "step_000030"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step_000010", "step_000020", "step_000030"]
+    ds = load_suite(data_root, SUITE)
+    tensors, manifest = load_checkpoint(final, "mergevla-checkpoint")
+    assert manifest["step"] == 30 and manifest["data_fingerprint"] == ds.fingerprint
+    assert manifest["norm_stats"] == ds.norm_stats and manifest["lora"]["r"] == 16
+    assert manifest["train_config"]["max_steps"] == 30 and manifest["dataset"]["num_steps"] == len(ds)
+    model = from_pretrained(final)
+    assert all(torch.equal(model.trainable_state_dict()[k], v) for k, v in tensors.items())
+    state = torch.load(final / TRAIN_STATE_FILE, weights_only=True)  # plain tensors and numbers only
+    assert state["step"] == 30 and state["samples_seen"] == 30 * 2
+    assert not (tmp_path / "run" / "checkpoints" / "step_000010" / TRAIN_STATE_FILE).exists()  # keep_train_states=1
+    rows = _metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 31)) and all(r["lr"] == 2e-4 for r in rows)
+    assert rows[-1]["epoch"] == pytest.approx(60 / len(ds))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_killed_and_resumed_run_ends_with_identical_weights(data_root, tmp_path):
+    kw = dict(max_steps=4, save_every=2, grad_accumulation_steps=2, lr_schedule="cosine", warmup_steps=1,
+              lr=1e-3, min_lr_ratio=0.1)
+    straight = train(tiny_config(data_root, tmp_path / "a", **kw))
+
+    def crash_after_three(step, rec):
+        if step == 3:  # step 3 is trained but its state is lost: resume starts again from step 2
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(tiny_config(data_root, tmp_path / "b", **kw), on_step=crash_after_three)
+    resumed = train(tiny_config(data_root, tmp_path / "b", resume=True, **kw))
+
+    a, _ = load_checkpoint(straight, "mergevla-checkpoint")
+    b, _ = load_checkpoint(resumed, "mergevla-checkpoint")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(straight / TRAIN_STATE_FILE, weights_only=True)["optimizer"]["state"]
+    sb = torch.load(resumed / TRAIN_STATE_FILE, weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    rows = _metrics(tmp_path / "b")  # steps after the checkpoint were dropped and logged again, once
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, 1e-3, 4, "cosine", 1, 0.1) for s in range(4)])
+
+
+def test_loader_workers_feed_the_same_batches(data_root, tmp_path):
+    a = train(tiny_config(data_root, tmp_path / "a", max_steps=2, save_every=2))
+    b = train(tiny_config(data_root, tmp_path / "b", max_steps=2, save_every=2, num_workers=1,
+                          preload_images_gb=0.0))  # lazy HDF5 reads in a worker process
+    ta, _ = load_checkpoint(a, "mergevla-checkpoint")
+    tb, _ = load_checkpoint(b, "mergevla-checkpoint")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_resume_extends_a_finished_run(data_root, tmp_path):
+    train(tiny_config(data_root, tmp_path / "r", max_steps=2))
+    final = train(tiny_config(data_root, tmp_path / "r", max_steps=3, resume=True))
+    assert final.name == "step_000003" and (tmp_path / "r" / "checkpoints" / "step_000002").is_dir()
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def _tree(path):
+    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("case", ["missing_root", "unknown_suite", "empty", "corrupt"])
+def test_bad_data_fails_before_anything_is_written(data_root, tmp_path, case):
+    root = tmp_path / "data"
+    if case == "missing_root":
+        cfg, match = tiny_config(root, tmp_path / "out"), "does not exist"
+    elif case == "unknown_suite":
+        cfg, match = tiny_config(data_root, tmp_path / "out", suite="libero_object"), "unknown suite 'libero_object'"
+    elif case == "empty":
+        (root / SUITE).mkdir(parents=True)
+        cfg, match = tiny_config(root, tmp_path / "out"), "empty"
+    else:
+        (root / SUITE).mkdir(parents=True)
+        (root / SUITE / "broken_demo.hdf5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+        cfg, match = tiny_config(root, tmp_path / "out"), "broken_demo.hdf5"
+    with pytest.raises(DatasetError, match=match):
+        train(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_of_another_run_is_refused_and_untouched(data_root, tmp_path):
+    train(tiny_config(data_root, tmp_path / "run", max_steps=1))
+    before = _tree(tmp_path / "run")
+    with pytest.raises(RunDirError, match="already holds a run; pass --resume true"):
+        train(tiny_config(data_root, tmp_path / "run", max_steps=1))
+    with pytest.raises(RunDirError, match=r"holds a different run \(config differs in lr: 0.0002 → 0.001\)"):
+        train(tiny_config(data_root, tmp_path / "run", max_steps=2, lr=1e-3, resume=True))
+    assert _tree(tmp_path / "run") == before
+
+
+def test_out_dir_with_foreign_files_is_refused(data_root, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("do not touch")
+    with pytest.raises(RunDirError, match="is not a mergevla run"):
+        train(tiny_config(data_root, tmp_path / "mine"))
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
+
+
+def test_resume_on_changed_data_is_refused(tmp_path):
+    root = hdf5_root(tmp_path / "d")
+    train(tiny_config(root, tmp_path / "run", max_steps=1))
+    f = sorted((root / SUITE).glob("*.hdf5"))[0]
+    import h5py
+
+    with h5py.File(f, "a") as h:
+        h["data/demo_0/actions"][5, 0] += 0.5
+    with pytest.raises(RunDirError, match="trained on data .* now fingerprints to"):
+        train(tiny_config(root, tmp_path / "run", max_steps=2, resume=True))
+
+
+def test_wandb_missing_is_a_config_error(data_root, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb → ImportError
+    with pytest.raises(ConfigError, match="wandb package is missing"):
+        train(tiny_config(data_root, tmp_path / "w", wandb=True))
+    assert not (tmp_path / "w").exists()
+
+
+def test_wandb_runs_offline_by_default(data_root, tmp_path, monkeypatch):
+    calls = {"log": []}
+
+    class FakeRun:
+        def log(self, data, step):
+            calls["log"].append(step)
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kw):
+        calls["init"] = kw
+        return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    train(tiny_config(data_root, tmp_path / "w", wandb=True, max_steps=1))
+    assert calls["init"]["mode"] == "offline" and calls["log"] == [1] and calls["finished"]
+    with pytest.raises(ConfigError, match="no WANDB_API_KEY"):
+        train(tiny_config(data_root, tmp_path / "w2", wandb=True, wandb_mode="online"))

@@ -1,0 +1,39 @@
+"""Fine-tune one MergeVLA expert on one suite.
+
+    python vla-scripts/finetune.py --config_name tiny --data_root data/synthetic_libero --suite libero_spatial
+    torchrun --standalone --nproc_per_node 8 vla-scripts/finetune.py --data_root data/libero --suite libero_10 \
+        --base.base_dir pretrained_models/prism-qwen25-dinosiglip-224px --max_steps 50000
+
+Every field of `prismatic.training.FinetuneConfig` is a flag (`--help` lists them). Bad input (missing data,
+unknown suite, corrupt files, an out_dir holding another run) stops with exit code 2 before training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import draccus
+
+from prismatic.checkpoint import CheckpointError
+from prismatic.models.loading import BaseModelError
+from prismatic.training import ConfigError, FinetuneConfig, RunDirError, train
+from prismatic.vla.datasets import DatasetError
+
+USER_ERRORS = (ConfigError, DatasetError, RunDirError, CheckpointError, BaseModelError, FileExistsError)
+
+
+def main() -> int:
+    cfg = draccus.parse(FinetuneConfig)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        final = train(cfg)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"final checkpoint: {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
