@@ -1,0 +1,149 @@
+"""Generate TableTop-4 demonstrations (LIBERO raw HDF5 layout) and the VLM pretraining pool.
+
+    python -m experiments.robot.tabletop.generate                      # all 4 suites × 10 tasks × 50 demos
+    python -m experiments.robot.tabletop.generate --suites '[goal]' --demos_per_task 20 --out_dir data/tt_small
+
+Writes `<out_dir>/<suite>/<task_name>_demo.hdf5` (layout in demos.py), `<out_dir>/pretrain/
+tabletop4_pretrain.hdf5` (pretrain.py) and, last, `<out_dir>/tabletop4_manifest.json` (config, per-file sha256
+and expert statistics). Every file is written to a temporary name and renamed into place only once all jobs
+have succeeded. Refuses a non-empty `out_dir` unless `--overwrite true`. Same config → byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import draccus
+
+from experiments.robot.tabletop.demos import TABLETOP_VERSION, _compression, generate_task, task_file, write_task_file
+from experiments.robot.tabletop.pretrain import write_pretrain_pool
+from experiments.robot.tabletop.suites import SUITE_NAMES, get_suite
+
+MANIFEST = "tabletop4_manifest.json"
+PRETRAIN_FILE = Path("pretrain") / "tabletop4_pretrain.hdf5"
+
+
+@dataclass
+class GenerateConfig:
+    out_dir: Path = Path("data/tabletop4")
+    suites: list[str] = field(default_factory=lambda: list(SUITE_NAMES))
+    task_ids: list[int] | None = None  # a subset of task ids in every suite (default: all)
+    demos_per_task: int = 50
+    image_size: int = 64
+    supersample: int = 2  # render at this multiple and box-filter down (anti-aliasing)
+    seed: int = 0
+    noise: float = 0.1  # expert action noise (action units; 0.1 ≈ 3 mm per step)
+    workers: int = 2  # processes; 1 = everything in this process
+    pretrain_scenes: int = 2000  # scenes in the pretraining pool; 0 = no pool
+    texts_per_scene: int = 8
+    compression: str = "gzip"  # for images: gzip | lzf | none
+    overwrite: bool = False  # replace files in a non-empty out_dir
+
+
+def validate(cfg: GenerateConfig) -> list[tuple[str, int]]:
+    """The (suite, task_id) jobs of `cfg`; raises ValueError naming the bad field."""
+    if not cfg.suites:
+        raise ValueError("suites is empty; give at least one of " + ", ".join(SUITE_NAMES))
+    unknown = [s for s in cfg.suites if s not in SUITE_NAMES]
+    if unknown:
+        raise ValueError(f"suites: unknown TableTop-4 suite(s) {unknown}; expected some of {list(SUITE_NAMES)}")
+    if len(set(cfg.suites)) != len(cfg.suites):
+        raise ValueError(f"suites lists a suite twice: {cfg.suites}")
+    for name, lo in (("demos_per_task", 1), ("image_size", 8), ("supersample", 1), ("workers", 1),
+                     ("pretrain_scenes", 0), ("texts_per_scene", 1), ("seed", 0)):
+        if getattr(cfg, name) < lo:
+            raise ValueError(f"{name} must be >= {lo}, got {getattr(cfg, name)}")
+    if cfg.noise < 0:
+        raise ValueError(f"noise must be >= 0, got {cfg.noise}")
+    _compression(cfg.compression)
+    jobs = []
+    for s in cfg.suites:
+        n = len(get_suite(s))
+        ids = list(range(n)) if cfg.task_ids is None else list(cfg.task_ids)
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"task_ids {bad} out of range for suite {s!r} (0..{n - 1})")
+        jobs += [(s, i) for i in ids]
+    return jobs
+
+
+def _task_job(suite: str, task_id: int, tmp: Path, cfg: GenerateConfig) -> tuple[str, int, dict]:
+    t0 = time.perf_counter()
+    episodes, stats = generate_task(suite, task_id, cfg.demos_per_task, cfg.seed, cfg.image_size, cfg.supersample,
+                                    cfg.noise)
+    write_task_file(tmp, suite, task_id, episodes, seed=cfg.seed, noise=cfg.noise, image_size=cfg.image_size,
+                    supersample=cfg.supersample, compression=cfg.compression)
+    return suite, task_id, {**stats, "seconds": time.perf_counter() - t0}
+
+
+def _pretrain_job(tmp: Path, cfg: GenerateConfig) -> dict:
+    t0 = time.perf_counter()
+    stats = write_pretrain_pool(tmp, cfg.pretrain_scenes, cfg.seed, cfg.image_size, cfg.supersample,
+                                cfg.texts_per_scene, _compression(cfg.compression))
+    return {**stats, "seconds": time.perf_counter() - t0}
+
+
+def main(cfg: GenerateConfig, log=print) -> dict:
+    # prismatic.io imports torch; importing it here keeps worker processes (which re-import this module) light
+    from prismatic.io import atomic_path, sha256_file, write_json
+
+    jobs = validate(cfg)
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out_dir {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise FileExistsError(f"out_dir {out} is not empty; refusing to write a dataset into it "
+                              "(choose another --out_dir or pass --overwrite true)")
+    t0 = time.perf_counter()
+    stats: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:  # every file appears (renamed into place) only if all jobs succeed
+        tmps = {(s, i): stack.enter_context(atomic_path(task_file(out, s, i))) for s, i in jobs}
+        pool_tmp = stack.enter_context(atomic_path(out / PRETRAIN_FILE)) if cfg.pretrain_scenes else None
+        if cfg.workers == 1:
+            results = [_task_job(s, i, tmps[s, i], cfg) for s, i in jobs]
+            pool_stats = _pretrain_job(pool_tmp, cfg) if pool_tmp else None
+        else:
+            with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn")) as ex:
+                pool_future = ex.submit(_pretrain_job, pool_tmp, cfg) if pool_tmp else None
+                futures = [ex.submit(_task_job, s, i, tmps[s, i], cfg) for s, i in jobs]
+                results = []
+                for f in futures:
+                    results.append(f.result())
+                    s, i, st = results[-1]
+                    log(f"[tabletop] {s:8s} task {i}: {st['demos']} demos ({st['failures']} expert failures), "
+                        f"mean length {st['mean_length']:.1f}, {st['seconds']:.1f}s")
+                pool_stats = pool_future.result() if pool_future else None
+        for s, i, st in results:
+            rel = task_file(out, s, i).relative_to(out)
+            stats[str(rel)] = {**{k: v for k, v in st.items() if k != "seconds"}, "sha256": sha256_file(tmps[s, i])}
+        if pool_tmp:
+            stats[str(PRETRAIN_FILE)] = {**{k: v for k, v in pool_stats.items() if k != "seconds"},
+                                         "sha256": sha256_file(pool_tmp)}
+    elapsed = time.perf_counter() - t0
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    manifest = {"format": "tabletop4-dataset", "tabletop_version": TABLETOP_VERSION, "config": config,
+                "files": stats}
+    write_json(out / MANIFEST, manifest)  # timings stay out so that the manifest is reproducible too
+    demos = sum(st["demos"] for k, st in stats.items() if k != str(PRETRAIN_FILE))
+    steps = sum(st["env_steps"] for k, st in stats.items() if k != str(PRETRAIN_FILE))
+    log(f"[tabletop] wrote {demos} demos of {len(jobs)} tasks ({steps} expert env steps)"
+        f"{f' and {cfg.pretrain_scenes} pretraining scenes' if cfg.pretrain_scenes else ''} to {out} "
+        f"in {elapsed:.1f}s with {cfg.workers} worker(s)")
+    return manifest
+
+
+def cli() -> None:
+    cfg = draccus.parse(GenerateConfig)
+    try:
+        main(cfg)
+    except (ValueError, FileExistsError, NotADirectoryError) as e:  # bad input: the message, not a traceback
+        raise SystemExit(f"tabletop generate: {e}") from None
+
+
+if __name__ == "__main__":
+    cli()

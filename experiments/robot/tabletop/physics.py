@@ -1,0 +1,222 @@
+"""Deterministic kinematic physics of TableTop-4.
+
+The robot is a Cartesian gantry: its fingertip centre moves by the commanded delta (clipped), its two
+fingers open and close over a few steps. Rules, in the order `step_physics` applies them:
+- the tip cannot go below the table or a fixture's surface; a closed, empty gripper is a solid paddle that
+  also rests on top of objects it is lowered onto, while an open gripper straddles them;
+- the paddle pushes objects it moves into (radially, out of overlap), carrying what rests on them;
+- closing fingers grasp an object when they cross its width while the tip is centred on it (within
+  GRASP_TOL) and between 4 mm above its base and 90 % of its height; a held object follows the tip;
+- opening releases it: it drops onto the highest support under its centre (a fixture's surface or the flat
+  top of a cube/cylinder, never a ball), then slides out of overlap with objects resting at the same place;
+- pressing the stove's knob with the closed, empty gripper turns the stove on.
+There are no other collisions: an open gripper and a held object pass through bodies sideways, and objects
+are discs for pushing and separating (their footprints for supporting).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from experiments.robot.tabletop.bodies import KNOB_RADIUS, OPEN_FINGER, Body, SceneState
+
+MAX_DELTA = 0.03  # metres per step at |action| = 1
+WORKSPACE_LOW = np.array([-0.22, -0.22, 0.005])
+WORKSPACE_HIGH = np.array([0.22, 0.22, 0.25])
+TABLE_HALF = 0.26  # bodies never leave the table
+FINGER_SPEED = 0.012  # per step: open → grasp in 2 steps, open → closed in 4
+FINGER_LENGTH = 0.045
+GRASP_TOL = 0.018
+PADDLE_RADIUS = 0.014
+CLOSED = 0.01  # fingers below this count as closed
+SUPPORT_TOL = 0.02  # a released body lands on a support at most this far above its base
+
+
+def _radius(b: Body) -> float:
+    return max(b.spec.half)
+
+
+def support_under(s: SceneState, b: Body, max_z: float) -> tuple[str, float]:
+    """Highest support (name, surface z) under `b`'s centre whose surface is at most `max_z`."""
+    best, best_z = "", 0.0
+    x, y = b.pos[0], b.pos[1]
+    for c in s.bodies:
+        surf = c.spec.surface
+        if c is b or surf is None or c.name == s.held or c.support == b.name or not c.contains_xy(x, y):
+            continue
+        z = c.pos[2] + surf
+        if best_z < z <= max_z:
+            best, best_z = c.name, z
+    return best, best_z
+
+
+def settle(s: SceneState, b: Body) -> None:
+    """Drop `b` onto what is under it, slide it out of overlaps, and let what rested on it follow."""
+    for _ in range(4):
+        b.support, b.pos[2] = support_under(s, b, b.pos[2] + SUPPORT_TOL)
+        if not b.spec.movable or not _separate(s, b):
+            break
+    for c in s.bodies:  # what rests on it follows it down (or falls off)
+        if c.support == b.name:
+            settle(s, c)
+
+
+def _separate(s: SceneState, b: Body) -> bool:
+    """Push `b` out of overlap with movable bodies resting at the same level; True if it moved."""
+    moved = False
+    for c in s.bodies:
+        if c is b or not c.spec.movable or c.name == s.held or c.support != b.support:
+            continue
+        if abs(c.pos[2] - b.pos[2]) > 0.01:
+            continue
+        d = b.pos[:2] - c.pos[:2]
+        dist = float(np.hypot(*d))
+        need = _radius(b) + _radius(c)
+        if dist < need:
+            u = d / dist if dist > 1e-9 else np.array([1.0, 0.0])
+            b.pos[:2] = np.clip(b.pos[:2] + u * (need - dist + 1e-3), -TABLE_HALF, TABLE_HALF)
+            moved = True
+    return moved
+
+
+def _tip_floor(s: SceneState, x: float, y: float, prev_z: float, paddle: bool) -> float:
+    """Lowest tip height allowed at (x, y)."""
+    floor = WORKSPACE_LOW[2]
+    held = s.body(s.held) if s.held else None
+    for c in s.bodies:
+        if c is held:
+            continue
+        if not c.spec.movable:  # fixtures are solid at their surface (bowl and basket: their floor)
+            if c.spec.surface is not None and c.contains_xy(x, y):
+                floor = max(floor, c.pos[2] + c.spec.surface)
+        elif paddle and prev_z >= c.top - 1e-9 and np.hypot(x - c.pos[0], y - c.pos[1]) < _radius(c) + PADDLE_RADIUS:
+            floor = max(floor, c.top)  # the paddle and objects meet as discs, as in _push
+    if held is not None:  # the held body's base stays above whatever is under it
+        probe = Body("_probe", held.kind, held.color, (x, y, prev_z - s.grasp_offset))
+        _, z = support_under(s, probe, np.inf)
+        floor = max(floor, z + s.grasp_offset)
+    return floor
+
+
+def _push(s: SceneState) -> None:
+    g = s.gripper_pos
+    for b in s.bodies:
+        if not b.spec.movable or b.name == s.held:
+            continue
+        if not (g[2] < b.top - 1e-9 and g[2] + FINGER_LENGTH > b.pos[2]):
+            continue
+        d = b.pos[:2] - g[:2]
+        dist = float(np.hypot(*d))
+        need = _radius(b) + PADDLE_RADIUS
+        if dist >= need:
+            continue
+        u = d / dist if dist > 1e-9 else np.array([0.0, 1.0])
+        shift = u * (need - dist + 1e-4)
+        riders = [c for c in s.bodies if c.support == b.name]
+        b.pos[:2] = np.clip(b.pos[:2] + shift, -TABLE_HALF, TABLE_HALF)
+        for c in riders:
+            c.pos[:2] = np.clip(c.pos[:2] + shift, -TABLE_HALF, TABLE_HALF)
+        settle(s, b)
+        for c in riders:
+            settle(s, c)
+
+
+def _grasp_candidate(s: SceneState, new_finger: float) -> Body | None:
+    g = s.gripper_pos
+    best, best_d = None, np.inf
+    for b in s.bodies:
+        if not b.spec.graspable:
+            continue
+        half = b.spec.half[0]
+        if not (new_finger <= half <= s.finger):  # fingers must cross the body's width this step
+            continue
+        dx, dy = abs(g[0] - b.pos[0]), abs(g[1] - b.pos[1])
+        if dx > GRASP_TOL or dy > GRASP_TOL:
+            continue
+        if not (b.pos[2] + 0.004 <= g[2] <= b.pos[2] + 0.9 * b.spec.height):
+            continue
+        if dx + dy < best_d:
+            best, best_d = b, dx + dy
+    return best
+
+
+def _update_fingers(s: SceneState, close: bool) -> None:
+    if close:
+        if s.held:
+            return
+        new_finger = max(s.finger - FINGER_SPEED, 0.0)
+        b = _grasp_candidate(s, new_finger)
+        if b is None:
+            s.finger = new_finger
+            return
+        s.finger, s.held, s.grasp_offset = b.spec.half[0], b.name, float(s.gripper_pos[2] - b.pos[2])
+        b.support = ""
+        for c in s.bodies:  # whatever rested on it falls
+            if c.support == b.name:
+                settle(s, c)
+        return
+    s.finger = min(s.finger + FINGER_SPEED, OPEN_FINGER)
+    if s.held:
+        b = s.body(s.held)
+        s.held = ""
+        settle(s, b)
+
+
+def _press_stoves(s: SceneState) -> None:
+    if s.held or s.finger >= CLOSED:
+        return
+    g = s.gripper_pos
+    for b in s.bodies:
+        if b.kind == "stove" and g[2] <= b.top + 0.008:
+            kx, ky = b.knob_xy()
+            if (g[0] - kx) ** 2 + (g[1] - ky) ** 2 <= KNOB_RADIUS**2:
+                b.on = True
+
+
+def step_physics(s: SceneState, action: np.ndarray) -> None:
+    """Advance `s` in place by one control step. `action`: (7,) delta xyz in [-1, 1] (scaled by MAX_DELTA),
+    3 ignored rotation entries, gripper (> 0 closes)."""
+    prev = s.gripper_pos.copy()
+    new = np.clip(prev + np.clip(action[:3], -1.0, 1.0) * MAX_DELTA, WORKSPACE_LOW, WORKSPACE_HIGH)
+    paddle = not s.held and s.finger < CLOSED
+    new[2] = max(new[2], _tip_floor(s, new[0], new[1], prev[2], paddle))
+    s.gripper_pos = new
+    if paddle:
+        _push(s)
+    if s.held:
+        s.body(s.held).pos[:] = new - (0.0, 0.0, s.grasp_offset)
+    _update_fingers(s, bool(action[6] > 0))
+    _press_stoves(s)
+
+
+def goal_done(s: SceneState, verb: str, obj: str, target: str) -> bool:
+    b = s.body(obj)
+    if verb == "press":
+        return b.on
+    if b.name == s.held:
+        return False
+    if verb == "place":
+        return rests_in(s, b, target)
+    if verb == "push":
+        z = s.body(target)
+        inside = abs(b.pos[0] - z.pos[0]) <= z.spec.half[0] and abs(b.pos[1] - z.pos[1]) <= z.spec.half[1]
+        return bool(b.support == "" and inside)
+    raise ValueError(f"unknown goal verb {verb!r}; expected place, push or press")
+
+
+def rests_in(s: SceneState, b: Body, target: str) -> bool:
+    """`b` rests on `target`, or — for a fixture target — on objects that rest on it ("in the basket" holds for
+    a ball resting on a cube in the basket; "on the cube" needs direct contact)."""
+    if b.support == target:
+        return True
+    if not s.body(target).spec.movable:
+        sup = b.support
+        while sup and s.body(sup).spec.movable and s.body(sup).name != s.held:
+            sup = s.body(sup).support
+            if sup == target:
+                return True
+    return False
+
+
+def success(s: SceneState) -> bool:
+    return bool(s.goals) and all(goal_done(s, g.verb, g.obj, g.target) for g in s.goals)

@@ -1,0 +1,170 @@
+"""TableTop-4 data: demo files in LIBERO's raw HDF5 layout (keys, shapes, dtypes, attrs), exact replay of
+every recorded episode, byte-identical regeneration, refusal to overwrite, bad input, and the pretraining
+pool (vocabulary, facts consistent with the scenes)."""
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from experiments.robot.tabletop import SceneState, TableTopEnv, get_task
+from experiments.robot.tabletop.demos import read_task_file, task_file
+from experiments.robot.tabletop.generate import MANIFEST, PRETRAIN_FILE, GenerateConfig, main
+from experiments.robot.tabletop.language import NUMBERS, unknown_words
+from experiments.robot.tabletop.pretrain import pretrain_rng, pretrain_scene, read_pretrain_pool
+from prismatic.io import sha256_file
+
+JOBS = [("goal", 5), ("long", 1)]  # a push task and a press-then-place task
+
+
+def small(out_dir, **kw) -> GenerateConfig:
+    base = dict(out_dir=out_dir, suites=["goal", "long"], task_ids=[1], demos_per_task=3, pretrain_scenes=12,
+                workers=1)
+    base.update(kw)
+    return GenerateConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tt") / "data"
+    cfg = small(out, suites=["goal"], task_ids=[5])
+    manifest = main(cfg, log=lambda *_: None)
+    main(small(out / "more", suites=["long"], task_ids=[1], pretrain_scenes=0), log=lambda *_: None)
+    return out, manifest
+
+
+def files(dataset):
+    out, _ = dataset
+    return [task_file(out, "goal", 5), task_file(out / "more", "long", 1)]
+
+
+def test_demo_file_layout(dataset):
+    for (suite, task_id), path in zip(JOBS, files(dataset)):
+        assert path.name == get_task(suite, task_id).name + "_demo.hdf5" and path.parent.name == suite
+        with h5py.File(path, "r") as f:
+            data = f["data"]
+            info = json.loads(data.attrs["problem_info"])
+            assert info["language_instruction"] == get_task(suite, task_id).instruction
+            assert bool(data.attrs["mergevla_images_upright"]) is True
+            assert sorted(data) == ["demo_0", "demo_1", "demo_2"]
+            assert data.attrs["total"] == sum(data[d].attrs["num_samples"] for d in data)
+            for d in data.values():
+                t = d.attrs["num_samples"]
+                obs = d["obs"]
+                for cam in ("agentview_rgb", "eye_in_hand_rgb"):
+                    assert obs[cam].shape == (t, 64, 64, 3) and obs[cam].dtype == np.uint8
+                shapes = {"ee_states": 6, "ee_pos": 3, "ee_ori": 3, "gripper_states": 2, "joint_states": 3}
+                for k, n in shapes.items():
+                    assert obs[k].shape == (t, n) and obs[k].dtype == np.float64, k
+                a = d["actions"][()]
+                assert a.shape == (t, 7) and a.dtype == np.float64
+                assert set(np.unique(a[:, 6])) <= {-1.0, 1.0} and np.abs(a[:, :3]).max() <= 1.0
+                assert not a[:, 3:6].any()
+                ee = obs["ee_states"][()]
+                np.testing.assert_array_equal(ee[:, :3], obs["ee_pos"][()])
+                np.testing.assert_allclose(ee[:, 3:], np.tile([np.pi, 0.0, 0.0], (t, 1)))
+                g = obs["gripper_states"][()]
+                np.testing.assert_array_equal(g[:, 0], -g[:, 1])
+                assert d["dones"][()].tolist() == [0] * (t - 1) + [1]
+
+
+def test_recorded_episodes_replay_exactly(dataset):
+    for (suite, task_id), path in zip(JOBS, files(dataset)):
+        demos = read_task_file(path)["demos"]
+        for d in demos:
+            init = SceneState.from_dict(json.loads(d["attrs"]["init_state"]))
+            env = TableTopEnv(get_task(suite, task_id), init)
+            obs = env.reset()
+            t = len(d["actions"])
+            for i, a in enumerate(d["actions"]):
+                np.testing.assert_array_equal(obs["agentview_image"], d["obs/agentview_rgb"][i])
+                np.testing.assert_array_equal(obs["robot0_eye_in_hand_image"], d["obs/eye_in_hand_rgb"][i])
+                np.testing.assert_array_equal(env.state.vector(), d["states"][i])
+                obs, _, done, _ = env.step(a)
+                assert done is (i == t - 1)
+
+
+def test_manifest_hashes_and_byte_identical_regeneration(dataset, tmp_path):
+    out, manifest = dataset
+    for rel, st in manifest["files"].items():
+        assert sha256_file(out / rel) == st["sha256"]
+        assert st.get("failures", 0) == 0
+    assert json.loads((out / MANIFEST).read_text())["files"] == manifest["files"]
+    again = main(small(tmp_path / "b", suites=["goal"], task_ids=[5], workers=2), log=lambda *_: None)
+    assert again["files"] == manifest["files"]  # the worker pool changes nothing
+    other = main(small(tmp_path / "c", suites=["goal"], task_ids=[5], seed=1), log=lambda *_: None)
+    for rel in manifest["files"]:
+        assert other["files"][rel]["sha256"] != manifest["files"][rel]["sha256"]
+
+
+def test_refuses_to_write_into_a_non_empty_dir(tmp_path):
+    out = tmp_path / "d"
+    main(small(out, pretrain_scenes=0), log=lambda *_: None)
+    path = task_file(out, "goal", 1)
+    before = sha256_file(path)
+    with pytest.raises(FileExistsError, match="not empty.*--overwrite true"):
+        main(small(out, pretrain_scenes=0, seed=3), log=lambda *_: None)
+    assert sha256_file(path) == before
+    main(small(out, pretrain_scenes=0, seed=3, overwrite=True), log=lambda *_: None)
+    assert sha256_file(path) != before
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("suites", ["goal", "libero_goal"], r"suites: unknown TableTop-4 suite\(s\) \['libero_goal'\]"),
+    ("suites", [], "suites is empty"),
+    ("demos_per_task", 0, "demos_per_task must be >= 1"),
+    ("task_ids", [10], r"task_ids \[10\] out of range"),
+    ("compression", "zip", "compression must be gzip, lzf or none"),
+])
+def test_bad_config_fails_before_writing(tmp_path, field, value, match):
+    cfg = small(tmp_path / "x", **{field: value})
+    with pytest.raises(ValueError, match=match):
+        main(cfg, log=lambda *_: None)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_reports_bad_input_with_nonzero_exit(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.robot.tabletop.generate", "--out_dir", str(tmp_path / "y"),
+         "--suites", "[spatial,nope]"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "unknown TableTop-4 suite(s) ['nope']" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "y").exists()
+
+
+def test_pretrain_pool(dataset):
+    out, _ = dataset
+    pool = read_pretrain_pool(out / PRETRAIN_FILE)
+    n = pool["attrs"]["num_scenes"]
+    assert n == 12 and pool["images"].shape == (12, 2, 64, 64, 3) and pool["images"].dtype == np.uint8
+    assert len(pool["prompts"]) == len(pool["targets"]) == len(pool["kinds"]) == len(pool["scene"])
+    assert set(pool["scene"].tolist()) == set(range(n))
+    assert set(pool["kinds"]) <= {"qa", "caption"}
+    for text in pool["prompts"] + pool["targets"]:
+        assert unknown_words(text) == [], text
+    seed = pool["attrs"]["seed"]
+    counted = 0
+    for prompt, target, i in zip(pool["prompts"], pool["targets"], pool["scene"]):
+        s = pretrain_scene(pretrain_rng(seed, int(i)))
+        objects = [b for b in s.bodies if b.spec.movable]
+        if prompt == "how many objects are there ?":
+            assert target == NUMBERS[len(objects)]
+            counted += 1
+        if prompt == "what is in the gripper ?":
+            assert target == (f"the {s.body(s.held).label}" if s.held else "no object")
+    assert counted > 0
+
+
+def test_reading_a_foreign_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "other.hdf5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(ValueError, match="not a LIBERO-layout demo file"):
+        read_task_file(path)
+    with pytest.raises(ValueError, match="not a TableTop-4 pretraining pool"):
+        read_pretrain_pool(path)

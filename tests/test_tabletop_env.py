@@ -1,0 +1,353 @@
+"""TableTop-4 simulator: physics rules and success predicates on hand-built states, the LIBERO-shaped env,
+suites, fixed init states, and the scripted expert (solves every task) vs a random policy (does not)."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from experiments.robot.policy import raw_proprio
+from experiments.robot.tabletop import (
+    NUM_INIT_STATES,
+    SUITE_NAMES,
+    SUITES,
+    Body,
+    Goal,
+    SceneState,
+    ScriptedExpert,
+    demo_scene,
+    get_suite,
+    get_task,
+    init_state,
+    make_env,
+)
+from experiments.robot.tabletop.bodies import OPEN_FINGER
+from experiments.robot.tabletop.language import unknown_words
+from experiments.robot.tabletop.physics import MAX_DELTA, goal_done, step_physics, success
+
+OPEN, CLOSE = -1.0, 1.0
+
+
+def act(dx=0.0, dy=0.0, dz=0.0, grip=OPEN):
+    return np.array([dx, dy, dz, 0.0, 0.0, 0.0, grip])
+
+
+def scene(*bodies, gripper=(0.0, 0.0, 0.1), finger=OPEN_FINGER, goals=()):
+    return SceneState(list(bodies), np.array(gripper), finger=finger, goals=tuple(goals))
+
+
+def cube(name="cube", x=0.0, y=0.0, z=0.0, color="red", support=""):
+    return Body(name, "cube", color, (x, y, z), support)
+
+
+def hold(s, name):
+    """Grasp `name` with the tip at the body's mid-height (two closing steps)."""
+    b = s.body(name)
+    s.gripper_pos = np.array([b.pos[0], b.pos[1], b.pos[2] + 0.025])
+    step_physics(s, act(grip=CLOSE))
+    step_physics(s, act(grip=CLOSE))
+    assert s.held == name
+
+
+# ---------------------------------------------------------------- motion and fingers
+def test_motion_is_scaled_and_clipped():
+    s = scene()
+    step_physics(s, act(1.0, -0.5, 0.0))
+    np.testing.assert_allclose(s.gripper_pos, [0.03, -0.015, 0.1])
+    step_physics(s, act(5.0, 0.0, 0.0))  # |action| > 1 is clipped to one MAX_DELTA
+    np.testing.assert_allclose(s.gripper_pos[0], 0.03 + MAX_DELTA)
+    s.gripper_pos = np.array([0.21, 0.0, 0.1])
+    step_physics(s, act(1.0))
+    assert s.gripper_pos[0] == pytest.approx(0.22)  # workspace edge
+    for _ in range(10):
+        step_physics(s, act(dz=-1.0))
+    assert s.gripper_pos[2] == pytest.approx(0.005)  # fingertips stop at the table
+
+
+def test_fingers_close_and_open_over_steps():
+    s = scene()
+    widths = []
+    for _ in range(4):
+        step_physics(s, act(grip=CLOSE))
+        widths.append(s.finger)
+    np.testing.assert_allclose(widths, [0.028, 0.016, 0.004, 0.0], atol=1e-12)
+    step_physics(s, act(grip=OPEN))
+    assert s.finger == pytest.approx(0.012)
+
+
+# ---------------------------------------------------------------- grasp and release
+def test_grasp_when_centred_and_carry():
+    s = scene(cube(), gripper=(0.01, 0.0, 0.025))
+    step_physics(s, act(grip=CLOSE))
+    assert s.held == ""  # fingers at 0.028 have not reached the cube's half width 0.025 yet
+    step_physics(s, act(grip=CLOSE))
+    assert s.held == "cube" and s.finger == pytest.approx(0.025)
+    step_physics(s, act(dz=1.0, grip=CLOSE))
+    np.testing.assert_allclose(s.body("cube").pos, [0.01, 0.0, 0.03])  # centred between the fingers, lifted
+
+
+def test_no_grasp_when_off_centre_or_too_high():
+    for tip in [(0.03, 0.0, 0.025), (0.0, 0.0, 0.06)]:
+        s = scene(cube(), gripper=tip)
+        for _ in range(4):
+            step_physics(s, act(grip=CLOSE))
+        assert s.held == "" and s.finger == 0.0, tip
+
+
+def test_release_lands_in_bowl_on_cube_and_slides_off_ball():
+    bowl = Body("bowl", "bowl", "white", (0.1, 0.0, 0.0))
+    s = scene(cube(), bowl, goals=[Goal("place", "cube", "bowl")])
+    hold(s, "cube")
+    assert not success(s)
+    s.gripper_pos = np.array([0.1, 0.0, 0.08])
+    step_physics(s, act(grip=CLOSE))
+    assert not success(s)  # held objects are never "in" anything
+    step_physics(s, act(grip=OPEN))
+    c = s.body("cube")
+    assert s.held == "" and c.support == "bowl" and c.pos[2] == pytest.approx(0.008)  # the bowl's floor
+    assert success(s)
+
+    s = scene(cube("a"), cube("b", x=0.1, color="blue"))
+    hold(s, "a")
+    s.gripper_pos = np.array([0.105, 0.0, 0.1])
+    step_physics(s, act(grip=OPEN))
+    assert s.body("a").support == "b" and s.body("a").pos[2] == pytest.approx(0.05)
+    assert goal_done(s, "place", "a", "b")
+
+    ball = Body("ball", "ball", "blue", (0.1, 0.0, 0.0))
+    s = scene(cube("a"), ball)
+    hold(s, "a")
+    s.gripper_pos = np.array([0.1, 0.0, 0.1])
+    step_physics(s, act(grip=OPEN))
+    a = s.body("a")
+    assert a.support == "" and a.pos[2] == 0.0
+    assert np.hypot(*(a.pos[:2] - ball.pos[:2])) >= 0.025 + 0.026  # slid out of overlap
+
+
+def test_whatever_rests_on_a_lifted_object_falls():
+    s = scene(cube("a"), cube("b", z=0.05, support="a", color="blue"))
+    hold(s, "a")
+    assert s.body("b").support == "" and s.body("b").pos[2] == 0.0
+
+
+# ---------------------------------------------------------------- paddle: push, rest on top, press
+def test_closed_gripper_pushes_objects_radially():
+    s = scene(cube(), gripper=(-0.05, 0.0, 0.02), finger=0.0)
+    step_physics(s, act(1.0, grip=CLOSE))
+    # tip at x = -0.02; cube pushed until centre distance = 0.025 (cube) + 0.014 (paddle) (+1e-4)
+    np.testing.assert_allclose(s.body("cube").pos, [-0.02 + 0.039 + 1e-4, 0.0, 0.0], atol=1e-9)
+
+
+def test_closed_gripper_rests_on_objects_but_open_one_straddles_them():
+    s = scene(cube(), gripper=(0.0, 0.0, 0.1), finger=0.0)
+    zs = []
+    for _ in range(3):
+        step_physics(s, act(dz=-1.0, grip=CLOSE))
+        zs.append(s.gripper_pos[2])
+    np.testing.assert_allclose(zs, [0.07, 0.05, 0.05])
+    np.testing.assert_allclose(s.body("cube").pos, [0, 0, 0])
+    s = scene(cube(), gripper=(0.0, 0.0, 0.1))
+    for _ in range(3):
+        step_physics(s, act(dz=-1.0))
+    assert s.gripper_pos[2] == pytest.approx(0.01)
+
+
+def test_stove_turns_on_only_when_pressed_with_closed_gripper():
+    stove = Body("stove", "stove", "black", (0.0, 0.0, 0.0))
+    kx, ky = stove.knob_xy()
+    for finger, expect in [(0.0, True), (OPEN_FINGER, False)]:
+        s = scene(Body("stove", "stove", "black", (0.0, 0.0, 0.0)), gripper=(kx, ky, 0.05), finger=finger,
+                  goals=[Goal("press", "stove")])
+        grip = CLOSE if finger == 0.0 else OPEN
+        for _ in range(3):
+            step_physics(s, act(dz=-1.0, grip=grip))
+        assert s.gripper_pos[2] == pytest.approx(0.014)  # the stove's top is solid
+        assert s.body("stove").on is expect and success(s) is expect
+
+
+# ---------------------------------------------------------------- predicates
+def test_push_predicate_is_the_zone_square():
+    zone = Body("zone", "zone", "green", (0.1, 0.1, 0.0))
+    for xy, inside in [((0.14, 0.06), True), ((0.16, 0.1), False), ((0.1, 0.151), False)]:
+        s = scene(cube(x=xy[0], y=xy[1]), zone)
+        assert goal_done(s, "push", "cube", "zone") is inside, xy
+
+
+def test_place_in_a_fixture_counts_objects_resting_on_its_contents():
+    basket = Body("basket", "basket", "brown", (0.0, 0.0, 0.0))
+    a = cube("a", z=0.008, support="basket")
+    b = Body("b", "ball", "blue", (0.0, 0.0, 0.058), "a")
+    s = scene(basket, a, b)
+    assert goal_done(s, "place", "b", "basket") and goal_done(s, "place", "b", "a")
+    assert not goal_done(s, "place", "a", "b")
+
+
+def test_goal_with_unknown_body_or_verb_is_rejected():
+    with pytest.raises(ValueError, match="names body 'plate'"):
+        scene(cube(), goals=[Goal("place", "cube", "plate")])
+    with pytest.raises(ValueError, match="unknown goal verb"):
+        goal_done(scene(cube()), "throw", "cube", "")
+
+
+# ---------------------------------------------------------------- env interface
+def test_obs_layout_matches_libero():
+    env = make_env("spatial", 0, 0)
+    obs = env.reset()
+    for key in ("agentview_image", "robot0_eye_in_hand_image"):
+        assert obs[key].shape == (64, 64, 3) and obs[key].dtype == np.uint8
+    assert obs["robot0_eef_pos"].shape == (3,) and obs["robot0_eef_quat"].shape == (4,)
+    np.testing.assert_allclose(raw_proprio(obs)[3:6], [np.pi, 0, 0], atol=1e-6)  # gripper pointing down
+    np.testing.assert_allclose(obs["robot0_gripper_qpos"], [OPEN_FINGER, -OPEN_FINGER])
+    assert env.instruction == env.language_instruction == get_task("spatial", 0).instruction
+    assert make_env("goal", 3, 1, image_size=96).reset()["agentview_image"].shape == (96, 96, 3)
+    obs, reward, done, info = env.step(act(1.0))
+    assert reward == 0.0 and done is False and info["steps"] == 1 and info["subgoals"] == [False]
+
+
+def test_bad_actions_and_arguments_are_rejected():
+    env = make_env("goal", 0, 0)
+    env.reset()
+    with pytest.raises(ValueError, match=r"shape \(7,\)"):
+        env.step(np.zeros(6))
+    with pytest.raises(ValueError, match="finite"):
+        env.step(np.array([np.nan, 0, 0, 0, 0, 0, -1]))
+    with pytest.raises(ValueError, match="unknown TableTop-4 suite 'libero_goal'"):
+        make_env("libero_goal", 0, 0)
+    with pytest.raises(ValueError, match="tasks 0..9, got task_id=10"):
+        make_env("goal", 10, 0)
+    with pytest.raises(ValueError, match="init_state_id must be in 0..49"):
+        make_env("goal", 0, NUM_INIT_STATES)
+    with pytest.raises(ValueError, match="image_size"):
+        make_env("goal", 0, 0, image_size=4)
+
+
+def test_same_init_and_actions_give_identical_trajectories():
+    actions = np.random.default_rng(0).uniform(-1, 1, (30, 7))
+    runs = []
+    for _ in range(2):
+        env = make_env("long", 3, 7)
+        obs = [env.reset()]
+        obs += [env.step(a)[0] for a in actions]
+        runs.append(obs)
+    for a, b in zip(*runs):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    env.reset()  # reset restores the initial state exactly
+    np.testing.assert_array_equal(env.observe()["agentview_image"], runs[0][0]["agentview_image"])
+
+
+def test_init_states_are_fixed_distinct_and_disjoint_from_demo_scenes():
+    a, b = init_state("object", 2, 5), init_state("object", 2, 5)
+    assert a.to_dict() == b.to_dict()
+    evals = {tuple(init_state("object", 2, i).vector()) for i in range(NUM_INIT_STATES)}
+    assert len(evals) == NUM_INIT_STATES
+    demos = {tuple(demo_scene("object", 2, 0, i).vector()) for i in range(NUM_INIT_STATES)}
+    assert not evals & demos
+    assert demo_scene("object", 2, 1, 0).to_dict() != demo_scene("object", 2, 0, 0).to_dict()
+
+
+def test_env_pickles_for_worker_processes():
+    env = make_env("long", 2, 4)
+    env.reset()
+    env.step(act(0.5, grip=CLOSE))
+    clone = pickle.loads(pickle.dumps(env))
+    assert clone.task is get_task("long", 2)
+    a = act(-0.3, 0.2, -0.5)
+    obs, copy = env.step(a)[0], clone.step(a)[0]
+    for k in obs:
+        np.testing.assert_array_equal(obs[k], copy[k])
+
+
+def test_scene_state_round_trips_through_dict():
+    s = init_state("long", 1, 3)
+    t = SceneState.from_dict(s.to_dict())
+    assert t.to_dict() == s.to_dict()
+    np.testing.assert_array_equal(t.vector(), s.vector())
+
+
+# ---------------------------------------------------------------- suites
+def test_suites_have_ten_tasks_with_known_words():
+    assert SUITE_NAMES == ("spatial", "object", "goal", "long")
+    for name in SUITE_NAMES:
+        tasks = get_suite(name)
+        assert len(tasks) == 10 and [t.task_id for t in tasks] == list(range(10))
+        assert len({t.instruction for t in tasks}) == 10
+        for t in tasks:
+            assert unknown_words(t.instruction) == [], t.instruction
+            assert t.name == t.instruction.replace(" ", "_") and "/" not in t.name
+    assert all(len(init_state("long", i, 0).goals) == 2 for i in range(10))
+
+
+def test_spatial_targets_match_their_relation_in_every_init_state():
+    def xy(s, n):
+        return s.body(n).pos[:2]
+
+    def dist(s, a, b):
+        return float(np.hypot(*(xy(s, a) - xy(s, b))))
+
+    checks = {
+        "left of the bowl": lambda s, t, o: xy(s, t)[0] < xy(s, "bowl")[0] - 0.05 < xy(s, o)[0] - 0.1,
+        "right of the bowl": lambda s, t, o: xy(s, t)[0] > xy(s, "bowl")[0] + 0.05 > xy(s, o)[0] + 0.1,
+        "in front of the bowl": lambda s, t, o: xy(s, t)[1] < xy(s, "bowl")[1] - 0.05 < xy(s, o)[1] - 0.1,
+        "behind the bowl": lambda s, t, o: xy(s, t)[1] > xy(s, "bowl")[1] + 0.05 > xy(s, o)[1] + 0.1,
+        "between the bowl and the tray": lambda s, t, o: (
+            min(xy(s, "bowl")[0], xy(s, "tray")[0]) + 0.05 < xy(s, t)[0] < max(xy(s, "bowl")[0], xy(s, "tray")[0]) - 0.05
+            and abs(xy(s, t)[1] - xy(s, "bowl")[1]) < 0.05 and abs(xy(s, o)[1] - xy(s, "bowl")[1]) > 0.1),
+        "on the tray": lambda s, t, o: s.body(t).support == "tray" and s.body(o).support == "",
+        "in the bowl": lambda s, t, o: s.body(t).support == "bowl" and s.body(o).support == "",
+        "next to the tray": lambda s, t, o: dist(s, t, "tray") < 0.16 and dist(s, o, "tray") > 0.2,
+        "closest to the plate": lambda s, t, o: dist(s, t, "plate") + 0.04 < dist(s, o, "plate"),
+        "farthest from the plate": lambda s, t, o: dist(s, t, "plate") > dist(s, o, "plate") + 0.04,
+    }
+    for task in SUITES["spatial"]:
+        rel = task.instruction.removeprefix("pick up the cube ").removesuffix(" and place it on the plate")
+        plate_sides = set()
+        for i in range(NUM_INIT_STATES):
+            s = init_state("spatial", task.task_id, i)
+            (goal,) = s.goals
+            assert goal.verb == "place" and goal.target == "plate"
+            other = ({"cube_1", "cube_2"} - {goal.obj}).pop()
+            assert checks[rel](s, goal.obj, other), (rel, i)
+            plate_sides.add(bool(xy(s, "plate")[0] > 0))
+        assert plate_sides == {True, False}, rel  # layouts are mirrored between episodes
+
+
+# ---------------------------------------------------------------- expert vs random
+def _run(suite, task_id, i, policy):
+    env = make_env(suite, task_id, i, render=False)
+    env.reset()
+    for _ in range(env.max_steps):
+        _, _, done, _ = env.step(policy(env))
+        if done:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("suite", SUITE_NAMES)
+def test_scripted_expert_solves_every_task(suite):
+    for task in get_suite(suite):
+        wins = 0
+        for i in range(NUM_INIT_STATES):
+            expert = ScriptedExpert(noise=0.1, rng=np.random.default_rng(i))
+            wins += _run(suite, task.task_id, i, lambda env, e=expert: e.act(env.state))
+        assert wins >= 0.95 * NUM_INIT_STATES, (suite, task.task_id, wins)
+
+
+def test_random_policies_fail():
+    rng = np.random.default_rng(0)
+    wins = total = 0
+    for suite in SUITE_NAMES:
+        for task in get_suite(suite):
+            for i in range(5):
+                chunk = {"a": None, "n": 0}
+
+                def chunked(env, c=chunk):  # a random action held for 8 steps, like an open-loop chunk
+                    if c["n"] % 8 == 0:
+                        c["a"] = rng.uniform(-1, 1, 7)
+                    c["n"] += 1
+                    return c["a"]
+
+                wins += _run(suite, task.task_id, i, lambda env: rng.uniform(-1, 1, 7))
+                wins += _run(suite, task.task_id, i, chunked)
+                total += 2
+    assert wins <= 0.1 * total
