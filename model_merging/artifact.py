@@ -1,0 +1,81 @@
+"""The merged artifact: one safetensors file + one JSON manifest, in a directory.
+
+Tensors (all fp32 unless noted), for parameters p and tasks t in manifest order:
+    delta.<p>                 τ_merge of each LoRA-touched VLM weight p (plain names, e.g. vlm.llm…q_proj.weight)
+    mask.<t>.<p>              uint8: S_t bit-packed (numpy.packbits order), present when masks are enabled
+    rescale.<t>.<p>           0-d: EMR's per-task rescaler (EMR with masks only)
+    shared.<n>                from-scratch parameter n shared by all tasks (weighted average, or RETAIN)
+    head.<t>.<n>              from-scratch parameter n kept per task (last L_h expert blocks, final norm, head)
+    router.<t>.<v>.<act|vis>  (k_gate, D) router subspace of task t, variant v ∈ value / key / key_value
+Task t runs θ0 + rescale·(S_t ⊙ τ_merge) in the VLM, the shared parts and its own head. θ0 itself is not
+stored: the manifest's `base` reference (with its sha256) says where it comes from, as for checkpoints.
+The tensor list is a function of the manifest (`plan_specs`), so the loader checks the file exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model_merging.tensor_files import TensorSpec
+
+MERGED_KIND = "mergevla-merged"
+ROUTER_VARIANTS = ("value", "key", "key_value")
+ROUTER_SIDES = ("act", "vis")
+# Which value/key projections of an expert block each router variant is computed from.
+ROUTER_WEIGHTS = {
+    "value": {"act": ("v_act",), "vis": ("v_vis",)},
+    "key": {"act": ("k_act",), "vis": ("k_vis",)},
+    "key_value": {"act": ("k_act", "v_act"), "vis": ("k_vis", "v_vis")},
+}
+
+
+def delta_key(p: str) -> str:
+    return f"delta.{p}"
+
+
+def mask_key(task: str, p: str) -> str:
+    return f"mask.{task}.{p}"
+
+
+def rescale_key(task: str, p: str) -> str:
+    return f"rescale.{task}.{p}"
+
+
+def shared_key(n: str) -> str:
+    return f"shared.{n}"
+
+
+def head_key(task: str, n: str) -> str:
+    return f"head.{task}.{n}"
+
+
+def router_key(task: str, variant: str, side: str) -> str:
+    return f"router.{task}.{variant}.{side}"
+
+
+def packed_len(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return -(-n // 8)
+
+
+def plan_specs(manifest: dict) -> list[TensorSpec]:
+    """Every tensor of the artifact, in file order, from the manifest fields that describe them."""
+    f32, u8 = torch.float32, torch.uint8
+    tasks = manifest["task_names"]
+    masks = manifest["masks"]
+    specs: list[TensorSpec] = []
+    for p, shape in manifest["lora_params"].items():
+        specs.append(TensorSpec(delta_key(p), f32, tuple(shape)))
+        if masks["enabled"]:
+            specs += [TensorSpec(mask_key(t, p), u8, (packed_len(shape),)) for t in tasks]
+            if masks["rescaled"]:
+                specs += [TensorSpec(rescale_key(t, p), f32, ()) for t in tasks]
+    specs += [TensorSpec(shared_key(n), f32, tuple(s)) for n, s in manifest["shared_params"].items()]
+    for t in tasks:
+        specs += [TensorSpec(head_key(t, n), f32, tuple(s)) for n, s in manifest["head_params"].items()]
+    k, d = manifest["router"]["k_gate"], manifest["router"]["hidden"]
+    for t in tasks:
+        specs += [TensorSpec(router_key(t, v, s), f32, (k, d)) for v in ROUTER_VARIANTS for s in ROUTER_SIDES]
+    return specs

@@ -1,0 +1,252 @@
+"""M expert checkpoints → one merged artifact, streamed one parameter at a time (DESIGN §4).
+
+Memory: each LoRA-touched weight is expanded to M fp32 task vectors, merged, masked and written before the
+next is read, so the peak is a few copies of the largest weight, not of the model. The output goes to a
+hidden temporary directory that is renamed into place only when complete; on any error it is removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_merging.algorithms import (
+    MergeContext,
+    average_weights,
+    get_method,
+    weighted_sum,
+)
+from model_merging.artifact import (
+    MERGED_KIND,
+    ROUTER_SIDES,
+    ROUTER_VARIANTS,
+    ROUTER_WEIGHTS,
+    delta_key,
+    head_key,
+    mask_key,
+    plan_specs,
+    rescale_key,
+    router_key,
+    shared_key,
+)
+from model_merging.chunks import all_finite
+from model_merging.errors import MergeError
+from model_merging.experts import ExpertSet
+from model_merging.layout import initial_scratch_state
+from model_merging.linalg import top_right_singular_vectors
+from model_merging.masks import MaskStats, packed_task_masks
+from model_merging.rules import group_of, params_for, parse_rules
+from model_merging.tensor_files import SafetensorsStreamWriter
+from prismatic import __version__
+from prismatic.checkpoint import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE
+from prismatic.io import write_json
+
+
+@dataclass
+class MergeOptions:
+    algorithm: str = "ties"
+    params: Any = None  # the algorithm's hyper-parameter dataclass (None: its defaults)
+    rules: tuple[str, ...] = ()  # per-module overrides, "PATTERN field=value …" (see rules.py)
+    masks: bool = True  # per-task masks: TALL for every algorithm, EMR's own for EMR
+    mask_lambda: float = 0.6
+    k_gate: int = 8
+    expert_head_layers: int = 1
+    router_block: int = -1  # -1: the last shared block, L - L_h - 1
+    router_layer: int = -1  # LLM hidden-state layer scored at test time; -1: the final layer L
+    scratch_weights: tuple[float, ...] | None = None  # averaging weights of the shared from-scratch parts
+    seed: int = 0  # seeds DARE's random drops
+    device: str = "cpu"
+    verify_hashes: bool = True
+
+
+def _resolve(opts: MergeOptions, experts: ExpertSet) -> tuple[Any, list, int, int]:
+    method = get_method(opts.algorithm)
+    params = method.params() if opts.params is None else opts.params
+    if not isinstance(params, method.params):
+        raise MergeError(f"algorithm {opts.algorithm!r} takes {method.params.__name__}, got {type(params).__name__}")
+    rules = parse_rules(opts.rules, method.params)
+    n_blocks, hidden = experts.layout.num_blocks, experts.layout.hidden
+    if not 0 <= opts.expert_head_layers <= n_blocks:
+        raise MergeError(f"expert_head_layers must be in [0, {n_blocks}], got {opts.expert_head_layers}")
+    block = opts.router_block if opts.router_block >= 0 else n_blocks - opts.expert_head_layers - 1
+    if not 0 <= block < n_blocks:
+        raise MergeError(f"router_block resolves to {block}, outside the {n_blocks} expert blocks (with "
+                         f"expert_head_layers={opts.expert_head_layers} no block is shared: set router_block)")
+    layer = opts.router_layer if opts.router_layer >= 0 else n_blocks
+    if not 0 <= layer <= n_blocks:
+        raise MergeError(f"router_layer must be in [0, {n_blocks}] or -1, got {opts.router_layer}")
+    if not 1 <= opts.k_gate <= hidden:
+        raise MergeError(f"k_gate must be in [1, {hidden}], got {opts.k_gate}")
+    if opts.mask_lambda < 0:
+        raise MergeError(f"mask lambda must be >= 0, got {opts.mask_lambda}")
+    average_weights(opts.scratch_weights, len(experts))  # validates the count
+    return params, rules, block, layer
+
+
+def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    if not all_finite(t):
+        raise MergeError(f"merging produced NaN or inf in {what}; check the algorithm's hyper-parameters")
+    return t
+
+
+def build_manifest(experts: ExpertSet, opts: MergeOptions, params: Any, block: int, layer: int) -> dict:
+    lay, tasks = experts.layout, experts.names
+    method = get_method(opts.algorithm)
+    masks_kind = None if not opts.masks else ("emr" if method.own_masks else "tall")
+    return {
+        "format": MERGED_KIND,
+        "format_version": FORMAT_VERSION,
+        "mergevla_version": __version__,
+        "algorithm": opts.algorithm,
+        "params": dataclasses.asdict(params),
+        "rules": list(opts.rules),
+        "seed": opts.seed,
+        "task_names": tasks,
+        "experts": [{"name": e.name, "path": str(e.directory.resolve()), "weights_sha256": e.manifest["weights_sha256"],
+                     "init_seed": e.manifest.get("init_seed"), "step": e.manifest.get("step")}
+                    for e in experts.experts],
+        "norm_stats": {e.name: e.manifest.get("norm_stats") for e in experts.experts},
+        "base": experts.base_ref,
+        "config_name": experts.config.name,
+        "config": experts.experts[0].manifest["config"],
+        "lora": experts.experts[0].manifest["lora"],
+        "stores": "deltas",  # delta.* are τ_merge, to be added to θ0 from `base`; never full weights
+        "masks": {"enabled": opts.masks, "kind": masks_kind, "lambda": opts.mask_lambda if masks_kind == "tall" else None,
+                  "rescaled": masks_kind == "emr", "bitorder": "big"},
+        "expert_head_layers": opts.expert_head_layers,
+        "scratch_weights": average_weights(opts.scratch_weights, len(tasks)),
+        "lora_params": {f"{m}.weight": list(s) for m, s in lay.lora_modules.items()},
+        "shared_params": {n: list(lay.scratch[n]) for n in lay.shared_names(opts.expert_head_layers)},
+        "head_params": {n: list(lay.scratch[n]) for n in lay.head_names(opts.expert_head_layers)},
+        "router": {"k_gate": opts.k_gate, "hidden": lay.hidden, "block": block, "layer": layer,
+                   "variants": list(ROUTER_VARIANTS), "default_variant": "value",
+                   "source": "each expert's own (pre-merge) weights of action_expert.blocks[block]"},
+    }
+
+
+def router_subspaces(block_weights: dict[str, torch.Tensor], k: int) -> dict[tuple[str, str], torch.Tensor]:
+    """(variant, side) → top-k right singular vectors of that side's key/value projections (stacked for k+v)."""
+    out = {}
+    for v in ROUTER_VARIANTS:
+        for s in ROUTER_SIDES:
+            w = torch.cat([block_weights[f"{proj}.weight"] for proj in ROUTER_WEIGHTS[v][s]], 0)
+            out[(v, s)] = top_right_singular_vectors(w, k)
+    return out
+
+
+def _write_lora_params(writer, experts, opts, params, rules, stats: MaskStats, log) -> None:
+    method = get_method(opts.algorithm)
+    tasks = experts.names
+    modules = list(experts.layout.lora_modules)
+    for i, module in enumerate(modules):
+        p = f"{module}.weight"
+        factors = experts.lora_factors(module, opts.device)
+        taus = experts.task_vectors(module, factors)
+        ctx = MergeContext(name=p, group=group_of(p), factors=tuple(factors), seed=opts.seed)
+        merged = method.fn(taus, params_for(p, params, rules), ctx)
+        writer.write(delta_key(p), _check_finite(merged.tensor, p).cpu())
+        if opts.masks:
+            if method.own_masks:
+                packed = packed_task_masks(None, merged.tensor, masks=merged.masks, stats=stats)
+            else:
+                packed = packed_task_masks(taus, merged.tensor, opts.mask_lambda, stats=stats)
+            for t, m in zip(tasks, packed):
+                writer.write(mask_key(t, p), m.cpu())
+            if method.own_masks:
+                for t, r in zip(tasks, merged.rescalers):
+                    writer.write(rescale_key(t, p), r.reshape(()).float().cpu())
+        if log and (i % 50 == 0 or i == len(modules) - 1):
+            log(f"  [{i + 1}/{len(modules)}] {p}")
+
+
+def _write_scratch(writer, experts: ExpertSet, opts, params, rules, manifest) -> None:
+    weights = manifest["scratch_weights"]
+    init = None
+    if opts.algorithm == "retain":  # RETAIN interpolates from the shared initialisation (its θ_pre)
+        init = initial_scratch_state(experts.config, int(experts.init_seed or 0))
+    method = get_method(opts.algorithm)
+    for n in manifest["shared_params"]:
+        ts = experts.tensors(n, opts.device)
+        if init is None:
+            out = weighted_sum(ts, weights)
+        else:
+            pre = init[n].to(opts.device)
+            ctx = MergeContext(name=n, group=group_of(n), seed=opts.seed)
+            out = pre + method.fn([t - pre for t in ts], params_for(n, params, rules), ctx).tensor
+        writer.write(shared_key(n), _check_finite(out, n).cpu())
+    for i, t in enumerate(experts.names):
+        for n in manifest["head_params"]:
+            writer.write(head_key(t, n), experts.expert_tensor(i, n))
+
+
+def _write_router(writer, experts: ExpertSet, manifest) -> None:
+    r = manifest["router"]
+    prefix = f"action_expert.blocks.{r['block']}."
+    names = {f"{proj}.weight" for v in ROUTER_WEIGHTS.values() for projs in v.values() for proj in projs}
+    for i, t in enumerate(experts.names):
+        own = {n: experts.expert_tensor(i, prefix + n) for n in names}
+        subspaces = router_subspaces(own, r["k_gate"])
+        for v in ROUTER_VARIANTS:
+            for s in ROUTER_SIDES:
+                writer.write(router_key(t, v, s), subspaces[(v, s)])
+
+
+def merge_experts(
+    experts: ExpertSet | Sequence[tuple[str, Path | str]],
+    out_dir: Path | str,
+    opts: MergeOptions | None = None,
+    log: Callable[[str], None] | None = print,
+) -> Path:
+    """Merge, write `out_dir` (which must not exist) and return it."""
+    opts = opts or MergeOptions()
+    out = Path(out_dir)
+    if out.exists():
+        raise MergeError(f"output directory {out} already exists; choose a new --out (nothing was written)")
+    if not isinstance(experts, ExpertSet):
+        experts = ExpertSet.open(experts, verify_hashes=opts.verify_hashes)
+    params, rules, block, layer = _resolve(opts, experts)
+    manifest = build_manifest(experts, opts, params, block, layer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    writer = None
+    try:
+        writer = SafetensorsStreamWriter(tmp / WEIGHTS_FILE, plan_specs(manifest), {"format": MERGED_KIND})
+        stats = MaskStats()
+        with torch.no_grad():
+            if log:
+                log(f"merging {len(experts)} experts {experts.names} with {opts.algorithm} "
+                    f"({len(manifest['lora_params'])} LoRA-touched weights)")
+            _write_lora_params(writer, experts, opts, params, rules, stats, log)
+            _write_scratch(writer, experts, opts, params, rules, manifest)
+            _write_router(writer, experts, manifest)
+        manifest["weights_sha256"] = writer.close()
+        writer = None
+        if opts.masks:
+            manifest["masks"]["stats"] = stats.as_dict()
+            manifest["masks"]["density"] = dict(zip(experts.names, stats.density()))
+            if log:
+                log(f"selfish ratio {stats.selfish_ratio:.3f} of all entries "
+                    f"({stats.selfish_ratio_active:.3f} of entries used by any task)")
+        write_json(tmp / MANIFEST_FILE, manifest)
+        if out.exists():
+            raise MergeError(f"output directory {out} appeared while merging; the result was not moved there")
+        os.rename(tmp, out)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if log:
+        log(f"wrote {out}")
+    return out
+

@@ -1,0 +1,65 @@
+"""Test-time router (DESIGN §6): pick the expert whose subspaces best capture the first observation.
+
+For task e, R_e^A and R_e^V are the top-k right singular vectors of that expert's own value (or key, or
+stacked key+value) projections of one action-expert block, for the action-query side and the vision
+side. With the e-masked model's hidden states h at the scored layer,
+    s_e = ½ [mean over action-query tokens ‖R_e^A h_A‖ + mean over vision tokens ‖R_e^V h_V‖],
+and the episode goes to argmax_e s_e. Which block and layer were used is recorded in the artifact's
+manifest (`router.block`, `router.layer`); by default the last shared block and the final LLM layer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from model_merging.artifact import ROUTER_VARIANTS
+
+Tensor = torch.Tensor
+
+
+def subspace_scores(h_act: Tensor, h_vis: Tensor, r_act: Tensor, r_vis: Tensor) -> Tensor:
+    """h_*: (N, T, D) hidden states; r_*: (N, k, D) or (k, D) subspaces → (N,) scores."""
+    def side(h, r):
+        proj = torch.einsum("ntd,nkd->ntk", h.float(), r.float() if r.ndim == 3 else r.float().expand(h.shape[0], -1, -1))
+        return proj.norm(dim=-1).mean(dim=1)
+
+    return 0.5 * (side(h_act, r_act) + side(h_vis, r_vis))
+
+
+@dataclass
+class RouteResult:
+    expert: Tensor  # (B,) chosen task index per sample
+    scores: Tensor  # (B, M) router score of every candidate
+    task_names: list[str]
+
+    def names(self) -> list[str]:
+        return [self.task_names[i] for i in self.expert.tolist()]
+
+    def info(self, i: int) -> dict:
+        """Per-episode record for logs: routed task, its index, and every candidate's score."""
+        return {"routed_task": self.task_names[int(self.expert[i])], "routed_index": int(self.expert[i]),
+                "router_scores": {n: float(s) for n, s in zip(self.task_names, self.scores[i].tolist())}}
+
+
+def check_variant(variant: str) -> str:
+    if variant not in ROUTER_VARIANTS:
+        raise ValueError(f"router variant {variant!r}: expected one of {list(ROUTER_VARIANTS)}")
+    return variant
+
+
+def routing_accuracy(true_tasks: Sequence[str], routed_tasks: Sequence[str]) -> dict[str, float]:
+    """Share of episodes routed to their own suite's expert, per suite and over all ("all")."""
+    if len(true_tasks) != len(routed_tasks):
+        raise ValueError(f"{len(true_tasks)} true tasks but {len(routed_tasks)} routed ones")
+    hits, count = defaultdict(int), defaultdict(int)
+    for t, r in zip(true_tasks, routed_tasks):
+        count[t] += 1
+        hits[t] += int(t == r)
+    out = {t: hits[t] / count[t] for t in sorted(count)}
+    if count:
+        out["all"] = sum(hits.values()) / sum(count.values())
+    return out

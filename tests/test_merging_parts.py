@@ -1,0 +1,184 @@
+"""TALL masks and their packing, per-module rules, streaming safetensors I/O, the model layout."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model_merging.algorithms import RetainParams, TiesParams
+from model_merging.errors import MergeError
+from model_merging.layout import initial_scratch_state, model_layout
+from model_merging.masks import (
+    MaskStats,
+    apply_mask,
+    pack_mask,
+    packed_task_masks,
+    selfish_ratio,
+    tall_masks,
+    unpack_mask,
+)
+from model_merging.rules import group_of, params_for, parse_rule, parse_rules
+from model_merging.tensor_files import SafetensorsReader, SafetensorsStreamWriter, TensorSpec
+from prismatic.models import get_config
+
+# -------------------------------------------------------------------------------------------------- masks
+
+
+def test_tall_masks_hand_values_and_selfish_ratio():
+    t1, t2 = torch.tensor([1.0, 0.2, 0.0]), torch.tensor([-1.0, 1.0, 0.0])
+    merged = t1 + t2  # [0, 1.2, 0]
+    # S1 = |τ1| > 0.6|τ_m − τ1| = [1 > .6, .2 > .6, 0 > 0]; S2 = [1 > .6, 1 > .12, 0 > 0]
+    s1, s2 = tall_masks([t1, t2], merged, 0.6)
+    assert s1.tolist() == [True, False, False] and s2.tolist() == [True, True, False]
+    stats = MaskStats()
+    stats.add([s1, s2])
+    assert (stats.total, stats.none, stats.selfish, stats.shared, stats.per_task) == (3, 1, 1, 1, [1, 2])
+    assert stats.selfish_ratio == pytest.approx(1 / 3) and stats.selfish_ratio_active == pytest.approx(1 / 2)
+    assert selfish_ratio([s1, s2]) == pytest.approx(1 / 3)
+
+
+def test_lambda_zero_selects_every_nonzero_entry():
+    g = torch.Generator().manual_seed(0)
+    taus = [torch.randn(40, generator=g) * (torch.rand(40, generator=g) > 0.3) for _ in range(3)]
+    for t, m in zip(taus, tall_masks(taus, sum(taus), 0.0)):
+        assert torch.equal(m, t != 0)
+    with pytest.raises(ValueError, match=">= 0"):
+        tall_masks(taus, sum(taus), -0.1)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (8,), (1,), (2, 3, 7)])
+def test_pack_matches_numpy_packbits_and_round_trips(shape):
+    g = torch.Generator().manual_seed(1)
+    m = torch.rand(shape, generator=g) > 0.5
+    packed = pack_mask(m)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-m.numel() // 8)
+    assert np.array_equal(packed.numpy(), np.packbits(m.numpy().reshape(-1)))
+    assert torch.equal(unpack_mask(packed, shape), m)
+    with pytest.raises(ValueError, match="needs"):
+        unpack_mask(packed[:-1] if packed.numel() > 1 else torch.zeros(2, dtype=torch.uint8), shape)
+
+
+def test_chunked_packed_masks_equal_whole_tensor_masks():
+    g = torch.Generator().manual_seed(3)
+    taus = [torch.randn(301, 433, generator=g) for _ in range(3)]  # 130333 entries: 2+ chunks, not a multiple of 8
+    merged = sum(taus)
+    stats = MaskStats()
+    packed = packed_task_masks(taus, merged, 0.6, stats=stats)
+    whole = tall_masks(taus, merged, 0.6)
+    assert all(torch.equal(p, pack_mask(w)) for p, w in zip(packed, whole))
+    ref = MaskStats()
+    ref.add(whole)
+    assert stats == ref and stats.per_task == [int(w.sum()) for w in whole]
+    assert stats.density() == [int(w.sum()) / w.numel() for w in whole]
+    given = packed_task_masks(None, merged, masks=whole)
+    assert all(torch.equal(p, q) for p, q in zip(packed, given))
+
+
+def test_apply_mask_is_theta0_plus_rescaled_masked_delta():
+    w0, tau = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.5, -2.0, 4.0])
+    m = torch.tensor([True, False, True])
+    assert torch.equal(apply_mask(w0, tau, m), torch.tensor([1.5, 1.0, 5.0]))
+    assert torch.equal(apply_mask(w0, tau, m, torch.tensor(0.5)), torch.tensor([1.25, 1.0, 3.0]))
+    assert torch.equal(apply_mask(w0, tau, None), w0 + tau)
+
+
+# -------------------------------------------------------------------------------------------------- rules
+
+
+def test_default_groups_follow_the_design_split():
+    names = {"vlm.vision.dino.encoder.layer.0.attention.q_proj.weight": "vision",
+             "vlm.projector.0.weight": "projector", "vlm.llm.model.layers.0.mlp.up_proj.weight": "llm",
+             "action_queries": "action_queries", "proprio_proj.2.bias": "proprio",
+             "action_expert.blocks.3.v_act.weight": "action_expert"}
+    for n, g in names.items():
+        assert group_of(n) == g
+    with pytest.raises(MergeError, match="none of the groups"):
+        group_of("something.else")
+
+
+def test_rules_first_match_wins_with_group_names_and_regexes():
+    rules = parse_rules([r"^vlm\.llm\.model\.layers\.1\. k=50", "llm k=80 merge_func=sum", "vision scale=0.5"],
+                        TiesParams)
+    base = TiesParams()
+    assert params_for("vlm.llm.model.layers.1.self_attn.q_proj.weight", base, rules) == TiesParams(k=50.0)
+    assert params_for("vlm.llm.model.layers.0.self_attn.q_proj.weight", base, rules) == \
+        TiesParams(k=80.0, merge_func="sum")
+    assert params_for("vlm.vision.siglip.x.weight", base, rules).scale == 0.5
+    assert params_for("vlm.projector.0.weight", base, rules) is base
+    assert parse_rule("llm sequential=false", RetainParams).overrides == (("sequential", False),)
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("llm", "expected 'PATTERN field=value"),
+    ("llm kk=3", "has no field 'kk'"),
+    ("llm k=abc", "cannot read 'abc'"),
+    ("llm k", "is not field=value"),
+    ("([ k=3", "neither a group name nor a valid regex"),
+])
+def test_bad_rules_are_named(text, msg):
+    with pytest.raises(MergeError, match=msg):
+        parse_rule(text, TiesParams)
+
+
+# ------------------------------------------------------------------------------------------ tensor files
+
+
+def test_stream_writer_output_reads_with_the_reference_library(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.uint8), "c": torch.tensor(2.5),
+               "d": torch.randn(2, dtype=torch.float64)}
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    w = SafetensorsStreamWriter(tmp_path / "x.safetensors", specs, {"format": "test"})
+    for n, t in tensors.items():
+        w.write(n, t)
+    digest = w.close()
+    import hashlib
+
+    assert digest == hashlib.sha256((tmp_path / "x.safetensors").read_bytes()).hexdigest()
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(tensors) and all(torch.equal(back[n], t) for n, t in tensors.items())
+    r = SafetensorsReader(tmp_path / "x.safetensors")
+    assert r.metadata == {"format": "test"} and all(torch.equal(r.get(n), t) for n, t in tensors.items())
+
+
+def test_stream_writer_refuses_out_of_plan_tensors(tmp_path):
+    w = SafetensorsStreamWriter(tmp_path / "x.safetensors", [TensorSpec("a", torch.float32, (2,))])
+    with pytest.raises(ValueError, match="expected tensor 'a' F32 \\[2\\]"):
+        w.write("a", torch.zeros(3))
+    with pytest.raises(ValueError, match="only 0 of 1"):
+        w.close()
+
+
+def test_reader_reads_reference_files_and_catches_truncation(tmp_path):
+    f = tmp_path / "ref.safetensors"
+    save_file({"w": torch.randn(64, 64), "bf": torch.randn(3).to(torch.bfloat16)}, str(f))
+    r = SafetensorsReader(f)
+    assert r.get("bf").dtype == torch.bfloat16 and r.specs["w"].shape == (64, 64)
+    data = f.read_bytes()
+    f.write_bytes(data[:-100])
+    with pytest.raises(MergeError, match="truncated"):
+        SafetensorsReader(f)
+    f.write_bytes(data[:5])
+    with pytest.raises(MergeError, match="too short"):
+        SafetensorsReader(f)
+    with pytest.raises(MergeError, match="no tensor named 'zz'"):
+        r.get("zz")
+
+
+# ------------------------------------------------------------------------------------------------- layout
+
+
+def test_layout_heads_and_initial_state(tiny_vla):
+    cfg = get_config("tiny")
+    lay = model_layout(cfg)
+    trainable = tiny_vla.trainable_state_dict()
+    assert {f"{m}.lora_A.default.weight" for m in lay.lora_modules} == {k for k in trainable if ".lora_A." in k}
+    last = cfg.num_expert_blocks - 1
+    heads1 = lay.head_names(1)
+    assert all(n.startswith((f"action_expert.blocks.{last}.", "action_expert.out_")) for n in heads1)
+    assert "action_expert.out_proj.weight" in heads1 and f"action_expert.blocks.{last}.gate" in heads1
+    assert len(lay.head_names(2)) > len(heads1) and lay.head_names(0) == []
+    assert set(lay.head_names(1)) | set(lay.shared_names(1)) == set(lay.scratch)
+    assert lay.head_module(f"action_expert.blocks.{last}.ffn.0.weight") == f"action_expert.blocks.{last}"
+    # RETAIN's θ_pre for the from-scratch parts is exactly where build_vla(seed=0) starts them
+    init = initial_scratch_state(cfg, 0)
+    assert set(init) == set(lay.scratch) and all(torch.equal(init[n], trainable[n]) for n in init)

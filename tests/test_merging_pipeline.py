@@ -1,0 +1,336 @@
+"""Merging tiny experts end to end: the artifact round trip, the CLI, reproducibility, every bad input."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model_merging.algorithms import DareParams, RetainParams
+from model_merging.errors import MergeError
+from model_merging.merge import MergeOptions, merge_experts
+from model_merging.merged_model import load_merged
+from model_merging.mergy import MergyConfig, main, normalize_argv
+from model_merging.synthetic import save_perturbed_experts
+from prismatic.checkpoint import load_checkpoint, save_checkpoint
+from prismatic.models import BaseModelConfig, build_vla, from_pretrained, get_config
+from prismatic.models.configuration import LoRAConfig
+from prismatic.models.pretrained import CHECKPOINT_KIND
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ["spatial", "object", "goal", "long"]
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
+    return save_perturbed_experts(model, tmp_path_factory.mktemp("experts"), NAMES, noise=0.05, seed=0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
+    rng = np.random.default_rng(0)
+    return model.processor(["pick up the red cube", "open the drawer"],
+                           rng.integers(0, 256, (2, 2, 64, 64, 3), dtype=np.uint8), rng.normal(size=(2, 8)))
+
+
+def task_vector(expert_dir: Path, module: str) -> torch.Tensor:
+    sd = load_file(str(expert_dir / "model.safetensors"))
+    scale = json.loads((expert_dir / "manifest.json").read_text())["lora"]["scale"]
+    return scale * sd[f"{module}.lora_B.default.weight"] @ sd[f"{module}.lora_A.default.weight"]
+
+
+def quiet(*_):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ round trip
+
+
+def test_four_experts_round_trip_through_the_artifact(experts, tmp_path):
+    out = merge_experts(experts, tmp_path / "m", MergeOptions(algorithm="task_arithmetic", mask_lambda=0.6), log=quiet)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
+    assert manifest["task_names"] == NAMES and manifest["algorithm"] == "task_arithmetic"
+    assert manifest["masks"]["kind"] == "tall" and manifest["masks"]["lambda"] == 0.6
+    base_ref = json.loads((experts[0][1] / "manifest.json").read_text())["base"]
+    assert manifest["base"] == base_ref
+    for name, d in experts:
+        assert manifest["norm_stats"][name] == json.loads((d / "manifest.json").read_text())["norm_stats"]
+
+    merged = load_merged(out)
+    cfg, base = get_config("tiny"), build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
+    n_blocks = cfg.num_expert_blocks
+    ckpts = [load_checkpoint(d, CHECKPOINT_KIND)[0] for _, d in experts]
+    for e, name in enumerate(NAMES):
+        model = merged.for_task(name)
+        assert model.norm_stats == manifest["norm_stats"][name]
+        sd = model.state_dict()
+        for p in manifest["lora_params"]:
+            module = p[: -len(".weight")]
+            taus = [task_vector(d, module) for _, d in experts]
+            tau = sum(taus)
+            mask = taus[e].abs() > 0.6 * (tau - taus[e]).abs()
+            w0 = base.state_dict()[f"{module}.base_layer.weight"]
+            assert torch.allclose(sd[p], w0 + mask * tau, atol=1e-6), p
+        for n in manifest["head_params"]:  # kept heads are the expert's own
+            assert torch.equal(sd[n], ckpts[e][n])
+        for n in manifest["shared_params"]:  # parts trained from scratch are averaged
+            assert torch.allclose(sd[n], sum(c[n] for c in ckpts) / 4, atol=1e-6)
+    assert any(n.startswith(f"action_expert.blocks.{n_blocks - 1}.") for n in manifest["head_params"])
+    # router subspaces: from each expert's own value projections of the last shared block
+    block = manifest["router"]["block"]
+    assert block == n_blocks - 2 and manifest["router"]["layer"] == n_blocks
+    r_act, r_vis = merged.subspaces("value")
+    for e in range(4):
+        for r, w in ((r_act[e], ckpts[e][f"action_expert.blocks.{block}.v_act.weight"]),
+                     (r_vis[e], ckpts[e][f"action_expert.blocks.{block}.v_vis.weight"])):
+            vh = torch.linalg.svd(w)[2][:8]
+            assert torch.allclose(r.T @ r, vh.T @ vh, atol=1e-5)  # same subspace (signs may differ)
+    stats = manifest["masks"]["stats"]
+    assert stats["total"] == sum(a * b for a, b in manifest["lora_params"].values())
+    assert 0 < stats["selfish_ratio"] < 1
+
+
+def test_multi_expert_model_matches_each_task_model(experts, batch, tmp_path):
+    merged = load_merged(merge_experts(experts, tmp_path / "m", MergeOptions(), log=quiet))  # TIES + TALL
+    multi = merged.multi_expert()
+    per_task = [merged.for_task(e).predict_action(**batch) for e in range(4)]
+    for e in range(4):
+        assert torch.allclose(multi.predict_action([e, e], **batch), per_task[e], atol=1e-6)
+    mixed = multi.predict_action([2, 0], **batch)
+    assert torch.allclose(mixed[0], per_task[2][0], atol=1e-5) and torch.allclose(mixed[1], per_task[0][1], atol=1e-5)
+    assert not torch.allclose(per_task[0], per_task[1])  # tasks really differ (masks and heads)
+
+
+@pytest.mark.parametrize("opts", [MergeOptions(algorithm="task_arithmetic"),
+                                  MergeOptions(algorithm="emr"),
+                                  MergeOptions(algorithm="retain", params=RetainParams(1.0, 1.0, 1.0), masks=False)],
+                         ids=["ta", "emr", "retain-alpha1"])
+def test_one_expert_merged_is_that_expert(experts, batch, tmp_path, opts):
+    merged = load_merged(merge_experts(experts[:1], tmp_path / "m", opts, log=quiet))
+    expert = from_pretrained(experts[0][1])
+    assert torch.allclose(merged.for_task(0).predict_action(**batch), expert.predict_action(**batch), atol=1e-5)
+
+
+def test_merge_is_bitwise_reproducible(experts, tmp_path):
+    opts = MergeOptions(algorithm="dare", params=DareParams(p=0.3, then="ties"), seed=5)
+    a = merge_experts(experts, tmp_path / "a", opts, log=quiet)
+    b = merge_experts(experts, tmp_path / "b", opts, log=quiet)
+    digest = [hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() for d in (a, b)]
+    assert digest[0] == digest[1]
+    assert (a / "manifest.json").read_text() == (b / "manifest.json").read_text()
+    c = merge_experts(experts, tmp_path / "c", MergeOptions(algorithm="dare", params=opts.params, seed=6), log=quiet)
+    assert json.loads((c / "manifest.json").read_text())["weights_sha256"] != digest[0]
+
+
+def test_every_algorithm_produces_a_loadable_artifact(experts, batch, tmp_path):
+    from model_merging.algorithms import METHODS, WudiParams
+
+    for name in sorted(METHODS):
+        params = WudiParams(steps=3) if name == "wudi" else None
+        out = merge_experts(experts[:2], tmp_path / name, MergeOptions(algorithm=name, params=params), log=quiet)
+        pred = load_merged(out).multi_expert().predict_action([0, 1], **batch)
+        assert torch.isfinite(pred).all(), name
+
+
+def test_expert_head_layers_and_no_masks(experts, tmp_path):
+    out = merge_experts(experts[:2], tmp_path / "m",
+                        MergeOptions(algorithm="ties", masks=False, expert_head_layers=2, k_gate=4), log=quiet)
+    manifest = json.loads((out / "manifest.json").read_text())
+    blocks = {int(n.split(".")[2]) for n in manifest["head_params"] if n.startswith("action_expert.blocks.")}
+    n_blocks = get_config("tiny").num_expert_blocks
+    assert blocks == {n_blocks - 2, n_blocks - 1} and manifest["router"]["block"] == n_blocks - 3
+    assert manifest["masks"]["enabled"] is False
+    assert not any(k.startswith("mask.") for k in load_file(str(out / "model.safetensors")))
+    merged = load_merged(out)
+    assert merged.subspaces()[0].shape == (2, 4, get_config("tiny").llm.hidden_size)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_merges_with_the_issue_syntax(experts, tmp_path, capsys):
+    argv = ["--experts", *[f"{n}={d}" for n, d in experts[:3]], "--algorithm", "ties", "--masks", "true",
+            "--lambda", "0.7", "--k_gate", "4", "--expert_head_layers", "1", "--ties.k", "100",
+            "--ties.merge_func", "sum", "--rules", "llm scale=0.5", "vision k=50", "--out", str(tmp_path / "m")]
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["task_names"] == NAMES[:3] and manifest["masks"]["lambda"] == 0.7
+    assert manifest["params"] == {"k": 100.0, "merge_func": "sum", "scale": 1.0}
+    assert manifest["rules"] == ["llm scale=0.5", "vision k=50"] and manifest["router"]["k_gate"] == 4
+    assert "selfish ratio" in capsys.readouterr().out
+
+
+def test_normalize_argv():
+    assert normalize_argv(["--experts", "a=x", "b=y", "--lambda", "0.5"]) == \
+        ["--experts", '["a=x", "b=y"]', "--mask_lambda", "0.5"]
+    assert normalize_argv(["--experts", "[a=x]", "--out=o"]) == ["--experts", "[a=x]", "--out=o"]
+
+
+def test_cli_help_documents_every_field(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    import dataclasses
+
+    for f in dataclasses.fields(MergyConfig):
+        assert f"--{f.name}" in text, f.name
+    for flag in ("--ties.k", "--ties.merge_func", "--wudi.steps", "--retain.alpha_llm", "--knots.merge"):
+        assert flag in text
+
+
+def test_cli_script_reports_bad_input_and_exits_nonzero(experts, tmp_path):
+    out = tmp_path / "m"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "model_merging" / "mergy.py"), "--experts", f"a={experts[0][1]}",
+         f"a={experts[1][1]}", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "expert name 'a' is given twice" in proc.stderr
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def copy_expert(src: Path, dst: Path, edit_tensors=None, edit_manifest=None) -> Path:
+    tensors, manifest = load_checkpoint(src, CHECKPOINT_KIND)
+    for k in ("format", "format_version", "weights_sha256"):
+        manifest.pop(k)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_manifest:
+        edit_manifest(manifest)
+    return save_checkpoint(dst, tensors, manifest, CHECKPOINT_KIND)
+
+
+def _drop(t):
+    del t["action_queries"]
+
+
+def _reshape(t):
+    t["action_queries"] = torch.zeros(3, 3)
+
+
+def _nan(t):
+    k = next(k for k in t if k.endswith(".lora_B.default.weight"))
+    t[k][0, 0] = float("nan")
+
+
+def _inf(t):
+    t["action_expert.in_proj.bias"][1] = float("inf")
+
+
+BAD_TENSORS = {"missing tensor": (_drop, "different parameter sets"),
+               "shape": (_reshape, "'action_queries' is torch.float32 \\[16, 128\\] vs torch.float32 \\[3, 3\\]"),
+               "nan": (_nan, "contains NaN or inf"), "inf": (_inf, "'action_expert.in_proj.bias' .* NaN or inf")}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TENSORS))
+def test_bad_expert_tensors_are_named_and_nothing_is_written(experts, tmp_path, case):
+    edit, msg = BAD_TENSORS[case]
+    bad = copy_expert(experts[1][1], tmp_path / "bad", edit_tensors=edit)
+    with pytest.raises(MergeError, match=msg):
+        merge_experts([experts[0], ("bad", bad)], tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no partial directory left behind
+
+
+def test_experts_from_different_bases_or_lora_configs_or_inits(experts, tmp_path):
+    other_base = build_vla("tiny", BaseModelConfig(random_seed=1), seed=0)
+    other = save_perturbed_experts(other_base, tmp_path, ["other"])[0]
+    with pytest.raises(MergeError, match="different base models"):
+        merge_experts([experts[0], other], tmp_path / "out", log=quiet)
+    cfg = get_config("tiny", lora=LoRAConfig(r=8, alpha=16))
+    small = save_perturbed_experts(build_vla(cfg, BaseModelConfig(random_seed=0), seed=0), tmp_path, ["small"])[0]
+    with pytest.raises(MergeError, match="different LoRA configs"):
+        merge_experts([experts[0], small], tmp_path / "out", log=quiet)
+    seeded = copy_expert(experts[1][1], tmp_path / "seeded", edit_manifest=lambda m: m.update(init_seed=3))
+    with pytest.raises(MergeError, match="different initialisations"):
+        merge_experts([experts[0], ("seeded", seeded)], tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_expert_file(experts, tmp_path):
+    d = tmp_path / "trunc"
+    shutil.copytree(experts[1][1], d)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(MergeError, match="truncated or corrupt"):
+        merge_experts([experts[0], ("trunc", d)], tmp_path / "out", log=quiet)
+    with pytest.raises(MergeError, match="truncated"):
+        merge_experts([experts[0], ("trunc", d)], tmp_path / "out", MergeOptions(verify_hashes=False), log=quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_names_existing_output_and_bad_options(experts, tmp_path):
+    with pytest.raises(MergeError, match="given twice"):
+        merge_experts([("a", experts[0][1]), ("a", experts[1][1])], tmp_path / "out", log=quiet)
+    with pytest.raises(MergeError, match="must use only letters"):
+        merge_experts([("a.b", experts[0][1])], tmp_path / "out", log=quiet)
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(MergeError, match="already exists"):
+        merge_experts(experts[:2], existing, log=quiet)
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+    for opts, msg in [(MergeOptions(expert_head_layers=99), "expert_head_layers must be in"),
+                      (MergeOptions(k_gate=0), "k_gate must be in"),
+                      (MergeOptions(mask_lambda=-1), "lambda must be >= 0"),
+                      (MergeOptions(rules=("llm bogus=1",)), "has no field 'bogus'"),
+                      (MergeOptions(algorithm="nope"), "unknown merge algorithm"),
+                      (MergeOptions(scratch_weights=(1.0,)), "1 averaging weights given for 2 experts")]:
+        with pytest.raises(MergeError, match=msg):
+            merge_experts(experts[:2], tmp_path / "out", opts, log=quiet)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(MergeError, match="manifest.json is missing"):
+        merge_experts([("x", tmp_path / "exists")], tmp_path / "out", log=quiet)
+
+
+def test_loader_is_strict(experts, tmp_path):
+    out = merge_experts(experts[:2], tmp_path / "m", MergeOptions(algorithm="task_arithmetic"), log=quiet)
+    with pytest.raises(MergeError, match="hashes to"):
+        load_merged(out, base=BaseModelConfig(random_seed=1))
+    f = out / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:-64])
+    with pytest.raises(MergeError, match="truncated or corrupt"):
+        load_merged(out)
+    with pytest.raises(MergeError, match="truncated"):
+        load_merged(out, verify=False)
+    f.write_bytes(data)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["router"]["k_gate"] = 5  # the manifest no longer describes the file
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MergeError, match="is torch.float32 \\[8, 128\\], the manifest implies"):
+        load_merged(out)
+    with pytest.raises(MergeError, match="expected 'mergevla-merged'"):
+        load_merged(experts[0][1])
+
+
+@pytest.mark.slow
+def test_cli_merges_experts_written_by_the_training_script(tmp_path, batch):
+    from data_fixtures import hdf5_root, small_tasks, tiny_config
+
+    from prismatic.training import train
+
+    finals = []
+    for i, name in enumerate(["spatial", "object"]):  # two "suites": different synthetic tasks, same seed
+        root = hdf5_root(tmp_path / f"data{i}", small_tasks(seed=i))
+        finals.append((name, train(tiny_config(root, tmp_path / f"run{i}", max_steps=2, save_every=2))))
+    out = tmp_path / "merged"
+    assert main(["--experts", *[f"{n}={d}" for n, d in finals], "--algorithm", "ties", "--out", str(out)]) == 0
+    merged = load_merged(out)
+    for name, d in finals:
+        assert merged.norm_stats[name] == from_pretrained(d).norm_stats
+    assert torch.isfinite(merged.multi_expert().predict_action([0, 1], **batch)).all()
