@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Evaluate one fine-tuned expert checkpoint per LIBERO suite: the "FT experts" row of the paper's table.
+# Protocol: DESIGN.md §5 (50 trials per task, seed 7). Every path and knob is a variable below; override any
+# from the environment, e.g.
+#   CKPT_SPATIAL=runs/ckpt/spatial SUITES="libero_spatial" bash bash_scripts/eval.sh
+#   DRY_RUN=1 bash bash_scripts/eval.sh      # check paths, print the plan, run nothing
+#   QUICK=1 bash bash_scripts/eval.sh        # CPU smoke run: 1 task, 1 trial, 16 steps, fast rendering
+# Re-running resumes: finished episodes in RESULTS_DIR are skipped.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON="${PYTHON:-.venv/bin/python}"
+CKPT_SPATIAL="${CKPT_SPATIAL:-runs/checkpoints/libero_spatial}"
+CKPT_OBJECT="${CKPT_OBJECT:-runs/checkpoints/libero_object}"
+CKPT_GOAL="${CKPT_GOAL:-runs/checkpoints/libero_goal}"
+CKPT_10="${CKPT_10:-runs/checkpoints/libero_10}"
+SUITES="${SUITES:-libero_spatial libero_object libero_goal libero_10}"
+RESULTS_DIR="${RESULTS_DIR:-runs/libero}"
+SUMMARY_DIR="${SUMMARY_DIR:-$RESULTS_DIR/summary}"
+NUM_TRIALS="${NUM_TRIALS:-50}"
+TASK_IDS="${TASK_IDS:-}"            # e.g. "[0,1]"; empty: all tasks
+MAX_STEPS="${MAX_STEPS:-}"          # empty: per-suite limits (220 / 280 / 300 / 520)
+NUM_ENVS="${NUM_ENVS:-1}"           # parallel simulators (worker processes)
+SEED="${SEED:-7}"
+DEVICE="${DEVICE:-auto}"
+ENV_IMG_RES="${ENV_IMG_RES:-256}"
+FAST_RENDER="${FAST_RENDER:-false}" # true only for smoke runs: images differ slightly
+SAVE_VIDEOS="${SAVE_VIDEOS:-}"      # "", "all", "first" or globs such as "libero_goal/3/*"
+export MUJOCO_GL="${MUJOCO_GL:-egl}" # headless rendering: egl (GPU or Mesa) or osmesa
+DRY_RUN="${DRY_RUN:-0}"
+QUICK="${QUICK:-0}"
+
+if [[ "$QUICK" == 1 ]]; then
+  NUM_TRIALS=1; TASK_IDS="[0]"; MAX_STEPS=16; FAST_RENDER=true; ENV_IMG_RES=128
+fi
+
+checkpoint_var() {
+  case "$1" in
+    libero_spatial) echo CKPT_SPATIAL ;;
+    libero_object) echo CKPT_OBJECT ;;
+    libero_goal) echo CKPT_GOAL ;;
+    libero_10) echo CKPT_10 ;;
+    *) echo "" ;;
+  esac
+}
+
+problems=0
+[[ -x "$PYTHON" ]] || { echo "error: PYTHON=$PYTHON is not an executable (run 'make install' first)" >&2; problems=1; }
+ready=()
+for suite in $SUITES; do
+  var="$(checkpoint_var "$suite")"
+  if [[ -z "$var" ]]; then
+    echo "error: SUITES has '$suite'; expected libero_spatial, libero_object, libero_goal or libero_10" >&2
+    problems=1
+  elif [[ ! -f "${!var}/manifest.json" ]]; then
+    echo "error: $var=${!var}: no manifest.json there (expected a fine-tuned checkpoint directory)" >&2
+    problems=1
+  else
+    ready+=("$suite")
+  fi
+done
+# a real run starts nothing unless every path is right; a dry run still prints the plan of the good ones
+(( problems == 0 )) || [[ "$DRY_RUN" == 1 ]] || exit 2
+
+common=(--results_dir "$RESULTS_DIR" --summary_dir "$SUMMARY_DIR" --num_trials_per_task "$NUM_TRIALS"
+        --num_envs "$NUM_ENVS" --seed "$SEED" --device "$DEVICE" --env_img_res "$ENV_IMG_RES"
+        --fast_render "$FAST_RENDER" --mujoco_gl "$MUJOCO_GL")
+[[ -n "$TASK_IDS" ]] && common+=(--task_ids "$TASK_IDS")
+[[ -n "$MAX_STEPS" ]] && common+=(--max_steps "$MAX_STEPS")
+[[ -n "$SAVE_VIDEOS" ]] && common+=(--save_videos "$SAVE_VIDEOS")
+[[ "$DRY_RUN" == 1 ]] && common+=(--dry_run true)
+
+for suite in "${ready[@]}"; do
+  var="$(checkpoint_var "$suite")"
+  ckpt="${!var}"
+  echo "== $suite: $ckpt"
+  HF_HUB_OFFLINE=1 "$PYTHON" -m experiments.robot.libero.run_libero_eval --pretrained_checkpoint "$ckpt" \
+    --task_suites "[$suite]" --run_name "ft--$suite" "${common[@]}"
+done
+[[ "$DRY_RUN" == 1 ]] && exit $(( problems ? 2 : 0 ))
+echo "results table: $SUMMARY_DIR/results.md"

@@ -1,0 +1,110 @@
+"""Per-episode results as JSON lines, appended as each episode finishes.
+
+Each line is one finished episode. A crash can only leave a partial *last* line (appends are flushed and
+fsync'ed one row at a time); `ResultsLog` drops such a line (rewriting the file atomically) before appending,
+so a resumed run continues from the last finished episode. Every row carries the run's identity
+(`run_info`: method, checkpoint, protocol knobs); resuming into a file written by a different run is refused
+instead of silently mixing two runs in one table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class ResultsError(ValueError):
+    """A results file is unreadable or belongs to another run."""
+
+
+def read_rows(path: Path | str, repair: bool = False) -> list[dict]:
+    """All finished episodes in `path` ([] if it does not exist).
+
+    A truncated last line (a crash mid-write) is skipped with a warning, and removed from the file when
+    `repair` is set; a malformed line anywhere else is an error.
+    """
+    p = Path(path)
+    if not p.exists():
+        return []
+    text = p.read_text()
+    lines = text.split("\n")
+    rows: list[dict] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            is_tail = i == len(lines) - 1 and not text.endswith("\n")
+            if not is_tail:
+                raise ResultsError(f"{p}, line {i + 1}: not a JSON object ({e}); fix or remove that line") from e
+            warnings.warn(f"{p}: dropping an unfinished last line (an interrupted write)", stacklevel=2)
+            if repair:
+                from prismatic.io import write_text  # imports torch: keep it out of worker start-up
+
+                write_text(p, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            break
+        rows.append(row)
+    return rows
+
+
+def read_many(paths: Iterable[Path | str]) -> list[dict]:
+    rows: list[dict] = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise ResultsError(f"results file {p} does not exist")
+        rows.extend(read_rows(p))
+    return rows
+
+
+def check_same_run(rows: list[dict], run_info: dict, path: Path | str) -> None:
+    """Refuse to resume into rows written by another run (checkpoint, method, protocol or seed differ)."""
+    for n, row in enumerate(rows, 1):
+        if "key" not in row:
+            raise ResultsError(f"{path}, row {n}: field 'key' is missing; this is not a results file")
+        for k, v in run_info.items():
+            if row.get(k) != _jsonable(v):
+                raise ResultsError(
+                    f"{path} holds episodes of a different run (row {n}: {k}={row.get(k)!r}, this run: "
+                    f"{k}={_jsonable(v)!r}); choose another results file or remove this one to start over"
+                )
+
+
+class ResultsLog:
+    """Append-only JSONL of one run; knows which episodes are already done."""
+
+    def __init__(self, path: Path | str, run_info: dict | None = None):
+        self.path = Path(path)
+        self.run_info = dict(run_info or {})
+        self.rows = read_rows(self.path, repair=True)
+        check_same_run(self.rows, self.run_info, self.path)
+        self.done = {row["key"]: row for row in self.rows}
+
+    def append(self, row: dict) -> dict:
+        row = _jsonable({**row, **self.run_info})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.append(row)
+        self.done[row["key"]] = row
+        return row
+
+
+def _jsonable(x):
+    """Round-trip through JSON so comparisons see what the file will hold (tuples → lists, numpy → python)."""
+    return json.loads(json.dumps(x, default=_default))
+
+
+def _default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot store {type(o).__name__} in a results row")

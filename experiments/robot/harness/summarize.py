@@ -1,0 +1,46 @@
+"""Write the results table (markdown + CSV) and plots from one or more results JSONL files.
+
+    python -m experiments.robot.harness.summarize --results '[runs/ft_spatial.jsonl,runs/ties.jsonl]' \
+        --out_dir runs/summary
+    python -m experiments.robot.harness.summarize --results_dir runs --out_dir runs/summary
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import draccus
+
+from experiments.robot.harness.report import write_summary
+from experiments.robot.harness.results import ResultsError, read_many
+
+
+@dataclass
+class SummarizeConfig:
+    results: list[Path] = field(default_factory=list)  # results JSONL files
+    results_dir: Path | None = None  # or: every *.jsonl directly in this directory
+    out_dir: Path = Path("runs/summary")
+    plots: bool = True
+
+
+def main(cfg: SummarizeConfig) -> dict[str, Path]:
+    files = list(cfg.results)
+    if cfg.results_dir is not None:
+        if not cfg.results_dir.is_dir():
+            raise ResultsError(f"results_dir {cfg.results_dir} is not a directory")
+        files += sorted(cfg.results_dir.glob("*.jsonl"))
+    if not files:
+        raise ResultsError("no results files given: set --results '[a.jsonl,...]' or --results_dir DIR")
+    paths = write_summary(read_many(files), cfg.out_dir, cfg.plots)
+    print(Path(paths["markdown"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+if __name__ == "__main__":
+    try:
+        main(draccus.parse(SummarizeConfig))
+    except (ResultsError, KeyError) as e:
+        sys.exit(f"error: {e}")

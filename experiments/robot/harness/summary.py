@@ -1,0 +1,143 @@
+"""The paper's results table from per-episode rows: one row per method (the fine-tuned experts, then each
+merge method), one column per suite (or LIBERO-Plus perturbation dimension), plus the average.
+
+Cells are success rates in percent; `avg` is the unweighted mean of the method's cells, as in the paper.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+SUITE_LABELS = {
+    "libero_spatial": "Spatial",
+    "libero_object": "Object",
+    "libero_goal": "Goal",
+    "libero_10": "Long",
+    "libero_90": "LIBERO-90",
+}
+FT_METHOD = "FT experts"  # the method label of per-suite fine-tuned checkpoints: listed first
+ROUTED_KEYS = ("routed_expert", "routed_task")  # the routed policy's per-episode info field (either name)
+
+
+def routed(row: dict):
+    """The expert the router chose for this episode, or None when the policy does not route."""
+    return next((row[k] for k in ROUTED_KEYS if row.get(k) is not None), None)
+
+
+@dataclass
+class Table:
+    title: str
+    methods: list[str]
+    columns: list[str]
+    counts: dict[tuple[str, str], tuple[int, int]]  # (method, column) -> (successes, episodes)
+
+    def rate(self, method: str, column: str) -> float | None:
+        s, n = self.counts.get((method, column), (0, 0))
+        return 100.0 * s / n if n else None
+
+    def avg(self, method: str) -> float | None:
+        rates = [r for c in self.columns if (r := self.rate(method, c)) is not None]
+        return sum(rates) / len(rates) if rates else None
+
+    def labels(self) -> list[str]:
+        return [SUITE_LABELS.get(c, c) for c in self.columns]
+
+    def to_markdown(self) -> str:
+        head = ["method", *self.labels(), "avg"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        for m in self.methods:
+            cells = [_fmt(self.rate(m, c)) for c in self.columns] + [_fmt(self.avg(m))]
+            lines.append("| " + " | ".join([m, *cells]) + " |")
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["method", *self.labels(), "avg"])
+        for m in self.methods:
+            w.writerow([m, *[_fmt(self.rate(m, c), "") for c in self.columns], _fmt(self.avg(m), "")])
+        return buf.getvalue()
+
+    def episodes_markdown(self) -> str:
+        """Episode counts per cell, so a table built from a partial run cannot pass for a full one."""
+        lines = ["| method | " + " | ".join(self.labels()) + " |", "|---|" + "---:|" * len(self.columns)]
+        for m in self.methods:
+            cells = [str(self.counts.get((m, c), (0, 0))[1]) for c in self.columns]
+            lines.append("| " + " | ".join([m, *cells]) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(x: float | None, missing: str = "–") -> str:
+    return missing if x is None else f"{x:.1f}"
+
+
+def _ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
+    seen = list(dict.fromkeys(values))
+    return [v for v in preferred if v in seen] + [v for v in seen if v not in preferred]
+
+
+def success_table(rows: Sequence[dict], column_key: str = "suite", method_key: str = "method",
+                  title: str = "Success rate (%)") -> Table:
+    counts: dict[tuple[str, str], list[int]] = {}
+    for n, r in enumerate(rows, 1):
+        for k in (column_key, "success"):
+            if k not in r:
+                raise KeyError(f"results row {n} ({r.get('key', '?')}) has no field {k!r}")
+        cell = counts.setdefault((str(r.get(method_key, "policy")), str(r[column_key])), [0, 0])
+        cell[0] += bool(r["success"])
+        cell[1] += 1
+    methods = _ordered([m for m, _ in counts], [FT_METHOD])
+    columns = _ordered([c for _, c in counts], list(SUITE_LABELS))
+    return Table(title, methods, columns, {k: (v[0], v[1]) for k, v in counts.items()})
+
+
+@dataclass
+class Confusion:
+    method: str
+    true_labels: list[str]
+    pred_labels: list[str]
+    counts: list[list[int]]  # [true][pred]
+
+    @property
+    def accuracy(self) -> float:
+        total = sum(map(sum, self.counts))
+        hits = sum(self.counts[i][self.pred_labels.index(t)] for i, t in enumerate(self.true_labels)
+                   if t in self.pred_labels)
+        return 100.0 * hits / total if total else 0.0
+
+
+def routing_confusions(rows: Sequence[dict], method_key: str = "method") -> list[Confusion]:
+    """One confusion matrix per method, over rows that logged both `expected_expert` and the routed expert."""
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        if routed(r) is not None and r.get("expected_expert") is not None:
+            by_method.setdefault(str(r.get(method_key, "policy")), []).append(r)
+    out = []
+    for method, rs in by_method.items():
+        true = _ordered([str(r["expected_expert"]) for r in rs], list(SUITE_LABELS))
+        pred = _ordered([str(routed(r)) for r in rs], true)
+        m = [[0] * len(pred) for _ in true]
+        for r in rs:
+            m[true.index(str(r["expected_expert"]))][pred.index(str(routed(r)))] += 1
+        out.append(Confusion(method, true, pred, m))
+    return out
+
+
+def summary_markdown(rows: Sequence[dict]) -> str:
+    """Everything a person reads after a run: tables by suite (and by perturbation dimension) and routing."""
+    parts = []
+    by_suite = success_table(rows)
+    parts += ["## Success rate (%) by suite\n", by_suite.to_markdown(), "\nEpisodes per cell:\n",
+              by_suite.episodes_markdown()]
+    if any("category" in r for r in rows):
+        by_cat = success_table([r for r in rows if "category" in r], column_key="category")
+        parts += ["\n## Success rate (%) by perturbation dimension (LIBERO-Plus)\n", by_cat.to_markdown()]
+    confusions = routing_confusions(rows)
+    if confusions:
+        parts.append("\n## Routing accuracy (first observation of each episode)\n")
+        parts.append("| method | episodes | accuracy (%) |\n|---|---:|---:|\n")
+        parts += [f"| {c.method} | {sum(map(sum, c.counts))} | {c.accuracy:.1f} |\n" for c in confusions]
+    return "".join(parts)

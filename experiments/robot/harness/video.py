@@ -1,0 +1,50 @@
+"""MP4s of chosen episodes (only on request: one per episode would be gigabytes for a full suite)."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def wants_video(key: str, patterns: Sequence[str]) -> bool:
+    """`patterns` are shell-style globs over episode keys `suite/task_id/trial`, e.g. `*/*/0` (first trial)."""
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def video_name(suite: str, task_id: int, trial: int, success: bool) -> str:
+    return f"{suite}--task{task_id:03d}--trial{trial:03d}--{'success' if success else 'failure'}.mp4"
+
+
+def write_mp4(path: Path | str, frames: Sequence[np.ndarray], fps: int = 30) -> Path:
+    """Write uint8 (H, W, 3) frames atomically (needs the `imageio-ffmpeg` package)."""
+    import imageio.v2 as imageio
+
+    if not frames:
+        raise ValueError(f"no frames to write to {path}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # ffmpeg picks the container from the extension, so the temp file must end in .mp4 too
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
+    os.close(fd)
+    try:
+        # macro_block_size=1 keeps odd sizes instead of silently resizing them
+        with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", macro_block_size=1) as w:
+            for f in frames:
+                w.append_data(np.ascontiguousarray(f, dtype=np.uint8))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a video is an ordinary output file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,76 @@
+"""Choose the policy by checkpoint kind: a fine-tuned expert checkpoint, or a merged artifact (routed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from experiments.robot.policy import ImageTransform, VLAPolicy
+from prismatic.checkpoint import MANIFEST_FILE, CheckpointError
+from prismatic.models.pretrained import CHECKPOINT_KIND
+
+FT_KIND = CHECKPOINT_KIND  # "mergevla-checkpoint": one expert, served by VLAPolicy
+
+
+def read_checkpoint_manifest(path: Path | str) -> dict:
+    p = Path(path)
+    mf = p / MANIFEST_FILE
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint directory {p} does not exist")
+    if not mf.is_file():
+        raise CheckpointError(f"{mf} is missing: {p} is neither a fine-tuned checkpoint nor a merged artifact")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mf} is not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), str):
+        raise CheckpointError(f"{mf}: field 'format' is missing; expected {FT_KIND!r} or a merged artifact's format")
+    return manifest
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available")
+    return device
+
+
+def load_policy(path: Path | str, image_transform: ImageTransform | None, device: str = "cpu",
+                router_variant: str | None = None):
+    """A `Policy` for `path`: VLAPolicy for a fine-tuned checkpoint, the routed policy for a merged artifact
+    (`router_variant`: which router subspaces score the experts; None: the artifact's default)."""
+    manifest = read_checkpoint_manifest(path)
+    if manifest["format"] == FT_KIND:
+        from prismatic.models import from_pretrained
+
+        model = from_pretrained(path).to(device).eval()
+        if model.norm_stats is None:
+            raise CheckpointError(f"{path}/{MANIFEST_FILE}: field 'norm_stats' is empty; the policy cannot "
+                                  "un-normalise its actions (was the checkpoint saved by the training script?)")
+        return VLAPolicy(model, image_transform)
+    try:
+        from model_merging import load_routed_policy
+    except ImportError as e:
+        raise CheckpointError(
+            f"{path}: format {manifest['format']!r} is not a fine-tuned checkpoint ({FT_KIND!r}), and the merged "
+            f"model's routed policy is unavailable (model_merging.load_routed_policy: {e})"
+        ) from e
+    return load_routed_policy(path, image_transform=image_transform, device=device, variant=router_variant)
+
+
+# merge algorithm names (as a merged artifact's manifest records them) → the paper's row labels
+PAPER_LABELS = {"ta": "TA", "task_arithmetic": "TA", "ties": "TIES", "tsv": "TSV-M", "tsv_m": "TSV-M",
+                "knots": "KnOTS", "wudi": "WUDI", "emr": "EMR", "dare_ta": "DARE-TA", "dare_ties": "DARE-TIES"}
+
+
+def default_method(manifest: dict) -> str:
+    """Row label in the results table: the FT experts' row, or the merge algorithm of a merged artifact."""
+    if manifest["format"] == FT_KIND:
+        from experiments.robot.harness import FT_METHOD
+
+        return FT_METHOD
+    alg = str(manifest.get("algorithm") or manifest.get("method") or "merged")
+    return PAPER_LABELS.get(alg.lower(), alg)

@@ -1,0 +1,163 @@
+"""Evaluate a fine-tuned checkpoint or a merged (routed) artifact on LIBERO suites (DESIGN §5–6).
+
+    python -m experiments.robot.libero.run_libero_eval --pretrained_checkpoint runs/ckpt/spatial \
+        --task_suites '[libero_spatial]'
+    python -m experiments.robot.libero.run_libero_eval --pretrained_checkpoint runs/merged/ties \
+        --task_suites '[libero_spatial,libero_object,libero_goal,libero_10]' --num_envs 4
+
+Protocol: per suite, every task × `num_trials_per_task` fixed init states; 10 no-op steps, then 8-step
+open-loop chunks until success or the suite's step limit. One JSONL row per episode in
+`results_dir/<run_name>.jsonl` (re-running resumes), then the table of every run in `results_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import draccus
+
+from experiments.robot.harness import Protocol, ResultsError, plan_episodes, read_rows, run_episodes
+from experiments.robot.harness.report import write_summary
+from experiments.robot.harness.results import check_same_run, read_many
+from experiments.robot.libero.env import LiberoEnvFactory, LiberoUnavailable, import_libero, suite_info
+from experiments.robot.libero.policies import default_method, load_policy, read_checkpoint_manifest, resolve_device
+from experiments.robot.libero.preprocess import LiberoImageTransform, upright_agentview
+from prismatic.checkpoint import CheckpointError
+
+
+@dataclass
+class GenerateConfig:
+    # What to evaluate
+    pretrained_checkpoint: Path | None = None  # fine-tuned checkpoint dir or merged artifact dir (required)
+    task_suites: list[str] = field(default_factory=lambda: ["libero_spatial"])  # also libero_90; LIBERO-Plus
+    task_ids: list[int] | None = None  # a subset of each suite's tasks (default: all)
+    num_trials_per_task: int = 50  # trial k starts from the task's k-th fixed init state (LIBERO-Plus: 1)
+    method: str | None = None  # row label in the table (default: "FT experts" or the merge method)
+    router_variant: str | None = None  # merged artifacts: "value" | "key" | "key_value" (default: the artifact's)
+
+    # Protocol (DESIGN §5)
+    max_steps: int | None = None  # default per suite: spatial 220, object 280, goal 300, 10 520, 90 400
+    num_steps_wait: int = 10  # no-op steps while objects settle
+    num_open_loop_steps: int = 8  # actions executed per predicted chunk
+    env_img_res: int = 256  # rendered camera size
+    resize_size: int = 224  # frames → JPEG round trip + Lanczos to this size (the model then resizes to its own)
+    jpeg_resize: bool = True
+    center_crop: bool = True  # centre crop at `crop_area` of the area (models trained with random crops)
+    crop_area: float = 0.9
+    seed: int = 7
+    env_seed: int = 0
+    libero_plus_classification: Path | None = None  # LIBERO-Plus task → dimension file (default: beside LIBERO)
+
+    # Execution
+    num_envs: int = 1  # parallel environments; more than 1 runs each in its own worker process
+    device: str = "auto"  # "cuda" when available, else "cpu"
+    torch_threads: int | None = None  # CPU policy threads; None: the cores left over by the env workers
+    mujoco_gl: str = "egl"  # headless rendering backend when MUJOCO_GL is unset: "egl" or "osmesa"
+    fast_render: bool = False  # CPU smoke runs only: ~3× faster rendering, slightly different images
+
+    # Outputs
+    results_dir: Path = Path("runs/libero")
+    run_name: str | None = None  # results file stem (default: method + checkpoint name)
+    summary_dir: Path | None = None  # default: results_dir/summary (covers every run in results_dir)
+    # MP4s: "" (none), "all", "first" (trial 0 of every task), or comma-separated globs over episode keys
+    # `suite/task_id/trial`, e.g. "libero_goal/3/*,libero_10/*/0"
+    save_videos: str = ""
+    dry_run: bool = False  # check paths and print the plan; run nothing
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
+
+
+def video_patterns(spec: str) -> list[str]:
+    named = {"all": ["*"], "first": ["*/*/0"], "none": []}
+    if spec.strip().lower() in named:
+        return named[spec.strip().lower()]
+    return [p.strip() for p in spec.split(",") if p.strip()]
+
+
+def protocol_info(cfg: GenerateConfig) -> dict:
+    keys = ("max_steps", "num_steps_wait", "num_open_loop_steps", "env_img_res", "resize_size", "jpeg_resize", "center_crop",
+            "crop_area", "env_seed", "fast_render")
+    return {k: asdict(cfg)[k] for k in keys}
+
+
+def plan(cfg: GenerateConfig, infos) -> list:
+    return [
+        e
+        for info in infos
+        for e in plan_episodes(info.name, info.num_tasks, cfg.num_trials_per_task, info.max_steps,
+                               task_ids=cfg.task_ids, task_names=info.task_names, expected_expert=info.name,
+                               categories=info.categories)
+    ]
+
+
+def main(cfg: GenerateConfig) -> list[dict]:
+    if cfg.pretrained_checkpoint is None:
+        raise ValueError("--pretrained_checkpoint is required (a fine-tuned checkpoint or merged artifact dir)")
+    if cfg.num_trials_per_task < 1 or cfg.num_envs < 1:
+        raise ValueError("num_trials_per_task and num_envs must be at least 1")
+    manifest = read_checkpoint_manifest(cfg.pretrained_checkpoint)
+    method = cfg.method or default_method(manifest)
+    run_name = cfg.run_name or slug(f"{method}--{cfg.pretrained_checkpoint.resolve().name}")
+    results_path = cfg.results_dir / f"{run_name}.jsonl"
+    summary_dir = cfg.summary_dir or cfg.results_dir / "summary"
+    import_libero(cfg.mujoco_gl)
+    infos = [suite_info(s, cfg.max_steps, cfg.libero_plus_classification) for s in cfg.task_suites]
+    episodes = plan(cfg, infos)
+    run_info = {"method": method, "checkpoint": str(cfg.pretrained_checkpoint.resolve()),
+                "checkpoint_sha256": manifest.get("weights_sha256"), "protocol": protocol_info(cfg),
+                "router_variant": cfg.router_variant}
+    previous = read_rows(results_path)
+    check_same_run(previous, {**run_info, "seed": cfg.seed}, results_path)  # before any work, dry run included
+    done = {r["key"] for r in previous}
+
+    print(f"checkpoint {cfg.pretrained_checkpoint} (format {manifest['format']}) → method {method!r}")
+    for info in infos:
+        n = sum(e.suite == info.name for e in episodes)
+        n_done = sum(e.suite == info.name and e.key in done for e in episodes)
+        print(f"  {info.name}: {info.num_tasks} tasks, {n} episodes ({n_done} already done), "
+              f"max {info.max_steps} steps" + (" [LIBERO-Plus dimensions]" if info.categories else ""))
+    print(f"results: {results_path}; summary: {summary_dir}; {cfg.num_envs} parallel env(s)")
+    if cfg.dry_run:
+        print("dry run: nothing executed")
+        return []
+
+    device = resolve_device(cfg.device)
+    if device == "cpu":
+        # the env workers render on their own cores; a policy spinning on all cores would starve them
+        import torch
+
+        spare = (os.cpu_count() or 1) - (cfg.num_envs if cfg.num_envs > 1 else 0)
+        torch.set_num_threads(cfg.torch_threads or max(1, spare))
+    transform = LiberoImageTransform(cfg.resize_size, cfg.jpeg_resize, cfg.center_crop, cfg.crop_area)
+    policy = load_policy(cfg.pretrained_checkpoint, transform, device, cfg.router_variant)
+    rows = run_episodes(
+        LiberoEnvFactory(cfg.env_img_res, cfg.env_seed, cfg.fast_render, cfg.mujoco_gl),
+        policy,
+        episodes,
+        results_path,
+        num_envs=cfg.num_envs,
+        num_workers=cfg.num_envs if cfg.num_envs > 1 else 0,  # one GL context per process
+        protocol=Protocol(num_noop_steps=cfg.num_steps_wait, num_open_loop_steps=cfg.num_open_loop_steps),
+        run_info=run_info,
+        seed=cfg.seed,
+        video_dir=cfg.results_dir / "videos" / run_name,
+        video_episodes=video_patterns(cfg.save_videos),
+        frame_fn=upright_agentview,
+    )
+    paths = write_summary(read_many(sorted(cfg.results_dir.glob("*.jsonl"))), summary_dir)
+    print(paths["markdown"].read_text())
+    print(f"wrote {results_path} and " + ", ".join(str(p) for p in paths.values()))
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main(draccus.parse(GenerateConfig))
+    except (ValueError, FileNotFoundError, CheckpointError, ResultsError, LiberoUnavailable) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,221 @@
+"""The shared evaluation harness on a fake env: protocol, batching, resume, workers, tables, plots, videos."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments.robot.harness import (
+    EpisodeSpec,
+    HarnessError,
+    Protocol,
+    ResultsError,
+    ResultsLog,
+    plan_episodes,
+    read_rows,
+    routing_confusions,
+    run_episodes,
+    success_table,
+    write_summary,
+)
+from experiments.robot.harness.fake import FakeEnvFactory, ScriptedPolicy
+from experiments.robot.harness.summarize import SummarizeConfig
+from experiments.robot.harness.summarize import main as summarize_main
+
+QUIET = dict(log=lambda *_: None)
+
+
+def outcomes(rows):
+    return [(r["key"], r["success"], r["steps"]) for r in rows]
+
+
+def test_plan_is_task_major_with_init_state_per_trial():
+    eps = plan_episodes("s", num_tasks=3, num_trials=2, max_steps=9, task_ids=[2, 0], task_names=["a", "b", "c"])
+    assert [(e.task_id, e.trial, e.init_state_id, e.task) for e in eps] == [
+        (2, 0, 0, "c"), (2, 1, 1, "c"), (0, 0, 0, "a"), (0, 1, 1, "a")]
+    assert eps[0].key == "s/2/0"
+    with pytest.raises(ValueError, match=r"task ids \[3\] are out of range for suite 's' \(3 tasks\)"):
+        plan_episodes("s", 3, 1, 9, task_ids=[3])
+
+
+def test_protocol_steps_and_success_are_hand_computed(tmp_path):
+    # goal = 3 + task_id pushes; the 10 no-ops never push; chunks of 8 run open loop.
+    # task 0: solved at step 3; task 2: step 5; task 1 (not solved) runs to max_steps = 20 = 8 + 8 + 4.
+    eps = plan_episodes("s", 3, 2, max_steps=20)
+    pol = ScriptedPolicy(solves=(0, 2))
+    rows = run_episodes(FakeEnvFactory(), pol, eps, tmp_path / "r.jsonl", num_envs=1, **QUIET)
+    assert outcomes(rows) == [("s/0/0", True, 3), ("s/0/1", True, 3), ("s/1/0", False, 20),
+                              ("s/1/1", False, 20), ("s/2/0", True, 5), ("s/2/1", True, 5)]
+    assert rows[0]["instruction"] == "fake task 0 of s" and rows[0]["seed"] == 7
+    # chunk length 3 instead of 8: task 1 needs ceil(20 / 3) = 7 queries
+    pol3 = ScriptedPolicy(solves=(0,))
+    rows3 = run_episodes(FakeEnvFactory(), pol3, plan_episodes("s", 2, 1, 20), tmp_path / "r3.jsonl",
+                         protocol=Protocol(num_open_loop_steps=3), **QUIET)
+    assert outcomes(rows3) == [("s/0/0", True, 3), ("s/1/0", False, 20)]
+    assert len(pol3.act_batches) == 1 + 7
+
+
+def test_parallel_envs_share_batched_policy_calls(tmp_path):
+    pol = ScriptedPolicy(solves=(0, 2))
+    rows = run_episodes(FakeEnvFactory(), pol, plan_episodes("s", 3, 2, 20), tmp_path / "r.jsonl", num_envs=4,
+                        **QUIET)
+    assert pol.act_batches[0] == 4 and max(pol.act_batches) == 4
+    assert len(pol.act_batches) < 10  # one env at a time needs 2 * (1 + 3 + 1) = 10 queries
+    assert outcomes(rows) == outcomes(run_episodes(FakeEnvFactory(), ScriptedPolicy(solves=(0, 2)),
+                                                   plan_episodes("s", 3, 2, 20), tmp_path / "one.jsonl", **QUIET))
+
+
+class CrashingPolicy(ScriptedPolicy):
+    def act(self, obs, instructions, episode_ids):
+        if len(self.act_batches) >= self.crash_after:
+            raise KeyboardInterrupt("simulated crash")
+        return super().act(obs, instructions, episode_ids)
+
+
+def test_resume_skips_finished_episodes(tmp_path):
+    eps = plan_episodes("s", 3, 2, max_steps=20)
+    path = tmp_path / "r.jsonl"
+    crashing = CrashingPolicy(solves=(0, 2))
+    crashing.crash_after = 3  # finishes s/0/0 and s/0/1 (one query each), dies during s/1/0
+    with pytest.raises(KeyboardInterrupt):
+        run_episodes(FakeEnvFactory(), crashing, eps, path, **QUIET)
+    assert [r["key"] for r in read_rows(path)] == ["s/0/0", "s/0/1"]
+
+    resumed = ScriptedPolicy(solves=(0, 2))
+    messages = []
+    rows = run_episodes(FakeEnvFactory(), resumed, eps, path, log=messages.append)
+    assert "2 of 6 episodes already done" in messages[0]
+    assert resumed.started == ["fake task 1 of s"] * 2 + ["fake task 2 of s"] * 2  # only unfinished episodes
+    assert [r["key"] for r in read_rows(path)] == [e.key for e in eps]  # each episode exactly once
+    assert outcomes(rows)[:2] == [("s/0/0", True, 3), ("s/0/1", True, 3)]
+
+    again = ScriptedPolicy()
+    run_episodes(FakeEnvFactory(), again, eps, path, **QUIET)
+    assert again.started == [] and len(read_rows(path)) == 6
+
+
+def test_truncated_last_line_is_dropped_and_repaired(tmp_path):
+    path = tmp_path / "r.jsonl"
+    good = [{"key": "s/0/0", "success": True}, {"key": "s/0/1", "success": False}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"key": "s/1/0", "succ')
+    with pytest.warns(UserWarning, match="unfinished last line"):
+        log = ResultsLog(path)
+    assert sorted(log.done) == ["s/0/0", "s/0/1"]
+    assert path.read_text().endswith('"success": false}\n')  # the partial line is gone before appending
+    log.append({"key": "s/1/0", "success": True})
+    assert [r["key"] for r in read_rows(path)] == ["s/0/0", "s/0/1", "s/1/0"]
+
+
+def test_malformed_line_in_the_middle_is_an_error(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
+    with pytest.raises(ResultsError, match=r"r.jsonl, line 2: not a JSON object"):
+        read_rows(path)
+
+
+def test_resume_into_another_runs_file_is_refused(tmp_path):
+    path = tmp_path / "r.jsonl"
+    eps = plan_episodes("s", 1, 1, 20)
+    run_episodes(FakeEnvFactory(), ScriptedPolicy(), eps, path, run_info={"method": "TA"}, **QUIET)
+    before = path.read_text()
+    with pytest.raises(ResultsError, match=r"different run \(row 1: method='TA', this run: method='TIES'\)"):
+        run_episodes(FakeEnvFactory(), ScriptedPolicy(), eps, path, run_info={"method": "TIES"}, **QUIET)
+    with pytest.raises(ResultsError, match="seed=7, this run: seed=8"):
+        run_episodes(FakeEnvFactory(), ScriptedPolicy(), eps, path, run_info={"method": "TA"}, seed=8, **QUIET)
+    assert path.read_text() == before
+
+
+def test_worker_processes_give_the_same_results(tmp_path):
+    eps = plan_episodes("s", 3, 2, max_steps=20)
+    ref = run_episodes(FakeEnvFactory(), ScriptedPolicy(solves=(0, 2)), eps, tmp_path / "a.jsonl", **QUIET)
+    par = run_episodes(FakeEnvFactory(), ScriptedPolicy(solves=(0, 2)), eps, tmp_path / "b.jsonl", num_envs=3,
+                       num_workers=2, **QUIET)
+    assert outcomes(par) == outcomes(ref)
+
+
+def test_env_failure_in_a_worker_is_reported_and_keeps_finished_rows(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with pytest.raises(HarnessError, match="fake env for task 1 is broken"):
+        run_episodes(FakeEnvFactory(fail_task=1), ScriptedPolicy(), plan_episodes("s", 2, 1, 20), path,
+                     num_workers=1, **QUIET)
+    assert [r["key"] for r in read_rows(path)] == ["s/0/0"]
+
+
+def test_bad_policy_output_is_an_error(tmp_path):
+    class Wrong(ScriptedPolicy):
+        def act(self, obs, instructions, episode_ids):
+            return np.zeros((len(obs), 7))
+
+    with pytest.raises(HarnessError, match=r"got shape \(1, 7\)"):
+        run_episodes(FakeEnvFactory(), Wrong(), plan_episodes("s", 1, 1, 20), tmp_path / "r.jsonl", **QUIET)
+
+
+def test_router_info_is_logged_per_episode(tmp_path):
+    eps = [EpisodeSpec("s", 0, 0, 0, 20, expected_expert="s"), EpisodeSpec("t", 0, 0, 0, 20, expected_expert="s")]
+    rows = run_episodes(FakeEnvFactory(), ScriptedPolicy(route=True), eps, tmp_path / "r.jsonl", **QUIET)
+    assert [(r["routed_expert"], r["route_scores"]) for r in rows] == [("s", {"a": 1.0}), ("t", {"a": 1.0})]
+    (conf,) = routing_confusions(rows)
+    assert conf.true_labels == ["s"] and conf.pred_labels == ["s", "t"] and conf.counts == [[1, 1]]
+    assert conf.accuracy == 50.0
+    # the merged model's routed policy may name the field `routed_task`: it counts the same
+    renamed = [{**{k: v for k, v in r.items() if k != "routed_expert"}, "routed_task": r["routed_expert"]} for r in rows]
+    assert routing_confusions(renamed)[0].counts == [[1, 1]]
+
+
+def paper_rows():
+    rows = []
+    for method, suite, successes in [("TIES", "libero_spatial", [1, 0, 0, 0]), ("FT experts", "libero_object", [1, 1, 1, 0]),
+                                     ("FT experts", "libero_spatial", [1, 1, 0, 0]), ("TIES", "libero_object", [1, 1, 1, 1])]:
+        for k, s in enumerate(successes):
+            rows.append({"key": f"{suite}/0/{k}", "method": method, "suite": suite, "success": bool(s),
+                         "expected_expert": suite, "routed_expert": suite if k else "libero_object"})
+    return [r if r["method"] == "TIES" else {k: v for k, v in r.items() if k != "routed_expert"} for r in rows]
+
+
+def test_table_in_the_papers_layout():
+    table = success_table(paper_rows())
+    # FT experts: spatial 2/4 = 50, object 3/4 = 75, avg 62.5; TIES: 1/4 = 25, 4/4 = 100, avg 62.5
+    assert table.methods == ["FT experts", "TIES"] and table.columns == ["libero_spatial", "libero_object"]
+    assert table.to_markdown() == (
+        "| method | Spatial | Object | avg |\n|---|---:|---:|---:|\n"
+        "| FT experts | 50.0 | 75.0 | 62.5 |\n| TIES | 25.0 | 100.0 | 62.5 |\n")
+    assert table.to_csv() == "method,Spatial,Object,avg\nFT experts,50.0,75.0,62.5\nTIES,25.0,100.0,62.5\n"
+    (conf,) = routing_confusions(paper_rows())  # TIES: trial 0 of each suite went to libero_object
+    assert conf.counts == [[3, 1], [0, 4]] and conf.accuracy == 87.5
+
+
+def test_summary_files_and_plots(tmp_path):
+    rows = paper_rows() + [{"key": "x", "method": "TIES", "suite": "libero_goal", "success": True,
+                            "category": "camera"}]
+    paths = write_summary(rows, tmp_path / "sum")
+    md = paths["markdown"].read_text()
+    assert "| TIES | 25.0 | 100.0 | 100.0 | 75.0 |" in md and "| TIES | 8 | 87.5 |" in md
+    assert "by perturbation dimension" in md
+    assert paths["csv_by_category"].read_text() == "method,camera,avg\nTIES,100.0,100.0\n"
+    for key in ("bars", "routing_TIES"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summarize_cli_reads_a_results_dir(tmp_path, capsys):
+    eps = plan_episodes("libero_goal", 2, 1, 20)
+    run_episodes(FakeEnvFactory(), ScriptedPolicy(solves=(0,)), eps, tmp_path / "runs" / "a.jsonl",
+                 run_info={"method": "TA"}, **QUIET)
+    summarize_main(SummarizeConfig(results_dir=tmp_path / "runs", out_dir=tmp_path / "out", plots=False))
+    assert (tmp_path / "out" / "results.csv").read_text() == "method,Goal,avg\nTA,50.0,50.0\n"
+    with pytest.raises(ResultsError, match="no results files given"):
+        summarize_main(SummarizeConfig(out_dir=tmp_path / "out"))
+
+
+def test_videos_only_for_requested_episodes(tmp_path):
+    import imageio.v2 as imageio
+
+    eps = plan_episodes("s", 2, 2, max_steps=20)
+    rows = run_episodes(FakeEnvFactory(image_size=16), ScriptedPolicy(solves=(0,)), eps, tmp_path / "r.jsonl",
+                        video_dir=tmp_path / "videos", video_episodes=["s/*/0"], **QUIET)
+    assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == [
+        "s--task000--trial000--success.mp4", "s--task001--trial000--failure.mp4"]
+    assert [("video" in r) for r in rows] == [True, False, True, False]
+    frames = imageio.mimread(rows[0]["video"])
+    assert len(frames) == 1 + 3  # the first policy observation, then one frame per step
+    with pytest.raises(ValueError, match="no video_dir"):
+        run_episodes(FakeEnvFactory(), ScriptedPolicy(), eps, tmp_path / "v.jsonl", video_episodes=["*"], **QUIET)

@@ -1,0 +1,240 @@
+"""LIBERO evaluation: observation preprocessing, action post-processing, and a real env through the harness."""
+
+import dataclasses
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.robot.harness import ResultsError
+from experiments.robot.libero.env import LiberoEnvFactory, libero_available, task_categories
+from experiments.robot.libero.policies import load_policy
+from experiments.robot.libero.preprocess import LiberoImageTransform, center_crop_resize, rotate_180
+from experiments.robot.libero.run_libero_eval import GenerateConfig, main, video_patterns
+from experiments.robot.policy import VLAPolicy, to_env_actions
+from prismatic.checkpoint import CheckpointError
+
+HAVE_LIBERO, WHY_NOT = libero_available()
+needs_libero = pytest.mark.skipif(not HAVE_LIBERO, reason=f"the `libero` extra is not installed: {WHY_NOT}")
+
+STATS = {
+    "action": {"q01": [-2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], "q99": [2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+               "mask": [True] * 6 + [False]},
+    "proprio": {"q01": [0.0] * 8, "q99": [2.0] * 8, "mask": [True] * 8},
+}
+
+
+def test_rotation_is_180_degrees():
+    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    out = rotate_180(img)
+    assert out[0, 0].tolist() == img[1, 2].tolist() and out[1, 2].tolist() == img[0, 0].tolist()
+    plain = LiberoImageTransform(size=3, jpeg=False, center_crop=False)
+    square = np.arange(3 * 3 * 3, dtype=np.uint8).reshape(3, 3, 3)
+    assert plain(square)[:, :, 0].tolist() == [[24, 21, 18], [15, 12, 9], [6, 3, 0]]
+
+
+def test_center_crop_of_a_ramp_is_hand_computed():
+    # 5x5 ramp 10·x, crop 0.64 of the area (side 0.8): samples at x = 0.4 + 0.8·j → 4, 12, 20, 28, 36
+    ramp = np.tile((10 * np.arange(5))[None, :, None], (5, 1, 3)).astype(np.uint8)
+    out = center_crop_resize(ramp, 0.64)
+    assert out[2, :, 0].tolist() == [4, 12, 20, 28, 36] and (out[:, :, 0] == out[0, :, 0]).all()
+    # the default 0.9 area on a 224 ramp x: samples from (1 - √0.9)/2 · 223 = 5.72 → 6 to 223 - 5.72 → 217
+    big = np.tile(np.arange(224)[None, :, None], (224, 1, 3)).astype(np.uint8)
+    row = center_crop_resize(big, 0.9)[100, :, 0]
+    assert (row[0], row[1], row[-1]) == (6, 7, 217)  # second sample: 5.72 + √0.9 · 223/223 = 6.67 → 7
+    with pytest.raises(ValueError, match=r"area_scale must be in \(0, 1\]"):
+        center_crop_resize(ramp, 1.5)
+
+
+def test_full_transform_keeps_flat_colour_and_sizes():
+    flat = np.full((256, 256, 3), (200, 30, 90), dtype=np.uint8)
+    out = LiberoImageTransform()(flat)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - [200, 30, 90]).max() <= 2  # JPEG colour conversion rounds by a level or two
+    with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) uint8 camera frame"):
+        LiberoImageTransform()(flat.astype(np.float32))
+
+
+def test_unnormalisation_and_gripper_convention():
+    # dim 0: [-1, 1] → [-2, 2]; dims 1-5: → [0, 1]; gripper: 1 open / 0 close → sign(2g - 1), negated
+    pred = np.array([[0.5, -1.0, 1.0, 0.0, 0.0, 0.0, 0.7], [-0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.2],
+                     [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5]], dtype=np.float32)
+    out = to_env_actions(pred, STATS["action"])
+    np.testing.assert_allclose(out[:, 0], [1.0, -1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(out[0, 1:3], [0.0, 1.0], atol=1e-6)
+    assert out[:, 6].tolist() == [-1.0, 1.0, -1.0]  # open (-1), close (+1), exactly 0.5 counts as open
+
+
+class StubModel(torch.nn.Module):
+    """Stands in for MergeVLA: records what the processor gets, predicts a fixed normalised chunk."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.norm_stats = STATS
+        self.seen = {}
+        self.processor = self._process
+
+    def _process(self, instructions, images, proprio):
+        self.seen = {"instructions": instructions, "images": images, "proprio": proprio}
+        return {"x": torch.zeros(len(instructions))}
+
+    def predict_action(self, x):
+        chunk = torch.zeros(len(x), 8, 7)
+        chunk[..., 0] = 0.5
+        chunk[..., 6] = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+        return chunk
+
+
+def test_policy_path_from_libero_obs_to_env_actions():
+    agent = np.zeros((4, 4, 3), np.uint8)
+    agent[0, 0] = 255  # top-left in LIBERO's upside-down frame → bottom-right upright
+    obs = {"agentview_image": agent, "robot0_eye_in_hand_image": agent.copy(),
+           "robot0_eef_pos": np.array([1.0, 0.5, 2.0]),
+           "robot0_eef_quat": np.array([0.0, 0.0, np.sin(np.pi / 4), np.cos(np.pi / 4)]),  # 90° about z
+           "robot0_gripper_qpos": np.array([0.04, -0.04])}
+    model = StubModel()
+    actions = VLAPolicy(model, LiberoImageTransform(size=4, jpeg=False, center_crop=False)).act(
+        [obs], ["put the bowl on the plate"], [0])
+    assert model.seen["images"].shape == (1, 2, 4, 4, 3) and model.seen["images"][0, 0, 3, 3, 0] == 255
+    # proprio [1, .5, 2, 0, 0, π/2, .04, -.04] normalised from [0, 2] to [-1, 1]: 2x/2 - 1, clipped
+    np.testing.assert_allclose(model.seen["proprio"][0], [0.0, -0.5, 1.0, -1.0, -1.0, np.pi / 2 - 1, -0.96, -1.0],
+                               atol=1e-5)
+    assert actions.shape == (1, 8, 7)
+    np.testing.assert_allclose(actions[0, :, 0], 1.0, atol=1e-6)
+    assert actions[0, :, 6].tolist() == [-1.0, 1.0] * 4
+
+
+def test_checkpoint_kind_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_policy(tmp_path / "nope", None)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    # not an expert checkpoint → handed to the merged loader, which names the format it expected (or, before
+    # model_merging has its routed policy, the error says that)
+    with pytest.raises((CheckpointError, ValueError), match="'something-else'"):
+        load_policy(tmp_path / "m", None)
+    (tmp_path / "m" / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="manifest.json is not valid JSON"):
+        load_policy(tmp_path / "m", None)
+
+
+def test_libero_plus_dimensions_from_classification_file(tmp_path):
+    f = tmp_path / "task_classification.json"
+    f.write_text(json.dumps({"libero_goal": [{"id": 0, "name": "a_view_1", "category": "Camera Viewpoints"},
+                                             {"id": 1, "name": "a_light_2", "category": "Light Conditions"}]}))
+    assert task_categories("libero_goal", ["a_light_2", "a_view_1"], f) == ["light", "camera"]
+    with pytest.raises(ValueError, match="no category for 1 tasks of libero_goal, e.g. 'b'"):
+        task_categories("libero_goal", ["b"], f)
+    with pytest.raises(ValueError, match="with suite 'libero_10'"):
+        task_categories("libero_10", ["a"], f)
+
+
+def test_video_selection_names():
+    assert video_patterns("all") == ["*"] and video_patterns("first") == ["*/*/0"] and video_patterns("") == []
+    assert video_patterns("libero_goal/3/*, libero_10/*/0") == ["libero_goal/3/*", "libero_10/*/0"]
+
+
+def test_env_factory_pickles_without_its_simulator():
+    f = LiberoEnvFactory(resolution=128, fast_render=True)
+    f._cache["env"] = object()  # an unpicklable simulator must not travel to worker processes
+    g = pickle.loads(pickle.dumps(f))
+    assert g == f and g._cache == {}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from prismatic.models import BaseModelConfig, build_vla, save_pretrained
+
+    model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
+    model.norm_stats = {"action": {"q01": [-1.0] * 6 + [0.0], "q99": [1.0] * 7, "mask": [True] * 6 + [False]},
+                        "proprio": {"q01": [-1.0] * 8, "q99": [1.0] * 8, "mask": [True] * 8}}
+    return save_pretrained(model, tmp_path_factory.mktemp("ckpt") / "tiny-spatial")
+
+
+@needs_libero
+def test_bad_suite_and_init_state_are_clear_errors(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="unknown LIBERO suite 'libero_nope'"):
+        main(GenerateConfig(pretrained_checkpoint=tiny_checkpoint, task_suites=["libero_nope"], dry_run=True))
+    with pytest.raises(ValueError, match="has 50 fixed init states; init_state_id 50 is out of range"):
+        LiberoEnvFactory()("libero_spatial", 0, 50)
+
+
+@needs_libero
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path, capsys):
+    main(GenerateConfig(pretrained_checkpoint=tiny_checkpoint, task_suites=["libero_goal", "libero_10"],
+                        results_dir=tmp_path / "runs", dry_run=True))
+    out = capsys.readouterr().out
+    assert "libero_goal: 10 tasks, 500 episodes (0 already done), max 300 steps" in out
+    assert "libero_10: 10 tasks, 500 episodes (0 already done), max 520 steps" in out
+    assert "FT-experts--tiny-spatial.jsonl" in out and not (tmp_path / "runs").exists()
+
+
+@needs_libero
+def test_real_libero_episode_through_the_harness(tiny_checkpoint, tmp_path):
+    # one episode, one 8-step chunk after the 10 no-ops; a random tiny model cannot succeed
+    cfg = GenerateConfig(pretrained_checkpoint=tiny_checkpoint, task_suites=["libero_spatial"], task_ids=[0],
+                         num_trials_per_task=1, max_steps=8, env_img_res=128, fast_render=True,
+                         results_dir=tmp_path / "runs", device="cpu")
+    (row,) = main(cfg)
+    assert (row["key"], row["success"], row["steps"], row["method"]) == ("libero_spatial/0/0", False, 8, "FT experts")
+    assert row["instruction"] == "pick up the black bowl between the plate and the ramekin and place it on the plate"
+    assert (tmp_path / "runs" / "summary" / "results.csv").read_text() == "method,Spatial,avg\nFT experts,0.0,0.0\n"
+    assert main(cfg) == [row]  # resumed: nothing re-run, same row back
+    with pytest.raises(ResultsError, match="different run"):  # another protocol must not resume into this file
+        main(dataclasses.replace(cfg, env_img_res=256, dry_run=True))
+
+
+def routed_policy_loader():
+    try:
+        from model_merging import load_routed_policy  # noqa: F401
+    except ImportError as e:
+        return f"model_merging.load_routed_policy is not available yet ({e})"
+    return ""
+
+
+@needs_libero
+def test_merged_artifact_is_routed_per_episode_on_real_libero(tmp_path):
+    why = routed_policy_loader()
+    if why:
+        pytest.skip(why)
+    from model_merging.merge import MergeOptions, merge_experts
+    from prismatic.models import BaseModelConfig, build_vla, save_pretrained
+
+    experts = []
+    for k, suite in enumerate(["libero_spatial", "libero_object"]):
+        model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)  # one shared initialisation
+        gen = torch.Generator().manual_seed(100 + k)
+        with torch.no_grad():  # stand-in for fine-tuning: each expert moves its trainable weights its own way
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.02 * torch.randn(p.shape, generator=gen))
+        model.norm_stats = {"action": {"q01": [-1.0] * 6 + [0.0], "q99": [1.0] * 7, "mask": [True] * 6 + [False]},
+                            "proprio": {"q01": [-1.0] * 8, "q99": [1.0] * 8, "mask": [True] * 8}}
+        experts.append((suite, save_pretrained(model, tmp_path / f"expert-{suite}")))
+    merged = merge_experts(experts, tmp_path / "merged-ties", MergeOptions(algorithm="ties"), log=None)
+    cfg = GenerateConfig(pretrained_checkpoint=merged, task_suites=["libero_spatial"], task_ids=[0],
+                         num_trials_per_task=1, max_steps=8, env_img_res=128, fast_render=True,
+                         results_dir=tmp_path / "runs", device="cpu")
+    (row,) = main(cfg)
+    routed_to = row.get("routed_expert", row.get("routed_task"))
+    assert row["method"] == "TIES" and routed_to in ("libero_spatial", "libero_object") and row["steps"] == 8
+    assert "Routing accuracy" in (tmp_path / "runs" / "summary" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("script, var", [("eval.sh", "CKPT_GOAL"), ("eval_merged.sh", "MERGED_CKPT")])
+def test_eval_scripts_refuse_missing_checkpoints(script, var, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", "SUITES": "libero_goal", var: str(tmp_path / "nope"),
+           "RESULTS_DIR": str(tmp_path / "runs")}
+    done = subprocess.run(["bash", str(repo / "bash_scripts" / script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert f"{var}={tmp_path / 'nope'}" in done.stderr and "manifest.json" in done.stderr
+    assert not (tmp_path / "runs").exists()
