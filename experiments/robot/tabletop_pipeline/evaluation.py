@@ -1,0 +1,256 @@
+"""Stage 5: roll out every policy on TableTop-4 with the shared harness, and measure the router.
+
+One `EvalJob` per table row. Its episodes run through `experiments.robot.harness.run_episodes` (batched policy
+calls over `num_envs` concurrent episodes, resumable JSONL per policy); jobs run in `workers` spawned
+processes. Policies:
+- "experts": each suite's own fine-tuned checkpoint on that suite's episodes (`VLAPolicy`);
+- "single": one checkpoint on every suite (the joint multi-task model);
+- "routed": a merged artifact, each episode routed from its first observation (`RoutedPolicy`);
+- "oracle": a merged artifact without a router, each suite's episodes forced to that suite's task (its head and
+  norm stats); used for the naive baseline merge, whose tasks share one model anyway.
+For routed artifacts the job also scores the router on the first observation of every episode with each
+subspace variant (value / key / key+value) from one batched forward, and records the accuracy per suite.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from experiments.robot.harness import EpisodeSpec, Protocol, plan_episodes, read_rows, run_episodes
+from experiments.robot.tabletop import SUITE_MAX_STEPS, get_suite, make_env
+
+ROUTER_VARIANTS = ("value", "key", "key_value")
+
+
+@dataclass(frozen=True)
+class TableTopEnvFactory:
+    """Picklable env factory for the harness: (suite, task_id, init_state_id) -> TableTopEnv."""
+
+    image_size: int = 64
+
+    def __call__(self, suite: str, task_id: int, init_state_id: int):
+        return make_env(suite, task_id, init_state_id, image_size=self.image_size)
+
+
+def plan(suites: Sequence[str], task_ids: Sequence[int] | None, trials_per_task: int,
+         first_init_state: int = 0) -> list[EpisodeSpec]:
+    """Episodes of every suite: the given tasks (default all) × trials, trial k from init state first + k."""
+    episodes = []
+    for s in suites:
+        tasks = get_suite(s)
+        episodes += plan_episodes(
+            s, num_tasks=len(tasks), num_trials=trials_per_task, max_steps=SUITE_MAX_STEPS[s], task_ids=task_ids,
+            task_names=[t.instruction for t in tasks], expected_expert=s,
+            init_state_ids=range(first_init_state, first_init_state + trials_per_task))
+    return episodes
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    name: str  # results file stem
+    label: str  # the table's method name
+    kind: str  # experts | single | routed | oracle
+    policy_id: str  # fingerprint of the weights (+ router variant): results of other weights are discarded
+    checkpoints: tuple[tuple[str, str], ...] = ()  # experts: (suite, dir); single: (("all", dir),)
+    artifact: str | None = None  # routed / oracle: merged artifact directory
+    variant: str = "value"  # routed: router subspaces used for the rollouts
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    suites: tuple[str, ...]
+    task_ids: tuple[int, ...] | None
+    trials_per_task: int
+    first_init_state: int
+    num_envs: int
+    noop_steps: int
+    seed: int
+    image_size: int = 64
+    out_dir: str = "."
+    protocol_extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def protocol(self) -> Protocol:
+        return Protocol(num_noop_steps=self.noop_steps)
+
+
+class OraclePolicy:
+    """A merged artifact's policy with the task given (no router); logs it as `oracle_task`, not as routing."""
+
+    def __init__(self, routed_policy):
+        self.inner = routed_policy
+
+    def start_episodes(self, first_obs, instructions, episode_ids=None):
+        infos = self.inner.start_episodes(first_obs, instructions, episode_ids)
+        return [{"oracle_task": i["routed_expert"]} for i in infos]
+
+    def end_episodes(self, episode_ids):
+        self.inner.end_episodes(episode_ids)
+
+    def act(self, obs, instructions, episode_ids):
+        return self.inner.act(obs, instructions, episode_ids)
+
+
+def _results(path: Path, policy_id: str) -> Path:
+    """Discard a results file written by other weights (the demo owns its out_dir)."""
+    rows = read_rows(path) if path.exists() else []
+    if rows and any(r.get("policy_id") != policy_id for r in rows):
+        path.unlink()
+    return path
+
+
+def first_observations(episodes: Sequence[EpisodeSpec], settings: EvalSettings) -> tuple[list[dict], list[str]]:
+    """Each episode's first observation as the policy sees it (after the protocol's no-op steps)."""
+    factory = TableTopEnvFactory(settings.image_size)
+    proto = settings.protocol()
+    obs, instr = [], []
+    for e in episodes:
+        env = factory(e.suite, e.task_id, e.init_state_id)
+        o = env.reset()
+        for _ in range(proto.num_noop_steps):
+            o, _, _, _ = env.step(np.asarray(proto.noop_action, dtype=np.float64))
+        obs.append(o)
+        instr.append(env.instruction)
+    return obs, instr
+
+
+def route_all_variants(policy, obs: list[dict], instructions: list[str], batch_size: int = 32) -> dict[str, list[str]]:
+    """Routed task of every observation under each subspace variant, from one masked forward per batch."""
+    import torch
+
+    from experiments.robot.policy import camera_images
+    from model_merging.router import subspace_scores
+
+    merged = policy.merged
+    model = merged.multi_expert()
+    m = merged.num_tasks
+    layer = merged.manifest["router"]["layer"]
+    subspaces = {v: merged.subspaces(v) for v in ROUTER_VARIANTS}
+    out: dict[str, list[str]] = {v: [] for v in ROUTER_VARIANTS}
+    with torch.no_grad():
+        for i in range(0, len(obs), batch_size):
+            o, ins = obs[i: i + batch_size], instructions[i: i + batch_size]
+            images = np.stack([camera_images(x, policy.image_transform) for x in o])
+            # the router reads LLM hidden states, which proprio never reaches: zeros stand in for it
+            batch = model.processor(list(ins), images, np.zeros((len(o), merged.config.proprio_dim), np.float32))
+            b = len(o)
+            if merged.has_masks:
+                index = torch.arange(m).repeat(b)
+                st = model(index, **{k: v.repeat_interleave(m, 0) for k, v in batch.items()}, keep_states=True)
+            else:
+                index = torch.zeros(b, dtype=torch.long)
+                st = model(index, **batch, keep_states=True)
+            h_act, h_vis = st.act_states[layer], st.vis_states[layer]
+            for v, (r_act, r_vis) in subspaces.items():
+                if merged.has_masks:
+                    scores = subspace_scores(h_act, h_vis, r_act[index], r_vis[index]).view(b, m)
+                else:
+                    scores = torch.stack([subspace_scores(h_act, h_vis, r_act[e], r_vis[e]) for e in range(m)], 1)
+                out[v] += [merged.task_names[int(k)] for k in scores.argmax(1)]
+    return out
+
+
+def run_eval(job: EvalJob, settings: EvalSettings) -> dict:
+    """Roll out one table row; returns its results files, routing accuracy (routed) and timing."""
+    import torch
+
+    from experiments.robot.policy import VLAPolicy
+    from model_merging import load_merged, routing_accuracy
+    from model_merging.routed_policy import RoutedPolicy
+    from prismatic.io import write_json
+    from prismatic.models import from_pretrained
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    out = Path(settings.out_dir)
+    episodes = plan(settings.suites, settings.task_ids, settings.trials_per_task, settings.first_init_state)
+    by_suite = {s: [e for e in episodes if e.suite == s] for s in settings.suites}
+    factory = TableTopEnvFactory(settings.image_size)
+    run_info = {"method": job.label, "policy_id": job.policy_id}
+    calls = []  # (policy, episodes, results path)
+    summary: dict = {"name": job.name, "label": job.label}
+    if job.kind == "experts":
+        ckpts = dict(job.checkpoints)
+        for s in settings.suites:
+            calls.append((VLAPolicy(from_pretrained(ckpts[s]).eval()), by_suite[s], out / job.name / f"{s}.jsonl"))
+    elif job.kind == "single":
+        (_, ckpt), = job.checkpoints
+        calls.append((VLAPolicy(from_pretrained(ckpt).eval()), episodes, out / f"{job.name}.jsonl"))
+    elif job.kind in ("routed", "oracle"):
+        merged = load_merged(job.artifact)
+        if job.kind == "routed":
+            policy = RoutedPolicy(merged, variant=job.variant)
+            obs, instr = first_observations(episodes, settings)
+            routed = route_all_variants(policy, obs, instr)
+            truth = [e.expected_expert for e in episodes]
+            summary["first_obs_routing"] = {v: routing_accuracy(truth, r) for v, r in routed.items()}
+            write_json(out / f"{job.name}.routing.json", {"method": job.label, "policy_id": job.policy_id,
+                                                          "episodes": [e.key for e in episodes],
+                                                          "routed": routed, "accuracy": summary["first_obs_routing"]})
+            calls.append((policy, episodes, out / f"{job.name}.jsonl"))
+        else:
+            for s in settings.suites:
+                calls.append((OraclePolicy(RoutedPolicy(merged, force_task=s)), by_suite[s],
+                              out / job.name / f"{s}.jsonl"))
+    else:
+        raise ValueError(f"unknown evaluation kind {job.kind!r}")
+    rows, files = [], []
+    for policy, eps, path in calls:
+        rows += run_episodes(factory, policy, eps, _results(path, job.policy_id), num_envs=settings.num_envs,
+                             num_workers=0, protocol=settings.protocol(), run_info=run_info, seed=settings.seed,
+                             log=lambda _msg: None)
+        files.append(str(path))
+    if job.kind == "routed":
+        summary["rollout_routing"] = routing_accuracy([r["expected_expert"] for r in rows],
+                                                      [r["routed_expert"] for r in rows])
+    summary.update(files=files, episodes=len(rows), success=sum(bool(r["success"]) for r in rows) / max(len(rows), 1),
+                   env_steps=sum(int(r["steps"]) for r in rows), wall_s=round(time.perf_counter() - t0, 1))
+    return summary
+
+
+def run_evals(jobs: list[EvalJob], settings: EvalSettings, workers: int, log=print) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+
+    def report(r: dict) -> None:
+        out[r["name"]] = r
+        extra = ""
+        if "first_obs_routing" in r:
+            extra = ", routing " + " ".join(f"{v}={100 * a['all']:.0f}%" for v, a in r["first_obs_routing"].items())
+        log(f"[eval] {r['label']}: {100 * r['success']:.1f}% of {r['episodes']} episodes in {r['wall_s']:.0f}s{extra}")
+
+    # routed merges are the slowest (masked weights per task): start them first
+    order = sorted(jobs, key=lambda j: j.kind != "routed")
+    if workers <= 1:
+        for j in order:
+            report(run_eval(j, settings))
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+            for f in as_completed([ex.submit(run_eval, j, settings) for j in order]):
+                report(f.result())
+    return {j.name: out[j.name] for j in jobs}
+
+
+def load_rows(results: dict[str, dict]) -> list[dict]:
+    rows = []
+    for r in results.values():
+        for f in r["files"]:
+            rows += read_rows(f)
+    return rows
+
+
+def write_routing(path: Path, results: dict[str, dict]) -> None:
+    from prismatic.io import write_json
+
+    write_json(path, {r["label"]: {"first_obs": r["first_obs_routing"], "rollouts": r.get("rollout_routing")}
+                      for r in results.values() if "first_obs_routing" in r})
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

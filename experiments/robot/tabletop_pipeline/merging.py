@@ -1,0 +1,102 @@
+"""Stage 4: merge the experts with every algorithm.
+
+Each merge is one `model_merging.merge_experts` call writing its own artifact directory, with a sidecar
+`<dir>.spec.json` recording the experts' weight hashes and the options; an artifact whose sidecar matches is
+reused, any other is replaced. Merges run in `workers` spawned processes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+# The demo's merge algorithms, in table order, with the paper's names.
+ALGORITHM_LABELS = {
+    "task_arithmetic": "TA", "ties": "TIES", "tsv": "TSV", "knots": "KnOTS", "wudi": "WUDI", "emr": "EMR",
+    "dare": "DARE", "weighted_average": "Avg", "retain": "RETAIN",
+}
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    name: str  # artifact directory name, e.g. "mergevla-ties-masks"
+    family: str  # "mergevla" | "baseline": whose experts
+    algorithm: str
+    masks: bool
+    expert_head_layers: int
+    experts: tuple[tuple[str, str], ...]  # (task name, checkpoint dir), in task order
+    expert_hashes: tuple[str, ...]
+    out_dir: str
+    mask_lambda: float = 0.6
+    k_gate: int = 8
+    seed: int = 0
+    routed: bool = True  # evaluated with the router (False: every episode uses its own suite's task)
+    params: dict = field(default_factory=dict, compare=False, hash=False)  # algorithm hyper-parameter overrides
+
+    @property
+    def label(self) -> str:
+        alg = ALGORITHM_LABELS.get(self.algorithm, self.algorithm)
+        if self.family == "baseline":
+            return f"Baseline {alg}, no masks (self-attn)" if not self.masks else f"Baseline {alg} + masks (self-attn)"
+        return f"MergeVLA {alg}" + (" + masks" if self.masks else " (no masks)") + (" + router" if self.routed else "")
+
+    def spec(self) -> dict:
+        return {"family": self.family, "algorithm": self.algorithm, "masks": self.masks,
+                "expert_head_layers": self.expert_head_layers, "experts": [list(e) for e in self.experts],
+                "expert_hashes": list(self.expert_hashes), "mask_lambda": self.mask_lambda, "k_gate": self.k_gate,
+                "seed": self.seed, "params": self.params}
+
+
+def _spec_file(out: Path) -> Path:
+    return out.parent / f"{out.name}.spec.json"
+
+
+def run_merge(job: MergeJob) -> dict:
+    import torch
+
+    from model_merging import MergeOptions, get_method, merge_experts
+    from prismatic.io import write_json
+
+    torch.set_num_threads(1)
+    out = Path(job.out_dir)
+    spec_file = _spec_file(out)
+    t0 = time.perf_counter()
+    cached = False
+    if out.exists() and spec_file.is_file() and json.loads(spec_file.read_text()) == job.spec():
+        cached = True
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        spec_file.unlink(missing_ok=True)
+        params = get_method(job.algorithm).params(**job.params) if job.params else None
+        opts = MergeOptions(algorithm=job.algorithm, params=params, masks=job.masks, mask_lambda=job.mask_lambda,
+                            k_gate=job.k_gate, expert_head_layers=job.expert_head_layers, seed=job.seed)
+        merge_experts([(n, Path(d)) for n, d in job.experts], out, opts, log=None)
+        write_json(spec_file, job.spec())
+    manifest = json.loads((out / "manifest.json").read_text())
+    stats = manifest["masks"].get("stats") or {}
+    return {"name": job.name, "label": job.label, "dir": str(out), "weights_sha256": manifest["weights_sha256"],
+            "selfish_ratio": stats.get("selfish_ratio"), "cached": cached,
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def run_merges(jobs: list[MergeJob], workers: int, log=print) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+
+    def report(r: dict) -> None:
+        out[r["name"]] = r
+        sr = f", selfish ratio {r['selfish_ratio']:.3f}" if r.get("selfish_ratio") is not None else ""
+        log(f"[merge] {r['label']}: {'reused' if r['cached'] else 'merged'} in {r['wall_s']:.1f}s{sr}")
+
+    if workers <= 1:
+        for j in jobs:
+            report(run_merge(j))
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+            for f in as_completed([ex.submit(run_merge, j) for j in jobs]):
+                report(f.result())
+    return {j.name: out[j.name] for j in jobs}

@@ -1,0 +1,311 @@
+"""The whole TableTop-4 experiment, stage by stage, each stage cached in `out_dir`.
+
+    data     generate the demonstrations (or reuse them) and the joint suite        <out_dir>/tabletop4
+    base     check the pretrained tiny base (shipped in pretrained_models/)         <out_dir>/base
+    train    4 MergeVLA experts, 4 self-attention baseline experts, 1 joint model   <out_dir>/train
+    merge    MergeVLA experts with every algorithm (+ masks, router); naive baseline <out_dir>/merge
+    eval     roll out every row on TableTop-4; router accuracy per suite            <out_dir>/eval
+    report   the table (markdown, CSV, PNG), routing accuracy, wall time            <out_dir>/summary, timing.json
+
+`run_pipeline(PipelineConfig)` returns the report. Everything is seeded by `seed`; all experts (and the joint
+model) use that seed, so they start from the same trainable weights on the same base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from experiments.robot.tabletop_pipeline.stages import Stage, fingerprint, jsonable
+
+SUITES = ("spatial", "object", "goal", "long")
+DEMO_ALGORITHMS = ("task_arithmetic", "ties", "tsv", "knots", "wudi", "emr")
+FT_LABEL = "FT experts"  # = experiments.robot.harness.FT_METHOD (listed first in tables)
+BASELINE_FT_LABEL = "Baseline FT experts (self-attn)"
+JOINT_LABEL = "Joint multi-task (upper reference)"
+DEFAULT_BASE_DIR = Path("pretrained_models/tabletop4-tiny-base")
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run (missing base, bad setting)."""
+
+
+@dataclass
+class PipelineConfig:
+    out_dir: Path = Path("runs/demo")
+    seed: int = 0  # data, initialisation (the same for every expert), data order, merges, rollouts
+    workers: int = 2  # processes for data generation, training, merging and rollouts
+    base_dir: Path = DEFAULT_BASE_DIR  # pretrained tiny VLM (vla-scripts/pretrain_tabletop.py)
+    suites: list[str] = field(default_factory=lambda: list(SUITES))
+    task_ids: Optional[list[int]] = None  # tasks of every suite used for data and evaluation (None: all 10)
+    # data
+    data_dir: Optional[Path] = None  # default <out_dir>/tabletop4
+    demos_per_task: int = 20
+    demo_noise: float = 0.1  # scripted expert's action noise
+    # training (prismatic.training.FinetuneConfig fields)
+    expert_steps: int = 600
+    joint_steps: int = 1200
+    batch_size: int = 8
+    lr: float = 5e-4
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    image_aug: bool = True
+    train_joint: bool = True
+    # merging (model_merging.MergeOptions fields)
+    algorithms: list[str] = field(default_factory=lambda: list(DEMO_ALGORITHMS))  # MergeVLA, masks + router
+    unmasked_algorithms: list[str] = field(default_factory=list)  # MergeVLA without masks (+ router for heads)
+    mask_lambda: float = 0.6
+    k_gate: int = 8
+    expert_head_layers: int = 1
+    baseline_algorithms: list[str] = field(default_factory=lambda: ["task_arithmetic"])  # naive, no masks
+    baseline_head_layers: int = 0  # naive merge: every parameter shared
+    # evaluation
+    trials_per_task: int = 2  # episodes per task (trial k starts from the task's init state first_init_state + k)
+    first_init_state: int = 0
+    num_envs: int = 16  # concurrent episodes per policy (the policy's batch)
+    noop_steps: int = 0  # TableTop-4 needs no settling steps
+    router_variant: str = "value"  # subspaces used in rollouts: value | key | key_value
+    eval_baseline_experts: bool = True  # also roll out the baseline experts themselves
+    plots: bool = True
+
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir is not None else Path(self.out_dir) / "tabletop4"
+
+    def validate(self) -> None:
+        from model_merging import METHODS
+
+        unknown = [s for s in self.suites if s not in SUITES]
+        if not self.suites or unknown or len(set(self.suites)) != len(self.suites):
+            raise PipelineError(f"suites must be distinct TableTop-4 suites {list(SUITES)}, got {self.suites}")
+        if self.task_ids is not None and (not self.task_ids or any(not 0 <= t < 10 for t in self.task_ids)):
+            raise PipelineError(f"task_ids must be a non-empty list of task ids in 0..9, got {self.task_ids}")
+        for name in ("workers", "demos_per_task", "expert_steps", "joint_steps", "batch_size", "trials_per_task",
+                     "num_envs", "k_gate"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("noop_steps", "first_init_state", "seed", "warmup_steps", "baseline_head_layers"):
+            if getattr(self, name) < 0:
+                raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_schedule != "constant" and self.warmup_steps >= min(self.expert_steps, self.joint_steps):
+            raise PipelineError(f"warmup_steps ({self.warmup_steps}) must be below expert_steps and joint_steps "
+                                f"({self.expert_steps}, {self.joint_steps})")
+        if self.first_init_state + self.trials_per_task > 50:
+            raise PipelineError("first_init_state + trials_per_task must be <= 50 (TableTop-4 has 50 init states)")
+        bad = [a for a in [*self.algorithms, *self.unmasked_algorithms, *self.baseline_algorithms] if a not in METHODS]
+        if bad:
+            raise PipelineError(f"unknown merge algorithm(s) {bad}; expected some of {sorted(METHODS)}")
+        if self.router_variant not in ("value", "key", "key_value"):
+            raise PipelineError(f"router_variant must be value, key or key_value, got {self.router_variant!r}")
+        if not (Path(self.base_dir) / "base.json").is_file():
+            raise PipelineError(
+                f"no pretrained base at {self.base_dir} (base.json missing): it ships with the repository; "
+                "regenerate it with `python vla-scripts/pretrain_tabletop.py`")
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def _log_to(path: Path, log):
+    def fn(msg: str) -> None:
+        log(msg)
+        with open(path, "a") as f:
+            f.write(msg + "\n")
+    return fn
+
+
+def stage_data(cfg: PipelineConfig, root: Path, log) -> dict:
+    from experiments.robot.tabletop.generate import GenerateConfig
+    from experiments.robot.tabletop_pipeline.data import ensure_dataset, generation_spec, make_joint_suite
+
+    gen = GenerateConfig(out_dir=cfg.resolved_data_dir(), suites=list(cfg.suites), task_ids=cfg.task_ids,
+                         demos_per_task=cfg.demos_per_task, seed=cfg.seed, noise=cfg.demo_noise,
+                         workers=cfg.workers, pretrain_scenes=0)
+    spec = {"generate": generation_spec(gen), "data_dir": str(gen.out_dir)}
+
+    def body(_d: Path) -> dict:
+        manifest = ensure_dataset(gen, log)
+        joint = make_joint_suite(gen.out_dir, list(cfg.suites))
+        files = {k: v for k, v in manifest["files"].items()}
+        return {"data_root": str(gen.out_dir), "joint_suite": joint.name, "fingerprint": fingerprint(files),
+                "demos": sum(v.get("demos", 0) for v in files.values()),
+                "env_steps": sum(v.get("env_steps", 0) for v in files.values())}
+
+    # the dataset lives outside the stage directory (it may be shared): never clear it from here
+    return Stage(root, "data", spec, clear_stale=False).run(body, log)
+
+
+def stage_base(cfg: PipelineConfig, root: Path, log) -> dict:
+    from prismatic.io import sha256_file
+
+    base = Path(cfg.base_dir)
+    spec = {"base_dir": str(base.resolve()), "file_sha256": sha256_file(base / "vlm.safetensors")}
+
+    def body(_d: Path) -> dict:
+        from prismatic.io import state_dict_sha256
+        from prismatic.models import get_config
+        from prismatic.models.loading import load_base_dir
+
+        sd, meta = load_base_dir(base, get_config("tiny"))
+        digest = state_dict_sha256(sd)
+        if digest != meta["sha256"]:
+            raise PipelineError(f"{base}/vlm.safetensors hashes to {digest[:12]}…, but base.json records "
+                                f"{meta['sha256'][:12]}…: the base is corrupt; regenerate it")
+        pre = meta.get("pretraining", {})
+        log(f"[base] {base}: sha256 {digest[:12]}…, pretrained {pre.get('config', {}).get('steps')} steps, "
+            f"held-out answer accuracy {pre.get('final', {}).get('heldout_answer_acc')}")
+        return {"base_dir": str(base.resolve()), "sha256": digest, "pretraining_final": pre.get("final")}
+
+    return Stage(root, "base", spec).run(body, log)
+
+
+def stage_train(cfg: PipelineConfig, root: Path, data: dict, base: dict, log) -> dict:
+    from experiments.robot.tabletop_pipeline.training import ARCHS, TrainJob, TrainSettings, run_jobs
+
+    d = root / "train"
+    settings = TrainSettings(data_root=data["data_root"], base_dir=base["base_dir"], seed=cfg.seed,
+                             batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
+                             warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
+                             weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, image_aug=cfg.image_aug,
+                             log_every=50)
+    jobs = [TrainJob(f"{fam}/{s}", arch, s, cfg.expert_steps, str(d / fam / s))
+            for fam, arch in ARCHS.items() for s in cfg.suites]
+    if cfg.train_joint:
+        jobs.append(TrainJob("joint", "cross_attn", data["joint_suite"], cfg.joint_steps, str(d / "joint")))
+    spec = {"settings": asdict(settings), "jobs": [asdict(j) for j in jobs], "data": data["fingerprint"],
+            "base": base["sha256"]}
+    return Stage(root, "train", spec, clear_stale=False).run(lambda _d: run_jobs(jobs, settings, cfg.workers, log), log)
+
+
+def merge_jobs(cfg: PipelineConfig, root: Path, trained: dict) -> list:
+    from experiments.robot.tabletop_pipeline.merging import MergeJob
+
+    d = root / "merge"
+
+    def experts(fam: str):
+        names = [f"{fam}/{s}" for s in cfg.suites]
+        return (tuple((s, trained[n]["checkpoint"]) for s, n in zip(cfg.suites, names)),
+                tuple(trained[n]["weights_sha256"] for n in names))
+
+    common = {"mask_lambda": cfg.mask_lambda, "k_gate": cfg.k_gate, "seed": cfg.seed}
+    jobs = []
+    ex, hashes = experts("mergevla")
+    for alg in cfg.algorithms:
+        jobs.append(MergeJob(f"mergevla-{alg}-masks", "mergevla", alg, True, cfg.expert_head_layers, ex, hashes,
+                             str(d / f"mergevla-{alg}-masks"), **common))
+    for alg in cfg.unmasked_algorithms:
+        jobs.append(MergeJob(f"mergevla-{alg}-nomasks", "mergevla", alg, False, cfg.expert_head_layers, ex, hashes,
+                             str(d / f"mergevla-{alg}-nomasks"), **common))
+    ex, hashes = experts("baseline")
+    for alg in cfg.baseline_algorithms:
+        jobs.append(MergeJob(f"baseline-{alg}-nomasks", "baseline", alg, False, cfg.baseline_head_layers, ex, hashes,
+                             str(d / f"baseline-{alg}-nomasks"), routed=False, **common))
+    return jobs
+
+
+def stage_merge(cfg: PipelineConfig, root: Path, trained: dict, log) -> dict:
+    from experiments.robot.tabletop_pipeline.merging import run_merges
+
+    jobs = merge_jobs(cfg, root, trained)
+    spec = {"jobs": [j.spec() | {"name": j.name} for j in jobs]}
+    return Stage(root, "merge", spec, clear_stale=False).run(lambda _d: run_merges(jobs, cfg.workers, log), log)
+
+
+def eval_jobs(cfg: PipelineConfig, trained: dict, merged: dict, merge_job_list: list) -> list:
+    from experiments.robot.tabletop_pipeline.evaluation import EvalJob
+
+    proto = {"noop_steps": cfg.noop_steps, "seed": cfg.seed}
+    jobs = []
+    for fam, label in (("mergevla", FT_LABEL), ("baseline", BASELINE_FT_LABEL)):
+        if fam == "baseline" and not cfg.eval_baseline_experts:
+            continue
+        ckpts = tuple((s, trained[f"{fam}/{s}"]["checkpoint"]) for s in cfg.suites)
+        pid = fingerprint([proto, [trained[f"{fam}/{s}"]["weights_sha256"] for s in cfg.suites]])
+        jobs.append(EvalJob(f"{fam}-experts", label, "experts", pid, checkpoints=ckpts))
+    for mj in merge_job_list:
+        m = merged[mj.name]
+        kind = "routed" if mj.routed else "oracle"
+        variant = cfg.router_variant if mj.routed else "value"
+        label = mj.label + (f" ({variant} subspaces)" if mj.routed and variant != "value" else "")
+        pid = fingerprint([proto, m["weights_sha256"], kind, variant])
+        jobs.append(EvalJob(mj.name, label, kind, pid, artifact=m["dir"], variant=variant))
+    if cfg.train_joint:
+        pid = fingerprint([proto, trained["joint"]["weights_sha256"]])
+        jobs.append(EvalJob("joint", JOINT_LABEL, "single", pid, checkpoints=(("all", trained["joint"]["checkpoint"]),)))
+    return jobs
+
+
+def stage_eval(cfg: PipelineConfig, root: Path, trained: dict, merged: dict, log) -> tuple[dict, object]:
+    from experiments.robot.tabletop_pipeline.evaluation import EvalSettings, run_evals
+
+    d = root / "eval"
+    settings = EvalSettings(suites=tuple(cfg.suites), task_ids=tuple(cfg.task_ids) if cfg.task_ids else None,
+                            trials_per_task=cfg.trials_per_task, first_init_state=cfg.first_init_state,
+                            num_envs=cfg.num_envs, noop_steps=cfg.noop_steps, seed=cfg.seed, out_dir=str(d))
+    jobs = eval_jobs(cfg, trained, merged, merge_jobs(cfg, root, trained))
+    spec = {"settings": asdict(settings), "jobs": [asdict(j) for j in jobs]}
+    res = Stage(root, "eval", spec, clear_stale=False).run(lambda _d: run_evals(jobs, settings, cfg.workers, log), log)
+    return res, settings
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def machine_info() -> dict:
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (None, None, None)
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor() or None,
+            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "loadavg_1m": load[0]}
+
+
+def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
+    """Run (or resume) every stage; write and return the report (see report.py)."""
+    from experiments.robot.tabletop_pipeline.evaluation import plan
+    from experiments.robot.tabletop_pipeline.report import build_report, write_report
+
+    cfg.validate()
+    root = Path(cfg.out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    log = _log_to(root / "pipeline.log", log)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    machine_start = machine_info()
+    log(f"[pipeline] {started.isoformat(timespec='seconds')} out_dir={root} seed={cfg.seed} workers={cfg.workers} "
+        f"cpus={machine_start['cpus']} load={machine_start['loadavg_1m']}")
+    results = {}
+    results["data"] = stage_data(cfg, root, log)
+    results["base"] = stage_base(cfg, root, log)
+    results["train"] = stage_train(cfg, root, results["data"].outputs, results["base"].outputs, log)
+    results["merge"] = stage_merge(cfg, root, results["train"].outputs, log)
+    results["eval"], settings = stage_eval(cfg, root, results["train"].outputs, results["merge"].outputs, log)
+    t_report = time.perf_counter()
+    keys = {e.key for e in plan(settings.suites, settings.task_ids, settings.trials_per_task,
+                                settings.first_init_state)}
+    timing = {
+        "format": "mergevla-demo-timing",
+        "started": started.isoformat(timespec="seconds"),
+        "stages": {n: {"wall_s": round(r.wall_s, 1), "cached": r.cached} for n, r in results.items()},
+        "machine_start": machine_start,
+    }
+    report = build_report(cfg, results, keys, timing)
+    timing["stages"]["report"] = {"wall_s": round(time.perf_counter() - t_report, 1), "cached": False}
+    timing["total_wall_s"] = round(time.perf_counter() - t0, 1)
+    timing["machine_end"] = machine_info()
+    timing["config"] = jsonable(asdict(cfg))
+    report["timing"] = timing
+    write_report(cfg, report, root, log)
+    return report
+
+
+def read_timing(out_dir: Path | str) -> dict:
+    return json.loads((Path(out_dir) / "timing.json").read_text())

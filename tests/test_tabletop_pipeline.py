@@ -1,0 +1,157 @@
+"""The TableTop-4 pipeline behind `make demo`: stage caching, the joint suite, config checks, quick mode end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.robot.demo import FULL, QUICK, DemoConfig
+from experiments.robot.tabletop_pipeline.data import make_joint_suite
+from experiments.robot.tabletop_pipeline.pipeline import DEFAULT_BASE_DIR, PipelineConfig, PipelineError
+from experiments.robot.tabletop_pipeline.stages import Stage, fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_stage_runs_once_per_spec_and_clears_a_stale_directory(tmp_path):
+    calls = []
+
+    def body(d: Path) -> dict:
+        calls.append(d)
+        (d / "artifact.txt").write_text(str(len(calls)))
+        return {"n": len(calls)}
+
+    first = Stage(tmp_path, "s", {"steps": 1}).run(body, log=lambda _m: None)
+    again = Stage(tmp_path, "s", {"steps": 1}).run(body, log=lambda _m: None)
+    assert (first.cached, again.cached, again.outputs, len(calls)) == (False, True, {"n": 1}, 1)
+    (tmp_path / "s" / "leftover.txt").write_text("from the old settings")
+    changed = Stage(tmp_path, "s", {"steps": 2}).run(body, log=lambda _m: None)
+    assert (changed.cached, changed.outputs) == (False, {"n": 2})
+    assert not (tmp_path / "s" / "leftover.txt").exists()  # cleared before running again
+    kept = Stage(tmp_path, "s", {"steps": 3}, clear_stale=False)
+    (tmp_path / "s" / "leftover.txt").write_text("items that check their own identity")
+    kept.run(body, log=lambda _m: None)
+    assert (tmp_path / "s" / "leftover.txt").exists()
+
+
+def test_stage_with_a_failing_body_records_nothing(tmp_path):
+    def boom(_d):
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        Stage(tmp_path, "s", {"a": 1}).run(boom, log=lambda _m: None)
+    assert Stage(tmp_path, "s", {"a": 1}).recorded() is None
+
+
+def test_fingerprint_ignores_key_order_but_not_values():
+    assert fingerprint({"a": 1, "b": [2, 3]}) == fingerprint({"b": [2, 3], "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_joint_suite_links_every_suite_file(tmp_path):
+    for suite, names in (("spatial", ["t0", "t1"]), ("goal", ["t0"])):
+        (tmp_path / suite).mkdir()
+        for n in names:
+            (tmp_path / suite / f"{n}_demo.hdf5").write_bytes(suite.encode() + n.encode())
+    joint = make_joint_suite(tmp_path, ["spatial", "goal"])
+    got = {p.name: p.read_bytes() for p in joint.iterdir()}
+    assert got == {"spatial__t0_demo.hdf5": b"spatialt0", "spatial__t1_demo.hdf5": b"spatialt1",
+                   "goal__t0_demo.hdf5": b"goalt0"}
+    assert all(p.is_symlink() for p in joint.iterdir())
+    with pytest.raises(ValueError, match="collides"):
+        make_joint_suite(tmp_path, ["spatial", "joint"])
+    (tmp_path / "object").mkdir()
+    with pytest.raises(FileNotFoundError, match="object"):
+        make_joint_suite(tmp_path, ["object"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"suites": ["spatial", "kitchen"]}, "suites must be distinct"),
+    ({"algorithms": ["ties", "magic"]}, "unknown merge algorithm"),
+    ({"task_ids": [10]}, "task_ids"),
+    ({"expert_steps": 0}, "expert_steps must be >= 1"),
+    ({"router_variant": "query"}, "router_variant"),
+    ({"trials_per_task": 49, "first_init_state": 2}, "50 init states"),
+])
+def test_pipeline_config_names_the_bad_field(change, message):
+    cfg = PipelineConfig(**change)
+    with pytest.raises(PipelineError, match=message):
+        cfg.validate()
+
+
+def test_missing_base_is_a_clear_error(tmp_path):
+    with pytest.raises(PipelineError, match="base.json missing"):
+        PipelineConfig(base_dir=tmp_path / "nothing").validate()
+
+
+def test_demo_presets_fill_only_unset_knobs():
+    quick = DemoConfig(quick=True).pipeline_config()
+    assert (quick.task_ids, quick.expert_steps, quick.out_dir) == (QUICK["task_ids"], QUICK["expert_steps"],
+                                                                   Path("runs/demo-quick"))
+    full = DemoConfig().pipeline_config()
+    assert (full.task_ids, full.expert_steps, full.out_dir) == (FULL["task_ids"], FULL["expert_steps"], Path("runs/demo"))
+    cfg = DemoConfig(quick=True)
+    cfg.train.expert_steps = 7
+    assert cfg.pipeline_config().expert_steps == 7
+
+
+def test_shipped_base_matches_its_recorded_hash():
+    from prismatic.io import state_dict_sha256
+    from prismatic.models import get_config
+    from prismatic.models.loading import load_base_dir
+
+    sd, meta = load_base_dir(REPO / DEFAULT_BASE_DIR, get_config("tiny"))
+    assert state_dict_sha256(sd) == meta["sha256"]
+    assert meta["pretraining"]["config"]["steps"] > 0
+
+
+def _demo(args, cwd, timeout=900):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "experiments.robot.demo", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_demo_cli_refuses_a_missing_base_and_writes_nothing(tmp_path):
+    out = tmp_path / "demo"
+    r = _demo(["--quick", "true", "--out_dir", str(out), "--base_dir", str(tmp_path / "none")], REPO)
+    assert r.returncode == 2
+    assert "base.json missing" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
+    """`make demo QUICK=1`: every stage runs, the table has every row, and a second run only reads the cache."""
+    out = tmp_path / "demo"
+    args = ["--quick", "true", "--out_dir", str(out), "--base_dir", str(REPO / DEFAULT_BASE_DIR)]
+    r = _demo(args, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = (out / "demo_table.md").read_text()
+    assert "## Success rate (%)" in r.stdout and "## Routing accuracy" in r.stdout
+    rows = [line.split("|")[1].strip() for line in (out / "summary" / "results.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| method")]
+    expected = ["FT experts", "Baseline FT experts (self-attn)", "Joint multi-task (upper reference)",
+                "Baseline TA, no masks (self-attn)"] + [f"MergeVLA {a} + masks + router"
+                                                       for a in ("TA", "TIES", "TSV", "KnOTS", "WUDI", "EMR")]
+    assert sorted(rows) == sorted(expected)
+    for label in expected:
+        assert label in table
+    timing = json.loads((out / "timing.json").read_text())
+    assert set(timing["stages"]) == {"data", "base", "train", "merge", "eval", "report"}
+    assert not any(s["cached"] for s in timing["stages"].values())
+    # 2 tasks x 2 trials x 4 suites rolled out per row, each written once as a JSONL row
+    results = [json.loads(line) for p in (out / "eval").rglob("*.jsonl") for line in p.read_text().splitlines()]
+    assert len(results) == 10 * 16
+    routing = json.loads((out / "routing.json").read_text())
+    assert len(routing) == 6 and all(0 <= v["first_obs"]["value"]["all"] <= 1 for v in routing.values())
+
+    again = _demo(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    timing2 = json.loads((out / "timing.json").read_text())
+    assert all(timing2["stages"][s]["cached"] for s in ("data", "base", "train", "merge", "eval"))
+    def results_part(text):  # the header holds the run's start time; the tables must be the same
+        return text.split("## Success rate")[1].split("## Training")[0]
+
+    assert results_part((out / "demo_table.md").read_text()) == results_part(table)
