@@ -16,19 +16,31 @@ if TYPE_CHECKING:  # torch costs seconds to import; data tools only need atomic 
 
 
 @contextmanager
-def atomic_path(dest: Path | str) -> Iterator[Path]:
-    """Yield a temp path beside `dest`; on success rename it over `dest`, on error remove it."""
+def atomic_path(dest: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temp path beside `dest`; on success rename it over `dest`, on error remove it.
+
+    `suffix` is for writers that choose the format from the extension (ffmpeg). The file gets the usual
+    permissions (0666 less the umask), not mkstemp's 0600: results and checkpoints are ordinary files.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():  # a writer may have replaced or removed it; os.replace then reports that
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(dest: Path | str, obj) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,27 +22,15 @@ def write_mp4(path: Path | str, frames: Sequence[np.ndarray], fps: int = 30) -> 
     """Write uint8 (H, W, 3) frames atomically (needs the `imageio-ffmpeg` package)."""
     import imageio.v2 as imageio
 
+    from prismatic.io import atomic_path
+
     if not frames:
         raise ValueError(f"no frames to write to {path}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # ffmpeg picks the container from the extension, so the temp file must end in .mp4 too
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".mp4") as tmp:
         # macro_block_size=1 keeps odd sizes instead of silently resizing them
         with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", macro_block_size=1) as w:
             for f in frames:
                 w.append_data(np.ascontiguousarray(f, dtype=np.uint8))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a video is an ordinary output file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
