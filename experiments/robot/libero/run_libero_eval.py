@@ -117,6 +117,11 @@ def main(cfg: GenerateConfig) -> list[dict]:
     done = {r["key"] for r in previous}
 
     print(f"checkpoint {cfg.pretrained_checkpoint} (format {manifest['format']}) → method {method!r}")
+    unnamed = [i.name for i in infos if manifest.get("task_names") and i.name not in manifest["task_names"]]
+    if unnamed:  # routing accuracy compares the routed expert's name with the suite's name
+        print(f"warning: the artifact's experts are named {manifest['task_names']}; no expert is named "
+              f"{unnamed}, so routing accuracy there reads 0. Name experts after the suites when merging "
+              "(mergy.py --experts libero_spatial=DIR ...).")
     for info in infos:
         n = sum(e.suite == info.name for e in episodes)
         n_done = sum(e.suite == info.name and e.key in done for e in episodes)
