@@ -26,8 +26,7 @@ import numpy as np
 
 from experiments.robot.harness import EpisodeSpec, Protocol, plan_episodes, read_rows, run_episodes
 from experiments.robot.tabletop import SUITE_MAX_STEPS, get_suite, make_env
-
-ROUTER_VARIANTS = ("value", "key", "key_value")
+from model_merging.artifact import ROUTER_VARIANTS
 
 
 @dataclass(frozen=True)
