@@ -17,6 +17,10 @@ SUITE_LABELS = {
     "libero_goal": "Goal",
     "libero_10": "Long",
     "libero_90": "LIBERO-90",
+    "spatial": "Spatial",  # TableTop-4's suites, in the same (paper) order
+    "object": "Object",
+    "goal": "Goal",
+    "long": "Long",
 }
 FT_METHOD = "FT experts"  # the method label of per-suite fine-tuned checkpoints: listed first
 ROUTED_KEYS = ("routed_expert", "routed_task")  # the routed policy's per-episode info field (either name)

@@ -243,7 +243,7 @@ def eval_jobs(cfg: PipelineConfig, trained: dict, merged: dict, merge_job_list: 
     return jobs
 
 
-def stage_eval(cfg: PipelineConfig, root: Path, trained: dict, merged: dict, log) -> tuple[dict, object]:
+def stage_eval(cfg: PipelineConfig, root: Path, trained: dict, merged: dict, log) -> tuple[dict, object, list]:
     from experiments.robot.tabletop_pipeline.evaluation import EvalSettings, run_evals
 
     d = root / "eval"
@@ -253,7 +253,7 @@ def stage_eval(cfg: PipelineConfig, root: Path, trained: dict, merged: dict, log
     jobs = eval_jobs(cfg, trained, merged, merge_jobs(cfg, root, trained))
     spec = {"settings": asdict(settings), "jobs": [asdict(j) for j in jobs]}
     res = Stage(root, "eval", spec, clear_stale=False).run(lambda _d: run_evals(jobs, settings, cfg.workers, log), log)
-    return res, settings
+    return res, settings, jobs
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -287,7 +287,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     results["base"] = stage_base(cfg, root, log)
     results["train"] = stage_train(cfg, root, results["data"].outputs, results["base"].outputs, log)
     results["merge"] = stage_merge(cfg, root, results["train"].outputs, log)
-    results["eval"], settings = stage_eval(cfg, root, results["train"].outputs, results["merge"].outputs, log)
+    results["eval"], settings, jobs = stage_eval(cfg, root, results["train"].outputs, results["merge"].outputs, log)
     t_report = time.perf_counter()
     keys = {e.key for e in plan(settings.suites, settings.task_ids, settings.trials_per_task,
                                 settings.first_init_state)}
@@ -297,7 +297,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
         "stages": {n: {"wall_s": round(r.wall_s, 1), "cached": r.cached} for n, r in results.items()},
         "machine_start": machine_start,
     }
-    report = build_report(cfg, results, keys, timing)
+    # table rows in job order (a cached stage's outputs come back with their keys sorted)
+    report = build_report(cfg, results, keys, timing, [j.label for j in jobs])
     timing["stages"]["report"] = {"wall_s": round(time.perf_counter() - t_report, 1), "cached": False}
     timing["total_wall_s"] = round(time.perf_counter() - t0, 1)
     timing["machine_end"] = machine_info()

@@ -44,9 +44,10 @@ def timing_table(timing: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_report(cfg, results: dict, planned_keys: set[str], timing: dict) -> dict:
-    eval_out = results["eval"].outputs
-    order = [r["label"] for r in eval_out.values()]
+def build_report(cfg, results: dict, planned_keys: set[str], timing: dict, order: list[str]) -> dict:
+    """`order`: the table's method labels, top to bottom."""
+    eval_out = {r["label"]: r for r in results["eval"].outputs.values()}
+    eval_out = {label: eval_out[label] for label in order if label in eval_out}
     rows = [r for r in load_rows(eval_out) if r["key"] in planned_keys]
     rows.sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else len(order), r["key"]))
     table = success_table(rows)
