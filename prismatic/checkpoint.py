@@ -40,17 +40,26 @@ def save_checkpoint(
     return d
 
 
-def read_manifest(directory: Path | str, kind: str) -> dict:
+def read_manifest_json(directory: Path | str, missing: str) -> dict:
+    """The manifest of a checkpoint-like directory as a dict; `missing` ends the error when it is absent."""
     d = Path(directory)
     mf = d / MANIFEST_FILE
     if not d.is_dir():
         raise CheckpointError(f"checkpoint directory {d} does not exist")
     if not mf.is_file():
-        raise CheckpointError(f"{mf} is missing: {d} is not a finished {kind} checkpoint")
+        raise CheckpointError(f"{mf} is missing: {d} {missing}")
     try:
         manifest = json.loads(mf.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{mf} is not valid JSON ({e})") from e
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{mf} does not hold a JSON object")
+    return manifest
+
+
+def read_manifest(directory: Path | str, kind: str) -> dict:
+    manifest = read_manifest_json(directory, f"is not a finished {kind} checkpoint")
+    mf = Path(directory) / MANIFEST_FILE
     if manifest.get("format") != kind:
         raise CheckpointError(f"{mf}: field 'format' is {manifest.get('format')!r}, expected {kind!r}")
     if manifest.get("format_version") != FORMAT_VERSION:

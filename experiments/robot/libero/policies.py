@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from experiments.robot.policy import ImageTransform, VLAPolicy
-from prismatic.checkpoint import MANIFEST_FILE, CheckpointError
+from prismatic.checkpoint import MANIFEST_FILE, CheckpointError, read_manifest_json
 from prismatic.models.pretrained import CHECKPOINT_KIND
 
 FT_KIND = CHECKPOINT_KIND  # "mergevla-checkpoint": one expert, served by VLAPolicy
 
 
 def read_checkpoint_manifest(path: Path | str) -> dict:
-    p = Path(path)
-    mf = p / MANIFEST_FILE
-    if not p.is_dir():
-        raise CheckpointError(f"checkpoint directory {p} does not exist")
-    if not mf.is_file():
-        raise CheckpointError(f"{mf} is missing: {p} is neither a fine-tuned checkpoint nor a merged artifact")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{mf} is not valid JSON ({e})") from e
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("format"), str):
+    manifest = read_manifest_json(path, "is neither a fine-tuned checkpoint nor a merged artifact")
+    mf = Path(path) / MANIFEST_FILE
+    if not isinstance(manifest.get("format"), str):
         raise CheckpointError(f"{mf}: field 'format' is missing; expected {FT_KIND!r} or a merged artifact's format")
     return manifest
 
