@@ -17,8 +17,7 @@ import torch
 from model_merging.errors import MergeError
 from model_merging.layout import LORA_A, LORA_B, ModelLayout, model_layout
 from model_merging.tensor_files import SafetensorsReader
-from prismatic.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, CheckpointError, read_manifest
-from prismatic.io import sha256_file
+from prismatic.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, CheckpointError, checked_weights_file, read_manifest
 from prismatic.models.configuration import VLAConfig
 from prismatic.models.pretrained import CHECKPOINT_KIND
 
@@ -64,16 +63,9 @@ class Expert:
 def _open_expert(name: str, directory: Path, verify_hash: bool) -> Expert:
     try:
         manifest = read_manifest(directory, CHECKPOINT_KIND)
+        wf = checked_weights_file(directory, manifest, verify_hash)
     except CheckpointError as e:
         raise MergeError(f"expert {name!r}: {e}") from e
-    wf = directory / WEIGHTS_FILE
-    if not wf.is_file():
-        raise MergeError(f"expert {name!r}: {wf} is missing")
-    if verify_hash and sha256_file(wf) != manifest.get("weights_sha256"):
-        raise MergeError(
-            f"expert {name!r}: {wf} does not match weights_sha256 in {directory / MANIFEST_FILE}: "
-            "the file is truncated or corrupt"
-        )
     reader = SafetensorsReader(wf)
     for field in ("config", "lora", "base"):
         if not isinstance(manifest.get(field), dict):

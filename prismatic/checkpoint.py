@@ -69,9 +69,9 @@ def read_manifest(directory: Path | str, kind: str) -> dict:
     return manifest
 
 
-def load_checkpoint(directory: Path | str, kind: str, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+def checked_weights_file(directory: Path | str, manifest: dict, verify: bool = True) -> Path:
+    """The checkpoint's weights file, present and (with `verify`) matching the manifest's sha256."""
     d = Path(directory)
-    manifest = read_manifest(d, kind)
     wf = d / WEIGHTS_FILE
     if not wf.is_file():
         raise CheckpointError(f"{wf} is missing")
@@ -79,6 +79,12 @@ def load_checkpoint(directory: Path | str, kind: str, verify: bool = True) -> tu
         raise CheckpointError(
             f"{wf} does not match the sha256 in {d / MANIFEST_FILE}: the file is truncated or corrupt"
         )
+    return wf
+
+
+def load_checkpoint(directory: Path | str, kind: str, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    manifest = read_manifest(directory, kind)
+    wf = checked_weights_file(directory, manifest, verify)
     try:
         tensors = load_file(str(wf))
     except (SafetensorError, OSError, ValueError) as e:
