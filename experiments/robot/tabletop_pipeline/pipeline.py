@@ -46,13 +46,13 @@ class PipelineConfig:
     task_ids: Optional[list[int]] = None  # tasks of every suite used for data and evaluation (None: all 10)
     # data
     data_dir: Optional[Path] = None  # default <out_dir>/tabletop4
-    demos_per_task: int = 20
+    demos_per_task: int = 50
     demo_noise: float = 0.1  # scripted expert's action noise
     # training (prismatic.training.FinetuneConfig fields)
     expert_steps: int = 600
     joint_steps: int = 1200
     batch_size: int = 8
-    lr: float = 5e-4
+    lr: float = 1e-3
     lr_schedule: str = "cosine"
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
