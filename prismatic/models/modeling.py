@@ -142,7 +142,8 @@ class ExpertBlock(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, h_act: torch.Tensor, h_vis: torch.Tensor) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, h_act: torch.Tensor, h_vis: torch.Tensor):
+        """Attention weights (B, H, slots, keys), keys = [self (baseline only), h_act, h_vis], and the values."""
         sp = self._split
         scores, values = [], []
         if self.has_self_attn:
@@ -155,8 +156,11 @@ class ExpertBlock(nn.Module):
         values.append(sp(self.v_act(h_act)))
         scores.append(gate * (rope(sp(self.q_vis(x))) @ rope(sp(self.k_vis(h_vis))).transpose(-1, -2)))
         values.append(sp(self.v_vis(h_vis)))
-        attn = torch.softmax(torch.cat(scores, -1) / math.sqrt(self.head_dim), dim=-1)
-        out = (attn @ torch.cat(values, -2)).transpose(1, 2).flatten(2)
+        return torch.softmax(torch.cat(scores, -1) / math.sqrt(self.head_dim), dim=-1), torch.cat(values, -2)
+
+    def forward(self, x: torch.Tensor, h_act: torch.Tensor, h_vis: torch.Tensor) -> torch.Tensor:
+        attn, values = self.attention(x, h_act, h_vis)
+        out = (attn @ values).transpose(1, 2).flatten(2)
         return self.ffn(self.o_proj(out) + x)
 
 
