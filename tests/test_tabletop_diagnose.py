@@ -5,6 +5,7 @@ from experiments.robot.tabletop import make_env
 from experiments.robot.tabletop_pipeline.diagnose import (
     DiagnoseConfig,
     attention_shares,
+    cli,
     displacement_spread,
     expert_chunk,
     main,
@@ -62,3 +63,9 @@ def test_main_reports_both_swaps(tmp_path, capsys):
     assert "instruction_swap: first-chunk displacement spread" in capsys.readouterr().out
     with pytest.raises(ValueError, match="init_states must be >= 2"):
         main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", init_states=1))
+
+
+def test_cli_names_a_missing_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["diagnose", "--checkpoint", str(tmp_path / "missing")])
+    assert cli() == 2
+    assert f"checkpoint directory {tmp_path / 'missing'} does not exist" in capsys.readouterr().err

@@ -122,10 +122,12 @@ def main(cfg: DiagnoseConfig) -> dict:
 
 
 def cli() -> int:
+    from prismatic.checkpoint import CheckpointError
+
     cfg = draccus.parse(DiagnoseConfig)
     try:
         main(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"diagnose: {e}", file=sys.stderr)
         return 2
     return 0
