@@ -49,7 +49,8 @@ def test_sampler_ranks_split_the_global_batch_and_resume_anywhere():
 
 def test_config_validation_names_the_field():
     for field, value, msg in [("batch_size", 0, "batch_size is 0"), ("config_name", "huge", "config_name is 'huge'"),
-                              ("warmup_steps", -1, "warmup_steps is -1")]:
+                              ("warmup_steps", -1, "warmup_steps is -1"),
+                              ("action_loss", "huber", "action_loss is 'huber'")]:
         cfg = FinetuneConfig()
         setattr(cfg, field, value)
         with pytest.raises(ConfigError, match=msg):
@@ -74,3 +75,10 @@ def test_run_identity_ignores_how_a_run_is_run_but_not_what_it_learns():
     assert run_identity(a) != run_identity(FinetuneConfig(lr=1e-3).to_dict())
     cos = FinetuneConfig(lr_schedule="cosine").to_dict()  # a decaying schedule depends on max_steps
     assert run_identity(cos) != run_identity({**cos, "max_steps": 10})
+
+
+def test_runs_recorded_before_action_loss_existed_resume_as_l1_runs():
+    new = FinetuneConfig().to_dict()
+    old = {k: v for k, v in new.items() if k != "action_loss"}
+    assert run_identity(old) == run_identity(new)
+    assert run_identity(old) != run_identity(FinetuneConfig(action_loss="mse").to_dict())

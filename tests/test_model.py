@@ -111,6 +111,20 @@ def test_padding_does_not_change_predictions(tiny_vla):
     torch.testing.assert_close(both[0:1], short, atol=1e-5, rtol=1e-4)
 
 
+def test_action_loss_is_l1_or_mse_of_the_predicted_chunk(tiny_vla):
+    batch = smooth_batch(tiny_vla)
+
+    def run(**kw):  # the same expert input noise on every call
+        torch.manual_seed(0)
+        return tiny_vla(**batch, **kw)
+
+    err = (run().actions - batch["actions"]).double()
+    assert run().loss.item() == pytest.approx(err.abs().mean().item(), rel=1e-5)
+    assert run(action_loss="mse").loss.item() == pytest.approx(err.pow(2).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="action_loss is 'huber'"):
+        tiny_vla(**batch, action_loss="huber")
+
+
 def test_gradients_reach_only_lora_queries_proprio_and_expert():
     model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
     model(**smooth_batch(model)).loss.backward()

@@ -12,6 +12,7 @@ from experiments.robot.demo import FULL, QUICK, DemoConfig
 from experiments.robot.tabletop_pipeline.data import make_joint_suite
 from experiments.robot.tabletop_pipeline.pipeline import DEFAULT_BASE_DIR, PipelineConfig, PipelineError
 from experiments.robot.tabletop_pipeline.stages import Stage, fingerprint
+from experiments.robot.tabletop_pipeline.training import TrainJob, TrainSettings, finetune_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,6 +75,7 @@ def test_joint_suite_links_every_suite_file(tmp_path):
     ({"task_ids": [10]}, "task_ids"),
     ({"expert_steps": 0}, "expert_steps must be >= 1"),
     ({"router_variant": "query"}, "router_variant"),
+    ({"action_loss": "huber"}, "action_loss must be l1 or mse"),
     ({"trials_per_task": 49, "first_init_state": 2}, "50 init states"),
 ])
 def test_pipeline_config_names_the_bad_field(change, message):
@@ -95,7 +97,9 @@ def test_demo_presets_fill_only_unset_knobs():
     assert (full.task_ids, full.expert_steps, full.out_dir) == (FULL["task_ids"], FULL["expert_steps"], Path("runs/demo"))
     cfg = DemoConfig(quick=True)
     cfg.train.expert_steps = 7
-    assert cfg.pipeline_config().expert_steps == 7
+    cfg.train.action_loss = "mse"
+    assert (cfg.pipeline_config().expert_steps, cfg.pipeline_config().action_loss) == (7, "mse")
+    assert full.action_loss == "l1"
 
 
 def test_shipped_base_matches_its_recorded_hash():
@@ -154,3 +158,14 @@ def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
         return text.split("## Success rate")[1].split("## Training")[0]
 
     assert results_part((out / "demo_table.md").read_text()) == results_part(table)
+
+
+def test_each_training_job_gets_the_pipelines_knobs(tmp_path):
+    s = TrainSettings(data_root=str(tmp_path), base_dir=str(DEFAULT_BASE_DIR), seed=3, batch_size=4, lr=1e-3,
+                      lr_schedule="cosine", warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0,
+                      image_aug=False, log_every=50, action_loss="mse")
+    c = finetune_config(TrainJob("mergevla/goal", "cross_attn", "goal", 30, str(tmp_path / "run")), s)
+    assert (c.seed, c.suite, c.max_steps, c.save_every, c.lr_schedule, c.image_aug, c.action_loss) == (
+        3, "goal", 30, 30, "cosine", False, "mse")
+    assert (c.expert_arch, c.grad_accumulation_steps, c.log_every, c.resume) == ("cross_attn", 1, 30, True)
+    c.validate()

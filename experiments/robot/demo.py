@@ -57,6 +57,7 @@ class TrainKnobs:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     image_aug: bool = True
+    action_loss: str = "l1"  # l1 (as published) | mse: see README, TableTop-4
     joint: bool = True  # train and evaluate the joint multi-task model
 
 
@@ -110,7 +111,8 @@ class DemoConfig:
             joint_steps=pick(self.train.joint_steps, "joint_steps"), batch_size=self.train.batch_size,
             lr=self.train.lr, lr_schedule=self.train.lr_schedule, warmup_steps=self.train.warmup_steps,
             min_lr_ratio=self.train.min_lr_ratio, weight_decay=self.train.weight_decay,
-            max_grad_norm=self.train.max_grad_norm, image_aug=self.train.image_aug, train_joint=self.train.joint,
+            max_grad_norm=self.train.max_grad_norm, image_aug=self.train.image_aug,
+            action_loss=self.train.action_loss, train_joint=self.train.joint,
             algorithms=list(self.merge.algorithms), unmasked_algorithms=list(self.merge.unmasked_algorithms),
             mask_lambda=self.merge.mask_lambda, k_gate=self.merge.k_gate,
             expert_head_layers=self.merge.expert_head_layers, baseline_algorithms=list(self.merge.baseline_algorithms),

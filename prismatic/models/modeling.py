@@ -191,6 +191,10 @@ class ActionExpert(nn.Module):
 
 # ------------------------------------------------------------------------------------------------- VLA
 
+# Mean over the (B, chunk_len, action_dim) normalised chunk. L1 is the published objective; MSE weighs large
+# errors more, which at small step budgets makes a tiny expert condition on the instruction sooner.
+ACTION_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
+
 
 @dataclass
 class VLAOutput:
@@ -243,6 +247,7 @@ class MergeVLA(nn.Module):
         proprio: torch.Tensor,
         actions: torch.Tensor | None = None,
         keep_states: bool = False,
+        action_loss: str = "l1",
     ) -> VLAOutput:
         x, query_pos, v = self.build_sequence(input_ids, text_lens, pixel_values)
         out = self.vlm.llm.model(inputs_embeds=x, output_hidden_states=True, use_cache=False)
@@ -251,7 +256,9 @@ class MergeVLA(nn.Module):
         vis_states = [h[:, 1 : 1 + v] for h in out.hidden_states]
         proprio_token = self.proprio_proj(proprio.to(x.dtype)).unsqueeze(1)
         pred = self.action_expert(act_states, vis_states, proprio_token)
-        loss = F.l1_loss(pred.float(), actions.float()) if actions is not None else None
+        if action_loss not in ACTION_LOSSES:
+            raise ValueError(f"action_loss is {action_loss!r}, expected one of {sorted(ACTION_LOSSES)}")
+        loss = ACTION_LOSSES[action_loss](pred.float(), actions.float()) if actions is not None else None
         keep = keep_states or None
         return VLAOutput(pred, loss, keep and act_states, keep and vis_states)
 

@@ -49,6 +49,7 @@ class FinetuneConfig:
     max_steps: int = 30_000  # optimizer steps (bash_scripts/finetune_libero.sh sets it per suite)
     image_aug: bool = True
     aug: ImageAugConfig = field(default_factory=ImageAugConfig)
+    action_loss: Literal["l1", "mse"] = "l1"  # L1 as published
 
     # run
     out_dir: Optional[Path] = None  # default: runs/<suite>-<config_name>-<expert_arch>-seed<seed>
@@ -90,6 +91,8 @@ class FinetuneConfig:
             raise ConfigError("need lr > 0, weight_decay >= 0, max_grad_norm >= 0 and min_lr_ratio in [0, 1]")
         if self.warmup_steps >= self.max_steps and self.lr_schedule != "constant":
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        if self.action_loss not in ("l1", "mse"):
+            raise ConfigError(f"action_loss is {self.action_loss!r}, expected 'l1' or 'mse'")
         try:
             self.aug.validate()
         except ValueError as e:
@@ -115,9 +118,13 @@ RESUMABLE_FIELDS = ("data_root", "base", "resume", "out_dir", "save_every", "kee
                     "preload_images_gb", "cache_stats")
 
 
+# Fields added after runs were first recorded, with the value every older run was trained with.
+LATER_FIELDS = {"action_loss": "l1"}
+
+
 def run_identity(cfg_dict: dict) -> dict:
     """The part of a config that must match for a resumed run to continue the same training."""
-    ident = {k: v for k, v in cfg_dict.items() if k not in RESUMABLE_FIELDS}
+    ident = {**LATER_FIELDS, **{k: v for k, v in cfg_dict.items() if k not in RESUMABLE_FIELDS}}
     if cfg_dict.get("lr_schedule", "constant") != "constant":  # a decaying schedule depends on max_steps
         ident["max_steps"] = cfg_dict.get("max_steps")
     return ident

@@ -203,7 +203,7 @@ def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -
                 sync = contextlib.nullcontext() if ddp is None or last else ddp.no_sync()
                 with sync:
                     with autocast():
-                        loss = net(**batch).loss
+                        loss = net(**batch, action_loss=cfg.action_loss).loss
                     (loss / cfg.grad_accumulation_steps).backward()
                 loss_sum += loss.item()
             if cfg.max_grad_norm > 0:

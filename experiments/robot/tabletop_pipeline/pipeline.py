@@ -59,6 +59,7 @@ class PipelineConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     image_aug: bool = True
+    action_loss: str = "l1"  # l1 (as published) | mse
     train_joint: bool = True
     # merging (model_merging.MergeOptions fields)
     algorithms: list[str] = field(default_factory=lambda: list(DEMO_ALGORITHMS))  # MergeVLA, masks + router
@@ -103,6 +104,8 @@ class PipelineConfig:
         bad = [a for a in [*self.algorithms, *self.unmasked_algorithms, *self.baseline_algorithms] if a not in METHODS]
         if bad:
             raise PipelineError(f"unknown merge algorithm(s) {bad}; expected some of {sorted(METHODS)}")
+        if self.action_loss not in ("l1", "mse"):
+            raise PipelineError(f"action_loss must be l1 or mse, got {self.action_loss!r}")
         if self.router_variant not in ("value", "key", "key_value"):
             raise PipelineError(f"router_variant must be value, key or key_value, got {self.router_variant!r}")
         if not (Path(self.base_dir) / "base.json").is_file():
@@ -175,7 +178,7 @@ def stage_train(cfg: PipelineConfig, root: Path, data: dict, base: dict, log) ->
                              batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
                              warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
                              weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, image_aug=cfg.image_aug,
-                             log_every=50)
+                             log_every=50, action_loss=cfg.action_loss)
     jobs = [TrainJob(f"{fam}/{s}", arch, s, cfg.expert_steps, str(d / fam / s))
             for fam, arch in ARCHS.items() for s in cfg.suites]
     if cfg.train_joint:
