@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 from prismatic.models import BaseModelConfig
 from prismatic.models.configuration import CONFIGS, ExpertArch
+from prismatic.models.modeling import ACTION_LOSSES
 from prismatic.vla.augmentation import ImageAugConfig
 
 
@@ -91,8 +92,8 @@ class FinetuneConfig:
             raise ConfigError("need lr > 0, weight_decay >= 0, max_grad_norm >= 0 and min_lr_ratio in [0, 1]")
         if self.warmup_steps >= self.max_steps and self.lr_schedule != "constant":
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
-        if self.action_loss not in ("l1", "mse"):
-            raise ConfigError(f"action_loss is {self.action_loss!r}, expected 'l1' or 'mse'")
+        if self.action_loss not in ACTION_LOSSES:
+            raise ConfigError(f"action_loss is {self.action_loss!r}, expected one of {sorted(ACTION_LOSSES)}")
         try:
             self.aug.validate()
         except ValueError as e:

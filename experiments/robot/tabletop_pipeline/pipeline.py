@@ -83,6 +83,7 @@ class PipelineConfig:
 
     def validate(self) -> None:
         from model_merging import METHODS
+        from prismatic.models.modeling import ACTION_LOSSES
 
         unknown = [s for s in self.suites if s not in SUITES]
         if not self.suites or unknown or len(set(self.suites)) != len(self.suites):
@@ -104,8 +105,8 @@ class PipelineConfig:
         bad = [a for a in [*self.algorithms, *self.unmasked_algorithms, *self.baseline_algorithms] if a not in METHODS]
         if bad:
             raise PipelineError(f"unknown merge algorithm(s) {bad}; expected some of {sorted(METHODS)}")
-        if self.action_loss not in ("l1", "mse"):
-            raise PipelineError(f"action_loss must be l1 or mse, got {self.action_loss!r}")
+        if self.action_loss not in ACTION_LOSSES:
+            raise PipelineError(f"action_loss must be one of {sorted(ACTION_LOSSES)}, got {self.action_loss!r}")
         if self.router_variant not in ("value", "key", "key_value"):
             raise PipelineError(f"router_variant must be value, key or key_value, got {self.router_variant!r}")
         if not (Path(self.base_dir) / "base.json").is_file():

@@ -59,8 +59,8 @@ def finetune_config(job: TrainJob, s: TrainSettings):
         grad_accumulation_steps=1, lr=s.lr, lr_schedule=s.lr_schedule, warmup_steps=s.warmup_steps,
         min_lr_ratio=s.min_lr_ratio, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
         max_steps=job.steps, image_aug=s.image_aug, action_loss=s.action_loss, out_dir=Path(job.out_dir),
-        save_every=job.steps, resume=True, log_every=min(s.log_every, job.steps), progress_bar=False, device="cpu", cpu_threads=1,
-        num_workers=0,
+        save_every=job.steps, resume=True, log_every=min(s.log_every, job.steps), progress_bar=False, device="cpu",
+        cpu_threads=1, num_workers=0,
     )
 
 
