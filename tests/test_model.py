@@ -77,7 +77,7 @@ def test_tiny_forward_shapes(tiny_vla):
     assert out.loss.ndim == 0
     assert len(out.act_states) == len(out.vis_states) == cfg.llm.num_layers + 1
     assert out.act_states[-1].shape == (2, cfg.num_action_queries, cfg.llm.hidden_size)
-    assert out.vis_states[-1].shape == (2, 2 * 64, cfg.llm.hidden_size)  # 2 images × 8×8 patches
+    assert out.vis_states[-1].shape == (2, 2 * 16, cfg.llm.hidden_size)  # 2 images × 4×4 patches of 16 px
 
 
 def test_sequence_layout_puts_vision_after_first_token_and_queries_after_text(tiny_vla):
