@@ -13,7 +13,7 @@ from experiments.robot.libero.env import LiberoEnvFactory, libero_available, tas
 from experiments.robot.libero.policies import load_policy
 from experiments.robot.libero.preprocess import LiberoImageTransform, center_crop_resize, rotate_180
 from experiments.robot.libero.run_libero_eval import GenerateConfig, main, video_patterns
-from experiments.robot.policy import VLAPolicy, to_env_actions
+from experiments.robot.policy import CenterCrop, VLAPolicy, to_env_actions
 from prismatic.checkpoint import CheckpointError
 
 HAVE_LIBERO, WHY_NOT = libero_available()
@@ -238,3 +238,11 @@ def test_eval_scripts_refuse_missing_checkpoints(script, var, tmp_path):
     assert done.returncode == 2
     assert f"{var}={tmp_path / 'nope'}" in done.stderr and "manifest.json" in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_center_crop_policy_transform_matches_the_crop_and_checks_its_area():
+    ramp = np.tile((10 * np.arange(5))[None, :, None], (5, 1, 3)).astype(np.uint8)
+    assert CenterCrop(0.64)(ramp)[2, :, 0].tolist() == [4, 12, 20, 28, 36]  # as in the hand-computed test above
+    assert CenterCrop(1.0)(ramp) is ramp  # models trained on full frames see them unchanged
+    with pytest.raises(ValueError, match=r"crop area is 0.0, expected a fraction in \(0, 1\]"):
+        CenterCrop(0.0)

@@ -97,9 +97,9 @@ def test_demo_presets_fill_only_unset_knobs():
     assert (full.task_ids, full.expert_steps, full.out_dir) == (FULL["task_ids"], FULL["expert_steps"], Path("runs/demo"))
     cfg = DemoConfig(quick=True)
     cfg.train.expert_steps = 7
-    cfg.train.action_loss = "mse"
-    assert (cfg.pipeline_config().expert_steps, cfg.pipeline_config().action_loss) == (7, "mse")
-    assert full.action_loss == "l1"
+    cfg.train.action_loss = "l1"
+    assert (cfg.pipeline_config().expert_steps, cfg.pipeline_config().action_loss) == (7, "l1")
+    assert full.action_loss == "mse"  # TableTop-4's default; fine-tuning (FinetuneConfig) keeps the published L1
 
 
 def test_shipped_base_matches_its_recorded_hash():
@@ -169,3 +169,17 @@ def test_each_training_job_gets_the_pipelines_knobs(tmp_path):
         3, "goal", 30, 30, "cosine", False, "mse")
     assert (c.expert_arch, c.grad_accumulation_steps, c.log_every, c.resume) == ("cross_attn", 1, 30, True)
     c.validate()
+
+
+def test_eval_shows_the_training_crop_and_new_crops_are_new_results():
+    from experiments.robot.tabletop_pipeline.pipeline import eval_crop_area, eval_jobs
+
+    trained = {f"{f}/{s}": {"checkpoint": f"ck/{f}/{s}", "weights_sha256": f"{f}{s}"}
+               for f in ("mergevla", "baseline") for s in ("goal", "long")}
+    trained["joint"] = {"checkpoint": "ck/joint", "weights_sha256": "j"}
+    ids = {}
+    for aug in (True, False):
+        cfg = PipelineConfig(suites=["goal", "long"], image_aug=aug)
+        ids[aug] = [j.policy_id for j in eval_jobs(cfg, trained, {}, [])]
+    assert eval_crop_area(PipelineConfig()) == 0.9 and eval_crop_area(PipelineConfig(image_aug=False)) == 1.0
+    assert len(ids[True]) == 3 and all(a != b for a, b in zip(ids[True], ids[False]))  # old JSONL rows are discarded

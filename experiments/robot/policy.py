@@ -14,9 +14,25 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from experiments.robot.libero.preprocess import center_crop_resize
 from prismatic.vla.normalization import gripper_to_env, normalize, unnormalize
 
 ImageTransform = Callable[[np.ndarray], np.ndarray]  # (H, W, 3) uint8 → (S, S, 3) uint8
+
+
+@dataclass(frozen=True)
+class CenterCrop:
+    """What a model trained with random crops of `area` sees at test time: the centre crop of that area, resized
+    back to the frame's size (area 1: the frame unchanged)."""
+
+    area: float
+
+    def __post_init__(self):
+        if not 0.0 < self.area <= 1.0:
+            raise ValueError(f"crop area is {self.area}, expected a fraction in (0, 1]")
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        return img if self.area == 1.0 else center_crop_resize(np.asarray(img), self.area)
 
 
 class Policy(Protocol):

@@ -23,7 +23,7 @@ import draccus
 import numpy as np
 import torch
 
-from experiments.robot.policy import VLAPolicy
+from experiments.robot.policy import CenterCrop, VLAPolicy
 from experiments.robot.tabletop import get_suite, make_env
 from experiments.robot.tabletop.expert import ScriptedExpert
 
@@ -35,9 +35,10 @@ class DiagnoseConfig:
     task_id: int = 0  # whose observation the instructions are swapped on, and whose scenes are swapped
     init_states: int = 8  # scenes (init states 0..n-1) for the scene swap
     image_size: int = 64
+    crop_area: float = 0.9  # centre crop shown to the model: its training crop area (1: trained on full frames)
 
 
-def attention_shares(model, obs: dict, instruction: str) -> list[dict[str, float]]:
+def attention_shares(model, obs: dict, instruction: str, crop_area: float = 1.0) -> list[dict[str, float]]:
     """Per expert block: mean attention share of each key set and the largest single vision-token weight."""
     cfg = model.config
     captured = []
@@ -47,7 +48,7 @@ def attention_shares(model, obs: dict, instruction: str) -> list[dict[str, float
 
     handles = [b.register_forward_hook(hook) for b in model.action_expert.blocks]
     try:
-        VLAPolicy(model).act([obs], [instruction], [0])
+        VLAPolicy(model, CenterCrop(crop_area)).act([obs], [instruction], [0])
     finally:
         for h in handles:
             h.remove()
@@ -84,9 +85,10 @@ def expert_chunk(suite: str, task_id: int, init_state_id: int, steps: int) -> np
     return np.stack(actions)
 
 
-def sensitivity(model, suite: str, task_id: int, init_states: int, image_size: int = 64) -> dict[str, dict]:
+def sensitivity(model, suite: str, task_id: int, init_states: int, image_size: int = 64,
+                crop_area: float = 1.0) -> dict[str, dict]:
     """First-chunk displacement spread of the policy and of the scripted expert: instruction swap, scene swap."""
-    policy, steps = VLAPolicy(model), model.config.chunk_len
+    policy, steps = VLAPolicy(model, CenterCrop(crop_area)), model.config.chunk_len
     obs = make_env(suite, task_id, 0, image_size=image_size).reset()
     instructions = [t.instruction for t in get_suite(suite)]
     scenes = [make_env(suite, task_id, i, image_size=image_size) for i in range(init_states)]
@@ -109,8 +111,8 @@ def main(cfg: DiagnoseConfig) -> dict:
         raise ValueError(f"init_states must be >= 2 (a spread needs two scenes), got {cfg.init_states}")
     model = from_pretrained(cfg.checkpoint).eval()
     env = make_env(cfg.suite, cfg.task_id, 0, image_size=cfg.image_size)
-    shares = attention_shares(model, env.reset(), env.instruction)
-    sens = sensitivity(model, cfg.suite, cfg.task_id, cfg.init_states, cfg.image_size)
+    shares = attention_shares(model, env.reset(), env.instruction, cfg.crop_area)
+    sens = sensitivity(model, cfg.suite, cfg.task_id, cfg.init_states, cfg.image_size, cfg.crop_area)
     print(f"{cfg.checkpoint} on {cfg.suite} task {cfg.task_id} ({env.instruction!r})")
     print("block | " + " | ".join(k for k in shares[0]))
     for i, row in enumerate(shares):

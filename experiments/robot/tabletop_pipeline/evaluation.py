@@ -73,11 +73,17 @@ class EvalSettings:
     noop_steps: int
     seed: int
     image_size: int = 64
+    crop_area: float = 1.0  # centre crop shown to the models (their training crop area; 1: the full frame)
     out_dir: str = "."
     protocol_extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def protocol(self) -> Protocol:
         return Protocol(num_noop_steps=self.noop_steps)
+
+    def image_transform(self):
+        from experiments.robot.policy import CenterCrop
+
+        return None if self.crop_area == 1.0 else CenterCrop(self.crop_area)
 
 
 class OraclePolicy:
@@ -174,18 +180,19 @@ def run_eval(job: EvalJob, settings: EvalSettings) -> dict:
     factory = TableTopEnvFactory(settings.image_size)
     run_info = {"method": job.label, "policy_id": job.policy_id}
     calls = []  # (policy, episodes, results path)
+    tf = settings.image_transform()
     summary: dict = {"name": job.name, "label": job.label}
     if job.kind == "experts":
         ckpts = dict(job.checkpoints)
         for s in settings.suites:
-            calls.append((VLAPolicy(from_pretrained(ckpts[s]).eval()), by_suite[s], out / job.name / f"{s}.jsonl"))
+            calls.append((VLAPolicy(from_pretrained(ckpts[s]).eval(), tf), by_suite[s], out / job.name / f"{s}.jsonl"))
     elif job.kind == "single":
         (_, ckpt), = job.checkpoints
-        calls.append((VLAPolicy(from_pretrained(ckpt).eval()), episodes, out / f"{job.name}.jsonl"))
+        calls.append((VLAPolicy(from_pretrained(ckpt).eval(), tf), episodes, out / f"{job.name}.jsonl"))
     elif job.kind in ("routed", "oracle"):
         merged = load_merged(job.artifact)
         if job.kind == "routed":
-            policy = RoutedPolicy(merged, variant=job.variant)
+            policy = RoutedPolicy(merged, tf, variant=job.variant)
             obs, instr = first_observations(episodes, settings)
             routed = route_all_variants(policy, obs, instr)
             truth = [e.expected_expert for e in episodes]
@@ -196,7 +203,7 @@ def run_eval(job: EvalJob, settings: EvalSettings) -> dict:
             calls.append((policy, episodes, out / f"{job.name}.jsonl"))
         else:
             for s in settings.suites:
-                calls.append((OraclePolicy(RoutedPolicy(merged, force_task=s)), by_suite[s],
+                calls.append((OraclePolicy(RoutedPolicy(merged, tf, force_task=s)), by_suite[s],
                               out / job.name / f"{s}.jsonl"))
     else:
         raise ValueError(f"unknown evaluation kind {job.kind!r}")

@@ -59,7 +59,7 @@ class PipelineConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     image_aug: bool = True
-    action_loss: str = "l1"  # l1 (as published) | mse
+    action_loss: str = "mse"  # mse | l1 (as published; learns far slower at the demo's budget: README)
     train_joint: bool = True
     # merging (model_merging.MergeOptions fields)
     algorithms: list[str] = field(default_factory=lambda: list(DEMO_ALGORITHMS))  # MergeVLA, masks + router
@@ -223,10 +223,17 @@ def stage_merge(cfg: PipelineConfig, root: Path, trained: dict, log) -> dict:
     return Stage(root, "merge", spec, clear_stale=False).run(lambda _d: run_merges(jobs, cfg.workers, log), log)
 
 
+def eval_crop_area(cfg: PipelineConfig) -> float:
+    """Models trained with random crops see the centre crop of the same area at test time (1: full frames)."""
+    from prismatic.vla.augmentation import ImageAugConfig
+
+    return ImageAugConfig().crop_area if cfg.image_aug else 1.0
+
+
 def eval_jobs(cfg: PipelineConfig, trained: dict, merged: dict, merge_job_list: list) -> list:
     from experiments.robot.tabletop_pipeline.evaluation import EvalJob
 
-    proto = {"noop_steps": cfg.noop_steps, "seed": cfg.seed}
+    proto = {"noop_steps": cfg.noop_steps, "seed": cfg.seed, "crop_area": eval_crop_area(cfg)}
     jobs = []
     for fam, label in (("mergevla", FT_LABEL), ("baseline", BASELINE_FT_LABEL)):
         if fam == "baseline" and not cfg.eval_baseline_experts:
@@ -253,7 +260,8 @@ def stage_eval(cfg: PipelineConfig, root: Path, trained: dict, merged: dict, log
     d = root / "eval"
     settings = EvalSettings(suites=tuple(cfg.suites), task_ids=tuple(cfg.task_ids) if cfg.task_ids else None,
                             trials_per_task=cfg.trials_per_task, first_init_state=cfg.first_init_state,
-                            num_envs=cfg.num_envs, noop_steps=cfg.noop_steps, seed=cfg.seed, out_dir=str(d))
+                            num_envs=cfg.num_envs, noop_steps=cfg.noop_steps, seed=cfg.seed,
+                            crop_area=eval_crop_area(cfg), out_dir=str(d))
     jobs = eval_jobs(cfg, trained, merged, merge_jobs(cfg, root, trained))
     spec = {"settings": asdict(settings), "jobs": [asdict(j) for j in jobs]}
     res = Stage(root, "eval", spec, clear_stale=False).run(lambda _d: run_evals(jobs, settings, cfg.workers, log), log)
