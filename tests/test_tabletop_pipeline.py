@@ -140,6 +140,7 @@ def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
         f"MergeVLA {a} + masks + router" for a in ("TA", "TIES", "TSV", "KnOTS", "WUDI", "EMR")] + [
         "Baseline TA, no masks (self-attn)", "Joint multi-task (upper reference)"]
     assert rows == expected  # the paper's layout: FT experts first, then each merge
+    assert "MSE action loss" in table and "| run | steps | final MSE loss |" in table  # the demo's default loss
     assert (out / "summary" / "results.csv").is_file() and (out / "summary" / "success_bars.png").is_file()
     timing = json.loads((out / "timing.json").read_text())
     assert set(timing["stages"]) == {"data", "base", "train", "merge", "eval", "report"}

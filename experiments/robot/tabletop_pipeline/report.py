@@ -67,7 +67,7 @@ def render(cfg, report: dict) -> str:
         f"Suites {', '.join(cfg.suites)}; tasks per suite: {tasks}; {cfg.trials_per_task} episode(s) per task "
         f"({report['table'].counts and max(n for _, n in report['table'].counts.values())} per suite and row); "
         f"{cfg.demos_per_task} demos per task; {cfg.expert_steps} steps per expert, {cfg.joint_steps} for the joint "
-        f"model (batch {cfg.batch_size}); seed {cfg.seed}.\n\n",
+        f"model (batch {cfg.batch_size}, {cfg.action_loss.upper()} action loss); seed {cfg.seed}.\n\n",
         "## Success rate (%)\n\n", report["table_markdown"],
     ]
     if report["routing_per_suite"]:
@@ -75,7 +75,8 @@ def render(cfg, report: dict) -> str:
                   f"{VARIANT_LABELS[cfg.router_variant]} subspaces)\n\n", report["routing_per_suite"],
                   "\n## Router subspaces (%, all suites, first observations)\n\n", report["routing_ablation"]]
     ft = [r for r in report["train"].values()]
-    parts += ["\n## Training\n\n| run | steps | final L1 loss | wall (s) | steps/s |\n|---|---:|---:|---:|---:|\n"]
+    parts += [f"\n## Training\n\n| run | steps | final {cfg.action_loss.upper()} loss | wall (s) | steps/s |\n"
+              "|---|---:|---:|---:|---:|\n"]
     parts += [f"| {r['name']} | {r['steps']} | {r['final_loss']} | {r['wall_s']} | {r['steps_per_s']} |\n" for r in ft]
     parts += ["\n## Wall time\n\n", timing_table(t),
               f"\nTotal {t['total_wall_s']:.0f} s on {ms['cpus']} CPU(s) ({ms['platform']}; torch {ms['torch']}), "
