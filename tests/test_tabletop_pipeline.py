@@ -145,6 +145,10 @@ def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
     timing = json.loads((out / "timing.json").read_text())
     assert set(timing["stages"]) == {"data", "base", "train", "merge", "eval", "report"}
     assert not any(s["cached"] for s in timing["stages"].values())
+    for suite, frac in timing["ft_success"].items():  # fractions (what benchmarks/demo_time.py compares to 0.9)
+        rows = [json.loads(x) for x in (out / "eval" / "mergevla-experts" / f"{suite}.jsonl").read_text().splitlines()]
+        assert frac == sum(r["success"] for r in rows) / len(rows) and len(rows) == 4
+        assert timing["success_pct"]["FT experts"][suite] == 100 * frac
     # 2 tasks x 2 trials x 4 suites rolled out per row, each written once as a JSONL row
     results = [json.loads(line) for p in (out / "eval").rglob("*.jsonl") for line in p.read_text().splitlines()]
     assert len(results) == 10 * 16
@@ -184,3 +188,28 @@ def test_eval_shows_the_training_crop_and_new_crops_are_new_results():
         ids[aug] = [j.policy_id for j in eval_jobs(cfg, trained, {}, [])]
     assert eval_crop_area(PipelineConfig()) == 0.9 and eval_crop_area(PipelineConfig(image_aug=False)) == 1.0
     assert len(ids[True]) == 3 and all(a != b for a, b in zip(ids[True], ids[False]))  # old JSONL rows are discarded
+
+
+def test_demo_time_judges_fractions_against_the_targets(tmp_path, capsys):
+    from benchmarks.demo_time import DemoTimeConfig, main
+
+    stages = {n: {"wall_s": w, "cached": False} for n, w in (("data", 20.0), ("train", 900.0), ("eval", 80.0))}
+    timing = {"stages": stages, "machine_start": {"cpus": 2, "torch": "x", "loadavg_1m": 0.5},
+              "ft_success": {"goal": 0.25, "spatial": 0.95}}
+    (tmp_path / "timing.json").write_text(json.dumps(timing))
+    assert main(DemoTimeConfig(run=False, out_dir=tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert "wall time (cold) 1000 s = 16.7 min; target ≤ 20 min: met" in out
+    assert "FT expert goal     25.0%; target ≥ 90%: MISSED" in out and "spatial  95.0%; target ≥ 90%: met" in out
+    timing["ft_success"]["goal"] = 0.9
+    (tmp_path / "timing.json").write_text(json.dumps(timing))
+    assert main(DemoTimeConfig(run=False, out_dir=tmp_path)) == 0
+
+
+def test_ft_success_is_a_fraction_per_suite():
+    from experiments.robot.harness import success_table
+    from experiments.robot.tabletop_pipeline.report import ft_success
+
+    rows = [{"method": "FT experts", "suite": "goal", "success": k == 0} for k in range(4)]
+    rows += [{"method": "MergeVLA TA + masks + router", "suite": "long", "success": True}]
+    assert ft_success(success_table(rows), ["goal", "long"]) == {"goal": 0.25, "long": None}

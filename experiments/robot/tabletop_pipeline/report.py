@@ -84,6 +84,11 @@ def render(cfg, report: dict) -> str:
     return "".join(parts)
 
 
+def ft_success(table, suites) -> dict[str, float | None]:
+    """FT experts' success per suite as a fraction (the table itself is in %); None where nothing ran."""
+    return {s: (None if (r := table.rate("FT experts", s)) is None else r / 100) for s in suites}
+
+
 def write_report(cfg, report: dict, root: Path, log=print) -> None:
     from prismatic.io import write_json, write_text
 
@@ -93,10 +98,10 @@ def write_report(cfg, report: dict, root: Path, log=print) -> None:
     write_json(root / "routing.json", {r["label"]: {"first_obs": r["first_obs_routing"],
                                                     "rollouts": r.get("rollout_routing")}
                                        for r in report["eval"].values() if "first_obs_routing" in r})
-    ft = {s: report["table"].rate("FT experts", s) for s in cfg.suites}
+    table = report["table"]
+    ft = ft_success(table, cfg.suites)
     timing = {**report["timing"], "ft_success": ft,
-              "table": {m: {c: report["table"].rate(m, c) for c in report["table"].columns}
-                        for m in report["table"].methods}}
+              "success_pct": {m: {c: table.rate(m, c) for c in table.columns} for m in table.methods}}
     write_json(root / "timing.json", timing)
     with open(root / "timing_history.jsonl", "a") as f:
         f.write(json.dumps({"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
