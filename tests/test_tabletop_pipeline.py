@@ -94,6 +94,8 @@ def test_demo_presets_fill_only_unset_knobs():
     assert (quick.task_ids, quick.expert_steps, quick.out_dir) == (QUICK["task_ids"], QUICK["expert_steps"],
                                                                    Path("runs/demo-quick"))
     full = DemoConfig().pipeline_config()
+    plain = PipelineConfig()  # the pipeline's own defaults are the full demo's
+    assert {k: getattr(plain, k) for k in FULL} == FULL
     assert (full.task_ids, full.expert_steps, full.out_dir) == (FULL["task_ids"], FULL["expert_steps"], Path("runs/demo"))
     cfg = DemoConfig(quick=True)
     cfg.train.expert_steps = 7

@@ -83,7 +83,7 @@ class EvalSettings:
     def image_transform(self):
         from experiments.robot.policy import CenterCrop
 
-        return None if self.crop_area == 1.0 else CenterCrop(self.crop_area)
+        return CenterCrop(self.crop_area)
 
 
 class OraclePolicy:

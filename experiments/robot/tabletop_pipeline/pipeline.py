@@ -49,8 +49,8 @@ class PipelineConfig:
     demos_per_task: int = 50
     demo_noise: float = 0.1  # scripted expert's action noise
     # training (prismatic.training.FinetuneConfig fields)
-    expert_steps: int = 600
-    joint_steps: int = 1200
+    expert_steps: int = 1500  # = make demo's FULL preset
+    joint_steps: int = 3000
     batch_size: int = 8
     lr: float = 1e-3
     lr_schedule: str = "cosine"
@@ -70,7 +70,7 @@ class PipelineConfig:
     baseline_algorithms: list[str] = field(default_factory=lambda: ["task_arithmetic"])  # naive, no masks
     baseline_head_layers: int = 0  # naive merge: every parameter shared
     # evaluation
-    trials_per_task: int = 2  # episodes per task (trial k starts from the task's init state first_init_state + k)
+    trials_per_task: int = 4  # episodes per task (trial k starts from the task's init state first_init_state + k)
     first_init_state: int = 0
     num_envs: int = 16  # concurrent episodes per policy (the policy's batch)
     noop_steps: int = 0  # TableTop-4 needs no settling steps

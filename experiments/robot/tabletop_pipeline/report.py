@@ -11,7 +11,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from experiments.robot.harness import success_table, write_summary
+from experiments.robot.harness import FT_METHOD, success_table, write_summary
 from experiments.robot.tabletop_pipeline.evaluation import ROUTER_VARIANTS, load_rows
 
 VARIANT_LABELS = {"value": "value-only", "key": "key-only", "key_value": "key+value"}
@@ -86,7 +86,7 @@ def render(cfg, report: dict) -> str:
 
 def ft_success(table, suites) -> dict[str, float | None]:
     """FT experts' success per suite as a fraction (the table itself is in %); None where nothing ran."""
-    return {s: (None if (r := table.rate("FT experts", s)) is None else r / 100) for s in suites}
+    return {s: (None if (r := table.rate(FT_METHOD, s)) is None else r / 100) for s in suites}
 
 
 def write_report(cfg, report: dict, root: Path, log=print) -> None:
