@@ -84,7 +84,7 @@ class MergyConfig:
     retain: RetainParams = field(default_factory=RetainParams)
 
 
-def normalize_argv(argv: list[str]) -> list[str]:
+def normalize_argv(argv: list[str], list_fields: tuple[str, ...] = LIST_FIELDS) -> list[str]:
     """Accept `--experts a=D b=D` (several values after one flag) and `--lambda`, which draccus lacks.
 
     draccus reads one token per flag and parses it as YAML, so the values are joined into a JSON list.
@@ -94,7 +94,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
         flag = ALIASES.get(flag, flag)
-        if flag in LIST_FIELDS and not eq:
+        if flag in list_fields and not eq:
             values = []
             while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 values.append(argv[i + 1])

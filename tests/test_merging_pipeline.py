@@ -334,3 +334,37 @@ def test_cli_merges_experts_written_by_the_training_script(tmp_path, batch):
     for name, d in finals:
         assert merged.norm_stats[name] == from_pretrained(d).norm_stats
     assert torch.isfinite(merged.multi_expert().predict_action([0, 1], **batch)).all()
+
+
+# ------------------------------------------------------------------------------------------ average_parts
+
+def test_average_parts_replaces_only_the_named_groups(experts, tmp_path, capsys):
+    from model_merging.average_parts import main as average_main
+
+    own = {n: load_file(str(d / "model.safetensors")) for n, d in experts}
+    out = tmp_path / "goal-avg"
+    argv = ["--experts", *[f"{n}={d}" for n, d in experts], "--target", "goal", "--parts", "proprio_proj",
+            "shared_blocks", "--out", str(out)]
+    assert average_main(argv) == 0
+    got, manifest = load_checkpoint(out, CHECKPOINT_KIND)
+    assert set(got) == set(own["goal"])
+    last = max(int(k.split(".")[2]) for k in got if k.startswith("action_expert.blocks."))
+    averaged = 0
+    for k, v in got.items():
+        mean = sum(own[n][k] for n in NAMES) / 4
+        if k.startswith("proprio_proj.") or (k.startswith("action_expert.blocks.") and int(k.split(".")[2]) < last):
+            torch.testing.assert_close(v, mean, rtol=1e-6, atol=1e-7)
+            assert not torch.equal(v, own["goal"][k])
+            averaged += 1
+        else:  # LoRA, queries, the expert's input layers and the kept last block: the goal expert's own
+            assert torch.equal(v, own["goal"][k]), k
+    assert averaged > 4 and manifest["averaged_parts"]["parts"] == ["proprio_proj", "shared_blocks"]
+    assert from_pretrained(out).norm_stats == from_pretrained(dict(experts)["goal"]).norm_stats
+    # the output is never overwritten unasked; bad input names the field and writes nothing
+    assert average_main(argv) == 2 and "refusing to overwrite" in capsys.readouterr().err
+    bad = ["--experts", *[f"{n}={d}" for n, d in experts], "--out", str(tmp_path / "x")]
+    assert average_main([*bad, "--target", "goal", "--parts", "lora"]) == 2
+    assert "--parts ['lora']: expected a subset of" in capsys.readouterr().err
+    assert average_main([*bad, "--target", "kitchen"]) == 2
+    assert "--target 'kitchen' is not one of the experts" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,105 @@
+"""Which merged part loses an expert: one expert with some of its from-scratch parts averaged over all experts.
+
+    python -m model_merging.average_parts --experts spatial=DIR object=DIR goal=DIR long=DIR --target goal \
+        --parts proprio_proj --out runs/goal-avg-proprio
+
+writes an ordinary fine-tuned checkpoint (evaluate it like any expert): the target expert, except that each
+named part group is replaced by the experts' weighted average, as a merge would share it. Everything else,
+LoRA included, stays the target's own. Groups (with L_h = --expert_head_layers blocks kept per task):
+    action_queries   the learnable action queries
+    proprio_proj     the proprio projector
+    expert_input     the action expert's input layers (before the blocks)
+    shared_blocks    action-expert blocks 0 .. L − L_h − 1
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import draccus
+import torch
+
+from model_merging.algorithms import average_weights, weighted_sum
+from model_merging.errors import MergeError
+from model_merging.experts import ExpertSet, parse_expert_specs
+from model_merging.mergy import normalize_argv
+from prismatic.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from prismatic.models.pretrained import CHECKPOINT_KIND
+
+PART_GROUPS = ("action_queries", "proprio_proj", "expert_input", "shared_blocks")
+
+
+def part_group(name: str, shared: set[str]) -> Optional[str]:
+    """The group of a shared from-scratch parameter (None for LoRA factors and per-task head parameters)."""
+    if name not in shared:
+        return None
+    if name.startswith("action_expert.blocks."):
+        return "shared_blocks"
+    if name.startswith("action_expert."):
+        return "expert_input"
+    return name.split(".")[0]
+
+
+def average_parts(experts: ExpertSet, target: str, parts: Sequence[str], expert_head_layers: int = 1,
+                  weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """The target expert's trainable tensors with the `parts` groups averaged over `experts`."""
+    unknown = sorted(set(parts) - set(PART_GROUPS))
+    if unknown:
+        raise MergeError(f"--parts {unknown}: expected a subset of {list(PART_GROUPS)}")
+    if target not in experts.names:
+        raise MergeError(f"--target {target!r} is not one of the experts {experts.names}")
+    if not 0 <= expert_head_layers <= experts.layout.num_blocks:
+        raise MergeError(f"--expert_head_layers must be in 0..{experts.layout.num_blocks}, got {expert_head_layers}")
+    w = average_weights(weights, len(experts))
+    shared = set(experts.layout.shared_names(expert_head_layers))
+    index = experts.names.index(target)
+    tensors, _ = load_checkpoint(experts.experts[index].directory, CHECKPOINT_KIND, verify=False)
+    for name in tensors:
+        if part_group(name, shared) in parts:
+            tensors[name] = weighted_sum(experts.tensors(name), w).to(tensors[name].dtype)
+    return tensors
+
+
+@dataclass
+class AveragePartsConfig:
+    experts: list[str] = field(default_factory=list)  # NAME=DIR fine-tuned checkpoints, all of one base and init
+    target: str = ""  # the expert whose checkpoint is written back with averaged parts
+    parts: list[str] = field(default_factory=lambda: list(PART_GROUPS))  # groups to average (see the module doc)
+    expert_head_layers: int = 1  # L_h: last blocks (+ final norm and head) that stay the target's own
+    weights: Optional[list[float]] = None  # averaging weights, one per expert (default 1/M each)
+    out: Optional[Path] = None  # checkpoint directory to create
+    overwrite: bool = False
+
+
+def run(cfg: AveragePartsConfig) -> Path:
+    if cfg.out is None:
+        raise MergeError("--out is required: the checkpoint directory to create")
+    experts = ExpertSet.open(parse_expert_specs(cfg.experts))
+    tensors = average_parts(experts, cfg.target, cfg.parts, cfg.expert_head_layers, cfg.weights)
+    manifest = dict(experts.experts[experts.names.index(cfg.target)].manifest)
+    for k in ("format", "format_version", "weights_sha256"):
+        manifest.pop(k, None)
+    manifest["averaged_parts"] = {"parts": list(cfg.parts), "experts": experts.names,
+                                  "expert_head_layers": cfg.expert_head_layers,
+                                  "weights": average_weights(cfg.weights, len(experts))}
+    return save_checkpoint(cfg.out, tensors, manifest, CHECKPOINT_KIND, overwrite=cfg.overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    cfg = draccus.parse(AveragePartsConfig, args=normalize_argv(args, ("--experts", "--parts", "--weights")))
+    try:
+        out = run(cfg)
+    except (MergeError, CheckpointError, FileExistsError) as e:
+        print(f"average_parts: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
