@@ -188,7 +188,7 @@ def test_eval_shows_the_training_crop_and_new_crops_are_new_results():
     for aug in (True, False):
         cfg = PipelineConfig(suites=["goal", "long"], image_aug=aug)
         ids[aug] = [j.policy_id for j in eval_jobs(cfg, trained, {}, [])]
-    assert eval_crop_area(PipelineConfig()) == 0.9 and eval_crop_area(PipelineConfig(image_aug=False)) == 1.0
+    assert eval_crop_area(PipelineConfig(image_aug=True)) == 0.9 and eval_crop_area(PipelineConfig()) == 1.0
     assert len(ids[True]) == 3 and all(a != b for a, b in zip(ids[True], ids[False]))  # old JSONL rows are discarded
 
 
