@@ -9,6 +9,7 @@ from experiments.robot.tabletop_pipeline.diagnose import (
     displacement_spread,
     expert_chunk,
     main,
+    training_crop_area,
 )
 from prismatic.models import BaseModelConfig, build_vla, get_config, save_pretrained
 
@@ -69,3 +70,12 @@ def test_cli_names_a_missing_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["diagnose", "--checkpoint", str(tmp_path / "missing")])
     assert cli() == 2
     assert f"checkpoint directory {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+
+
+def test_the_crop_shown_by_default_is_the_checkpoints_training_crop(tmp_path):
+    model = model_for("cross_attn")
+    aug = {"image_aug": True, "aug": {"crop_area": 0.81}}
+    save_pretrained(model, tmp_path / "aug", step=1, train_config=aug)
+    save_pretrained(model, tmp_path / "noaug", step=1, train_config={**aug, "image_aug": False})
+    save_pretrained(model, tmp_path / "untrained", step=1)
+    assert [training_crop_area(tmp_path / d) for d in ("aug", "noaug", "untrained")] == [0.81, 1.0, 1.0]

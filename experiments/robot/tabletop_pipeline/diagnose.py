@@ -1,7 +1,7 @@
 """Why does a TableTop-4 expert fail? Two measurements on one checkpoint, kept runnable for issue 5's work.
 
     python -m experiments.robot.tabletop_pipeline.diagnose \
-        --checkpoint runs/demo/train/mergevla/goal/checkpoints/step_000600 --suite goal
+        --checkpoint runs/demo/train/mergevla/goal/checkpoints/step_001500 --suite goal
 
 - attention: per action-expert block, the share of attention on the action-query states, the proprio token
   (and, for the baseline, the chunk slots themselves) and the vision tokens, and the largest weight any single
@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import draccus
 import numpy as np
@@ -30,12 +31,12 @@ from experiments.robot.tabletop.expert import ScriptedExpert
 
 @dataclass
 class DiagnoseConfig:
-    checkpoint: Path = Path("runs/demo/train/mergevla/goal/checkpoints/step_000600")  # a fine-tuned checkpoint
+    checkpoint: Path = Path("runs/demo/train/mergevla/goal/checkpoints/step_001500")  # a fine-tuned checkpoint
     suite: str = "goal"
     task_id: int = 0  # whose observation the instructions are swapped on, and whose scenes are swapped
     init_states: int = 8  # scenes (init states 0..n-1) for the scene swap
     image_size: int = 64
-    crop_area: float = 0.9  # centre crop shown to the model: its training crop area (1: trained on full frames)
+    crop_area: Optional[float] = None  # centre crop shown to the model (None: its training crop area, 1 without aug)
 
 
 def attention_shares(model, obs: dict, instruction: str, crop_area: float = 1.0) -> list[dict[str, float]]:
@@ -104,15 +105,25 @@ def sensitivity(model, suite: str, task_id: int, init_states: int, image_size: i
     }
 
 
+def training_crop_area(checkpoint: Path) -> float:
+    """The centre-crop area a checkpoint saw in training: its random-crop area with image_aug, else 1."""
+    from prismatic.checkpoint import read_manifest
+    from prismatic.models.pretrained import CHECKPOINT_KIND
+
+    train = read_manifest(checkpoint, CHECKPOINT_KIND).get("train_config") or {}
+    return float(train.get("aug", {}).get("crop_area", 1.0)) if train.get("image_aug") else 1.0
+
+
 def main(cfg: DiagnoseConfig) -> dict:
     from prismatic.models import from_pretrained
 
     if cfg.init_states < 2:
         raise ValueError(f"init_states must be >= 2 (a spread needs two scenes), got {cfg.init_states}")
     model = from_pretrained(cfg.checkpoint).eval()
+    crop = training_crop_area(cfg.checkpoint) if cfg.crop_area is None else cfg.crop_area
     env = make_env(cfg.suite, cfg.task_id, 0, image_size=cfg.image_size)
-    shares = attention_shares(model, env.reset(), env.instruction, cfg.crop_area)
-    sens = sensitivity(model, cfg.suite, cfg.task_id, cfg.init_states, cfg.image_size, cfg.crop_area)
+    shares = attention_shares(model, env.reset(), env.instruction, crop)
+    sens = sensitivity(model, cfg.suite, cfg.task_id, cfg.init_states, cfg.image_size, crop)
     print(f"{cfg.checkpoint} on {cfg.suite} task {cfg.task_id} ({env.instruction!r})")
     print("block | " + " | ".join(k for k in shares[0]))
     for i, row in enumerate(shares):
