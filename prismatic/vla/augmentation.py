@@ -38,6 +38,11 @@ class ImageAugConfig:
             raise ValueError("aug.brightness must be >= 0 and aug.hue in [0, 0.5]")
 
 
+def centre_crop_for(image_aug: bool, crop_area: float) -> float:
+    """The centre-crop area a model should see at test time: its random-crop area if trained with augmentation."""
+    return crop_area if image_aug else 1.0
+
+
 def crop_resize(x: torch.Tensor, scale: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Tensor) -> torch.Tensor:
     """Bilinear crop of a box of side `scale` (fraction of H, W) whose centre sits at `shift` ([-1, 1] coords),
     resized to the input size. x: (N, 3, H, W); scale, shift_*: (N,)."""

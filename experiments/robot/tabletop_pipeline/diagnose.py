@@ -109,9 +109,10 @@ def training_crop_area(checkpoint: Path) -> float:
     """The centre-crop area a checkpoint saw in training: its random-crop area with image_aug, else 1."""
     from prismatic.checkpoint import read_manifest
     from prismatic.models.pretrained import CHECKPOINT_KIND
+    from prismatic.vla.augmentation import centre_crop_for
 
     train = read_manifest(checkpoint, CHECKPOINT_KIND).get("train_config") or {}
-    return float(train.get("aug", {}).get("crop_area", 1.0)) if train.get("image_aug") else 1.0
+    return centre_crop_for(bool(train.get("image_aug")), float(train.get("aug", {}).get("crop_area", 1.0)))
 
 
 def main(cfg: DiagnoseConfig) -> dict:

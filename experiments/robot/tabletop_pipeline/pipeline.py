@@ -227,9 +227,9 @@ def stage_merge(cfg: PipelineConfig, root: Path, trained: dict, log) -> dict:
 
 def eval_crop_area(cfg: PipelineConfig) -> float:
     """Models trained with random crops see the centre crop of the same area at test time (1: full frames)."""
-    from prismatic.vla.augmentation import ImageAugConfig
+    from prismatic.vla.augmentation import ImageAugConfig, centre_crop_for
 
-    return ImageAugConfig().crop_area if cfg.image_aug else 1.0
+    return centre_crop_for(cfg.image_aug, ImageAugConfig().crop_area)
 
 
 def eval_jobs(cfg: PipelineConfig, trained: dict, merged: dict, merge_job_list: list) -> list:
