@@ -80,9 +80,7 @@ def run(cfg: AveragePartsConfig) -> Path:
         raise MergeError("--out is required: the checkpoint directory to create")
     experts = ExpertSet.open(parse_expert_specs(cfg.experts))
     tensors = average_parts(experts, cfg.target, cfg.parts, cfg.expert_head_layers, cfg.weights)
-    manifest = dict(experts.experts[experts.names.index(cfg.target)].manifest)
-    for k in ("format", "format_version", "weights_sha256"):
-        manifest.pop(k, None)
+    manifest = dict(experts.experts[experts.names.index(cfg.target)].manifest)  # save_checkpoint sets the format
     manifest["averaged_parts"] = {"parts": list(cfg.parts), "experts": experts.names,
                                   "expert_head_layers": cfg.expert_head_layers,
                                   "weights": average_weights(cfg.weights, len(experts))}
