@@ -5,7 +5,8 @@ Tensors (all fp32 unless noted), for parameters p and tasks t in manifest order:
     mask.<t>.<p>              uint8: S_t bit-packed (numpy.packbits order), present when masks are enabled
     rescale.<t>.<p>           0-d: EMR's per-task rescaler (EMR with masks only)
     shared.<n>                from-scratch parameter n shared by all tasks (weighted average, or RETAIN)
-    head.<t>.<n>              from-scratch parameter n kept per task (last L_h expert blocks, final norm, head)
+    head.<t>.<n>              from-scratch parameter n kept per task (last L_h expert blocks, final norm, head, and
+                              the manifest's `per_task_parts` groups)
     router.<t>.<v>.<act|vis>  (k_gate, D) router subspace of task t, variant v ∈ value / key / key_value
 Task t runs θ0 + rescale·(S_t ⊙ τ_merge) in the VLM, the shared parts and its own head. θ0 itself is not
 stored: the manifest's `base` reference (with its sha256) says where it comes from, as for checkpoints.

@@ -26,30 +26,19 @@ import torch
 from model_merging.algorithms import average_weights, weighted_sum
 from model_merging.errors import MergeError
 from model_merging.experts import ExpertSet, parse_expert_specs
+from model_merging.layout import PART_GROUPS, check_part_groups, part_group
 from model_merging.mergy import normalize_argv
 from prismatic.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from prismatic.models.pretrained import CHECKPOINT_KIND
-
-PART_GROUPS = ("action_queries", "proprio_proj", "expert_input", "shared_blocks")
-
-
-def part_group(name: str, shared: set[str]) -> Optional[str]:
-    """The group of a shared from-scratch parameter (None for LoRA factors and per-task head parameters)."""
-    if name not in shared:
-        return None
-    if name.startswith("action_expert.blocks."):
-        return "shared_blocks"
-    if name.startswith("action_expert."):
-        return "expert_input"
-    return name.split(".")[0]
 
 
 def average_parts(experts: ExpertSet, target: str, parts: Sequence[str], expert_head_layers: int = 1,
                   weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     """The target expert's trainable tensors with the `parts` groups averaged over `experts`."""
-    unknown = sorted(set(parts) - set(PART_GROUPS))
-    if unknown:
-        raise MergeError(f"--parts {unknown}: expected a subset of {list(PART_GROUPS)}")
+    try:
+        check_part_groups(parts, "--parts")
+    except ValueError as e:
+        raise MergeError(str(e)) from e
     if target not in experts.names:
         raise MergeError(f"--target {target!r} is not one of the experts {experts.names}")
     if not 0 <= expert_head_layers <= experts.layout.num_blocks:
@@ -59,7 +48,7 @@ def average_parts(experts: ExpertSet, target: str, parts: Sequence[str], expert_
     index = experts.names.index(target)
     tensors, _ = load_checkpoint(experts.experts[index].directory, CHECKPOINT_KIND, verify=False)
     for name in tensors:
-        if part_group(name, shared) in parts:
+        if name in shared and part_group(name) in parts:
             tensors[name] = weighted_sum(experts.tensors(name), w).to(tensors[name].dtype)
     return tensors
 

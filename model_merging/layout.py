@@ -22,6 +22,27 @@ LORA_A = ".lora_A.default.weight"
 LORA_B = ".lora_B.default.weight"
 _BLOCK_RE = re.compile(r"^action_expert\.blocks\.(\d+)\.")
 _FINAL_RE = re.compile(r"^action_expert\.(out_norm|out_proj)\.")
+# Groups of from-scratch parameters outside the kept head, which a merge may also keep per task (`per_task_parts`)
+# instead of averaging them; "shared_blocks" are the action-expert blocks before the last L_h.
+PART_GROUPS = ("action_queries", "proprio_proj", "expert_input", "shared_blocks")
+_HEAD_MODULE_RE = re.compile(r"^(action_queries$|proprio_proj\.|action_expert\.(in_norm|in_proj)\.)")
+
+
+def part_group(name: str) -> str | None:
+    """The PART_GROUPS group of a from-scratch parameter; None for the final norm and head (they follow L_h)."""
+    if _BLOCK_RE.match(name):
+        return "shared_blocks"
+    if _FINAL_RE.match(name):
+        return None
+    if name.startswith("action_expert."):
+        return "expert_input"
+    return name.split(".")[0]
+
+
+def check_part_groups(parts, field: str) -> None:
+    unknown = sorted(set(parts) - set(PART_GROUPS))
+    if unknown:
+        raise ValueError(f"{field} {unknown}: expected a subset of {list(PART_GROUPS)}")
 
 
 @dataclass(frozen=True)
@@ -31,26 +52,33 @@ class ModelLayout:
     num_blocks: int  # action-expert blocks (L)
     hidden: int  # LLM width D
 
-    def head_names(self, expert_head_layers: int) -> list[str]:
-        """From-scratch parameters kept per task: the last L_h blocks, plus final norm and head if L_h ≥ 1."""
+    def head_names(self, expert_head_layers: int, per_task_parts: tuple[str, ...] = ()) -> list[str]:
+        """From-scratch parameters kept per task: the last L_h blocks, plus final norm and head if L_h ≥ 1, plus
+        every parameter of the `per_task_parts` groups."""
+        check_part_groups(per_task_parts, "per_task_parts")
         first = self.num_blocks - expert_head_layers
         out = []
         for n in self.scratch:
             m = _BLOCK_RE.match(n)
-            if (m and int(m.group(1)) >= first) or (expert_head_layers > 0 and _FINAL_RE.match(n)):
+            if ((m and int(m.group(1)) >= first) or (expert_head_layers > 0 and _FINAL_RE.match(n))
+                    or part_group(n) in per_task_parts):
                 out.append(n)
         return out
 
     @staticmethod
     def head_module(name: str) -> str:
-        """The kept module a head parameter belongs to: action_expert.blocks.<i>, .out_norm or .out_proj."""
+        """The kept module a head parameter belongs to: action_expert.blocks.<i>, .out_norm, .out_proj, .in_norm,
+        .in_proj, proprio_proj, or the `action_queries` parameter itself."""
         m = _BLOCK_RE.match(name) or _FINAL_RE.match(name)
+        if m:
+            return m.group(0).rstrip(".")
+        m = _HEAD_MODULE_RE.match(name)
         if not m:
-            raise ValueError(f"{name!r} is not part of an action-expert head")
+            raise ValueError(f"{name!r} is not a from-scratch parameter")
         return m.group(0).rstrip(".")
 
-    def shared_names(self, expert_head_layers: int) -> list[str]:
-        heads = set(self.head_names(expert_head_layers))
+    def shared_names(self, expert_head_layers: int, per_task_parts: tuple[str, ...] = ()) -> list[str]:
+        heads = set(self.head_names(expert_head_layers, per_task_parts))
         return [n for n in self.scratch if n not in heads]
 
 

@@ -39,7 +39,7 @@ from model_merging.artifact import (
 from model_merging.chunks import all_finite
 from model_merging.errors import MergeError
 from model_merging.experts import ExpertSet
-from model_merging.layout import initial_scratch_state
+from model_merging.layout import check_part_groups, initial_scratch_state
 from model_merging.linalg import top_right_singular_vectors
 from model_merging.masks import MaskStats, packed_task_masks
 from model_merging.rules import group_of, params_for, parse_rules
@@ -58,6 +58,8 @@ class MergeOptions:
     mask_lambda: float = 0.6
     k_gate: int = 8
     expert_head_layers: int = 1
+    # from-scratch groups (layout.PART_GROUPS) also kept per task instead of averaged; () = the paper's merge
+    per_task_parts: tuple[str, ...] = ()
     router_block: int = -1  # -1: the last shared block, L - L_h - 1
     router_layer: int = -1  # LLM hidden-state layer scored at test time; -1: the final layer L
     scratch_weights: tuple[float, ...] | None = None  # averaging weights of the shared from-scratch parts
@@ -87,6 +89,10 @@ def _resolve(opts: MergeOptions, experts: ExpertSet) -> tuple[Any, list, int, in
     if opts.mask_lambda < 0:
         raise MergeError(f"mask lambda must be >= 0, got {opts.mask_lambda}")
     average_weights(opts.scratch_weights, len(experts))  # validates the count
+    try:
+        check_part_groups(opts.per_task_parts, "per_task_parts")
+    except ValueError as e:
+        raise MergeError(str(e)) from e
     return params, rules, block, layer
 
 
@@ -100,6 +106,7 @@ def build_manifest(experts: ExpertSet, opts: MergeOptions, params: Any, block: i
     lay, tasks = experts.layout, experts.names
     method = get_method(opts.algorithm)
     masks_kind = None if not opts.masks else ("emr" if method.own_masks else "tall")
+    parts = tuple(opts.per_task_parts)
     return {
         "format": MERGED_KIND,
         "format_version": FORMAT_VERSION,
@@ -121,10 +128,11 @@ def build_manifest(experts: ExpertSet, opts: MergeOptions, params: Any, block: i
         "masks": {"enabled": opts.masks, "kind": masks_kind, "lambda": opts.mask_lambda if masks_kind == "tall" else None,
                   "rescaled": masks_kind == "emr", "bitorder": "big"},
         "expert_head_layers": opts.expert_head_layers,
+        "per_task_parts": list(opts.per_task_parts),
         "scratch_weights": average_weights(opts.scratch_weights, len(tasks)),
         "lora_params": {f"{m}.weight": list(s) for m, s in lay.lora_modules.items()},
-        "shared_params": {n: list(lay.scratch[n]) for n in lay.shared_names(opts.expert_head_layers)},
-        "head_params": {n: list(lay.scratch[n]) for n in lay.head_names(opts.expert_head_layers)},
+        "shared_params": {n: list(lay.scratch[n]) for n in lay.shared_names(opts.expert_head_layers, parts)},
+        "head_params": {n: list(lay.scratch[n]) for n in lay.head_names(opts.expert_head_layers, parts)},
         "router": {"k_gate": opts.k_gate, "hidden": lay.hidden, "block": block, "layer": layer,
                    "variants": list(ROUTER_VARIANTS), "default_variant": "value",
                    "source": "each expert's own (pre-merge) weights of action_expert.blocks[block]"},

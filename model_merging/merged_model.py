@@ -27,7 +27,13 @@ from model_merging.artifact import (
 from model_merging.errors import MergeError
 from model_merging.layout import ModelLayout
 from model_merging.masks import apply_mask, unpack_mask
-from model_merging.multi_expert import ExpertSelector, MaskedDeltaLinear, MultiExpertVLA, PerTaskModule
+from model_merging.multi_expert import (
+    ExpertSelector,
+    MaskedDeltaLinear,
+    MultiExpertVLA,
+    PerTaskModule,
+    PerTaskQueries,
+)
 from model_merging.router import RouteResult, check_variant, subspace_scores
 from model_merging.tensor_files import SafetensorsReader
 from prismatic.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, CheckpointError, read_manifest
@@ -163,7 +169,11 @@ class MergedModel:
             setattr(model.get_submodule(parent_path), child,
                     MaskedDeltaLinear(linear, self.delta(p), packed, rescalers, selector))
         heads = [self.head_state(e) for e in range(self.num_tasks)]
-        for module_path in sorted({ModelLayout.head_module(n) for n in self.manifest["head_params"]}):
+        modules = {ModelLayout.head_module(n) for n in self.manifest["head_params"]}
+        if "action_queries" in modules:  # a parameter, not a module: the model asks PerTaskQueries per sample
+            modules.remove("action_queries")
+            model.per_task_queries = PerTaskQueries([hs["action_queries"] for hs in heads], selector)
+        for module_path in sorted(modules):
             template = model.get_submodule(module_path)
             copies = []
             for hs in heads:

@@ -37,7 +37,7 @@ from model_merging.merge import MergeOptions, merge_experts
 from prismatic.checkpoint import CheckpointError
 
 ALGORITHMS = ", ".join(sorted(METHODS))
-LIST_FIELDS = ("--experts", "--rules", "--scratch_weights")
+LIST_FIELDS = ("--experts", "--rules", "--scratch_weights", "--per_task_parts")
 ALIASES = {"--lambda": "--mask_lambda"}
 
 
@@ -57,6 +57,9 @@ class MergyConfig:
     k_gate: int = 8
     # L_h: last action-expert blocks (+ final norm and head) kept per task; 0 shares everything
     expert_head_layers: int = 1
+    # From-scratch groups kept per task too instead of averaged (action_queries, proprio_proj, expert_input,
+    # shared_blocks); none = the paper's merge. All four keep each expert's whole action pathway
+    per_task_parts: list[str] = field(default_factory=list)
     # Block whose key/value projections define the router subspaces; -1 = last shared block (L - L_h - 1)
     router_block: int = -1
     # LLM hidden-state layer scored by the router (0..L); -1 = final layer
@@ -117,7 +120,8 @@ def options_from_config(cfg: MergyConfig) -> MergeOptions:
         params = WeightedAverageParams(tuple(params.weights))
     return MergeOptions(
         algorithm=cfg.algorithm, params=params, rules=tuple(cfg.rules), masks=cfg.masks, mask_lambda=cfg.mask_lambda,
-        k_gate=cfg.k_gate, expert_head_layers=cfg.expert_head_layers, router_block=cfg.router_block,
+        k_gate=cfg.k_gate, expert_head_layers=cfg.expert_head_layers, per_task_parts=tuple(cfg.per_task_parts),
+        router_block=cfg.router_block,
         router_layer=cfg.router_layer,
         scratch_weights=None if cfg.scratch_weights is None else tuple(cfg.scratch_weights),
         seed=cfg.seed, device=cfg.device, verify_hashes=cfg.verify_hashes,

@@ -1,7 +1,7 @@
 """One MergeVLA that runs every task's masked model in a single forward, chosen per sample.
 
 Each LoRA-touched VLM linear becomes a `MaskedDeltaLinear` holding θ0, τ_merge and the packed task masks;
-each kept head module becomes a `PerTaskModule` holding one copy per task. A shared `ExpertSelector` says
+each kept head module becomes a `PerTaskModule` holding one copy per task (kept action queries: `PerTaskQueries`). A shared `ExpertSelector` says
 which task each sample of the batch uses, so the router can score all M candidates of an observation in
 one batch and a policy can serve episodes routed to different experts together. Task e's weight is built
 as θ0 + rescale_e·(S_e ⊙ τ) with `masks.apply_mask`, the same formula `MergedModel.for_task` uses.
@@ -84,6 +84,18 @@ class PerTaskModule(nn.Module):
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         index = self.selector.rows(args[0].shape[0]).to(args[0].device)
         return _dispatch(index, lambda e, *a: self.per_task[e](*a), args)
+
+
+class PerTaskQueries(nn.Module):
+    """Action queries kept per task: `forward(b)` gives each sample its task's (Q, D) set."""
+
+    def __init__(self, queries: Sequence[torch.Tensor], selector: ExpertSelector):
+        super().__init__()
+        self.register_buffer("queries", torch.stack(list(queries)))
+        self.selector = selector
+
+    def forward(self, b: int) -> torch.Tensor:
+        return self.queries[self.selector.rows(b).to(self.queries.device)]
 
 
 class MultiExpertVLA(nn.Module):

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from model_merging.algorithms import RetainParams, TiesParams
 from model_merging.errors import MergeError
-from model_merging.layout import initial_scratch_state, model_layout
+from model_merging.layout import PART_GROUPS, initial_scratch_state, model_layout, part_group
 from model_merging.masks import (
     MaskStats,
     apply_mask,
@@ -179,6 +179,16 @@ def test_layout_heads_and_initial_state(tiny_vla):
     assert len(lay.head_names(2)) > len(heads1) and lay.head_names(0) == []
     assert set(lay.head_names(1)) | set(lay.shared_names(1)) == set(lay.scratch)
     assert lay.head_module(f"action_expert.blocks.{last}.ffn.0.weight") == f"action_expert.blocks.{last}"
+    # per_task_parts: exactly the named groups join the head; with all four nothing is averaged
+    heads_q = lay.head_names(1, ("action_queries", "proprio_proj"))
+    assert set(heads_q) - set(heads1) == {n for n in lay.scratch if n.startswith(("action_queries", "proprio_proj."))}
+    assert lay.shared_names(1, PART_GROUPS) == [] and set(lay.head_names(1, PART_GROUPS)) == set(lay.scratch)
+    assert {part_group(n) for n in lay.shared_names(1)} == set(PART_GROUPS)
+    assert part_group("action_expert.in_proj.weight") == "expert_input" and part_group("action_expert.out_proj.bias") is None
+    assert lay.head_module("proprio_proj.2.weight") == "proprio_proj" and lay.head_module("action_queries") == "action_queries"
+    assert lay.head_module("action_expert.in_norm.bias") == "action_expert.in_norm"
+    with pytest.raises(ValueError, match=r"per_task_parts \['lora'\]: expected a subset of"):
+        lay.head_names(1, ("lora",))
     # RETAIN's θ_pre for the from-scratch parts is exactly where build_vla(seed=0) starts them
     init = initial_scratch_state(cfg, 0)
     assert set(init) == set(lay.scratch) and all(torch.equal(init[n], trainable[n]) for n in init)

@@ -110,6 +110,40 @@ def test_multi_expert_model_matches_each_task_model(experts, batch, tmp_path):
     assert not torch.allclose(per_task[0], per_task[1])  # tasks really differ (masks and heads)
 
 
+def test_per_task_parts_keep_each_experts_action_pathway(experts, batch, tmp_path):
+    """With every group kept per task nothing from scratch is averaged: task e runs expert e's own action pathway
+    (queries, proprio projector, expert input, every block) on the merged VLM, in the plain and the multi model."""
+    from model_merging.layout import PART_GROUPS
+
+    out = merge_experts(experts, tmp_path / "m", MergeOptions(algorithm="task_arithmetic", per_task_parts=PART_GROUPS),
+                        log=quiet)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shared_params"] == {} and manifest["per_task_parts"] == list(PART_GROUPS)
+    merged = load_merged(out)
+    multi = merged.multi_expert()
+    per_task = [merged.for_task(e) for e in range(4)]
+    for e, (_, d) in enumerate(experts):
+        own, _ = load_checkpoint(d, CHECKPOINT_KIND)
+        state = per_task[e].state_dict()
+        for n in manifest["head_params"]:
+            assert torch.equal(state[n], own[n]), n
+    preds = [m.predict_action(**batch) for m in per_task]
+    mixed = multi.predict_action([3, 1], **batch)  # each sample its own task's queries, projector and blocks
+    torch.testing.assert_close(mixed[0], preds[3][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[1], preds[1][1], atol=1e-5, rtol=0)
+    # the action queries alone kept per task: the multi model must pick them per sample
+    queries_only = merge_experts(experts[:2], tmp_path / "q", MergeOptions(algorithm="task_arithmetic",
+                                 expert_head_layers=0, per_task_parts=("action_queries",)), log=quiet)
+    q = load_merged(queries_only)
+    assert set(json.loads((queries_only / "manifest.json").read_text())["head_params"]) == {"action_queries"}
+    both = q.multi_expert().predict_action([1, 0], **batch)
+    torch.testing.assert_close(both[0], q.for_task(1).predict_action(**batch)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(both[1], q.for_task(0).predict_action(**batch)[1], atol=1e-5, rtol=0)
+    with pytest.raises(MergeError, match=r"per_task_parts \['heads'\]: expected a subset of"):
+        merge_experts(experts[:2], tmp_path / "bad", MergeOptions(per_task_parts=("heads",)), log=quiet)
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("opts", [MergeOptions(algorithm="task_arithmetic"),
                                   MergeOptions(algorithm="emr"),
                                   MergeOptions(algorithm="retain", params=RetainParams(1.0, 1.0, 1.0), masks=False)],
@@ -167,6 +201,15 @@ def test_cli_merges_with_the_issue_syntax(experts, tmp_path, capsys):
     assert manifest["params"] == {"k": 100.0, "merge_func": "sum", "scale": 1.0}
     assert manifest["rules"] == ["llm scale=0.5", "vision k=50"] and manifest["router"]["k_gate"] == 4
     assert "selfish ratio" in capsys.readouterr().out
+    assert manifest["per_task_parts"] == [] and "proprio_proj.0.weight" in manifest["shared_params"]
+    argv = ["--experts", *[f"{n}={d}" for n, d in experts[:2]], "--per_task_parts", "proprio_proj", "action_queries",
+            "--out", str(tmp_path / "p")]
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["per_task_parts"] == ["proprio_proj", "action_queries"]
+    assert "proprio_proj.0.weight" in manifest["head_params"] and "action_queries" in manifest["head_params"]
+    assert main([*argv[:-1], str(tmp_path / "bad"), "--per_task_parts", "lora"]) == 2
+    assert "per_task_parts ['lora']: expected a subset of" in capsys.readouterr().err
 
 
 def test_normalize_argv():

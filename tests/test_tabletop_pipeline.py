@@ -72,6 +72,7 @@ def test_joint_suite_links_every_suite_file(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"suites": ["spatial", "kitchen"]}, "suites must be distinct"),
     ({"algorithms": ["ties", "magic"]}, "unknown merge algorithm"),
+    ({"task_given_algorithms": ["magic"]}, "unknown merge algorithm"),
     ({"task_ids": [10]}, "task_ids"),
     ({"expert_steps": 0}, "expert_steps must be >= 1"),
     ({"router_variant": "query"}, "router_variant"),
@@ -140,6 +141,7 @@ def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
     rows = [line.split("|")[1].strip() for line in success.splitlines()[2:]]
     expected = ["FT experts", "Baseline FT experts (self-attn)"] + [
         f"MergeVLA {a} + masks + router" for a in ("TA", "TIES", "TSV", "KnOTS", "WUDI", "EMR")] + [
+        f"MergeVLA {a} + masks, per-task action expert, task given" for a in ("TA", "TIES", "EMR")] + [
         "Baseline TA, no masks (self-attn)", "Joint multi-task (upper reference)"]
     assert rows == expected  # the paper's layout: FT experts first, then each merge
     assert "MSE action loss" in table and "| run | steps | final MSE loss |" in table  # the demo's default loss
@@ -153,7 +155,7 @@ def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
         assert timing["success_pct"]["FT experts"][suite] == 100 * frac
     # 2 tasks x 2 trials x 4 suites rolled out per row, each written once as a JSONL row
     results = [json.loads(line) for p in (out / "eval").rglob("*.jsonl") for line in p.read_text().splitlines()]
-    assert len(results) == 10 * 16
+    assert len(results) == 13 * 16
     routing = json.loads((out / "routing.json").read_text())
     assert len(routing) == 6 and all(0 <= v["first_obs"]["value"]["all"] <= 1 for v in routing.values())
 

@@ -27,6 +27,7 @@ from experiments.robot.tabletop_pipeline.pipeline import (
     DEFAULT_BASE_DIR,
     DEMO_ALGORITHMS,
     SUITES,
+    TASK_GIVEN_ALGORITHMS,
     PipelineConfig,
     PipelineError,
     run_pipeline,
@@ -65,6 +66,8 @@ class TrainKnobs:
 class MergeKnobs:
     algorithms: list[str] = field(default_factory=lambda: list(DEMO_ALGORITHMS))  # MergeVLA + masks + router
     unmasked_algorithms: list[str] = field(default_factory=list)  # MergeVLA without masks
+    # MergeVLA + masks, every from-scratch part kept per task, task given (no router): the VLM merge alone
+    task_given_algorithms: list[str] = field(default_factory=lambda: list(TASK_GIVEN_ALGORITHMS))
     baseline_algorithms: list[str] = field(default_factory=lambda: ["task_arithmetic"])  # naive, no masks
     mask_lambda: float = 0.6  # TALL mask λ
     k_gate: int = 8  # router subspace size
@@ -114,6 +117,7 @@ class DemoConfig:
             max_grad_norm=self.train.max_grad_norm, image_aug=self.train.image_aug,
             action_loss=self.train.action_loss, train_joint=self.train.joint,
             algorithms=list(self.merge.algorithms), unmasked_algorithms=list(self.merge.unmasked_algorithms),
+            task_given_algorithms=list(self.merge.task_given_algorithms),
             mask_lambda=self.merge.mask_lambda, k_gate=self.merge.k_gate,
             expert_head_layers=self.merge.expert_head_layers, baseline_algorithms=list(self.merge.baseline_algorithms),
             baseline_head_layers=self.merge.baseline_head_layers,

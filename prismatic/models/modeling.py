@@ -211,11 +211,18 @@ class MergeVLA(nn.Module):
         d = cfg.llm.hidden_size
         self.vlm = PrismaticVLM(cfg)
         self.action_queries = nn.Parameter(torch.zeros(cfg.num_action_queries, d))
+        self.per_task_queries: nn.Module | None = None  # set by a merged model that keeps queries per task
         self.proprio_proj = nn.Sequential(nn.Linear(cfg.proprio_dim, d), nn.GELU(), nn.Linear(d, d))
         self.action_expert = ActionExpert(cfg)
 
     # Parts trained from scratch (everything outside the VLM). LoRA factors are trained too.
     SCRATCH_PREFIXES = ("action_queries", "proprio_proj.", "action_expert.")
+
+    def query_embeddings(self, b: int) -> torch.Tensor:
+        """(B, Q, D) input embeddings of the action queries: the learned set, or each sample's task's own."""
+        if self.per_task_queries is not None:
+            return self.per_task_queries(b)
+        return self.action_queries.expand(b, -1, -1)
 
     def build_sequence(self, input_ids: torch.Tensor, text_lens: torch.Tensor, pixel_values: torch.Tensor):
         """Input embeddings [tok0, vision, tok1..n-1, queries, pads] and each sample's query positions.
@@ -228,7 +235,7 @@ class MergeVLA(nn.Module):
         tok = self.vlm.llm.get_input_embeddings()(input_ids)
         vis = self.vlm.projector(self.vlm.vision(pixel_values))
         v = vis.shape[1]
-        src = torch.cat([tok[:, :1], vis, tok[:, 1:], self.action_queries.to(tok.dtype).expand(b, -1, -1)], 1)
+        src = torch.cat([tok[:, :1], vis, tok[:, 1:], self.query_embeddings(b).to(tok.dtype)], 1)
         pos = torch.arange(v + t + q, device=tok.device).expand(b, -1)
         n = text_lens.to(tok.device).view(b, 1)
         text_end, query_end = v + n, v + n + q  # in output positions

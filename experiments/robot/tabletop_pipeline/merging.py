@@ -36,6 +36,7 @@ class MergeJob:
     k_gate: int = 8
     seed: int = 0
     routed: bool = True  # evaluated with the router (False: every episode uses its own suite's task)
+    per_task_parts: tuple[str, ...] = ()  # from-scratch groups kept per task instead of averaged (MergeOptions)
     params: dict = field(default_factory=dict, compare=False, hash=False)  # algorithm hyper-parameter overrides
 
     @property
@@ -43,13 +44,15 @@ class MergeJob:
         alg = ALGORITHM_LABELS.get(self.algorithm, self.algorithm)
         if self.family == "baseline":
             return f"Baseline {alg}, no masks (self-attn)" if not self.masks else f"Baseline {alg} + masks (self-attn)"
-        return f"MergeVLA {alg}" + (" + masks" if self.masks else " (no masks)") + (" + router" if self.routed else "")
+        return (f"MergeVLA {alg}" + (" + masks" if self.masks else " (no masks)")
+                + (", per-task action expert" if self.per_task_parts else "")
+                + (" + router" if self.routed else ", task given"))
 
     def spec(self) -> dict:
         return {"family": self.family, "algorithm": self.algorithm, "masks": self.masks,
                 "expert_head_layers": self.expert_head_layers, "experts": [list(e) for e in self.experts],
                 "expert_hashes": list(self.expert_hashes), "mask_lambda": self.mask_lambda, "k_gate": self.k_gate,
-                "seed": self.seed, "params": self.params}
+                "seed": self.seed, "params": self.params, "per_task_parts": list(self.per_task_parts)}
 
 
 def _spec_file(out: Path) -> Path:
@@ -74,7 +77,8 @@ def run_merge(job: MergeJob) -> dict:
         spec_file.unlink(missing_ok=True)
         params = get_method(job.algorithm).params(**job.params) if job.params else None
         opts = MergeOptions(algorithm=job.algorithm, params=params, masks=job.masks, mask_lambda=job.mask_lambda,
-                            k_gate=job.k_gate, expert_head_layers=job.expert_head_layers, seed=job.seed)
+                            k_gate=job.k_gate, expert_head_layers=job.expert_head_layers,
+                            per_task_parts=tuple(job.per_task_parts), seed=job.seed)
         merge_experts([(n, Path(d)) for n, d in job.experts], out, opts, log=None)
         write_json(spec_file, job.spec())
     manifest = json.loads((out / "manifest.json").read_text())

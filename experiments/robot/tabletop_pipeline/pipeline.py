@@ -26,6 +26,7 @@ from experiments.robot.tabletop_pipeline.stages import Stage, fingerprint, jsona
 
 SUITES = ("spatial", "object", "goal", "long")
 DEMO_ALGORITHMS = ("task_arithmetic", "ties", "tsv", "knots", "wudi", "emr")
+TASK_GIVEN_ALGORITHMS = ("task_arithmetic", "ties", "emr")
 FT_LABEL = "FT experts"  # = experiments.robot.harness.FT_METHOD (listed first in tables)
 BASELINE_FT_LABEL = "Baseline FT experts (self-attn)"
 JOINT_LABEL = "Joint multi-task (upper reference)"
@@ -66,6 +67,9 @@ class PipelineConfig:
     # merging (model_merging.MergeOptions fields)
     algorithms: list[str] = field(default_factory=lambda: list(DEMO_ALGORITHMS))  # MergeVLA, masks + router
     unmasked_algorithms: list[str] = field(default_factory=list)  # MergeVLA without masks (+ router for heads)
+    # MergeVLA + masks with every from-scratch part kept per task (only the VLM merged), the task given: what the
+    # masked VLM merge alone keeps of each expert, apart from averaging the action pathway and from routing
+    task_given_algorithms: list[str] = field(default_factory=lambda: list(TASK_GIVEN_ALGORITHMS))
     mask_lambda: float = 0.6
     k_gate: int = 8
     expert_head_layers: int = 1
@@ -104,7 +108,8 @@ class PipelineConfig:
                                 f"({self.expert_steps}, {self.joint_steps})")
         if self.first_init_state + self.trials_per_task > 50:
             raise PipelineError("first_init_state + trials_per_task must be <= 50 (TableTop-4 has 50 init states)")
-        bad = [a for a in [*self.algorithms, *self.unmasked_algorithms, *self.baseline_algorithms] if a not in METHODS]
+        bad = [a for a in [*self.algorithms, *self.unmasked_algorithms, *self.task_given_algorithms,
+                           *self.baseline_algorithms] if a not in METHODS]
         if bad:
             raise PipelineError(f"unknown merge algorithm(s) {bad}; expected some of {sorted(METHODS)}")
         if self.action_loss not in ACTION_LOSSES:
@@ -193,6 +198,7 @@ def stage_train(cfg: PipelineConfig, root: Path, data: dict, base: dict, log) ->
 
 def merge_jobs(cfg: PipelineConfig, root: Path, trained: dict) -> list:
     from experiments.robot.tabletop_pipeline.merging import MergeJob
+    from model_merging.layout import PART_GROUPS
 
     d = root / "merge"
 
@@ -210,6 +216,10 @@ def merge_jobs(cfg: PipelineConfig, root: Path, trained: dict) -> list:
     for alg in cfg.unmasked_algorithms:
         jobs.append(MergeJob(f"mergevla-{alg}-nomasks", "mergevla", alg, False, cfg.expert_head_layers, ex, hashes,
                              str(d / f"mergevla-{alg}-nomasks"), **common))
+    for alg in cfg.task_given_algorithms:
+        jobs.append(MergeJob(f"mergevla-{alg}-masks-pertask", "mergevla", alg, True, cfg.expert_head_layers, ex, hashes,
+                             str(d / f"mergevla-{alg}-masks-pertask"), routed=False, per_task_parts=PART_GROUPS,
+                             **common))
     ex, hashes = experts("baseline")
     for alg in cfg.baseline_algorithms:
         jobs.append(MergeJob(f"baseline-{alg}-nomasks", "baseline", alg, False, cfg.baseline_head_layers, ex, hashes,
