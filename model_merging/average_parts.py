@@ -35,10 +35,7 @@ from prismatic.models.pretrained import CHECKPOINT_KIND
 def average_parts(experts: ExpertSet, target: str, parts: Sequence[str], expert_head_layers: int = 1,
                   weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     """The target expert's trainable tensors with the `parts` groups averaged over `experts`."""
-    try:
-        check_part_groups(parts, "--parts")
-    except ValueError as e:
-        raise MergeError(str(e)) from e
+    check_part_groups(parts, "--parts")
     if target not in experts.names:
         raise MergeError(f"--target {target!r} is not one of the experts {experts.names}")
     if not 0 <= expert_head_layers <= experts.layout.num_blocks:

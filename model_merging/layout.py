@@ -14,6 +14,7 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 
+from model_merging.errors import MergeError
 from prismatic.models.configuration import VLAConfig
 from prismatic.models.lora import init_trainable, lora_target_modules
 from prismatic.models.modeling import MergeVLA
@@ -42,7 +43,7 @@ def part_group(name: str) -> str | None:
 def check_part_groups(parts, field: str) -> None:
     unknown = sorted(set(parts) - set(PART_GROUPS))
     if unknown:
-        raise ValueError(f"{field} {unknown}: expected a subset of {list(PART_GROUPS)}")
+        raise MergeError(f"{field} {unknown}: expected a subset of {list(PART_GROUPS)}")
 
 
 @dataclass(frozen=True)

@@ -89,10 +89,7 @@ def _resolve(opts: MergeOptions, experts: ExpertSet) -> tuple[Any, list, int, in
     if opts.mask_lambda < 0:
         raise MergeError(f"mask lambda must be >= 0, got {opts.mask_lambda}")
     average_weights(opts.scratch_weights, len(experts))  # validates the count
-    try:
-        check_part_groups(opts.per_task_parts, "per_task_parts")
-    except ValueError as e:
-        raise MergeError(str(e)) from e
+    check_part_groups(opts.per_task_parts, "per_task_parts")
     return params, rules, block, layer
 
 
