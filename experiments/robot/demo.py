@@ -7,7 +7,8 @@
 Stages (experiments/robot/tabletop_pipeline): generate TableTop-4 demonstrations → load the shipped pretrained
 tiny base (pretrained_models/tabletop4-tiny-base) → fine-tune 4 MergeVLA experts, 4 self-attention baseline
 experts and a joint multi-task model (same seed, same base) → merge (TA, TIES, TSV, KnOTS, WUDI, EMR with task
-masks + router; naive TA of the baseline experts without masks) → roll out every row with the harness →
+masks + router; TA, TIES, EMR with masks and the whole action pathway kept per task, the task given; naive TA
+of the baseline experts without masks) → roll out every row with the harness →
 print the table, routing accuracy per suite, the router-subspace ablation and the wall time. Each stage is
 cached in `out_dir`: running again reuses what exists and matches its settings.
 
