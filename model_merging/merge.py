@@ -125,7 +125,7 @@ def build_manifest(experts: ExpertSet, opts: MergeOptions, params: Any, block: i
         "masks": {"enabled": opts.masks, "kind": masks_kind, "lambda": opts.mask_lambda if masks_kind == "tall" else None,
                   "rescaled": masks_kind == "emr", "bitorder": "big"},
         "expert_head_layers": opts.expert_head_layers,
-        "per_task_parts": list(opts.per_task_parts),
+        "per_task_parts": list(parts),
         "scratch_weights": average_weights(opts.scratch_weights, len(tasks)),
         "lora_params": {f"{m}.weight": list(s) for m, s in lay.lora_modules.items()},
         "shared_params": {n: list(lay.scratch[n]) for n in lay.shared_names(opts.expert_head_layers, parts)},

@@ -1,10 +1,11 @@
 """One MergeVLA that runs every task's masked model in a single forward, chosen per sample.
 
 Each LoRA-touched VLM linear becomes a `MaskedDeltaLinear` holding θ0, τ_merge and the packed task masks;
-each kept head module becomes a `PerTaskModule` holding one copy per task (kept action queries: `PerTaskQueries`). A shared `ExpertSelector` says
-which task each sample of the batch uses, so the router can score all M candidates of an observation in
-one batch and a policy can serve episodes routed to different experts together. Task e's weight is built
-as θ0 + rescale_e·(S_e ⊙ τ) with `masks.apply_mask`, the same formula `MergedModel.for_task` uses.
+each kept head module becomes a `PerTaskModule` holding one copy per task (kept action queries: a
+`PerTaskQueries`). A shared `ExpertSelector` says which task each sample of the batch uses, so the router
+can score all M candidates of an observation in one batch and a policy can serve episodes routed to
+different experts together. Task e's weight is built as θ0 + rescale_e·(S_e ⊙ τ) with `masks.apply_mask`,
+the same formula `MergedModel.for_task` uses.
 """
 
 from __future__ import annotations
