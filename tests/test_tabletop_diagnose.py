@@ -8,6 +8,7 @@ from experiments.robot.tabletop_pipeline.diagnose import (
     cli,
     displacement_spread,
     expert_chunk,
+    first_chunk_agreement,
     main,
     training_crop_area,
 )
@@ -58,12 +59,46 @@ def test_expert_chunk_is_the_noise_free_scripted_expert():
 
 def test_main_reports_both_swaps(tmp_path, capsys):
     save_pretrained(model_for("cross_attn"), tmp_path / "ckpt", step=1)
-    out = main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", suite="goal", init_states=3))
+    out = main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", suite="goal", init_states=3, agreement_states=1))
     assert set(out["sensitivity"]) == {"instruction_swap", "scene_swap"}
+    assert set(out["agreement"]) == {"x", "y", "z"}
     assert out["sensitivity"]["instruction_swap"]["scripted_expert"] > 0  # ten goals, ten directions
     assert "instruction_swap: first-chunk displacement spread" in capsys.readouterr().out
     with pytest.raises(ValueError, match="init_states must be >= 2"):
         main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", init_states=1))
+    with pytest.raises(ValueError, match="agreement_states must be >= 0"):
+        main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", agreement_states=-1))
+
+
+class ReplayExpert:
+    """Stands in for a model: its first chunk is the scripted expert's (scaled), so agreement is exact."""
+
+    def __init__(self, suite, init_states, scale):
+        self.chunks = [scale * expert_chunk(suite, t, i, 8) for t in range(10) for i in range(init_states)]
+
+
+def test_first_chunk_agreement_by_construction(monkeypatch):
+    import experiments.robot.tabletop_pipeline.diagnose as d
+
+    class Policy:
+        def __init__(self, model, _crop):
+            self.model = model
+
+        def act(self, obs, instructions, ids):
+            return np.stack(self.model.chunks)
+
+    class Config:
+        chunk_len = 8
+
+    monkeypatch.setattr(d, "VLAPolicy", Policy)
+    model = ReplayExpert("goal", 2, 0.5)
+    model.config = Config()
+    out = first_chunk_agreement(model, "goal", 2)
+    for axis in "xyz":  # a scaled copy: correlation 1, half the spread
+        assert out[axis]["correlation"] == pytest.approx(1.0)
+        assert out[axis]["policy_spread"] == pytest.approx(0.5 * out[axis]["scripted_expert_spread"])
+    model.chunks = [np.zeros((8, 7))] * 20  # a policy that never moves: no correlation to speak of
+    assert all(np.isnan(v["correlation"]) and v["policy_spread"] == 0 for v in first_chunk_agreement(model, "goal", 2).values())
 
 
 def test_cli_names_a_missing_checkpoint(tmp_path, monkeypatch, capsys):

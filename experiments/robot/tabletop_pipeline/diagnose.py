@@ -10,7 +10,11 @@
   spreads when only the instruction changes (one observation, every task's instruction of the suite) and when
   only the scene changes (one task, several init states), next to the same spread of the scripted expert's
   first chunk-length steps. A policy that plays one average trajectory shows spreads near 0 where the
-  expert's are large.
+  expert's are large;
+- agreement: per axis (x, y, z), over `agreement_states` init states of every task of the suite, the correlation
+  between the first chunk's summed motion and the scripted expert's over the same steps, and both spreads. An
+  axis whose target depends on the instruction and the scene together (spatial: which of two cubes) shows a
+  correlation near 0 where an axis set by the scene alone is near 1.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class DiagnoseConfig:
     init_states: int = 8  # scenes (init states 0..n-1) for the scene swap
     image_size: int = 64
     crop_area: Optional[float] = None  # centre crop shown to the model (None: its training crop area, 1 without aug)
+    agreement_states: int = 4  # init states per task for the per-axis agreement (0: skip it)
 
 
 def attention_shares(model, obs: dict, instruction: str, crop_area: float = 1.0) -> list[dict[str, float]]:
@@ -105,6 +110,25 @@ def sensitivity(model, suite: str, task_id: int, init_states: int, image_size: i
     }
 
 
+def first_chunk_agreement(model, suite: str, init_states: int, image_size: int = 64,
+                          crop_area: float = 1.0) -> dict[str, dict[str, float]]:
+    """Per axis: correlation of the policy's and the scripted expert's first-chunk motion over the suite's
+    tasks × `init_states` init states, and the spread (std) of each."""
+    policy, steps = VLAPolicy(model, CenterCrop(crop_area)), model.config.chunk_len
+    envs = [make_env(suite, t, i, image_size=image_size) for t in range(len(get_suite(suite)))
+            for i in range(init_states)]
+    chunks = policy.act([e.reset() for e in envs], [e.instruction for e in envs], list(range(len(envs))))
+    mine = np.asarray(chunks)[:, :, :3].sum(axis=1)
+    theirs = np.stack([expert_chunk(suite, t, i, steps)[:, :3].sum(axis=0) for t in range(len(get_suite(suite)))
+                       for i in range(init_states)])
+    out = {}
+    for k, axis in enumerate("xyz"):
+        a, b = mine[:, k], theirs[:, k]
+        corr = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+        out[axis] = {"correlation": corr, "policy_spread": float(a.std()), "scripted_expert_spread": float(b.std())}
+    return out
+
+
 def training_crop_area(checkpoint: Path) -> float:
     """The centre-crop area a checkpoint saw in training: its random-crop area with image_aug, else 1."""
     from prismatic.checkpoint import read_manifest
@@ -120,11 +144,15 @@ def main(cfg: DiagnoseConfig) -> dict:
 
     if cfg.init_states < 2:
         raise ValueError(f"init_states must be >= 2 (a spread needs two scenes), got {cfg.init_states}")
+    if cfg.agreement_states < 0:
+        raise ValueError(f"agreement_states must be >= 0, got {cfg.agreement_states}")
     model = from_pretrained(cfg.checkpoint).eval()
     crop = training_crop_area(cfg.checkpoint) if cfg.crop_area is None else cfg.crop_area
     env = make_env(cfg.suite, cfg.task_id, 0, image_size=cfg.image_size)
     shares = attention_shares(model, env.reset(), env.instruction, crop)
     sens = sensitivity(model, cfg.suite, cfg.task_id, cfg.init_states, cfg.image_size, crop)
+    agree = (first_chunk_agreement(model, cfg.suite, cfg.agreement_states, cfg.image_size, crop)
+             if cfg.agreement_states else {})
     print(f"{cfg.checkpoint} on {cfg.suite} task {cfg.task_id} ({env.instruction!r})")
     print("block | " + " | ".join(k for k in shares[0]))
     for i, row in enumerate(shares):
@@ -132,7 +160,10 @@ def main(cfg: DiagnoseConfig) -> dict:
     for name, d in sens.items():
         print(f"{name}: first-chunk displacement spread, policy {d['policy']:.3f} vs scripted expert "
               f"{d['scripted_expert']:.3f} (action units summed over the chunk)")
-    return {"attention": shares, "sensitivity": sens}
+    for axis, d in agree.items():
+        print(f"first chunk vs scripted expert, {axis}: correlation {d['correlation']:.2f}, spread policy "
+              f"{d['policy_spread']:.2f} vs expert {d['scripted_expert_spread']:.2f}")
+    return {"attention": shares, "sensitivity": sens, "agreement": agree}
 
 
 def cli() -> int:

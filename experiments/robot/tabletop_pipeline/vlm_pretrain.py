@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from prismatic.models.configuration import CONFIGS, VLAConfig, get_config
-from prismatic.models.loading import save_base_dir
+from prismatic.models.loading import load_base_dir, save_base_dir
 from prismatic.models.modeling import PrismaticVLM
 from prismatic.models.processing import SYSTEM_PROMPT, VLAProcessor, build_tiny_tokenizer
 from prismatic.training.schedule import lr_at
@@ -57,6 +57,10 @@ class PretrainConfig:
     texts_per_scene: int = 8  # captions / questions written per scene when the pool is generated
     config_name: str = "tiny"  # model config whose VLM is pretrained
     seed: int = 0  # initialisation, data order and augmentation
+    # "fan_in": weights scaled for the tiny widths (see init_vlm); "hf": transformers' defaults, made for wide
+    # models, with which the tiny VLM's answers barely depend on the image (README, TableTop-4)
+    init: str = "hf"
+    llm_init_std: float = 0.08  # std of the LLM's weights with init "fan_in"
     steps: int = 2500  # optimizer steps
     batch_size: int = 16  # scenes (sequences) per step
     turns_per_sequence: int = 8  # texts of one scene packed into its conversation (at most those it has)
@@ -72,6 +76,7 @@ class PretrainConfig:
     log_every: int = 50
     cpu_threads: int = 1  # torch threads (0: torch's default); the tiny model runs best on 1
     overwrite: bool = False  # replace an existing base directory at out_dir
+    evaluate_only: bool = False  # measure the base already at out_dir on the pool's held-out scenes; train nothing
 
     def validate(self) -> None:
         if self.config_name not in CONFIGS:
@@ -83,6 +88,10 @@ class PretrainConfig:
         for name in ("warmup_steps", "cpu_threads", "pool_seed", "seed"):
             if getattr(self, name) < 0:
                 raise PretrainError(f"{name} is {getattr(self, name)}, expected >= 0")
+        if self.init not in INIT_SCHEMES:
+            raise PretrainError(f"init is {self.init!r}, expected one of {list(INIT_SCHEMES)}")
+        if self.llm_init_std <= 0:
+            raise PretrainError(f"llm_init_std is {self.llm_init_std}, expected > 0")
         if self.warmup_steps >= self.steps:
             raise PretrainError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -207,14 +216,21 @@ def answer_logits(vlm: PrismaticVLM, input_ids: torch.Tensor, pixel_values: torc
 @torch.no_grad()
 def evaluate(vlm: PrismaticVLM, data: PoolData, builder: ConversationBuilder, processor: VLAProcessor,
              turns: int, batch_size: int = 32) -> dict:
-    """Teacher-forced accuracy on held-out scenes: per token, and per whole answer (every token right)."""
+    """Teacher-forced accuracy on held-out scenes: per token, and per whole answer (every token right).
+
+    `heldout_answer_acc_other_images` asks the same questions with each scene's images replaced by the next
+    held-out scene's: a model that reads the image loses accuracy there, one that answers from language priors
+    alone scores the same.
+    """
     was = vlm.training
     vlm.eval()
-    tok_hits = tok_n = ans_hits = ans_n = 0
+    tok_hits = tok_n = ans_hits = ans_n = other_hits = 0
     loss_sum = 0.0
+    n_held = len(data.heldout)
     try:
-        for i in range(0, len(data.heldout), batch_size):
+        for i in range(0, n_held, batch_size):
             scenes = data.heldout[i: i + batch_size]
+            others = data.heldout[(np.arange(i, i + len(scenes)) + 1) % n_held]
             convs = data.conversations(builder, scenes, turns, None)
             ids, _, mask = collate(convs, processor.pad_id)
             logits, labels = answer_logits(vlm, ids, processor.images(data.images[scenes]), mask)
@@ -222,29 +238,87 @@ def evaluate(vlm: PrismaticVLM, data: PoolData, builder: ConversationBuilder, pr
             right = (logits.argmax(-1) == labels).tolist()
             tok_hits += sum(right)
             tok_n += len(right)
-            # answers: runs of consecutive target tokens within each sequence
-            k = 0
-            for c in convs:
-                run_ok, in_run = True, False
-                for is_t in c.target:
-                    if is_t:
-                        run_ok, in_run = run_ok and right[k], True
-                        k += 1
-                    elif in_run:
-                        ans_hits, ans_n, run_ok, in_run = ans_hits + run_ok, ans_n + 1, True, False
-                if in_run:
-                    ans_hits, ans_n = ans_hits + run_ok, ans_n + 1
+            hits, n = answer_hits(convs, right)
+            ans_hits, ans_n = ans_hits + hits, ans_n + n
+            other_logits, _ = answer_logits(vlm, ids, processor.images(data.images[others]), mask)
+            other_hits += answer_hits(convs, (other_logits.argmax(-1) == labels).tolist())[0]
     finally:
         vlm.train(was)
     return {"heldout_loss": loss_sum / max(tok_n, 1), "heldout_token_acc": tok_hits / max(tok_n, 1),
-            "heldout_answer_acc": ans_hits / max(ans_n, 1), "heldout_scenes": int(len(data.heldout)),
+            "heldout_answer_acc": ans_hits / max(ans_n, 1),
+            "heldout_answer_acc_other_images": other_hits / max(ans_n, 1), "heldout_scenes": int(n_held),
             "heldout_answers": ans_n}
 
 
-def init_vlm(cfg: VLAConfig, seed: int) -> PrismaticVLM:
+def answer_hits(convs: list[Conversation], right: list[bool]) -> tuple[int, int]:
+    """(answers with every token right, answers): an answer is a run of consecutive target tokens; `right`
+    holds one flag per target token, in the order of the batch's sequences."""
+    n_targets = sum(sum(c.target) for c in convs)
+    if n_targets != len(right):
+        raise ValueError(f"{len(right)} token flags for {n_targets} target tokens")
+    hits = n = k = 0
+    for c in convs:
+        run_ok, in_run = True, False
+        for is_t in c.target:
+            if is_t:
+                run_ok, in_run = run_ok and right[k], True
+                k += 1
+            elif in_run:
+                hits, n, run_ok, in_run = hits + run_ok, n + 1, True, False
+        if in_run:
+            hits, n = hits + run_ok, n + 1
+    return hits, n
+
+
+def evaluate_base(cfg: PretrainConfig, log_fn=print) -> dict:
+    """`evaluate` for the base directory at cfg.out_dir, on the held-out scenes of cfg.pool (split as in
+    pretraining: heldout_fraction and seed)."""
+    from experiments.robot.tabletop.pretrain import read_pretrain_pool
+
+    model_cfg = get_config(cfg.config_name)
+    sd, _ = load_base_dir(cfg.out_dir, model_cfg)
+    vlm = PrismaticVLM(model_cfg)
+    missing, unexpected = vlm.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise PretrainError(f"{cfg.out_dir}: the base does not fit config {cfg.config_name!r} "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    pool = read_pretrain_pool(ensure_pool(cfg, log_fn))
+    tokenizer = build_tiny_tokenizer()
+    processor = VLAProcessor(tokenizer, model_cfg.image_size, model_cfg.llm.vocab_size)
+    data = PoolData(pool, cfg.heldout_fraction, cfg.seed)
+    with torch.no_grad():
+        result = evaluate(vlm, data, ConversationBuilder(tokenizer), processor, cfg.turns_per_sequence)
+    log_fn(f"[pretrain] {cfg.out_dir} on {cfg.pool}: " + " ".join(f"{k}={v}" for k, v in result.items()))
+    return result
+
+
+INIT_SCHEMES = ("hf", "fan_in")
+
+
+def init_vlm(cfg: VLAConfig, seed: int, scheme: str = "hf", llm_std: float = 0.08) -> PrismaticVLM:
+    """The from-scratch VLM. "hf": transformers' initialisation (N(0, 0.02²) weights, DINOv2 layer scale 1e-5,
+    sized for wide models); "fan_in" then redraws every LLM linear / embedding weight from N(0, llm_std²), every
+    vision-tower linear / conv weight from N(0, 1/fan_in), and sets the DINOv2 layer scales to 1."""
+    if scheme not in INIT_SCHEMES:
+        raise PretrainError(f"init is {scheme!r}, expected one of {list(INIT_SCHEMES)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return PrismaticVLM(cfg)
+        vlm = PrismaticVLM(cfg)
+    if scheme == "hf":
+        return vlm
+    with torch.no_grad():
+        for name, p in vlm.named_parameters():
+            if "lambda1" in name:  # DINOv2 layer scale
+                p.fill_(1.0)
+        g = torch.Generator().manual_seed(seed)
+        for mod in vlm.llm.modules():  # the tied LM head is drawn again last; it is the embedding's tensor
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * llm_std)
+        g = torch.Generator().manual_seed(seed + 7)
+        for mod in vlm.vision.modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) / mod.weight[0].numel() ** 0.5)
+    return vlm
 
 
 def _write_base(cfg: PretrainConfig, model_cfg: VLAConfig, vlm: PrismaticVLM, tokenizer_json: str,
@@ -277,6 +351,8 @@ def pretrain(cfg: PretrainConfig, log_fn=print) -> dict:
 
     cfg.validate()
     out = Path(cfg.out_dir)
+    if cfg.evaluate_only:
+        return evaluate_base(cfg, log_fn)
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite true to replace it, or choose another --out_dir")
     threads = torch.get_num_threads()
@@ -304,7 +380,7 @@ def _pretrain(cfg: PretrainConfig, log_fn, read_pretrain_pool, sha256_file) -> d
     builder = ConversationBuilder(tokenizer)
     data = PoolData(pool, cfg.heldout_fraction, cfg.seed)
 
-    vlm = init_vlm(model_cfg, cfg.seed).train()
+    vlm = init_vlm(model_cfg, cfg.seed, cfg.init, cfg.llm_init_std).train()
     vlm.llm.set_attn_implementation("sdpa")
     params = [p for p in vlm.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)

@@ -1,0 +1,67 @@
+"""TableTop-4 VLM pretraining: answer scoring, and a short run whose held-out figures the evaluate-only mode
+reproduces from the written base."""
+
+import subprocess
+import sys
+
+import pytest
+
+from experiments.robot.tabletop_pipeline.vlm_pretrain import Conversation, PretrainConfig, answer_hits, pretrain
+
+
+def test_answer_hits_count_whole_answers():
+    # two answers in the first sequence (tokens 2-3 and 5), one in the second (its last two tokens)
+    convs = [Conversation([0] * 6, [False, False, True, True, False, True]),
+             Conversation([0] * 4, [False, False, True, True])]
+    assert answer_hits(convs, [True, True, True, True, True]) == (3, 3)
+    assert answer_hits(convs, [True, False, True, True, True]) == (2, 3)  # one wrong token fails its answer
+    assert answer_hits(convs, [False, True, False, True, False]) == (0, 3)
+    with pytest.raises(ValueError, match="4 token flags for 5 target tokens"):
+        answer_hits(convs, [True] * 4)
+
+
+def test_short_pretraining_then_evaluate_only_reproduces_its_heldout_figures(tmp_path):
+    cfg = PretrainConfig(out_dir=tmp_path / "base", pool=tmp_path / "pool.hdf5", pool_scenes=40, steps=6,
+                         batch_size=4, warmup_steps=2, eval_every=6, log_every=3, heldout_fraction=0.2)
+    summary = pretrain(cfg, log_fn=lambda _: None)
+    final = summary["history"][-1]
+    assert 0 <= final["heldout_answer_acc_other_images"] <= 1 and final["heldout_scenes"] == 8
+    cfg.evaluate_only = True
+    again = pretrain(cfg, log_fn=lambda _: None)
+    for key in ("heldout_answer_acc", "heldout_answer_acc_other_images", "heldout_answers"):
+        assert again[key] == pytest.approx(final[key], abs=1e-4)
+
+
+def test_evaluate_only_without_a_base_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "vla-scripts/pretrain_tabletop.py", "--evaluate_only", "true",
+                           "--out_dir", str(tmp_path / "none"), "--pool", str(tmp_path / "pool.hdf5")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "base.json not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "pool.hdf5").exists()  # nothing rendered for a base that is not there
+
+
+def test_fan_in_init_scales_weights_for_the_tiny_widths():
+    import torch
+
+    from experiments.robot.tabletop_pipeline.vlm_pretrain import PretrainError, init_vlm
+    from prismatic.models.configuration import get_config
+
+    cfg = get_config("tiny")
+    hf, fan = init_vlm(cfg, 0), init_vlm(cfg, 0, "fan_in", 0.08)
+    q = "llm.model.layers.0.self_attn.q_proj.weight"
+    conv = "vision.dino.embeddings.patch_embeddings.projection.weight"
+    sd_hf, sd_fan = hf.state_dict(), fan.state_dict()
+    assert abs(sd_hf[q].std().item() - 0.02) < 0.002 and abs(sd_fan[q].std().item() - 0.08) < 0.004
+    fan_in = 3 * cfg.dino.patch_size ** 2
+    assert abs(sd_fan[conv].std().item() * fan_in ** 0.5 - 1.0) < 0.05
+    scales = [v for k, v in sd_fan.items() if k.endswith("lambda1")]
+    assert scales and all(torch.all(v == 1.0) for v in scales)
+    assert fan.llm.lm_head.weight is fan.llm.model.embed_tokens.weight  # still tied
+    assert torch.equal(sd_fan[q], init_vlm(cfg, 0, "fan_in", 0.08).state_dict()[q])  # seeded
+    for k in ("llm.model.layers.0.self_attn.q_proj.bias", "projector.0.weight"):  # biases and projector: as hf
+        assert torch.equal(sd_hf[k], sd_fan[k])
+    with pytest.raises(PretrainError, match="init is 'xavier'"):
+        init_vlm(cfg, 0, "xavier")
+    with pytest.raises(PretrainError, match="init is 'xavier'"):
+        PretrainConfig(init="xavier").validate()
