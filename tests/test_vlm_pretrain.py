@@ -65,3 +65,21 @@ def test_fan_in_init_scales_weights_for_the_tiny_widths():
         init_vlm(cfg, 0, "xavier")
     with pytest.raises(PretrainError, match="init is 'xavier'"):
         PretrainConfig(init="xavier").validate()
+
+
+def test_frozen_embeddings_stay_at_their_init(tmp_path):
+    import torch
+
+    from experiments.robot.tabletop_pipeline.vlm_pretrain import init_vlm
+    from prismatic.models.configuration import get_config
+    from prismatic.models.loading import load_base_dir
+
+    cfg = PretrainConfig(out_dir=tmp_path / "base", pool=tmp_path / "pool.hdf5", pool_scenes=20, steps=3,
+                         batch_size=4, warmup_steps=1, eval_every=3, log_every=3, train_embeddings=False)
+    summary = pretrain(cfg, log_fn=lambda _: None)
+    assert "token embeddings" in summary["trained"]
+    sd, _ = load_base_dir(tmp_path / "base", get_config("tiny"))
+    init = init_vlm(get_config("tiny"), cfg.seed, cfg.init, cfg.llm_init_std).state_dict()
+    emb = "llm.model.embed_tokens.weight"
+    assert torch.equal(sd[emb], init[emb])
+    assert not torch.equal(sd["llm.model.layers.0.self_attn.q_proj.weight"], init["llm.model.layers.0.self_attn.q_proj.weight"])

@@ -58,9 +58,13 @@ class PretrainConfig:
     config_name: str = "tiny"  # model config whose VLM is pretrained
     seed: int = 0  # initialisation, data order and augmentation
     # "fan_in": weights scaled for the tiny widths (see init_vlm); "hf": transformers' defaults, made for wide
-    # models, with which the tiny VLM's answers barely depend on the image (README, TableTop-4)
+    # models, which the tiny VLM learns from more slowly (README, TableTop-4)
     init: str = "hf"
     llm_init_std: float = 0.08  # std of the LLM's weights with init "fan_in"
+    # False: the token embeddings (and the tied LM head) keep their initial values. Trained, the embeddings of
+    # words the LM cannot tell apart without reading the image ("left"/"right", "red"/"blue") converge, and
+    # fine-tuning (LoRA on linear layers) does not train them (README, TableTop-4)
+    train_embeddings: bool = True
     steps: int = 2500  # optimizer steps
     batch_size: int = 16  # scenes (sequences) per step
     turns_per_sequence: int = 8  # texts of one scene packed into its conversation (at most those it has)
@@ -382,12 +386,15 @@ def _pretrain(cfg: PretrainConfig, log_fn, read_pretrain_pool, sha256_file) -> d
 
     vlm = init_vlm(model_cfg, cfg.seed, cfg.init, cfg.llm_init_std).train()
     vlm.llm.set_attn_implementation("sdpa")
-    params = [p for p in vlm.parameters()]
+    embeddings = vlm.llm.get_input_embeddings().weight
+    if not cfg.train_embeddings:
+        embeddings.requires_grad_(False)
+    params = [p for p in vlm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xDA7A]))
     order, pos = rng.permutation(data.train), 0
     history, t_last = [], time.perf_counter()
-    log_fn(f"[pretrain] {cfg.config_name} VLM ({sum(p.numel() for p in params) / 1e6:.2f}M parameters, all "
+    log_fn(f"[pretrain] {cfg.config_name} VLM ({sum(p.numel() for p in params) / 1e6:.2f}M parameters "
            f"trained): {len(data.train)} training / {len(data.heldout)} held-out scenes, {cfg.steps} steps × "
            f"{cfg.batch_size} scenes")
     for step in range(cfg.steps):
@@ -427,7 +434,8 @@ def _pretrain(cfg: PretrainConfig, log_fn, read_pretrain_pool, sha256_file) -> d
     summary = {
         "format": PRETRAIN_FORMAT,
         "objective": "next-token cross-entropy on answers to captions/questions about rendered TableTop scenes",
-        "trained": "vision towers, projector and LLM, all parameters",
+        "trained": "vision towers, projector and LLM, all parameters"
+                   + ("" if cfg.train_embeddings else " but the token embeddings (tied LM head), kept at their init"),
         "config": cfg.to_dict(),
         "pool": {"path": str(pool_path), "sha256": sha256_file(pool_path), "attrs": pool["attrs"],
                  "train_scenes": int(len(data.train)), "heldout_scenes": int(len(data.heldout))},
