@@ -386,9 +386,8 @@ def _pretrain(cfg: PretrainConfig, log_fn, read_pretrain_pool, sha256_file) -> d
 
     vlm = init_vlm(model_cfg, cfg.seed, cfg.init, cfg.llm_init_std).train()
     vlm.llm.set_attn_implementation("sdpa")
-    embeddings = vlm.llm.get_input_embeddings().weight
     if not cfg.train_embeddings:
-        embeddings.requires_grad_(False)
+        vlm.llm.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in vlm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xDA7A]))
