@@ -115,12 +115,11 @@ def first_chunk_agreement(model, suite: str, init_states: int, image_size: int =
     """Per axis: correlation of the policy's and the scripted expert's first-chunk motion over the suite's
     tasks × `init_states` init states, and the spread (std) of each."""
     policy, steps = VLAPolicy(model, CenterCrop(crop_area)), model.config.chunk_len
-    envs = [make_env(suite, t, i, image_size=image_size) for t in range(len(get_suite(suite)))
-            for i in range(init_states)]
+    scenes = [(t, i) for t in range(len(get_suite(suite))) for i in range(init_states)]
+    envs = [make_env(suite, t, i, image_size=image_size) for t, i in scenes]
     chunks = policy.act([e.reset() for e in envs], [e.instruction for e in envs], list(range(len(envs))))
     mine = np.asarray(chunks)[:, :, :3].sum(axis=1)
-    theirs = np.stack([expert_chunk(suite, t, i, steps)[:, :3].sum(axis=0) for t in range(len(get_suite(suite)))
-                       for i in range(init_states)])
+    theirs = np.stack([expert_chunk(suite, t, i, steps)[:, :3].sum(axis=0) for t, i in scenes])
     out = {}
     for k, axis in enumerate("xyz"):
         a, b = mine[:, k], theirs[:, k]
