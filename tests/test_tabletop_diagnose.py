@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -70,31 +72,22 @@ def test_main_reports_both_swaps(tmp_path, capsys):
         main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", agreement_states=-1))
 
 
-class ReplayExpert:
-    """Stands in for a model: its first chunk is the scripted expert's (scaled), so agreement is exact."""
-
-    def __init__(self, suite, init_states, scale):
-        self.chunks = [scale * expert_chunk(suite, t, i, 8) for t in range(10) for i in range(init_states)]
-
-
 def test_first_chunk_agreement_by_construction(monkeypatch):
     import experiments.robot.tabletop_pipeline.diagnose as d
 
-    class Policy:
+    class Policy:  # plays back the model's chunks, one per (task, init state)
         def __init__(self, model, _crop):
             self.model = model
 
         def act(self, obs, instructions, ids):
             return np.stack(self.model.chunks)
 
-    class Config:
-        chunk_len = 8
-
     monkeypatch.setattr(d, "VLAPolicy", Policy)
-    model = ReplayExpert("goal", 2, 0.5)
-    model.config = Config()
+    # a scaled copy of the scripted expert's first chunks: correlation 1, half the spread
+    model = SimpleNamespace(config=SimpleNamespace(chunk_len=8),
+                            chunks=[0.5 * expert_chunk("goal", t, i, 8) for t in range(10) for i in range(2)])
     out = first_chunk_agreement(model, "goal", 2)
-    for axis in "xyz":  # a scaled copy: correlation 1, half the spread
+    for axis in "xyz":
         assert out[axis]["correlation"] == pytest.approx(1.0)
         assert out[axis]["policy_spread"] == pytest.approx(0.5 * out[axis]["scripted_expert_spread"])
     model.chunks = [np.zeros((8, 7))] * 20  # a policy that never moves: no correlation to speak of

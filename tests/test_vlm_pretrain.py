@@ -5,8 +5,18 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from experiments.robot.tabletop_pipeline.vlm_pretrain import Conversation, PretrainConfig, answer_hits, pretrain
+from experiments.robot.tabletop_pipeline.vlm_pretrain import (
+    Conversation,
+    PretrainConfig,
+    PretrainError,
+    answer_hits,
+    init_vlm,
+    pretrain,
+)
+from prismatic.models.configuration import get_config
+from prismatic.models.loading import load_base_dir
 
 
 def test_answer_hits_count_whole_answers():
@@ -42,11 +52,6 @@ def test_evaluate_only_without_a_base_is_a_clear_error(tmp_path):
 
 
 def test_fan_in_init_scales_weights_for_the_tiny_widths():
-    import torch
-
-    from experiments.robot.tabletop_pipeline.vlm_pretrain import PretrainError, init_vlm
-    from prismatic.models.configuration import get_config
-
     cfg = get_config("tiny")
     hf, fan = init_vlm(cfg, 0), init_vlm(cfg, 0, "fan_in", 0.08)
     q = "llm.model.layers.0.self_attn.q_proj.weight"
@@ -68,12 +73,6 @@ def test_fan_in_init_scales_weights_for_the_tiny_widths():
 
 
 def test_frozen_embeddings_stay_at_their_init(tmp_path):
-    import torch
-
-    from experiments.robot.tabletop_pipeline.vlm_pretrain import init_vlm
-    from prismatic.models.configuration import get_config
-    from prismatic.models.loading import load_base_dir
-
     cfg = PretrainConfig(out_dir=tmp_path / "base", pool=tmp_path / "pool.hdf5", pool_scenes=20, steps=3,
                          batch_size=4, warmup_steps=1, eval_every=3, log_every=3, train_embeddings=False)
     summary = pretrain(cfg, log_fn=lambda _: None)
