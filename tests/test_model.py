@@ -263,3 +263,20 @@ def test_base_dir_round_trip(tmp_path):
     assert model.base_ref["sha256"] == digest == build_vla(cfg, BaseModelConfig(random_seed=5)).base_ref["sha256"]
     with pytest.raises(FileExistsError):
         save_base_dir(tmp_path / "base", cfg, random_base(cfg, 5), tok.to_str())
+
+
+def test_base_weights_that_do_not_fit_the_config_name_the_source_and_the_keys():
+    from prismatic.models.loading import BaseModelError, load_vlm_weights, random_base
+    from prismatic.models.modeling import PrismaticVLM
+
+    cfg = get_config("tiny")
+    state = random_base(cfg, 5)
+    vlm = PrismaticVLM(cfg)
+    load_vlm_weights(vlm, state, "seed 5", "tiny")
+    assert torch.equal(vlm.projector[0].weight, state["projector.0.weight"])
+    dropped = dict(state)
+    del dropped["projector.0.weight"]
+    with pytest.raises(BaseModelError, match=r"base weights \(seed 5\) do not fit config 'tiny'.*projector\.0\.weight"):
+        load_vlm_weights(PrismaticVLM(cfg), dropped, "seed 5", "tiny")
+    with pytest.raises(BaseModelError, match=r"unexpected \['extra.weight'\]"):
+        load_vlm_weights(PrismaticVLM(cfg), {**state, "extra.weight": torch.zeros(1)}, "seed 5", "tiny")

@@ -102,6 +102,16 @@ def load_base_dir(directory: Path | str, cfg: VLAConfig) -> tuple[dict[str, torc
     return sd, meta
 
 
+def load_vlm_weights(vlm: torch.nn.Module, state: dict[str, torch.Tensor], source: str, config_name: str) -> None:
+    """Load base weights into a PrismaticVLM; every parameter must come from `state` and nothing else be in it."""
+    missing, unexpected = vlm.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BaseModelError(
+            f"base weights ({source}) do not fit config {config_name!r}: "
+            f"missing {sorted(missing)[:5]}…, unexpected {sorted(unexpected)[:5]}…"
+        )
+
+
 def load_qwen_hf(path: Path | str, cfg: VLAConfig) -> dict[str, torch.Tensor]:
     """State dict (our names, `llm.` prefix) of a Hugging Face-format Qwen2 directory; no network."""
     p = Path(path)

@@ -10,7 +10,7 @@ from prismatic import __version__
 from prismatic.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from prismatic.io import state_dict_sha256
 from prismatic.models.configuration import VLAConfig, get_config
-from prismatic.models.loading import BaseModelConfig, BaseModelError, base_config_from_ref, resolve_base
+from prismatic.models.loading import BaseModelConfig, base_config_from_ref, load_vlm_weights, resolve_base
 from prismatic.models.lora import apply_lora, init_trainable
 from prismatic.models.modeling import MergeVLA, is_trainable_name
 from prismatic.models.processing import VLAProcessor, load_tokenizer
@@ -27,12 +27,7 @@ def build_vla(cfg: VLAConfig | str, base: BaseModelConfig, seed: int = 0) -> Mer
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
     base_sd, base_ref, tok_dir = resolve_base(cfg, base)
     model = MergeVLA(cfg)
-    missing, unexpected = model.vlm.load_state_dict(base_sd, strict=False)
-    if missing or unexpected:
-        raise BaseModelError(
-            f"base weights ({base.describe()}) do not fit config {cfg.name!r}: "
-            f"missing {sorted(missing)[:5]}…, unexpected {sorted(unexpected)[:5]}…"
-        )
+    load_vlm_weights(model.vlm, base_sd, base.describe(), cfg.name)
     apply_lora(model, cfg.lora)
     init_trainable(model, seed)
     model.base_ref = base_ref

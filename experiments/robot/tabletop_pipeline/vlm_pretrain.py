@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from prismatic.models.configuration import CONFIGS, VLAConfig, get_config
-from prismatic.models.loading import load_base_dir, save_base_dir
+from prismatic.models.loading import BaseModelError, load_base_dir, load_vlm_weights, save_base_dir
 from prismatic.models.modeling import PrismaticVLM
 from prismatic.models.processing import SYSTEM_PROMPT, VLAProcessor, build_tiny_tokenizer
 from prismatic.training.schedule import lr_at
@@ -282,10 +282,10 @@ def evaluate_base(cfg: PretrainConfig, log_fn=print) -> dict:
     model_cfg = get_config(cfg.config_name)
     sd, _ = load_base_dir(cfg.out_dir, model_cfg)
     vlm = PrismaticVLM(model_cfg)
-    missing, unexpected = vlm.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise PretrainError(f"{cfg.out_dir}: the base does not fit config {cfg.config_name!r} "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        load_vlm_weights(vlm, sd, str(cfg.out_dir), cfg.config_name)
+    except BaseModelError as e:
+        raise PretrainError(str(e)) from e
     pool = read_pretrain_pool(ensure_pool(cfg, log_fn))
     tokenizer = build_tiny_tokenizer()
     processor = VLAProcessor(tokenizer, model_cfg.image_size, model_cfg.llm.vocab_size)
