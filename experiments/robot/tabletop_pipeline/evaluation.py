@@ -103,7 +103,7 @@ class OraclePolicy:
         return self.inner.act(obs, instructions, episode_ids)
 
 
-def _results(path: Path, policy_id: str) -> Path:
+def results_of(path: Path, policy_id: str) -> Path:
     """Discard a results file written by other weights (the demo owns its out_dir)."""
     rows = read_rows(path) if path.exists() else []
     if rows and any(r.get("policy_id") != policy_id for r in rows):
@@ -209,7 +209,7 @@ def run_eval(job: EvalJob, settings: EvalSettings) -> dict:
         raise ValueError(f"unknown evaluation kind {job.kind!r}")
     rows, files = [], []
     for policy, eps, path in calls:
-        rows += run_episodes(factory, policy, eps, _results(path, job.policy_id), num_envs=settings.num_envs,
+        rows += run_episodes(factory, policy, eps, results_of(path, job.policy_id), num_envs=settings.num_envs,
                              num_workers=0, protocol=settings.protocol(), run_info=run_info, seed=settings.seed,
                              log=lambda _msg: None)
         files.append(str(path))
