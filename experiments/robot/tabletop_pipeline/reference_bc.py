@@ -127,6 +127,9 @@ class ReferencePolicy:
     suite: str
     norm_stats: dict
 
+    def __post_init__(self):
+        self.index = task_index(self.suite)
+
     def start_episodes(self, first_obs, instructions):
         return [{} for _ in first_obs]
 
@@ -135,11 +138,10 @@ class ReferencePolicy:
         from experiments.robot.policy import camera_images, raw_proprio, to_env_actions
         from prismatic.vla.normalization import normalize
 
-        index = task_index(self.suite)
         images = torch.as_tensor(np.stack([camera_images(o) for o in obs]))
         proprio = torch.as_tensor(np.stack([normalize(raw_proprio(o), self.norm_stats["proprio"]) for o in obs]),
                                   dtype=torch.float32)
-        pred = self.model(images, torch.tensor([index[i] for i in instructions]), proprio)
+        pred = self.model(images, torch.tensor([self.index[i] for i in instructions]), proprio)
         return to_env_actions(pred.numpy(), self.norm_stats["action"])
 
 
