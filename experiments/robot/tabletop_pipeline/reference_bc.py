@@ -65,7 +65,7 @@ class TaskConditionedCNN(nn.Module):
     def __init__(self, num_tasks: int, image_size: int = 64, chunk_len: int = 8, action_dim: int = 7,
                  proprio_dim: int = 8, num_cameras: int = 2):
         super().__init__()
-        self.chunk_len, self.action_dim = chunk_len, action_dim
+        self.chunk_len, self.action_dim, self.image_size = chunk_len, action_dim, image_size
         self.encoder = nn.Sequential(
             nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
             nn.Conv2d(64, 64, 3, 2, 1), nn.ReLU(), nn.Conv2d(64, 32, 3, 1, 1),
@@ -164,7 +164,7 @@ def main(cfg: ReferenceBCConfig, log=print) -> dict:
                                        .encode()).hexdigest()[:16]
             episodes = plan([suite], None, cfg.trials_per_task, cfg.first_init_state)
             path = results_of(Path(cfg.out_dir) / f"{suite}.jsonl", policy_id)
-            rows = run_episodes(TableTopEnvFactory(ds.get_batch([0])["images"].shape[2]),
+            rows = run_episodes(TableTopEnvFactory(model.image_size),
                                 ReferencePolicy(model, suite, ds.norm_stats), episodes, path,
                                 num_envs=cfg.num_envs, run_info={"method": "reference CNN BC", "policy_id": policy_id},
                                 seed=cfg.seed, log=lambda _m: None)
