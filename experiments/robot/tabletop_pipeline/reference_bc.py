@@ -146,7 +146,7 @@ class ReferencePolicy:
 
 
 def main(cfg: ReferenceBCConfig, log=print) -> dict:
-    from experiments.robot.harness import run_episodes
+    from experiments.robot.harness import read_rows, run_episodes
     from experiments.robot.tabletop_pipeline.evaluation import TableTopEnvFactory, plan, results_of
     from prismatic.io import write_json
     from prismatic.vla.datasets import load_suite
@@ -158,16 +158,19 @@ def main(cfg: ReferenceBCConfig, log=print) -> dict:
     try:
         for suite in cfg.suites:
             ds = load_suite(cfg.data_root, suite)
-            model = train_reference(ds, suite, cfg, log)
             # rows of another config or other demos are discarded, not mixed in
             policy_id = hashlib.sha256(json.dumps([summary["config"], suite, ds.fingerprint], sort_keys=True)
                                        .encode()).hexdigest()[:16]
             episodes = plan([suite], None, cfg.trials_per_task, cfg.first_init_state)
             path = results_of(Path(cfg.out_dir) / f"{suite}.jsonl", policy_id)
-            rows = run_episodes(TableTopEnvFactory(model.image_size),
-                                ReferencePolicy(model, suite, ds.norm_stats), episodes, path,
-                                num_envs=cfg.num_envs, run_info={"method": "reference CNN BC", "policy_id": policy_id},
-                                seed=cfg.seed, log=lambda _m: None)
+            done = {r["key"]: r for r in read_rows(path)} if path.exists() else {}
+            if all(e.key in done for e in episodes):  # a rerun with nothing left to roll out: nothing to train
+                rows = [done[e.key] for e in episodes]
+            else:
+                model = train_reference(ds, suite, cfg, log)
+                rows = run_episodes(TableTopEnvFactory(model.image_size), ReferencePolicy(model, suite, ds.norm_stats),
+                                    episodes, path, num_envs=cfg.num_envs, seed=cfg.seed, log=lambda _m: None,
+                                    run_info={"method": "reference CNN BC", "policy_id": policy_id})
             wins = sum(bool(r["success"]) for r in rows)
             summary["suites"][suite] = {"success": wins / len(rows), "episodes": len(rows), "results": str(path)}
             log(f"[reference] {suite}: {wins}/{len(rows)} episodes solved")
