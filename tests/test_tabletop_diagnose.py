@@ -61,15 +61,19 @@ def test_expert_chunk_is_the_noise_free_scripted_expert():
 
 def test_main_reports_both_swaps(tmp_path, capsys):
     save_pretrained(model_for("cross_attn"), tmp_path / "ckpt", step=1)
-    out = main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", suite="goal", init_states=3, agreement_states=1))
+    out = main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", suite="goal", init_states=3, agreement_states=1,
+                              grasp_states=1))
     assert set(out["sensitivity"]) == {"instruction_swap", "scene_swap"}
     assert set(out["agreement"]) == {"x", "y", "z"}
+    assert out["grasps"]["summary"]["episodes"] == len(out["grasps"]["episodes"]) > 0
     assert out["sensitivity"]["instruction_swap"]["scripted_expert"] > 0  # ten goals, ten directions
     assert "instruction_swap: first-chunk displacement spread" in capsys.readouterr().out
     with pytest.raises(ValueError, match="init_states must be >= 2"):
         main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", init_states=1))
     with pytest.raises(ValueError, match="agreement_states must be >= 0"):
         main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", agreement_states=-1))
+    with pytest.raises(ValueError, match="grasp_states must be >= 0"):
+        main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", grasp_states=-1))
 
 
 def test_first_chunk_agreement_by_construction(monkeypatch):
@@ -107,3 +111,74 @@ def test_the_crop_shown_by_default_is_the_checkpoints_training_crop(tmp_path):
     save_pretrained(model, tmp_path / "noaug", step=1, train_config={**aug, "image_aug": False})
     save_pretrained(model, tmp_path / "untrained", step=1)
     assert [training_crop_area(tmp_path / d) for d in ("aug", "noaug", "untrained")] == [0.81, 1.0, 1.0]
+
+
+class ScriptedPolicy:
+    """The noise-free scripted expert as a one-action-chunk policy on whichever env it is pointed at."""
+
+    def __init__(self):
+        from experiments.robot.tabletop.expert import ScriptedExpert
+
+        self.env, self.expert = None, ScriptedExpert(noise=0.0)
+
+    def act(self, obs, instructions, ids):
+        return self.expert.act(self.env.state)[None, None]
+
+
+def test_first_grasp_of_the_scripted_expert_is_on_the_named_object():
+    from experiments.robot.tabletop.physics import GRASP_TOL
+    from experiments.robot.tabletop_pipeline.diagnose import first_grasp
+
+    policy = ScriptedPolicy()
+    for task_id in (0, 5):  # red cube, orange cylinder, among three distractors
+        policy.env = env = make_env("object", task_id, 1)
+        policy.expert.reset()
+        g = first_grasp(env, policy, env.instruction)
+        assert g["closed"] and g["nearest_is_named"] and g["objects"] == 4
+        assert g["distance_to_named"] <= GRASP_TOL
+
+
+def test_grasp_report_scores_a_policy_that_goes_for_the_wrong_object(monkeypatch):
+    import experiments.robot.tabletop_pipeline.diagnose as d
+
+    class WrongObject:  # closes straight above the first movable body that is not the named one
+        def act(self, obs, instructions, ids):
+            s = self.env.state
+            other = next(b for b in s.bodies if b.spec.movable and b.name != s.goals[0].obj)
+            a = np.zeros(7)
+            a[:2] = np.clip((other.pos[:2] - s.gripper_pos[:2]) / 0.03, -1, 1)
+            a[6] = 1.0 if np.hypot(*(other.pos[:2] - s.gripper_pos[:2])) < 1e-3 else -1.0
+            return a[None, None]
+
+    class Never:
+        def act(self, obs, instructions, ids):
+            a = np.zeros(7)
+            a[6] = -1.0
+            return a[None, None]
+
+    for policy in (WrongObject(), Never()):
+        def env_for(*args, _policy=policy, **kw):
+            _policy.env = make_env(*args, **kw)
+            return _policy.env
+
+        monkeypatch.setattr(d, "make_env", env_for)
+        out = d.grasp_report(policy, "object", 1)
+        assert out["summary"]["episodes"] == 10 and len(out["episodes"]) == 10
+        if isinstance(policy, Never):
+            assert out["summary"] == {"episodes": 10, "closed": 0}
+        else:
+            s = out["summary"]
+            assert s["closed"] == 10 and s["nearest_is_named"] == 0.0 and s["within_grasp_tol"] == 0.0
+            assert s["chance"] == pytest.approx(0.25) and s["median_distance_m"] > 0.05  # slots 10 cm apart
+
+
+def test_grasp_report_skips_tasks_without_a_pick_and_place_first():
+    from experiments.robot.tabletop_pipeline.diagnose import grasp_report
+
+    class Never:
+        def act(self, obs, instructions, ids):
+            return np.array([[[0, 0, 0, 0, 0, 0, -1.0]]])
+
+    places = sum(make_env("goal", t, 0).state.goals[0].verb == "place" for t in range(10))
+    assert 0 < places < 10
+    assert grasp_report(Never(), "goal", 1)["summary"]["episodes"] == places

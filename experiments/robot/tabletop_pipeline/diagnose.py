@@ -14,7 +14,12 @@
 - agreement: per axis (x, y, z), over `agreement_states` init states of every task of the suite, the correlation
   between the first chunk's summed motion and the scripted expert's over the same steps, and both spreads. An
   axis whose target depends on the instruction and the scene together (spatial: which of two cubes) shows a
-  correlation near 0 where an axis set by the scene alone is near 1.
+  correlation near 0 where an axis set by the scene alone is near 1;
+- grasps: closed-loop rollouts (chunks executed open-loop, as the harness does) of every task whose first goal
+  is a pick-and-place, over `grasp_states` init states: where the gripper is when it is first told to close on
+  nothing held, how far that is from the object the instruction names, and whether that object is the nearest
+  movable one. A policy that localises the right object but misses it shows a small distance and "nearest is
+  the named object" near 1; one that cannot tell the objects apart shows "nearest" near chance (1 / objects).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from experiments.robot.policy import CenterCrop, VLAPolicy
 from experiments.robot.tabletop import get_suite, make_env
 from experiments.robot.tabletop.expert import ScriptedExpert
+from experiments.robot.tabletop.physics import GRASP_TOL
 
 
 @dataclass
@@ -42,6 +48,7 @@ class DiagnoseConfig:
     image_size: int = 64
     crop_area: Optional[float] = None  # centre crop shown to the model (None: its training crop area, 1 without aug)
     agreement_states: int = 4  # init states per task for the per-axis agreement (0: skip it)
+    grasp_states: int = 2  # init states per pick-and-place task for the first-grasp rollouts (0: skip them)
 
 
 def attention_shares(model, obs: dict, instruction: str, crop_area: float = 1.0) -> list[dict[str, float]]:
@@ -128,6 +135,45 @@ def first_chunk_agreement(model, suite: str, init_states: int, image_size: int =
     return out
 
 
+def first_grasp(env, policy, instruction: str) -> dict:
+    """Roll `policy` out in `env` until it first commands the fingers closed with nothing held (or the episode
+    ends); the tip's position then, against the bodies as they are at that moment."""
+    obs, goal, done = env.reset(), env.state.goals[0], False
+    while not done and env.steps < env.max_steps:
+        for a in policy.act([obs], [instruction], [0])[0]:
+            s = env.state
+            if a[6] > 0 and not s.held:
+                movable = [b for b in s.bodies if b.spec.movable]
+                dist = {b.name: float(np.hypot(*(b.pos[:2] - s.gripper_pos[:2]))) for b in movable}
+                return {"closed": True, "distance_to_named": dist[goal.obj],
+                        "nearest_is_named": min(dist, key=dist.get) == goal.obj, "objects": len(movable)}
+            obs, _, done, _ = env.step(a)
+            if done or env.steps >= env.max_steps:
+                break
+    return {"closed": False}
+
+
+def grasp_report(policy, suite: str, init_states: int, image_size: int = 64) -> dict:
+    """`first_grasp` over the suite's pick-and-place tasks × init states, with a summary."""
+    rows = []
+    for t, task in enumerate(get_suite(suite)):
+        for i in range(init_states):
+            env = make_env(suite, t, i, image_size=image_size)
+            if env.state.goals[0].verb != "place":
+                continue
+            rows.append({"task_id": t, "init_state": i, **first_grasp(env, policy, task.instruction)})
+    closed = [r for r in rows if r["closed"]]
+    summary = {"episodes": len(rows), "closed": len(closed)}
+    if closed:
+        summary.update({
+            "nearest_is_named": float(np.mean([r["nearest_is_named"] for r in closed])),
+            "chance": float(np.mean([1.0 / r["objects"] for r in closed])),
+            "median_distance_m": float(np.median([r["distance_to_named"] for r in closed])),
+            "within_grasp_tol": float(np.mean([r["distance_to_named"] <= GRASP_TOL for r in closed])),
+        })
+    return {"summary": summary, "episodes": rows}
+
+
 def training_crop_area(checkpoint: Path) -> float:
     """The centre-crop area a checkpoint saw in training: its random-crop area with image_aug, else 1."""
     from prismatic.checkpoint import read_manifest
@@ -143,8 +189,9 @@ def main(cfg: DiagnoseConfig) -> dict:
 
     if cfg.init_states < 2:
         raise ValueError(f"init_states must be >= 2 (a spread needs two scenes), got {cfg.init_states}")
-    if cfg.agreement_states < 0:
-        raise ValueError(f"agreement_states must be >= 0, got {cfg.agreement_states}")
+    for name in ("agreement_states", "grasp_states"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     model = from_pretrained(cfg.checkpoint).eval()
     crop = training_crop_area(cfg.checkpoint) if cfg.crop_area is None else cfg.crop_area
     env = make_env(cfg.suite, cfg.task_id, 0, image_size=cfg.image_size)
@@ -152,6 +199,8 @@ def main(cfg: DiagnoseConfig) -> dict:
     sens = sensitivity(model, cfg.suite, cfg.task_id, cfg.init_states, cfg.image_size, crop)
     agree = (first_chunk_agreement(model, cfg.suite, cfg.agreement_states, cfg.image_size, crop)
              if cfg.agreement_states else {})
+    grasps = (grasp_report(VLAPolicy(model, CenterCrop(crop)), cfg.suite, cfg.grasp_states, cfg.image_size)
+              if cfg.grasp_states else {})
     print(f"{cfg.checkpoint} on {cfg.suite} task {cfg.task_id} ({env.instruction!r})")
     print("block | " + " | ".join(k for k in shares[0]))
     for i, row in enumerate(shares):
@@ -162,7 +211,14 @@ def main(cfg: DiagnoseConfig) -> dict:
     for axis, d in agree.items():
         print(f"first chunk vs scripted expert, {axis}: correlation {d['correlation']:.2f}, spread policy "
               f"{d['policy_spread']:.2f} vs expert {d['scripted_expert_spread']:.2f}")
-    return {"attention": shares, "sensitivity": sens, "agreement": agree}
+    g = grasps.get("summary", {})
+    if g.get("closed"):
+        print(f"first grasp ({g['closed']} of {g['episodes']} pick-and-place episodes closed the fingers): nearest "
+              f"object is the named one {g['nearest_is_named']:.0%} (chance {g['chance']:.0%}), median distance to "
+              f"it {100 * g['median_distance_m']:.1f} cm, within grasp tolerance {g['within_grasp_tol']:.0%}")
+    elif grasps:
+        print(f"first grasp: none of {g['episodes']} pick-and-place episodes closed the fingers")
+    return {"attention": shares, "sensitivity": sens, "agreement": agree, "grasps": grasps}
 
 
 def cli() -> int:
