@@ -80,6 +80,33 @@ def square_images(rng: np.random.Generator, n: int, size: int, image_size: int, 
     return images, colour
 
 
+def square_batch(builder, processor, images: np.ndarray, colour: np.ndarray):
+    """(input_ids, pixel_values, target mask) of the probe's question and answer for `square_images` output."""
+    from experiments.robot.tabletop_pipeline.vlm_pretrain import collate
+
+    convs = [builder.build([(QUESTION, OBJECT_COLORS[int(c)])]) for c in colour]
+    ids, _, mask = collate(convs, processor.pad_id)
+    return ids, processor.images(images), mask
+
+
+@torch.no_grad()
+def square_accuracy(vlm, builder, processor, images: np.ndarray, colour: np.ndarray, chunk: int = 50) -> float:
+    """Share of the images whose colour word the VLM predicts (in eval mode; its mode is restored)."""
+    from experiments.robot.tabletop_pipeline.vlm_pretrain import answer_logits
+
+    was, hits = vlm.training, 0
+    vlm.eval()
+    try:
+        for i in range(0, len(colour), chunk):
+            logits, labels = answer_logits(vlm, *square_batch(builder, processor, images[i: i + chunk],
+                                                               colour[i: i + chunk]))
+            # every answer is one colour word and <|im_end|>: the word is each sequence's first target
+            hits += int((logits.argmax(-1) == labels).view(-1, 2)[:, 0].sum())
+    finally:
+        vlm.train(was)
+    return hits / len(colour)
+
+
 def main(cfg: VisionProbeConfig, log=print) -> dict:
     from experiments.robot.tabletop_pipeline import vlm_pretrain as vp
     from prismatic.models.configuration import CONFIGS, get_config
@@ -113,27 +140,13 @@ def main(cfg: VisionProbeConfig, log=print) -> dict:
                                                cfg.eval_images, cfg.square_size, model_cfg.image_size,
                                                cfg.background, model_cfg.num_images)
 
-        def batch(images: np.ndarray, colour: np.ndarray):
-            convs = [builder.build([(QUESTION, OBJECT_COLORS[int(c)])]) for c in colour]
-            ids, _, mask = vp.collate(convs, processor.pad_id)
-            return ids, processor.images(images), mask
-
-        @torch.no_grad()
         def accuracy() -> float:
-            vlm.eval()
-            hits = 0
-            for i in range(0, cfg.eval_images, 50):
-                ids, px, mask = batch(held_imgs[i: i + 50], held_colour[i: i + 50])
-                logits, labels = vp.answer_logits(vlm, ids, px, mask)
-                # every answer is one colour word and <|im_end|>: the word is each sequence's first target
-                hits += int((logits.argmax(-1) == labels).view(-1, 2)[:, 0].sum())
-            vlm.train()
-            return hits / cfg.eval_images
+            return square_accuracy(vlm, builder, processor, held_imgs, held_colour)
 
         history, t0 = [{"step": 0, "accuracy": accuracy()}], time.perf_counter()
         log(f"[vision-probe] {cfg.square_size}-px square, step 0: accuracy {history[0]['accuracy']:.3f} (chance 0.1)")
         for step in range(1, cfg.steps + 1):
-            logits, labels = vp.answer_logits(vlm, *batch(*square_images(
+            logits, labels = vp.answer_logits(vlm, *square_batch(builder, processor, *square_images(
                 rng, cfg.batch_size, cfg.square_size, model_cfg.image_size, cfg.background, model_cfg.num_images)))
             loss = F.cross_entropy(logits.float(), labels)
             opt.zero_grad(set_to_none=True)

@@ -338,8 +338,7 @@ def square_warmup(vlm: PrismaticVLM, params, cfg: PretrainConfig, model_cfg: VLA
                   builder: ConversationBuilder, log_fn=print) -> list[dict]:
     """The square-colour curriculum (cfg.square_curriculum), constant lr, its own optimizer; per square size the
     held-out accuracy after its steps."""
-    from experiments.robot.tabletop.bodies import OBJECT_COLORS
-    from experiments.robot.tabletop_pipeline.vision_probe import QUESTION, square_images
+    from experiments.robot.tabletop_pipeline.vision_probe import square_accuracy, square_batch, square_images
 
     out = []
     if not cfg.square_curriculum:
@@ -347,27 +346,18 @@ def square_warmup(vlm: PrismaticVLM, params, cfg: PretrainConfig, model_cfg: VLA
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x5A]))
     held_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xE7]))
-
-    def batch(images, colour):
-        ids, _, mask = collate([builder.build([(QUESTION, OBJECT_COLORS[int(c)])]) for c in colour], processor.pad_id)
-        return ids, processor.images(images), mask
-
     for size in cfg.square_curriculum:
         for _ in range(cfg.square_steps):
             images, colour = square_images(rng, cfg.batch_size, size, model_cfg.image_size, 200, model_cfg.num_images)
-            logits, labels = answer_logits(vlm, *batch(images, colour))
+            logits, labels = answer_logits(vlm, *square_batch(builder, processor, images, colour))
             loss = F.cross_entropy(logits.float(), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
-        vlm.eval()
-        with torch.no_grad():
-            images, colour = square_images(held_rng, 100, size, model_cfg.image_size, 200, model_cfg.num_images)
-            logits, labels = answer_logits(vlm, *batch(images, colour))
-            acc = float((logits.argmax(-1) == labels).view(len(colour), -1)[:, 0].float().mean())
-        vlm.train()
+        held = square_images(held_rng, 100, size, model_cfg.image_size, 200, model_cfg.num_images)
+        acc = square_accuracy(vlm, builder, processor, *held)
         out.append({"square_size": size, "steps": cfg.square_steps, "accuracy": acc})
         log_fn(f"[pretrain] square curriculum: {size}-px squares, {cfg.square_steps} steps, held-out colour "
                f"accuracy {acc:.2f}")
