@@ -26,7 +26,6 @@ from typing import Optional
 import draccus
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from experiments.robot.tabletop.bodies import OBJECT_COLORS, PALETTE
 
@@ -146,13 +145,10 @@ def main(cfg: VisionProbeConfig, log=print) -> dict:
         history, t0 = [{"step": 0, "accuracy": accuracy()}], time.perf_counter()
         log(f"[vision-probe] {cfg.square_size}-px square, step 0: accuracy {history[0]['accuracy']:.3f} (chance 0.1)")
         for step in range(1, cfg.steps + 1):
-            logits, labels = vp.answer_logits(vlm, *square_batch(builder, processor, *square_images(
-                rng, cfg.batch_size, cfg.square_size, model_cfg.image_size, cfg.background, model_cfg.num_images)))
-            loss = F.cross_entropy(logits.float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
-            opt.step()
+            images, colour = square_images(rng, cfg.batch_size, cfg.square_size, model_cfg.image_size,
+                                           cfg.background, model_cfg.num_images)
+            loss = vp.answer_step(vlm, opt, list(vlm.parameters()), *square_batch(builder, processor, images, colour),
+                                  max_grad_norm=1.0)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 history.append({"step": step, "loss": round(loss.item(), 4), "accuracy": accuracy()})
                 log(f"[vision-probe] step {step}: loss {loss.item():.3f}, held-out accuracy "

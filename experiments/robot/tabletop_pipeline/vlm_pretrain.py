@@ -226,6 +226,20 @@ def answer_logits(vlm: PrismaticVLM, input_ids: torch.Tensor, pixel_values: torc
     return vlm.llm.lm_head(h), input_ids[b, j]
 
 
+def answer_step(vlm: PrismaticVLM, opt: torch.optim.Optimizer, params, input_ids: torch.Tensor,
+                pixel_values: torch.Tensor, target: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """One optimizer step of the next-token loss on the answers (gradients clipped at max_grad_norm; 0: not
+    clipped); returns the loss."""
+    logits, labels = answer_logits(vlm, input_ids, pixel_values, target)
+    loss = F.cross_entropy(logits.float(), labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    return loss
+
+
 @torch.no_grad()
 def evaluate(vlm: PrismaticVLM, data: PoolData, builder: ConversationBuilder, processor: VLAProcessor,
              turns: int, batch_size: int = 32) -> dict:
@@ -349,13 +363,7 @@ def square_warmup(vlm: PrismaticVLM, params, cfg: PretrainConfig, model_cfg: VLA
     for size in cfg.square_curriculum:
         for _ in range(cfg.square_steps):
             images, colour = square_images(rng, cfg.batch_size, size, model_cfg.image_size, 200, model_cfg.num_images)
-            logits, labels = answer_logits(vlm, *square_batch(builder, processor, images, colour))
-            loss = F.cross_entropy(logits.float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
+            answer_step(vlm, opt, params, *square_batch(builder, processor, images, colour), cfg.max_grad_norm)
         held = square_images(held_rng, 100, size, model_cfg.image_size, 200, model_cfg.num_images)
         acc = square_accuracy(vlm, builder, processor, *held)
         out.append({"square_size": size, "steps": cfg.square_steps, "accuracy": acc})
@@ -449,13 +457,7 @@ def _pretrain(cfg: PretrainConfig, log_fn, read_pretrain_pool, sha256_file) -> d
         lr = lr_at(step, cfg.lr, cfg.steps, "cosine", cfg.warmup_steps, cfg.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        logits, labels = answer_logits(vlm, ids, pixels, mask)
-        loss = F.cross_entropy(logits.float(), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
+        loss = answer_step(vlm, opt, params, ids, pixels, mask, cfg.max_grad_norm)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"pretraining loss became {loss.item()} at step {step + 1}; lower --lr")
         done = step + 1
