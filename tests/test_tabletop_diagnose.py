@@ -13,6 +13,8 @@ from experiments.robot.tabletop_pipeline.diagnose import (
     first_chunk_agreement,
     main,
     training_crop_area,
+    training_fit,
+    vla_predict,
 )
 from prismatic.models import BaseModelConfig, build_vla, get_config, save_pretrained
 
@@ -62,7 +64,7 @@ def test_expert_chunk_is_the_noise_free_scripted_expert():
 def test_main_reports_both_swaps(tmp_path, capsys):
     save_pretrained(model_for("cross_attn"), tmp_path / "ckpt", step=1)
     out = main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", suite="goal", init_states=3, agreement_states=1,
-                              grasp_states=1))
+                              grasp_states=1, fit_steps=0))
     assert set(out["sensitivity"]) == {"instruction_swap", "scene_swap"}
     assert set(out["agreement"]) == {"x", "y", "z"}
     assert out["grasps"]["summary"]["episodes"] == len(out["grasps"]["episodes"]) > 0
@@ -74,6 +76,56 @@ def test_main_reports_both_swaps(tmp_path, capsys):
         main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", agreement_states=-1))
     with pytest.raises(ValueError, match="grasp_states must be >= 0"):
         main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", grasp_states=-1))
+    with pytest.raises(ValueError, match="fit_steps must be >= 0"):
+        main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", fit_steps=-1))
+    with pytest.raises(ValueError, match="names no training data_root; pass --data_root"):
+        main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", init_states=2, agreement_states=0, grasp_states=0))
+
+
+def fit_dataset(image_size: int = 4):
+    """Two tasks × two episodes of two steps; step-0 x actions a: 0.2, 0.6 and b: -0.5, -0.1, all else 0."""
+    from prismatic.vla.datasets import Episode, VLADataset
+    from prismatic.vla.datasets.episodes import ArrayImages
+
+    eps = []
+    for task, xs in (("a", (0.2, 0.6)), ("b", (-0.5, -0.1))):
+        for x in xs:
+            actions = np.zeros((2, 7), np.float32)
+            actions[0, 0] = x
+            eps.append(Episode(task, actions, np.zeros((2, 8), np.float32),
+                               ArrayImages(np.zeros((2, 2, image_size, image_size, 3), np.uint8)), f"{task}{x}"))
+    return VLADataset(eps, chunk_len=1)
+
+
+def test_training_fit_by_hand():
+    ds = fit_dataset()
+    first_x = {("a", 0.2), ("a", 0.6), ("b", -0.5), ("b", -0.1)}
+    means = {"a": 0.4, "b": -0.3}
+
+    def chunks(raw, x_of):
+        out = np.zeros((len(raw["instructions"]), 1, 7), np.float32)
+        out[:, 0, 0] = [x_of(i, a) for i, a in zip(raw["instructions"], raw["actions"][:, 0, 0])]
+        return out
+
+    def at_step_0(fn):
+        return lambda raw: chunks(raw, lambda i, a: fn(i, a) if (i, round(float(a), 1)) in first_x else 0.0)
+
+    truth, task_mean, zero = (training_fit(at_step_0(f), ds, STATS, 1)[0]
+                              for f in (lambda i, a: a, lambda i, a: means[i], lambda i, a: 0.0))
+    var = 0.04 / 3  # deviations ±0.2 in x, none in y and z
+    assert truth["samples"] == 4 and truth["within_task_var"] == pytest.approx(var, rel=1e-3)
+    assert truth["mse"] == pytest.approx(0.0, abs=1e-6) and truth["r2"] == pytest.approx(1.0, abs=1e-3)
+    assert task_mean["r2"] == pytest.approx(0.0, abs=1e-3)  # each task's mean opening move explains nothing
+    assert zero["mse"] == pytest.approx((0.04 + 0.36 + 0.25 + 0.01) / 4 / 3, rel=1e-3)
+    assert zero["r2"] == pytest.approx(1 - 0.165 / 0.04, rel=1e-3)
+    assert [r["step"] for r in training_fit(at_step_0(lambda i, a: a), ds, STATS, 5)] == [0, 1]  # 2-step episodes
+
+
+def test_vla_predict_gives_normalised_chunks_for_a_dataset_batch():
+    model = model_for("cross_attn")
+    ds = fit_dataset(image_size=64)
+    pred = vla_predict(model)(ds.get_batch([0, 1, 2]))
+    assert pred.shape == (3, model.config.chunk_len, 7) and np.isfinite(pred).all()
 
 
 def test_first_chunk_agreement_by_construction(monkeypatch):

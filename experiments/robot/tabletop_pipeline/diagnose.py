@@ -19,7 +19,11 @@
   is a pick-and-place, over `grasp_states` init states: where the gripper is when it is first told to close on
   nothing held, how far that is from the object the instruction names, and whether that object is the nearest
   movable one. A policy that localises the right object but misses it shows a small distance and "nearest is
-  the named object" near 1; one that cannot tell the objects apart shows "nearest" near chance (1 / objects).
+  the named object" near 1; one that cannot tell the objects apart shows "nearest" near chance (1 / objects);
+- training fit: on the checkpoint's own training demos, per episode step 0..`fit_steps`-1, the error of the
+  predicted chunk's position actions (normalised) against the variance of the demos' chunks *within* each
+  task, and R² = 1 - error / variance. R² near 0 on the first steps means the model plays each task's mean
+  opening move: it has not learned, even on the scenes it was trained on, where the scene puts the target.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class DiagnoseConfig:
     crop_area: Optional[float] = None  # centre crop shown to the model (None: its training crop area, 1 without aug)
     agreement_states: int = 4  # init states per task for the per-axis agreement (0: skip it)
     grasp_states: int = 2  # init states per pick-and-place task for the first-grasp rollouts (0: skip them)
+    fit_steps: int = 6  # episode steps 0..n-1 scored on the training demos (0: skip)
+    data_root: Optional[Path] = None  # the demos for the training fit (None: the checkpoint's training data_root)
 
 
 def attention_shares(model, obs: dict, instruction: str, crop_area: float = 1.0) -> list[dict[str, float]]:
@@ -174,6 +180,45 @@ def grasp_report(policy, suite: str, init_states: int, image_size: int = 64) -> 
     return {"summary": summary, "episodes": rows}
 
 
+def training_fit(predict, ds, norm_stats: dict, fit_steps: int, batch_size: int = 64) -> list[dict]:
+    """Per episode step k < fit_steps of `ds`: mean squared error of `predict(batch)` (normalised (B, T, 7)
+    chunks) on the position actions, the within-task variance of the demos' chunks there, and R²."""
+    from prismatic.vla.normalization import normalize
+
+    rows = []
+    for k in range(fit_steps):
+        idx = np.flatnonzero(ds.step_of == k)
+        if not len(idx):
+            break
+        preds, targets, tasks = [], [], []
+        for start in range(0, len(idx), batch_size):
+            raw = ds.get_batch(idx[start:start + batch_size])
+            preds.append(np.asarray(predict(raw))[:, :, :3])
+            targets.append(normalize(raw["actions"], norm_stats["action"])[:, :, :3])
+            tasks += raw["instructions"]
+        pred, target, tasks = np.concatenate(preds), np.concatenate(targets), np.array(tasks)
+        var = np.concatenate([target[tasks == t] - target[tasks == t].mean(0) for t in np.unique(tasks)])
+        mse, var = float(((pred - target) ** 2).mean()), float((var ** 2).mean())
+        rows.append({"step": k, "samples": len(idx), "mse": mse, "within_task_var": var,
+                     "r2": 1.0 - mse / var if var > 0 else float("nan")})
+    return rows
+
+
+def vla_predict(model, crop_area: float = 1.0):
+    """A dataset batch → the model's normalised chunks (what `training_fit` scores)."""
+    from prismatic.vla.normalization import normalize
+
+    crop = CenterCrop(crop_area)
+
+    @torch.no_grad()
+    def predict(raw: dict) -> np.ndarray:
+        images = np.stack([[crop(im) for im in cams] for cams in raw["images"]])
+        proprio = normalize(raw["proprio"], model.norm_stats["proprio"])
+        return model.predict_action(**model.processor(list(raw["instructions"]), images, proprio)).float().numpy()
+
+    return predict
+
+
 def training_crop_area(checkpoint: Path) -> float:
     """The centre-crop area a checkpoint saw in training: its random-crop area with image_aug, else 1."""
     from prismatic.checkpoint import read_manifest
@@ -189,7 +234,7 @@ def main(cfg: DiagnoseConfig) -> dict:
 
     if cfg.init_states < 2:
         raise ValueError(f"init_states must be >= 2 (a spread needs two scenes), got {cfg.init_states}")
-    for name in ("agreement_states", "grasp_states"):
+    for name in ("agreement_states", "grasp_states", "fit_steps"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     model = from_pretrained(cfg.checkpoint).eval()
@@ -201,6 +246,7 @@ def main(cfg: DiagnoseConfig) -> dict:
              if cfg.agreement_states else {})
     grasps = (grasp_report(VLAPolicy(model, CenterCrop(crop)), cfg.suite, cfg.grasp_states, cfg.image_size)
               if cfg.grasp_states else {})
+    fit = training_fit_of(model, cfg, crop) if cfg.fit_steps else []
     print(f"{cfg.checkpoint} on {cfg.suite} task {cfg.task_id} ({env.instruction!r})")
     print("block | " + " | ".join(k for k in shares[0]))
     for i, row in enumerate(shares):
@@ -218,16 +264,34 @@ def main(cfg: DiagnoseConfig) -> dict:
               f"it {100 * g['median_distance_m']:.1f} cm, within grasp tolerance {g['within_grasp_tol']:.0%}")
     elif grasps:
         print(f"first grasp: none of {g['episodes']} pick-and-place episodes closed the fingers")
-    return {"attention": shares, "sensitivity": sens, "agreement": agree, "grasps": grasps}
+    for r in fit:
+        print(f"training fit, episode step {r['step']} ({r['samples']} demos): chunk error {r['mse']:.3f} vs "
+              f"within-task variance {r['within_task_var']:.3f}, R² {r['r2']:.2f}")
+    return {"attention": shares, "sensitivity": sens, "agreement": agree, "grasps": grasps, "training_fit": fit}
+
+
+def training_fit_of(model, cfg: DiagnoseConfig, crop: float) -> list[dict]:
+    """`training_fit` on the demos the checkpoint was trained on (or those under cfg.data_root)."""
+    from prismatic.checkpoint import read_manifest
+    from prismatic.models.pretrained import CHECKPOINT_KIND
+    from prismatic.vla.datasets import load_suite
+
+    train = read_manifest(cfg.checkpoint, CHECKPOINT_KIND).get("train_config") or {}
+    root = cfg.data_root if cfg.data_root is not None else train.get("data_root")
+    if root is None:
+        raise ValueError(f"{cfg.checkpoint}: its manifest names no training data_root; pass --data_root")
+    ds = load_suite(Path(root), train.get("suite") or cfg.suite, chunk_len=model.config.chunk_len)
+    return training_fit(vla_predict(model, crop), ds, model.norm_stats, cfg.fit_steps)
 
 
 def cli() -> int:
     from prismatic.checkpoint import CheckpointError
+    from prismatic.vla.datasets import DatasetError
 
     cfg = draccus.parse(DiagnoseConfig)
     try:
         main(cfg)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError, DatasetError) as e:
         print(f"diagnose: {e}", file=sys.stderr)
         return 2
     return 0
