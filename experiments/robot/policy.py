@@ -85,12 +85,21 @@ class VLAPolicy:
 
     @torch.no_grad()
     def act(self, obs, instructions, episode_ids):
-        stats = self.model.norm_stats
-        if stats is None:
+        images = np.stack([camera_images(o) for o in obs])
+        proprio = np.stack([raw_proprio(o) for o in obs])
+        return to_env_actions(self.normalised_chunks(images, proprio, instructions), self._stats()["action"])
+
+    def _stats(self) -> dict:
+        if self.model.norm_stats is None:
             raise ValueError("the checkpoint has no norm_stats; it cannot turn predictions into actions")
-        images = np.stack([camera_images(o, self.image_transform) for o in obs])
-        proprio = np.stack([normalize(raw_proprio(o), stats["proprio"]) for o in obs])
+        return self.model.norm_stats
+
+    @torch.no_grad()
+    def normalised_chunks(self, images: np.ndarray, proprio: np.ndarray, instructions) -> np.ndarray:
+        """(B, 2, H, W, 3) uint8 camera images and (B, 8) raw proprio → the model's normalised (B, T, 7) chunks."""
+        if self.image_transform is not None:
+            images = np.stack([[self.image_transform(im) for im in cams] for cams in images])
+        proprio = normalize(proprio, self._stats()["proprio"])
         batch = self.model.processor(list(instructions), images, proprio)
         device = next(self.model.parameters()).device
-        pred = self.model.predict_action(**{k: v.to(device) for k, v in batch.items()})
-        return to_env_actions(pred.float().cpu().numpy(), stats["action"])
+        return self.model.predict_action(**{k: v.to(device) for k, v in batch.items()}).float().cpu().numpy()

@@ -206,17 +206,8 @@ def training_fit(predict, ds, norm_stats: dict, fit_steps: int, batch_size: int 
 
 def vla_predict(model, crop_area: float = 1.0):
     """A dataset batch → the model's normalised chunks (what `training_fit` scores)."""
-    from prismatic.vla.normalization import normalize
-
-    crop = CenterCrop(crop_area)
-
-    @torch.no_grad()
-    def predict(raw: dict) -> np.ndarray:
-        images = np.stack([[crop(im) for im in cams] for cams in raw["images"]])
-        proprio = normalize(raw["proprio"], model.norm_stats["proprio"])
-        return model.predict_action(**model.processor(list(raw["instructions"]), images, proprio)).float().numpy()
-
-    return predict
+    policy = VLAPolicy(model, CenterCrop(crop_area))
+    return lambda raw: policy.normalised_chunks(raw["images"], raw["proprio"], raw["instructions"])
 
 
 def training_crop_area(checkpoint: Path) -> float:
