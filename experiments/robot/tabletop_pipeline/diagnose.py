@@ -197,8 +197,8 @@ def training_fit(predict, ds, norm_stats: dict, fit_steps: int, batch_size: int 
             targets.append(normalize(raw["actions"], norm_stats["action"])[:, :, :3])
             tasks += raw["instructions"]
         pred, target, tasks = np.concatenate(preds), np.concatenate(targets), np.array(tasks)
-        var = np.concatenate([target[tasks == t] - target[tasks == t].mean(0) for t in np.unique(tasks)])
-        mse, var = float(((pred - target) ** 2).mean()), float((var ** 2).mean())
+        dev = np.concatenate([target[tasks == t] - target[tasks == t].mean(0) for t in np.unique(tasks)])
+        mse, var = float(((pred - target) ** 2).mean()), float((dev ** 2).mean())
         rows.append({"step": k, "samples": len(idx), "mse": mse, "within_task_var": var,
                      "r2": 1.0 - mse / var if var > 0 else float("nan")})
     return rows
@@ -210,13 +210,19 @@ def vla_predict(model, crop_area: float = 1.0):
     return lambda raw: policy.normalised_chunks(raw["images"], raw["proprio"], raw["instructions"])
 
 
-def training_crop_area(checkpoint: Path) -> float:
-    """The centre-crop area a checkpoint saw in training: its random-crop area with image_aug, else 1."""
+def train_config_of(checkpoint: Path) -> dict:
+    """The training config stored in a checkpoint's manifest ({} for one saved without it)."""
     from prismatic.checkpoint import read_manifest
     from prismatic.models.pretrained import CHECKPOINT_KIND
+
+    return read_manifest(checkpoint, CHECKPOINT_KIND).get("train_config") or {}
+
+
+def training_crop_area(checkpoint: Path) -> float:
+    """The centre-crop area a checkpoint saw in training: its random-crop area with image_aug, else 1."""
     from prismatic.vla.augmentation import centre_crop_for
 
-    train = read_manifest(checkpoint, CHECKPOINT_KIND).get("train_config") or {}
+    train = train_config_of(checkpoint)
     return centre_crop_for(bool(train.get("image_aug")), float(train.get("aug", {}).get("crop_area", 1.0)))
 
 
@@ -263,11 +269,9 @@ def main(cfg: DiagnoseConfig) -> dict:
 
 def training_fit_of(model, cfg: DiagnoseConfig, crop: float) -> list[dict]:
     """`training_fit` on the demos the checkpoint was trained on (or those under cfg.data_root)."""
-    from prismatic.checkpoint import read_manifest
-    from prismatic.models.pretrained import CHECKPOINT_KIND
     from prismatic.vla.datasets import load_suite
 
-    train = read_manifest(cfg.checkpoint, CHECKPOINT_KIND).get("train_config") or {}
+    train = train_config_of(cfg.checkpoint)
     root = cfg.data_root if cfg.data_root is not None else train.get("data_root")
     if root is None:
         raise ValueError(f"{cfg.checkpoint}: its manifest names no training data_root; pass --data_root")
