@@ -7,7 +7,8 @@ Tensors (all fp32 unless noted), for parameters p and tasks t in manifest order:
     shared.<n>                from-scratch parameter n shared by all tasks (weighted average, or RETAIN)
     head.<t>.<n>              from-scratch parameter n kept per task (last L_h expert blocks, final norm, head, and
                               the manifest's `per_task_parts` groups)
-    router.<t>.<v>.<act|vis>  (k_gate, D) router subspace of task t, variant v ∈ value / key / key_value
+    router.<t>.<v>.<act|vis>  (k_gate, D) router subspace of task t, for each variant v in the manifest's
+                              `router.variants` (value / key / key_value / value_update)
 Task t runs θ0 + rescale·(S_t ⊙ τ_merge) in the VLM, the shared parts and its own head. θ0 itself is not
 stored: the manifest's `base` reference (with its sha256) says where it comes from, as for checkpoints.
 The tensor list is a function of the manifest (`plan_specs`), so the loader checks the file exactly.
@@ -20,14 +21,18 @@ import torch
 from model_merging.tensor_files import TensorSpec
 
 MERGED_KIND = "mergevla-merged"
-ROUTER_VARIANTS = ("value", "key", "key_value")
+ROUTER_VARIANTS = ("value", "key", "key_value", "value_update")
 ROUTER_SIDES = ("act", "vis")
 # Which value/key projections of an expert block each router variant is computed from.
 ROUTER_WEIGHTS = {
     "value": {"act": ("v_act",), "vis": ("v_vis",)},
     "key": {"act": ("k_act",), "vis": ("k_vis",)},
     "key_value": {"act": ("k_act", "v_act"), "vis": ("k_vis", "v_vis")},
+    "value_update": {"act": ("v_act",), "vis": ("v_vis",)},
 }
+# Variants computed from what training changed, W_e − W_0 (W_0: the experts' shared initialisation), not W_e:
+# every expert block starts from the same seeded init, whose singular directions otherwise dominate W_e's.
+ROUTER_FROM_UPDATE = frozenset({"value_update"})
 
 
 def delta_key(p: str) -> str:
@@ -77,6 +82,7 @@ def plan_specs(manifest: dict) -> list[TensorSpec]:
     for t in tasks:
         specs += [TensorSpec(head_key(t, n), f32, tuple(s)) for n, s in manifest["head_params"].items()]
     k, d = manifest["router"]["k_gate"], manifest["router"]["hidden"]
+    variants = manifest["router"]["variants"]
     for t in tasks:
-        specs += [TensorSpec(router_key(t, v, s), f32, (k, d)) for v in ROUTER_VARIANTS for s in ROUTER_SIDES]
+        specs += [TensorSpec(router_key(t, v, s), f32, (k, d)) for v in variants for s in ROUTER_SIDES]
     return specs

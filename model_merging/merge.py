@@ -25,6 +25,7 @@ from model_merging.algorithms import (
 )
 from model_merging.artifact import (
     MERGED_KIND,
+    ROUTER_FROM_UPDATE,
     ROUTER_SIDES,
     ROUTER_VARIANTS,
     ROUTER_WEIGHTS,
@@ -131,17 +132,39 @@ def build_manifest(experts: ExpertSet, opts: MergeOptions, params: Any, block: i
         "shared_params": {n: list(lay.scratch[n]) for n in lay.shared_names(opts.expert_head_layers, parts)},
         "head_params": {n: list(lay.scratch[n]) for n in lay.head_names(opts.expert_head_layers, parts)},
         "router": {"k_gate": opts.k_gate, "hidden": lay.hidden, "block": block, "layer": layer,
-                   "variants": list(ROUTER_VARIANTS), "default_variant": "value",
-                   "source": "each expert's own (pre-merge) weights of action_expert.blocks[block]"},
+                   "variants": router_variants(experts), "default_variant": "value",
+                   "source": "each expert's own (pre-merge) weights of action_expert.blocks[block]; "
+                             "value_update: those minus the experts' shared initialisation (init_seed)"},
     }
 
 
-def router_subspaces(block_weights: dict[str, torch.Tensor], k: int) -> dict[tuple[str, str], torch.Tensor]:
-    """(variant, side) → top-k right singular vectors of that side's key/value projections (stacked for k+v)."""
+def router_variants(experts: ExpertSet) -> list[str]:
+    """Every variant, less the learned-update ones when the experts' shared initialisation is unknown."""
+    if experts.init_seed is None:
+        return [v for v in ROUTER_VARIANTS if v not in ROUTER_FROM_UPDATE]
+    return list(ROUTER_VARIANTS)
+
+
+def router_subspaces(
+    block_weights: dict[str, torch.Tensor],
+    k: int,
+    variants: Sequence[str] = ROUTER_VARIANTS,
+    init_weights: dict[str, torch.Tensor] | None = None,
+) -> dict[tuple[str, str], torch.Tensor]:
+    """(variant, side) → top-k right singular vectors of that side's key/value projections (stacked for k+v).
+
+    Variants in ROUTER_FROM_UPDATE use `block_weights − init_weights` (same keys), the learned update.
+    """
     out = {}
-    for v in ROUTER_VARIANTS:
+    for v in variants:
+        if v in ROUTER_FROM_UPDATE and init_weights is None:
+            raise MergeError(f"router variant {v!r} needs the experts' initial weights (init_weights)")
         for s in ROUTER_SIDES:
-            w = torch.cat([block_weights[f"{proj}.weight"] for proj in ROUTER_WEIGHTS[v][s]], 0)
+            names = [f"{proj}.weight" for proj in ROUTER_WEIGHTS[v][s]]
+            if v in ROUTER_FROM_UPDATE:
+                w = torch.cat([block_weights[n] - init_weights[n] for n in names], 0)
+            else:
+                w = torch.cat([block_weights[n] for n in names], 0)
             out[(v, s)] = top_right_singular_vectors(w, k)
     return out
 
@@ -194,11 +217,16 @@ def _write_scratch(writer, experts: ExpertSet, opts, params, rules, manifest) ->
 def _write_router(writer, experts: ExpertSet, manifest) -> None:
     r = manifest["router"]
     prefix = f"action_expert.blocks.{r['block']}."
-    names = {f"{proj}.weight" for v in ROUTER_WEIGHTS.values() for projs in v.values() for proj in projs}
+    variants = r["variants"]
+    names = {f"{proj}.weight" for v in variants for projs in ROUTER_WEIGHTS[v].values() for proj in projs}
+    init = None
+    if any(v in ROUTER_FROM_UPDATE for v in variants):
+        start = initial_scratch_state(experts.config, int(experts.init_seed))
+        init = {n: start[prefix + n] for n in names}
     for i, t in enumerate(experts.names):
         own = {n: experts.expert_tensor(i, prefix + n) for n in names}
-        subspaces = router_subspaces(own, r["k_gate"])
-        for v in ROUTER_VARIANTS:
+        subspaces = router_subspaces(own, r["k_gate"], variants, init)
+        for v in variants:
             for s in ROUTER_SIDES:
                 writer.write(router_key(t, v, s), subspaces[(v, s)])
 

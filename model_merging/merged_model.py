@@ -106,9 +106,14 @@ class MergedModel:
         t = self.task_names[self.task_index(task)]
         return {n: self.reader.get(head_key(t, n)) for n in self.manifest["head_params"]}
 
+    @property
+    def router_variants(self) -> list[str]:
+        """The router variants this artifact stores subspaces for."""
+        return list(self.manifest["router"]["variants"])
+
     def subspaces(self, variant: str = "value") -> tuple[torch.Tensor, torch.Tensor]:
         """(M, k, D) action-side and vision-side router subspaces, tasks in manifest order."""
-        check_variant(variant)
+        check_variant(variant, self.router_variants, str(self.directory))
         return tuple(torch.stack([self.reader.get(router_key(t, variant, s)) for t in self.task_names])
                      for s in ROUTER_SIDES)
 
@@ -194,7 +199,8 @@ class MergedModel:
         With masks, each sample is repeated M times, copy e running task e's masked model; without masks
         all candidates share the VLM, so one pass gives every task's hidden states.
         """
-        variant = check_variant(variant or self.manifest["router"]["default_variant"])
+        variant = check_variant(variant or self.manifest["router"]["default_variant"], self.router_variants,
+                                str(self.directory))
         model = self.multi_expert()
         device = next(model.parameters()).device
         b, m = batch["input_ids"].shape[0], self.num_tasks

@@ -28,14 +28,14 @@ from prismatic.vla.normalization import normalize
 class RoutedPolicy:
     merged: MergedModel
     image_transform: ImageTransform | None = None
-    variant: str | None = None  # router subspaces: value (default), key or key_value
+    variant: str | None = None  # router subspaces: value (default), key, key_value or value_update
     force_task: str | None = None  # skip the router: every episode runs this task's expert (oracle routing)
     device: str = "cpu"
     routed: dict[int, int] = field(default_factory=dict)  # episode id → task index
 
     def __post_init__(self):
         if self.variant is not None:
-            check_variant(self.variant)
+            check_variant(self.variant, self.merged.router_variants, str(self.merged.directory))
         if self.force_task is not None:
             self.merged.task_index(self.force_task)
         missing = [t for t, s in self.merged.norm_stats.items() if s is None]

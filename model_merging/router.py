@@ -2,7 +2,7 @@
 
 For task e, R_e^A and R_e^V are the top-k right singular vectors of that expert's own value (or key, or
 stacked key+value) projections of one action-expert block, for the action-query side and the vision
-side. With the e-masked model's hidden states h at the scored layer,
+side; `value_update` uses the learned update of the value projections, W_e − W_0, instead of W_e. With the e-masked model's hidden states h at the scored layer,
     s_e = ½ [mean over action-query tokens ‖R_e^A h_A‖ + mean over vision tokens ‖R_e^V h_V‖],
 and the episode goes to argmax_e s_e. Which block and layer were used is recorded in the artifact's
 manifest (`router.block`, `router.layer`); by default the last shared block and the final LLM layer.
@@ -45,9 +45,11 @@ class RouteResult:
                 "router_scores": {n: float(s) for n, s in zip(self.task_names, self.scores[i].tolist())}}
 
 
-def check_variant(variant: str) -> str:
-    if variant not in ROUTER_VARIANTS:
-        raise ValueError(f"router variant {variant!r}: expected one of {list(ROUTER_VARIANTS)}")
+def check_variant(variant: str, available: Sequence[str] = ROUTER_VARIANTS, where: str = "") -> str:
+    """`variant` if it is one of `available` (an artifact's `router.variants`; all known ones by default)."""
+    if variant not in available:
+        at = f" in {where}" if where else ""
+        raise ValueError(f"router variant {variant!r}{at}: expected one of {list(available)}")
     return variant
 
 

@@ -5,7 +5,11 @@ import pytest
 import torch
 
 from experiments.robot.policy import VLAPolicy
-from model_merging.merge import MergeOptions, merge_experts
+from model_merging.artifact import ROUTER_VARIANTS
+from model_merging.experts import ExpertSet
+from model_merging.layout import initial_scratch_state
+from model_merging.linalg import top_right_singular_vectors
+from model_merging.merge import MergeOptions, merge_experts, router_subspaces, router_variants
 from model_merging.merged_model import load_merged
 from model_merging.routed_policy import RoutedPolicy, load_routed_policy
 from model_merging.router import routing_accuracy, subspace_scores
@@ -69,7 +73,7 @@ def test_routing_accuracy_per_suite():
         routing_accuracy(["a", "b"], ["a"])
 
 
-@pytest.mark.parametrize("variant", ["value", "key", "key_value"])
+@pytest.mark.parametrize("variant", ["value", "key", "key_value", "value_update"])
 def test_batched_route_equals_one_forward_per_candidate(merged, batch, task_states, variant):
     result = merged.route(batch, variant)
     r_act, r_vis = merged.subspaces(variant)
@@ -85,6 +89,60 @@ def test_variants_use_different_subspaces(merged):
     assert not torch.allclose(v, k) and not torch.allclose(kv, v)
     with pytest.raises(ValueError, match="router variant 'query'"):
         merged.subspaces("query")
+
+
+def test_value_update_subspace_is_that_of_the_learned_update():
+    # W0 (the shared init) is large on input dims 0-1, the learned update lives on dims 2-3
+    d, k = 6, 2
+    w0 = torch.zeros(4, d)
+    w0[0, 0], w0[1, 1] = 10.0, 9.0
+    upd = torch.zeros(4, d)
+    upd[2, 2], upd[3, 3] = 1.0, 0.5
+    w = {"v_act.weight": w0 + upd, "v_vis.weight": w0 + upd, "k_act.weight": w0, "k_vis.weight": w0}
+    init = {n: w0 for n in w}
+    out = router_subspaces(w, k, ["value", "value_update"], init)
+
+    def projector(r):
+        return r.T @ r
+
+    p = torch.zeros(d, d)
+    p[0, 0] = p[1, 1] = 1.0
+    assert torch.allclose(projector(out[("value", "vis")]), p, atol=1e-5)  # the init dominates W
+    q = torch.zeros(d, d)
+    q[2, 2] = q[3, 3] = 1.0
+    for side in ("act", "vis"):
+        assert torch.allclose(projector(out[("value_update", side)]), q, atol=1e-5)
+    with pytest.raises(Exception, match="needs the experts' initial weights"):
+        router_subspaces(w, k, ["value_update"])
+
+
+def test_merged_value_update_subspaces_come_from_each_expert_minus_the_shared_init(experts, merged):
+    block = merged.manifest["router"]["block"]
+    k = merged.manifest["router"]["k_gate"]
+    es = ExpertSet.open(experts)
+    start = initial_scratch_state(es.config, int(es.init_seed))
+    r_act, r_vis = merged.subspaces("value_update")
+    for e in range(len(NAMES)):
+        for r, proj in ((r_act, "v_act"), (r_vis, "v_vis")):
+            n = f"action_expert.blocks.{block}.{proj}.weight"
+            ref = top_right_singular_vectors(es.expert_tensor(e, n) - start[n], k)
+            assert torch.allclose(r[e].T @ r[e], ref.T @ ref, atol=1e-5)
+    # the perturbed experts' updates are pure noise, unlike their weights: a different subspace
+    assert not torch.allclose(merged.subspaces("value")[1], r_vis, atol=1e-3)
+
+
+def test_update_variants_need_the_experts_init_seed(experts, tmp_path):
+    es = ExpertSet.open(experts)
+    assert router_variants(es) == list(ROUTER_VARIANTS)
+    for e in es.experts:
+        e.manifest["init_seed"] = None
+    assert router_variants(es) == ["value", "key", "key_value"]
+    m = load_merged(merge_experts(es, tmp_path / "m", MergeOptions(), log=None))
+    assert m.router_variants == ["value", "key", "key_value"]
+    with pytest.raises(ValueError, match=r"router variant 'value_update' in .*: expected one of \['value', 'key'"):
+        m.subspaces("value_update")
+    with pytest.raises(ValueError, match="router variant 'value_update'"):
+        RoutedPolicy(m, variant="value_update")
 
 
 def test_router_picks_the_expert_whose_subspace_fits_the_states(merged, batch, task_states, monkeypatch):

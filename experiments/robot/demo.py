@@ -82,7 +82,7 @@ class EvalKnobs:
     first_init_state: int = 0
     num_envs: int = 16  # concurrent episodes (the policy's batch)
     noop_steps: int = 0
-    router_variant: str = "value"  # rollouts' router subspaces: value | key | key_value
+    router_variant: str = "value"  # rollouts' router subspaces: value | key | key_value | value_update
     baseline_experts: bool = True  # roll out the baseline experts themselves too
     plots: bool = True
 

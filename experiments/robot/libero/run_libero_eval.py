@@ -37,7 +37,7 @@ class GenerateConfig:
     task_ids: list[int] | None = None  # a subset of each suite's tasks (default: all)
     num_trials_per_task: int = 50  # trial k starts from the task's k-th fixed init state (LIBERO-Plus: 1)
     method: str | None = None  # row label in the table (default: "FT experts" or the merge method)
-    router_variant: str | None = None  # merged artifacts: "value" | "key" | "key_value" (default: the artifact's)
+    router_variant: str | None = None  # merged artifacts: value | key | key_value | value_update (default: the artifact's)
 
     # Protocol (DESIGN §5)
     max_steps: int | None = None  # default per suite: spatial 220, object 280, goal 300, 10 520, 90 400

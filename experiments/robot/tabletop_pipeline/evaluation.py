@@ -137,8 +137,8 @@ def route_all_variants(policy, obs: list[dict], instructions: list[str], batch_s
     model = merged.multi_expert()
     m = merged.num_tasks
     layer = merged.manifest["router"]["layer"]
-    subspaces = {v: merged.subspaces(v) for v in ROUTER_VARIANTS}
-    out: dict[str, list[str]] = {v: [] for v in ROUTER_VARIANTS}
+    subspaces = {v: merged.subspaces(v) for v in merged.router_variants}
+    out: dict[str, list[str]] = {v: [] for v in subspaces}
     with torch.no_grad():
         for i in range(0, len(obs), batch_size):
             o, ins = obs[i: i + batch_size], instructions[i: i + batch_size]

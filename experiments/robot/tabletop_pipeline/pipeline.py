@@ -80,7 +80,7 @@ class PipelineConfig:
     first_init_state: int = 0
     num_envs: int = 16  # concurrent episodes per policy (the policy's batch)
     noop_steps: int = 0  # TableTop-4 needs no settling steps
-    router_variant: str = "value"  # subspaces used in rollouts: value | key | key_value
+    router_variant: str = "value"  # subspaces used in rollouts: value | key | key_value | value_update
     eval_baseline_experts: bool = True  # also roll out the baseline experts themselves
     plots: bool = True
 
@@ -89,6 +89,7 @@ class PipelineConfig:
 
     def validate(self) -> None:
         from model_merging import METHODS
+        from model_merging.artifact import ROUTER_VARIANTS
         from prismatic.models.modeling import ACTION_LOSSES
 
         unknown = [s for s in self.suites if s not in SUITES]
@@ -114,8 +115,8 @@ class PipelineConfig:
             raise PipelineError(f"unknown merge algorithm(s) {bad}; expected some of {sorted(METHODS)}")
         if self.action_loss not in ACTION_LOSSES:
             raise PipelineError(f"action_loss must be one of {sorted(ACTION_LOSSES)}, got {self.action_loss!r}")
-        if self.router_variant not in ("value", "key", "key_value"):
-            raise PipelineError(f"router_variant must be value, key or key_value, got {self.router_variant!r}")
+        if self.router_variant not in ROUTER_VARIANTS:
+            raise PipelineError(f"router_variant must be one of {list(ROUTER_VARIANTS)}, got {self.router_variant!r}")
         if not (Path(self.base_dir) / "base.json").is_file():
             raise PipelineError(
                 f"no pretrained base at {self.base_dir} (base.json missing): it ships with the repository; "

@@ -14,7 +14,8 @@ from pathlib import Path
 from experiments.robot.harness import FT_METHOD, success_table, write_summary
 from experiments.robot.tabletop_pipeline.evaluation import ROUTER_VARIANTS, load_rows
 
-VARIANT_LABELS = {"value": "value-only", "key": "key-only", "key_value": "key+value"}
+VARIANT_LABELS = {"value": "value-only", "key": "key-only", "key_value": "key+value",
+                  "value_update": "value, learned update"}
 
 
 def _pct(x) -> str:
@@ -30,9 +31,10 @@ def routing_tables(eval_out: dict, suites: list[str]) -> tuple[str, str]:
     per_suite = head + "".join(
         f"| {r['label']} | " + " | ".join(_pct(r["rollout_routing"].get(s)) for s in suites)
         + f" | {_pct(r['rollout_routing'].get('all'))} |\n" for r in routed)
-    cols = [VARIANT_LABELS[v] for v in ROUTER_VARIANTS]
+    variants = [v for v in ROUTER_VARIANTS if any(v in r["first_obs_routing"] for r in routed)]
+    cols = [VARIANT_LABELS[v] for v in variants]
     ablation = ("| method | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n" + "".join(
-        f"| {r['label']} | " + " | ".join(_pct(r["first_obs_routing"][v].get("all")) for v in ROUTER_VARIANTS)
+        f"| {r['label']} | " + " | ".join(_pct(r["first_obs_routing"].get(v, {}).get("all")) for v in variants)
         + " |\n" for r in routed))
     return per_suite, ablation
 
