@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments.robot.demo import FULL, QUICK, DemoConfig
@@ -78,6 +79,8 @@ def test_joint_suite_links_every_suite_file(tmp_path):
     ({"router_variant": "query"}, "router_variant"),
     ({"action_loss": "huber"}, "action_loss must be one of"),
     ({"trials_per_task": 49, "first_init_state": 2}, "50 init states"),
+    ({"video_episodes": ["goal/*/0", "kitchen/*/*"]}, r"video_episodes \['kitchen/\*/\*'\] match no episode"),
+    ({"task_ids": [0, 1], "video_episodes": ["goal/5/0"]}, "match no episode"),
 ])
 def test_pipeline_config_names_the_bad_field(change, message):
     cfg = PipelineConfig(**change)
@@ -168,6 +171,28 @@ def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
 
     assert results_part((out / "demo_table.md").read_text()) == results_part(table)
 
+    # videos on request: only the eval stage reruns; its rollouts are skipped, the chosen episode is recorded
+    videos = _demo([*args, "--eval.video_episodes", '["goal/0/0"]'], tmp_path)
+    assert videos.returncode == 0, videos.stderr[-3000:]
+    assert results_part((out / "demo_table.md").read_text()) == results_part(table)
+    timing3 = json.loads((out / "timing.json").read_text())
+    assert all(timing3["stages"][s]["cached"] for s in ("data", "base", "train", "merge"))
+    assert not timing3["stages"]["eval"]["cached"]
+    import imageio.v2 as imageio
+
+    row_dirs = sorted((out / "eval" / "videos").iterdir())
+    assert len(row_dirs) == 13
+    for d in row_dirs:
+        (mp4,) = d.glob("*.mp4")
+        (vrow,) = [json.loads(x) for p in d.glob("*.jsonl") for x in p.read_text().splitlines()]
+        assert mp4.name == f"goal--task000--trial000--{'success' if vrow['success'] else 'failure'}.mp4"
+        main = out / "eval" / d.name / "goal.jsonl"
+        main = main if main.is_file() else out / "eval" / f"{d.name}.jsonl"
+        (same,) = [r for r in map(json.loads, main.read_text().splitlines()) if r["key"] == vrow["key"]]
+        assert (same["success"], same["steps"]) == (vrow["success"], vrow["steps"])  # the same episode again
+        frames = [f for f in imageio.get_reader(str(mp4), format="FFMPEG")]  # its len() is inf
+        assert len(frames) == vrow["steps"] + 1 and frames[0].shape == (256, 512, 3)  # both cameras, 4x
+
 
 def test_each_training_job_gets_the_pipelines_knobs(tmp_path):
     s = TrainSettings(data_root=str(tmp_path), base_dir=str(DEFAULT_BASE_DIR), seed=3, batch_size=4, lr=1e-3,
@@ -217,3 +242,15 @@ def test_ft_success_is_a_fraction_per_suite():
     rows = [{"method": "FT experts", "suite": "goal", "success": k == 0} for k in range(4)]
     rows += [{"method": "MergeVLA TA + masks + router", "suite": "long", "success": True}]
     assert ft_success(success_table(rows), ["goal", "long"]) == {"goal": 0.25, "long": None}
+
+
+def test_video_frame_puts_both_cameras_side_by_side_upscaled():
+    from experiments.robot.tabletop_pipeline.evaluation import video_frame
+
+    agent = np.zeros((2, 2, 3), np.uint8)
+    agent[0, 1] = 200
+    wrist = np.full((2, 2, 3), 7, np.uint8)
+    f = video_frame({"agentview_image": agent, "robot0_eye_in_hand_image": wrist}, scale=3)
+    assert f.shape == (6, 12, 3) and f.dtype == np.uint8
+    assert (f[0:3, 3:6] == 200).all() and (f[0:3, 0:3] == 0).all() and (f[3:6, 0:6] == 0).all()
+    assert (f[:, 6:] == 7).all()

@@ -9,11 +9,14 @@ processes. Policies:
 - "oracle": a merged artifact without a router, each suite's episodes forced to that suite's task (its head and
   norm stats); used for the naive baseline merge, whose tasks share one model anyway.
 For routed artifacts the job also scores the router on the first observation of every episode with each
-subspace variant (value / key / key+value) from one batched forward, and records the accuracy per suite.
+subspace variant (value / key / key+value / learned value update) from one batched forward, and records the
+accuracy per suite. Chosen episodes (`video_episodes`) are rolled out once more with their frames kept and
+written as MP4s under <out_dir>/videos/<row>/; the table's results are not touched by that pass.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -25,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from experiments.robot.harness import EpisodeSpec, Protocol, plan_episodes, read_rows, run_episodes
+from experiments.robot.harness.video import video_name, wants_video
 from experiments.robot.tabletop import SUITE_MAX_STEPS, get_suite, make_env
-from model_merging.artifact import ROUTER_VARIANTS
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,14 @@ class EvalSettings:
     seed: int
     image_size: int = 64
     crop_area: float = 1.0  # centre crop shown to the models (their training crop area; 1: the full frame)
+    video_episodes: tuple[str, ...] = ()  # globs over episode keys suite/task_id/trial whose MP4 is written
+    video_fps: int = 10  # one frame per env step
+    video_scale: int = 4  # frames upscaled (nearest) so a 64-px camera is watchable
     out_dir: str = "."
     protocol_extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def protocol(self) -> Protocol:
-        return Protocol(num_noop_steps=self.noop_steps)
+        return Protocol(num_noop_steps=self.noop_steps, video_fps=self.video_fps)
 
     def image_transform(self):
         from experiments.robot.policy import CenterCrop
@@ -213,12 +219,41 @@ def run_eval(job: EvalJob, settings: EvalSettings) -> dict:
                              num_workers=0, protocol=settings.protocol(), run_info=run_info, seed=settings.seed,
                              log=lambda _msg: None)
         files.append(str(path))
+    if settings.video_episodes:
+        summary["videos"] = record_videos(calls, job, settings, factory, run_info)
     if job.kind == "routed":
         summary["rollout_routing"] = routing_accuracy([r["expected_expert"] for r in rows],
                                                       [r["routed_expert"] for r in rows])
     summary.update(files=files, episodes=len(rows), success=sum(bool(r["success"]) for r in rows) / max(len(rows), 1),
                    env_steps=sum(int(r["steps"]) for r in rows), wall_s=round(time.perf_counter() - t0, 1))
     return summary
+
+
+def video_frame(obs: dict, scale: int = 4) -> np.ndarray:
+    """Both cameras side by side (third-person | wrist), each pixel repeated `scale` times."""
+    both = np.concatenate([obs["agentview_image"], obs["robot0_eye_in_hand_image"]], axis=1)
+    return np.repeat(np.repeat(both, scale, axis=0), scale, axis=1)
+
+
+def record_videos(calls, job: EvalJob, settings: EvalSettings, factory, run_info: dict) -> list[str]:
+    """Roll the chosen episodes out again with frames kept; their own JSONL beside the MP4s lets a rerun skip them."""
+    vdir = Path(settings.out_dir) / "videos" / job.name
+    frame = functools.partial(video_frame, scale=settings.video_scale)
+    videos = []
+    for policy, eps, path in calls:
+        chosen = [e for e in eps if wants_video(e.key, settings.video_episodes)]
+        if chosen:
+            results = results_of(vdir / path.name, job.policy_id)
+            if not results.exists():  # nothing recorded for these weights: drop MP4s that other weights left
+                for e in chosen:
+                    for ok in (True, False):
+                        (vdir / video_name(e.suite, e.task_id, e.trial, ok)).unlink(missing_ok=True)
+            rows = run_episodes(factory, policy, chosen, results,
+                                num_envs=settings.num_envs, num_workers=0, protocol=settings.protocol(),
+                                run_info=run_info, seed=settings.seed, video_dir=vdir,
+                                video_episodes=settings.video_episodes, frame_fn=frame, log=lambda _msg: None)
+            videos += [r["video"] for r in rows]
+    return videos
 
 
 def run_evals(jobs: list[EvalJob], settings: EvalSettings, workers: int, log=print) -> dict[str, dict]:
@@ -229,6 +264,8 @@ def run_evals(jobs: list[EvalJob], settings: EvalSettings, workers: int, log=pri
         extra = ""
         if "first_obs_routing" in r:
             extra = ", routing " + " ".join(f"{v}={100 * a['all']:.0f}%" for v, a in r["first_obs_routing"].items())
+        if r.get("videos"):
+            extra += f", {len(r['videos'])} video(s) in {Path(r['videos'][0]).parent}"
         log(f"[eval] {r['label']}: {100 * r['success']:.1f}% of {r['episodes']} episodes in {r['wall_s']:.0f}s{extra}")
 
     # routed merges are the slowest (masked weights per task): start them first

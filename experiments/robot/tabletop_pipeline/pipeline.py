@@ -82,6 +82,8 @@ class PipelineConfig:
     noop_steps: int = 0  # TableTop-4 needs no settling steps
     router_variant: str = "value"  # subspaces used in rollouts: value | key | key_value | value_update
     eval_baseline_experts: bool = True  # also roll out the baseline experts themselves
+    # MP4s of chosen episodes of every row: globs over keys suite/task_id/trial, e.g. ["goal/*/0"] (none by default)
+    video_episodes: list[str] = field(default_factory=list)
     plots: bool = True
 
     def resolved_data_dir(self) -> Path:
@@ -117,6 +119,15 @@ class PipelineConfig:
             raise PipelineError(f"action_loss must be one of {sorted(ACTION_LOSSES)}, got {self.action_loss!r}")
         if self.router_variant not in ROUTER_VARIANTS:
             raise PipelineError(f"router_variant must be one of {list(ROUTER_VARIANTS)}, got {self.router_variant!r}")
+        if self.video_episodes:
+            from experiments.robot.harness.video import wants_video
+            from experiments.robot.tabletop_pipeline.evaluation import plan
+
+            keys = [e.key for e in plan(self.suites, self.task_ids, self.trials_per_task, self.first_init_state)]
+            idle = [p for p in self.video_episodes if not any(wants_video(k, [p]) for k in keys)]
+            if idle:
+                raise PipelineError(f"video_episodes {idle} match no episode of the evaluation (keys are "
+                                    f"suite/task_id/trial, e.g. {keys[0]!r})")
         if not (Path(self.base_dir) / "base.json").is_file():
             raise PipelineError(
                 f"no pretrained base at {self.base_dir} (base.json missing): it ships with the repository; "
@@ -274,7 +285,7 @@ def stage_eval(cfg: PipelineConfig, root: Path, trained: dict, merged: dict, log
     settings = EvalSettings(suites=tuple(cfg.suites), task_ids=tuple(cfg.task_ids) if cfg.task_ids else None,
                             trials_per_task=cfg.trials_per_task, first_init_state=cfg.first_init_state,
                             num_envs=cfg.num_envs, noop_steps=cfg.noop_steps, seed=cfg.seed,
-                            crop_area=eval_crop_area(cfg), out_dir=str(d))
+                            crop_area=eval_crop_area(cfg), video_episodes=tuple(cfg.video_episodes), out_dir=str(d))
     jobs = eval_jobs(cfg, trained, merged, merge_jobs(cfg, root, trained))
     spec = {"settings": asdict(settings), "jobs": [asdict(j) for j in jobs]}
     res = Stage(root, "eval", spec, clear_stale=False).run(lambda _d: run_evals(jobs, settings, cfg.workers, log), log)

@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from experiments.robot.harness import FT_METHOD, success_table, write_summary
-from experiments.robot.tabletop_pipeline.evaluation import ROUTER_VARIANTS, load_rows
+from experiments.robot.tabletop_pipeline.evaluation import load_rows
+from model_merging.artifact import ROUTER_VARIANTS
 
 VARIANT_LABELS = {"value": "value-only", "key": "key-only", "key_value": "key+value",
                   "value_update": "value, learned update"}
