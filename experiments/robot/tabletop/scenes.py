@@ -1,4 +1,4 @@
-"""Sampling scenes from layouts: base positions + random shift, mirror and per-body jitter, with bodies
+"""Sampling scenes from layouts: base positions + random shift and per-body jitter, with bodies
 kept apart and settled onto what they start on."""
 
 from __future__ import annotations
@@ -48,13 +48,12 @@ def layout_clear(bodies: list[Body], on: dict[str, str]) -> bool:
 
 
 def sample_scene(rng: np.random.Generator, specs: list[Spec], *, jitter: float = 0.012, shift: float = 0.02,
-                 mirror: bool = False, tries: int = 200) -> SceneState:
-    """Bodies at their base positions, the whole layout shifted by up to ±`shift` (and mirrored left-right
-    with probability ½ when `mirror`), each body jittered by up to ±`jitter`; resampled until bodies on the
-    table keep CLEARANCE apart. Goals are left empty (the task sets them)."""
+                 tries: int = 200) -> SceneState:
+    """Bodies at their base positions, the whole layout shifted by up to ±`shift`, each body jittered by up
+    to ±`jitter`; resampled until bodies on the table keep CLEARANCE apart. Goals are left empty (the task
+    sets them)."""
     names = [s.name for s in specs]
     for _ in range(tries):
-        flip = -1.0 if mirror and rng.random() < 0.5 else 1.0
         offset = rng.uniform(-shift, shift, 2)
         bodies, on = [], {}
         for s in specs:
@@ -62,7 +61,7 @@ def sample_scene(rng: np.random.Generator, specs: list[Spec], *, jitter: float =
                 parent = bodies[names.index(s.on)]
                 xy = parent.pos[:2] + rng.uniform(-0.3, 0.3, 2) * np.array(parent.spec.half) * 0.5
             else:
-                xy = np.array([flip * s.x, s.y]) + offset + rng.uniform(-jitter, jitter, 2)
+                xy = np.array([s.x, s.y]) + offset + rng.uniform(-jitter, jitter, 2)
             bodies.append(Body(s.name, s.kind, s.color, (xy[0], xy[1], 0.0)))
             on[s.name] = s.on
         if layout_clear(bodies, on):

@@ -1,10 +1,12 @@
 """The four TableTop-4 suites (10 tasks each) and their fixed initial states.
 
-They follow LIBERO's axes:
+They follow LIBERO's axes, and LIBERO's initial states: each task has one layout, which episodes shift and
+jitter by a centimetre or two (LIBERO's per-task init regions are about ±1 cm wide):
 - spatial: the same two identical red cubes, a bowl, a tray and a plate every time; the cube to move is
-  named by where it is ("the cube left of the bowl"); layouts differ between tasks and are shifted (and for
-  most tasks mirrored left-right) between episodes, so the target's place in the image varies;
-- object: a target named by colour and kind among three distractors, at random slots, into the basket;
+  named by where it is ("the cube left of the bowl"); layouts differ between tasks, and tasks that share a
+  layout differ only in which cube the instruction names;
+- object: a target named by colour and kind among three distractors, into the basket; each task's layout
+  (which distractors, which slots, which side the basket is on) is drawn once from the task's own seed;
 - goal: one scene family (the same bodies, jittered), ten different goals: put in/on, stack, push to the
   zone, turn on the stove;
 - long: two sub-goals in sequence.
@@ -24,7 +26,7 @@ from experiments.robot.tabletop.scenes import Spec, sample_scene
 
 NUM_INIT_STATES = 50
 SEED_DOMAIN = 0x7AB1E  # mixed into every seed so TableTop streams never coincide with other seeded streams
-SPLIT_EVAL, SPLIT_DEMO, SPLIT_PRETRAIN = 0, 1, 2
+SPLIT_EVAL, SPLIT_DEMO, SPLIT_PRETRAIN, SPLIT_LAYOUT = 0, 1, 2, 3
 SUITE_MAX_STEPS = {"spatial": 64, "object": 64, "goal": 64, "long": 112}  # ≈ 2× the longest demo
 
 Sampler = Callable[[np.random.Generator], SceneState]
@@ -101,22 +103,22 @@ def _spatial_layout(cube_1, cube_2, bowl, tray, plate, cube_1_on: str = "") -> l
     return [*specs, c1, Spec("cube_2", "cube", "red", *cube_2)]
 
 
-# (relation, layout, mirror): tasks sharing a layout differ only in which cube the instruction names
+# (relation, layout): tasks sharing a layout differ only in which cube the instruction names
 _ROW = _spatial_layout((-0.11, 0.07), (0.11, 0.07), (0.0, 0.07), (0.13, -0.11), (-0.12, -0.1))
 _COLUMN = _spatial_layout((-0.02, -0.08), (-0.02, 0.15), (-0.02, 0.035), (0.14, 0.1), (0.14, -0.08))
 _SPREAD = _spatial_layout((-0.13, 0.12), (0.13, 0.0), (0.13, 0.14), (-0.13, -0.01), (-0.02, -0.12))
 _SPATIAL = [
-    ("left of the bowl", _ROW, True),
-    ("right of the bowl", _ROW, True),
-    ("in front of the bowl", _COLUMN, True),
-    ("behind the bowl", _COLUMN, True),
+    ("left of the bowl", _ROW),
+    ("right of the bowl", _ROW),
+    ("in front of the bowl", _COLUMN),
+    ("behind the bowl", _COLUMN),
     ("between the bowl and the tray",
-     _spatial_layout((0.0, 0.09), (0.02, -0.06), (-0.13, 0.09), (0.14, 0.09), (-0.11, -0.1)), True),
-    ("on the tray", _spatial_layout((0.0, 0.0), (-0.1, 0.12), (-0.12, -0.06), (0.1, 0.11), (0.1, -0.1), "tray"), True),
-    ("in the bowl", _spatial_layout((0.0, 0.0), (0.12, 0.12), (-0.1, 0.11), (0.13, -0.02), (-0.06, -0.1), "bowl"), True),
-    ("next to the tray", _spatial_layout((0.0, 0.1), (0.13, -0.05), (0.12, 0.13), (-0.12, 0.1), (-0.1, -0.1)), True),
-    ("closest to the plate", _SPREAD, True),
-    ("farthest from the plate", _SPREAD, True),
+     _spatial_layout((0.0, 0.09), (0.02, -0.06), (-0.13, 0.09), (0.14, 0.09), (-0.11, -0.1))),
+    ("on the tray", _spatial_layout((0.0, 0.0), (-0.1, 0.12), (-0.12, -0.06), (0.1, 0.11), (0.1, -0.1), "tray")),
+    ("in the bowl", _spatial_layout((0.0, 0.0), (0.12, 0.12), (-0.1, 0.11), (0.13, -0.02), (-0.06, -0.1), "bowl")),
+    ("next to the tray", _spatial_layout((0.0, 0.1), (0.13, -0.05), (0.12, 0.13), (-0.12, 0.1), (-0.1, -0.1))),
+    ("closest to the plate", _SPREAD),
+    ("farthest from the plate", _SPREAD),
 ]
 
 
@@ -127,8 +129,8 @@ def _spatial_goal(relation: str) -> Callable[[SceneState], tuple[Goal, ...]]:
 def _spatial_tasks() -> list[TaskSpec]:
     return [
         TaskSpec("spatial", i, f"pick up the cube {rel} and place it on the plate", SUITE_MAX_STEPS["spatial"],
-                 _with_goals(layout, _spatial_goal(rel), mirror=mirror))
-        for i, (rel, layout, mirror) in enumerate(_SPATIAL)
+                 _with_goals(layout, _spatial_goal(rel)))
+        for i, (rel, layout) in enumerate(_SPATIAL)
     ]
 
 
@@ -139,27 +141,24 @@ _OBJECT_SLOTS = [(x, y) for y in (0.0, -0.11) for x in (-0.15, -0.05, 0.05, 0.15
 _BASKET_SPOTS = [(-0.12, 0.13), (0.12, 0.13)]
 
 
-def _object_sampler(target: int) -> Sampler:
-    def sampler(rng: np.random.Generator) -> SceneState:
-        others = [i for i in range(len(OBJECT_TARGETS)) if i != target]
-        picks = [target, *rng.choice(others, size=3, replace=False)]
-        slots = rng.choice(len(_OBJECT_SLOTS), size=len(picks), replace=False)
-        basket = _BASKET_SPOTS[int(rng.integers(2))]
-        specs = [Spec("basket", "basket", "brown", *basket)]
-        for k, slot in zip(picks, slots):
-            color, kind = OBJECT_TARGETS[int(k)]
-            specs.append(Spec(f"{color}_{kind}", kind, color, *_OBJECT_SLOTS[int(slot)]))
-        color, kind = OBJECT_TARGETS[target]
-        s = sample_scene(rng, specs, shift=0.01)
-        return with_goals(s, (Goal("place", f"{color}_{kind}", "basket"),))
-
-    return sampler
+def object_layout(target: int) -> list[Spec]:
+    """Object task `target`'s one layout: the basket on one side, the target and three distractors in four
+    of the eight slots, all drawn from a seed of the task alone (so every episode, demo or evaluation, sees it)."""
+    rng = np.random.default_rng(np.random.SeedSequence([SEED_DOMAIN, SPLIT_LAYOUT, target]))
+    others = [i for i in range(len(OBJECT_TARGETS)) if i != target]
+    picks = [target, *rng.choice(others, size=3, replace=False)]
+    slots = rng.choice(len(_OBJECT_SLOTS), size=len(picks), replace=False)
+    specs = [Spec("basket", "basket", "brown", *_BASKET_SPOTS[int(rng.integers(2))])]
+    for k, slot in zip(picks, slots):
+        color, kind = OBJECT_TARGETS[int(k)]
+        specs.append(Spec(f"{color}_{kind}", kind, color, *_OBJECT_SLOTS[int(slot)]))
+    return specs
 
 
 def _object_tasks() -> list[TaskSpec]:
     return [
         TaskSpec("object", i, f"pick up the {c} {k} and place it in the basket", SUITE_MAX_STEPS["object"],
-                 _object_sampler(i))
+                 _with_goals(object_layout(i), _place(f"{c}_{k}", "basket"), shift=0.01))
         for i, (c, k) in enumerate(OBJECT_TARGETS)
     ]
 
