@@ -1,0 +1,135 @@
+"""How much of each suite can be solved without looking? Replay a demonstration's actions open-loop.
+
+    python -m experiments.robot.tabletop_pipeline.blind_replay --source_demos 5 --trials_per_task 20
+
+For every task, each of its first `source_demos` demonstrations (the scripted expert with the demos' noise on
+the demo scenes of `seed`, exactly the actions `tabletop.generate` records; rendering is skipped, it does not
+change the dynamics) is replayed action by action, ignoring every observation, from the task's evaluation
+init states `first_init_state`, … (the episodes the harness rolls out). An episode succeeds if the env reports
+success before the replayed actions run out or the task's max_steps is reached. A policy that learned which
+trajectory goes with which instruction, and nothing from its cameras, scores about this; what an expert solves
+beyond it, it owes to what it sees. Prints a table (success % per suite and per task) and writes
+<out_dir>/blind_replay.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import draccus
+import numpy as np
+
+from experiments.robot.tabletop.demos import NOISE_STREAM
+from experiments.robot.tabletop.env import TableTopEnv
+from experiments.robot.tabletop.expert import ScriptedExpert
+from experiments.robot.tabletop.suites import (
+    NUM_INIT_STATES,
+    SEED_DOMAIN,
+    SUITE_NAMES,
+    demo_scene,
+    get_suite,
+    get_task,
+    init_state,
+)
+
+
+class BlindReplayError(ValueError):
+    pass
+
+
+@dataclass
+class BlindReplayConfig:
+    suites: list[str] = field(default_factory=lambda: list(SUITE_NAMES))
+    source_demos: int = 5  # demonstrations replayed per task (its demos 0..source_demos-1); their mean is reported
+    trials_per_task: int = 20  # evaluation init states per task, first_init_state..
+    first_init_state: int = 0
+    seed: int = 0  # the demos' dataset seed (`make demo` uses the pipeline's seed, 0 by default)
+    noise: float = 0.1  # the scripted expert's action noise in the demos
+    out_dir: Path = Path("runs/blind_replay")
+
+    def validate(self) -> None:
+        unknown = [s for s in self.suites if s not in SUITE_NAMES]
+        if not self.suites or unknown:
+            raise BlindReplayError(f"suites is {self.suites}, expected a non-empty subset of {list(SUITE_NAMES)}")
+        if self.source_demos < 1 or self.trials_per_task < 1:
+            raise BlindReplayError("source_demos and trials_per_task must be positive integers")
+        if self.first_init_state < 0 or self.first_init_state + self.trials_per_task > NUM_INIT_STATES:
+            raise BlindReplayError(f"first_init_state + trials_per_task must lie within the {NUM_INIT_STATES} "
+                                   f"init states, got {self.first_init_state} + {self.trials_per_task}")
+        if self.seed < 0 or self.noise < 0:
+            raise BlindReplayError(f"seed and noise must be >= 0, got seed={self.seed}, noise={self.noise}")
+
+
+def demo_actions(suite: str, task_id: int, index: int, seed: int = 0, noise: float = 0.1) -> np.ndarray | None:
+    """The actions the scripted expert takes in demo scene `index` of dataset `seed` (the same noise stream as
+    `demos.generate_task`), (T, 7); None when it does not succeed there (such scenes are skipped by the demos)."""
+    task = get_task(suite, task_id)
+    env = TableTopEnv(task, demo_scene(suite, task_id, seed, index), render=False)
+    rng = np.random.default_rng(np.random.SeedSequence([SEED_DOMAIN, NOISE_STREAM, seed, SUITE_NAMES.index(suite),
+                                                        task_id, index]))
+    expert = ScriptedExpert(noise, rng)
+    env.reset()
+    actions = []
+    for _ in range(task.max_steps):
+        actions.append(expert.act(env.state))
+        if env.step(actions[-1])[2]:
+            return np.stack(actions)
+    return None
+
+
+def replay(suite: str, task_id: int, init_state_id: int, actions: np.ndarray) -> bool:
+    """Whether executing `actions` open-loop from that evaluation init state solves the task in time."""
+    task = get_task(suite, task_id)
+    env = TableTopEnv(task, init_state(suite, task_id, init_state_id), render=False)
+    env.reset()
+    return any(env.step(a)[2] for a in actions[: task.max_steps])
+
+
+def source_trajectories(suite: str, task_id: int, count: int, seed: int, noise: float) -> list[np.ndarray]:
+    """The first `count` successful demos of a task, in scene order (as the dataset holds them)."""
+    out, index = [], 0
+    while len(out) < count:
+        acts = demo_actions(suite, task_id, index, seed, noise)
+        if acts is not None:
+            out.append(acts)
+        index += 1
+        if index > count + 20:
+            raise BlindReplayError(f"{suite} task {task_id}: the scripted expert failed too often to find {count} demos")
+    return out
+
+
+def main(cfg: BlindReplayConfig, log=print) -> dict:
+    from prismatic.io import write_json
+
+    cfg.validate()
+    trials = range(cfg.first_init_state, cfg.first_init_state + cfg.trials_per_task)
+    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "suites": {}}
+    log("| suite | success % | per task |")
+    log("|---|---:|---|")
+    for suite in cfg.suites:
+        per_task = []
+        for task in get_suite(suite):
+            sources = source_trajectories(suite, task.task_id, cfg.source_demos, cfg.seed, cfg.noise)
+            wins = [replay(suite, task.task_id, k, acts) for acts in sources for k in trials]
+            per_task.append(float(np.mean(wins)))
+        mean = float(np.mean(per_task))
+        result["suites"][suite] = {"success": mean, "per_task": per_task}
+        log(f"| {suite} | {100 * mean:.1f} | {' '.join(f'{100 * p:.0f}' for p in per_task)} |")
+    write_json(Path(cfg.out_dir) / "blind_replay.json", result)
+    return result
+
+
+def cli() -> int:
+    cfg = draccus.parse(BlindReplayConfig)
+    try:
+        main(cfg)
+    except BlindReplayError as e:
+        print(f"blind_replay: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

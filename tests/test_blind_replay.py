@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments.robot.tabletop.demos import read_task_file, task_file
+from experiments.robot.tabletop.env import make_env
+from experiments.robot.tabletop.expert import ScriptedExpert
+from experiments.robot.tabletop.generate import GenerateConfig
+from experiments.robot.tabletop.generate import main as generate
+from experiments.robot.tabletop_pipeline.blind_replay import (
+    BlindReplayConfig,
+    BlindReplayError,
+    demo_actions,
+    main,
+    replay,
+    source_trajectories,
+)
+
+
+def test_source_trajectories_are_the_recorded_demos(tmp_path):
+    out = tmp_path / "data"
+    generate(GenerateConfig(out_dir=out, suites=["goal"], task_ids=[0, 7], demos_per_task=3, pretrain_scenes=0,
+                            workers=1, seed=2), log=lambda *_: None)
+    for task_id in (0, 7):
+        recorded = [d["actions"] for d in read_task_file(task_file(out, "goal", task_id))["demos"]]
+        sources = source_trajectories("goal", task_id, 3, seed=2, noise=0.1)
+        assert len(sources) == 3
+        for r, s in zip(recorded, sources):
+            np.testing.assert_array_equal(r, s)
+
+
+def test_replay_succeeds_exactly_when_the_actions_reach_the_goal():
+    env = make_env("goal", 0, 3, render=False)
+    env.reset()
+    expert, actions, done = ScriptedExpert(noise=0.0), [], False
+    while not done:
+        actions.append(expert.act(env.state))
+        done = env.step(actions[-1])[2]
+    actions = np.stack(actions)
+    assert replay("goal", 0, 3, actions)  # the noise-free expert's own episode, replayed: deterministic
+    assert not replay("goal", 0, 3, actions[:-1])  # one step short of the goal
+    assert not replay("goal", 0, 3, np.zeros((64, 7)))
+
+
+def test_demo_actions_is_none_where_the_expert_fails(monkeypatch):
+    monkeypatch.setattr("experiments.robot.tabletop_pipeline.blind_replay.ScriptedExpert.act",
+                        lambda self, s: np.zeros(7))
+    assert demo_actions("goal", 0, 0) is None
+    with pytest.raises(BlindReplayError, match="goal task 0: the scripted expert failed too often"):
+        source_trajectories("goal", 0, 1, seed=0, noise=0.1)
+
+
+def test_main_reports_the_mean_of_the_replays(tmp_path):
+    cfg = BlindReplayConfig(suites=["goal"], source_demos=2, trials_per_task=3, first_init_state=4,
+                            out_dir=tmp_path / "out")
+    result = main(cfg, log=lambda *_: None)
+    per_task = result["suites"]["goal"]["per_task"]
+    assert len(per_task) == 10
+    sources = source_trajectories("goal", 6, 2, seed=0, noise=0.1)
+    by_hand = np.mean([replay("goal", 6, k, a) for a in sources for k in (4, 5, 6)])
+    assert per_task[6] == by_hand
+    assert result["suites"]["goal"]["success"] == pytest.approx(np.mean(per_task))
+    assert all(p * 6 == round(p * 6) for p in per_task)  # 2 demos × 3 init states each
+    assert json.loads((tmp_path / "out" / "blind_replay.json").read_text())["suites"] == result["suites"]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"suites": ["kitchen"]}, "suites is"),
+    ({"source_demos": 0}, "positive integers"),
+    ({"first_init_state": 45, "trials_per_task": 10}, "within the 50 init states"),
+    ({"noise": -0.1}, "noise must be >= 0"),
+])
+def test_bad_settings_are_named(kw, match):
+    with pytest.raises(BlindReplayError, match=match):
+        BlindReplayConfig(**kw).validate()
+
+
+def test_cli_exits_2_on_a_bad_setting_and_writes_nothing(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "experiments.robot.tabletop_pipeline.blind_replay", "--source_demos", "0",
+                        "--out_dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 2 and "blind_replay: source_demos" in r.stderr and not (tmp_path / "out").exists()
