@@ -82,3 +82,33 @@ def test_cli_exits_2_on_a_bad_setting_and_writes_nothing(tmp_path):
     r = subprocess.run([sys.executable, "-m", "experiments.robot.tabletop_pipeline.blind_replay", "--source_demos", "0",
                         "--out_dir", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and "blind_replay: source_demos" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_replay_policy_in_the_harness_scores_what_replay_scores(tmp_path):
+    from experiments.robot.harness import run_episodes
+    from experiments.robot.tabletop_pipeline.blind_replay import ReplayPolicy
+    from experiments.robot.tabletop_pipeline.evaluation import TableTopEnvFactory, plan
+
+    episodes = plan(["goal"], [0, 5, 6], trials_per_task=3, first_init_state=2)
+    rows = run_episodes(TableTopEnvFactory(), ReplayPolicy("goal", seed=1), episodes, tmp_path / "r.jsonl",
+                        num_envs=4, log=lambda _m: None)
+    for e, r in zip(episodes, rows):
+        first_demo = source_trajectories("goal", e.task_id, 1, seed=1, noise=0.1)[0]
+        assert bool(r["success"]) == replay("goal", e.task_id, e.init_state_id, first_demo), e.key
+    assert 0 < sum(r["success"] for r in rows) < len(rows)  # a measurement, not a constant
+
+
+def test_replay_policy_holds_still_after_the_demo_and_names_foreign_instructions():
+    from experiments.robot.tabletop_pipeline.blind_replay import ReplayPolicy
+
+    policy = ReplayPolicy("goal")
+    instruction = "turn on the stove"
+    policy.start_episodes([{}], [instruction], [7])
+    demo = source_trajectories("goal", 6, 1, seed=0, noise=0.1)[0]
+    chunks = [policy.act([{}], [instruction], [7])[0] for _ in range(len(demo) // 8 + 2)]
+    played = np.concatenate(chunks)
+    np.testing.assert_array_equal(played[: len(demo)], demo)
+    np.testing.assert_array_equal(played[len(demo):, :6], 0.0)
+    assert (played[len(demo):, 6] == demo[-1, 6]).all()
+    with pytest.raises(BlindReplayError, match="not a task of the goal suite"):
+        policy.start_episodes([{}], ["pick up the red cube and place it in the basket"], [8])

@@ -145,7 +145,8 @@ def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
     expected = ["FT experts", "Baseline FT experts (self-attn)"] + [
         f"MergeVLA {a} + masks + router" for a in ("TA", "TIES", "TSV", "KnOTS", "WUDI", "EMR")] + [
         f"MergeVLA {a} + masks, per-task action expert, task given" for a in ("TA", "TIES", "EMR")] + [
-        "Baseline TA, no masks (self-attn)", "Joint multi-task (upper reference)"]
+        "Baseline TA, no masks (self-attn)", "Joint multi-task (upper reference)",
+        "Blind replay of a demo (reference, no observations)"]
     assert rows == expected  # the paper's layout: FT experts first, then each merge
     assert "MSE action loss" in table and "| run | steps | final MSE loss |" in table  # the demo's default loss
     assert (out / "summary" / "results.csv").is_file() and (out / "summary" / "success_bars.png").is_file()
@@ -158,7 +159,7 @@ def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
         assert timing["success_pct"]["FT experts"][suite] == 100 * frac
     # 2 tasks x 2 trials x 4 suites rolled out per row, each written once as a JSONL row
     results = [json.loads(line) for p in (out / "eval").rglob("*.jsonl") for line in p.read_text().splitlines()]
-    assert len(results) == 13 * 16
+    assert len(results) == 14 * 16
     routing = json.loads((out / "routing.json").read_text())
     assert len(routing) == 6 and all(0 <= v["first_obs"]["value"]["all"] <= 1 for v in routing.values())
 
@@ -181,7 +182,7 @@ def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
     import imageio.v2 as imageio
 
     row_dirs = sorted((out / "eval" / "videos").iterdir())
-    assert len(row_dirs) == 13
+    assert len(row_dirs) == 14
     for d in row_dirs:
         (mp4,) = d.glob("*.mp4")
         (vrow,) = [json.loads(x) for p in d.glob("*.jsonl") for x in p.read_text().splitlines()]
@@ -216,7 +217,7 @@ def test_eval_shows_the_training_crop_and_new_crops_are_new_results():
         cfg = PipelineConfig(suites=["goal", "long"], image_aug=aug)
         ids[aug] = [j.policy_id for j in eval_jobs(cfg, trained, {}, [])]
     assert eval_crop_area(PipelineConfig(image_aug=True)) == 0.9 and eval_crop_area(PipelineConfig()) == 1.0
-    assert len(ids[True]) == 3 and all(a != b for a, b in zip(ids[True], ids[False]))  # old JSONL rows are discarded
+    assert len(ids[True]) == 4 and all(a != b for a, b in zip(ids[True], ids[False]))  # old JSONL rows are discarded
 
 
 def test_demo_time_judges_fractions_against_the_targets(tmp_path, capsys):

@@ -84,6 +84,7 @@ class EvalKnobs:
     noop_steps: int = 0
     router_variant: str = "value"  # rollouts' router subspaces: value | key | key_value | value_update
     baseline_experts: bool = True  # roll out the baseline experts themselves too
+    blind_replay: bool = True  # the reference row: each task's first demo replayed open-loop, observations ignored
     # MP4s of chosen episodes of every row (<out_dir>/eval/videos/<row>/): globs over suite/task_id/trial keys
     video_episodes: list[str] = field(default_factory=list)  # e.g. '["goal/*/0", "object/3/*"]'
     plots: bool = True
@@ -127,6 +128,7 @@ class DemoConfig:
             trials_per_task=pick(self.eval.trials_per_task, "trials_per_task"),
             first_init_state=self.eval.first_init_state, num_envs=self.eval.num_envs, noop_steps=self.eval.noop_steps,
             router_variant=self.eval.router_variant, eval_baseline_experts=self.eval.baseline_experts,
+            blind_replay=self.eval.blind_replay,
             video_episodes=list(self.eval.video_episodes), plots=self.eval.plots,
         )
 

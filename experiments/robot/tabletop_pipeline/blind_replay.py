@@ -9,7 +9,8 @@ init states `first_init_state`, … (the episodes the harness rolls out). An epi
 success before the replayed actions run out or the task's max_steps is reached. A policy that learned which
 trajectory goes with which instruction, and nothing from its cameras, scores about this; what an expert solves
 beyond it, it owes to what it sees. Prints a table (success % per suite and per task) and writes
-<out_dir>/blind_replay.json.
+<out_dir>/blind_replay.json. `ReplayPolicy` is the same reference as a harness policy (one demo per task, the
+`make demo` table's "Blind replay" row).
 """
 
 from __future__ import annotations
@@ -98,6 +99,44 @@ def source_trajectories(suite: str, task_id: int, count: int, seed: int, noise: 
         if index > count + 20:
             raise BlindReplayError(f"{suite} task {task_id}: the scripted expert failed too often to find {count} demos")
     return out
+
+
+class ReplayPolicy:
+    """The harness's policy interface over blind replay: every episode of a task gets its first demo's actions, one
+    chunk per call, whatever it observes; once they run out, it holds still (zero motion, the last gripper command)."""
+
+    def __init__(self, suite: str, seed: int = 0, noise: float = 0.1, chunk_len: int = 8):
+        self.suite, self.seed, self.noise, self.chunk_len = suite, seed, noise, chunk_len
+        self.task_of = {t.instruction: t.task_id for t in get_suite(suite)}
+        self.sources: dict[int, np.ndarray] = {}
+        self.position: dict[int, tuple[int, int]] = {}  # episode id -> (task id, next action)
+
+    def start_episodes(self, first_obs, instructions, episode_ids):
+        for eid, instruction in zip(episode_ids, instructions):
+            if instruction not in self.task_of:
+                raise BlindReplayError(f"instruction {instruction!r} is not a task of the {self.suite} suite")
+            task_id = self.task_of[instruction]
+            if task_id not in self.sources:
+                self.sources[task_id] = source_trajectories(self.suite, task_id, 1, self.seed, self.noise)[0]
+            self.position[eid] = (task_id, 0)
+        return [{} for _ in first_obs]
+
+    def end_episodes(self, episode_ids):
+        for eid in episode_ids:
+            self.position.pop(eid, None)
+
+    def act(self, obs, instructions, episode_ids):
+        chunks = []
+        for eid in episode_ids:
+            task_id, start = self.position[eid]
+            actions = self.sources[task_id]
+            chunk = np.zeros((self.chunk_len, actions.shape[1]))
+            chunk[:, -1] = actions[-1, -1]
+            part = actions[start: start + self.chunk_len]
+            chunk[: len(part)] = part
+            self.position[eid] = (task_id, start + self.chunk_len)
+            chunks.append(chunk)
+        return np.stack(chunks)
 
 
 def main(cfg: BlindReplayConfig, log=print) -> dict:

@@ -7,7 +7,9 @@ processes. Policies:
 - "single": one checkpoint on every suite (the joint multi-task model);
 - "routed": a merged artifact, each episode routed from its first observation (`RoutedPolicy`);
 - "oracle": a merged artifact without a router, each suite's episodes forced to that suite's task (its head and
-  norm stats); used for the naive baseline merge, whose tasks share one model anyway.
+  norm stats); used for the naive baseline merge, whose tasks share one model anyway;
+- "blind": no model: each task's first demonstration replayed open-loop (`blind_replay.ReplayPolicy`), the
+  reference for what needs no observation at all.
 For routed artifacts the job also scores the router on the first observation of every episode with each
 subspace variant (value / key / key+value / learned value update) from one batched forward, and records the
 accuracy per suite. Chosen episodes (`video_episodes`) are rolled out once more with their frames kept and
@@ -59,11 +61,12 @@ def plan(suites: Sequence[str], task_ids: Sequence[int] | None, trials_per_task:
 class EvalJob:
     name: str  # results file stem
     label: str  # the table's method name
-    kind: str  # experts | single | routed | oracle
+    kind: str  # experts | single | routed | oracle | blind
     policy_id: str  # fingerprint of the weights (+ router variant): results of other weights are discarded
     checkpoints: tuple[tuple[str, str], ...] = ()  # experts: (suite, dir); single: (("all", dir),)
     artifact: str | None = None  # routed / oracle: merged artifact directory
     variant: str = "value"  # routed: router subspaces used for the rollouts
+    demos: tuple[int, float] = (0, 0.1)  # blind: the dataset's (seed, scripted-expert noise) whose demos are replayed
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,11 @@ def run_eval(job: EvalJob, settings: EvalSettings) -> dict:
             for s in settings.suites:
                 calls.append((OraclePolicy(RoutedPolicy(merged, tf, force_task=s)), by_suite[s],
                               out / job.name / f"{s}.jsonl"))
+    elif job.kind == "blind":
+        from experiments.robot.tabletop_pipeline.blind_replay import ReplayPolicy
+
+        for s in settings.suites:
+            calls.append((ReplayPolicy(s, *job.demos), by_suite[s], out / job.name / f"{s}.jsonl"))
     else:
         raise ValueError(f"unknown evaluation kind {job.kind!r}")
     rows, files = [], []

@@ -30,6 +30,7 @@ TASK_GIVEN_ALGORITHMS = ("task_arithmetic", "ties", "emr")
 FT_LABEL = "FT experts"  # = experiments.robot.harness.FT_METHOD (listed first in tables)
 BASELINE_FT_LABEL = "Baseline FT experts (self-attn)"
 JOINT_LABEL = "Joint multi-task (upper reference)"
+BLIND_LABEL = "Blind replay of a demo (reference, no observations)"
 DEFAULT_BASE_DIR = Path("pretrained_models/tabletop4-tiny-base")
 
 
@@ -82,6 +83,8 @@ class PipelineConfig:
     noop_steps: int = 0  # TableTop-4 needs no settling steps
     router_variant: str = "value"  # subspaces used in rollouts: value | key | key_value | value_update
     eval_baseline_experts: bool = True  # also roll out the baseline experts themselves
+    # also replay each task's first demo open-loop on the same episodes: what a policy that never looks solves
+    blind_replay: bool = True
     # MP4s of chosen episodes of every row: globs over keys suite/task_id/trial, e.g. ["goal/*/0"] (none by default)
     video_episodes: list[str] = field(default_factory=list)
     plots: bool = True
@@ -275,6 +278,9 @@ def eval_jobs(cfg: PipelineConfig, trained: dict, merged: dict, merge_job_list: 
     if cfg.train_joint:
         pid = fingerprint([proto, trained["joint"]["weights_sha256"]])
         jobs.append(EvalJob("joint", JOINT_LABEL, "single", pid, checkpoints=(("all", trained["joint"]["checkpoint"]),)))
+    if cfg.blind_replay:
+        demos = (cfg.seed, cfg.demo_noise)
+        jobs.append(EvalJob("blind-replay", BLIND_LABEL, "blind", fingerprint([proto, demos]), demos=demos))
     return jobs
 
 
