@@ -72,6 +72,12 @@ def record_episode(env: TableTopEnv, expert: ScriptedExpert) -> tuple[Episode | 
     return None, len(actions)
 
 
+def noise_rng(suite: str, task_id: int, seed: int, index: int) -> np.random.Generator:
+    """The scripted expert's action-noise stream in demo scene `index` of the dataset made with `seed`."""
+    return np.random.default_rng(np.random.SeedSequence([SEED_DOMAIN, NOISE_STREAM, seed, SUITE_NAMES.index(suite),
+                                                         task_id, index]))
+
+
 def generate_task(suite: str, task_id: int, num_demos: int, seed: int, image_size: int = 64,
                   supersample: int = 2, noise: float = 0.1) -> tuple[list[Episode], dict]:
     """`num_demos` successful expert episodes on demo scenes 0, 1, … (skipping failures), and stats."""
@@ -80,9 +86,7 @@ def generate_task(suite: str, task_id: int, num_demos: int, seed: int, image_siz
     while len(episodes) < num_demos:
         init = demo_scene(suite, task_id, seed, index)
         env = TableTopEnv(task, init, image_size, supersample)
-        rng = np.random.default_rng(np.random.SeedSequence([SEED_DOMAIN, NOISE_STREAM, seed, SUITE_NAMES.index(suite),
-                                                            task_id, index]))
-        ep, n = record_episode(env, ScriptedExpert(noise, rng))
+        ep, n = record_episode(env, ScriptedExpert(noise, noise_rng(suite, task_id, seed, index)))
         steps += n
         if ep is None:
             failures += 1

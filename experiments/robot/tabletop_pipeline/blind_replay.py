@@ -22,12 +22,11 @@ from pathlib import Path
 import draccus
 import numpy as np
 
-from experiments.robot.tabletop.demos import NOISE_STREAM
+from experiments.robot.tabletop.demos import noise_rng
 from experiments.robot.tabletop.env import TableTopEnv
 from experiments.robot.tabletop.expert import ScriptedExpert
 from experiments.robot.tabletop.suites import (
     NUM_INIT_STATES,
-    SEED_DOMAIN,
     SUITE_NAMES,
     demo_scene,
     get_suite,
@@ -68,9 +67,7 @@ def demo_actions(suite: str, task_id: int, index: int, seed: int = 0, noise: flo
     `demos.generate_task`), (T, 7); None when it does not succeed there (such scenes are skipped by the demos)."""
     task = get_task(suite, task_id)
     env = TableTopEnv(task, demo_scene(suite, task_id, seed, index), render=False)
-    rng = np.random.default_rng(np.random.SeedSequence([SEED_DOMAIN, NOISE_STREAM, seed, SUITE_NAMES.index(suite),
-                                                        task_id, index]))
-    expert = ScriptedExpert(noise, rng)
+    expert = ScriptedExpert(noise, noise_rng(suite, task_id, seed, index))
     env.reset()
     actions = []
     for _ in range(task.max_steps):
