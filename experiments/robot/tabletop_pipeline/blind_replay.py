@@ -22,7 +22,7 @@ from pathlib import Path
 import draccus
 import numpy as np
 
-from experiments.robot.tabletop.demos import noise_rng
+from experiments.robot.tabletop.demos import MAX_FAILURES, noise_rng
 from experiments.robot.tabletop.env import TableTopEnv
 from experiments.robot.tabletop.expert import ScriptedExpert
 from experiments.robot.tabletop.suites import (
@@ -93,7 +93,7 @@ def source_trajectories(suite: str, task_id: int, count: int, seed: int, noise: 
         if acts is not None:
             out.append(acts)
         index += 1
-        if index > count + 20:
+        if index - len(out) > MAX_FAILURES:  # as many failures as the demo generator tolerates
             raise BlindReplayError(f"{suite} task {task_id}: the scripted expert failed too often to find {count} demos")
     return out
 
