@@ -50,6 +50,21 @@ def test_training_fits_the_demos_and_is_deterministic(data_root):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_action_expert_head_reads_the_same_inputs_and_fits(data_root):
+    """The VLA's action expert as the head: 16 task tokens and the conv features reach every block."""
+    ds = load_suite(data_root, "goal")
+    cfg = ReferenceBCConfig(data_root=data_root, steps=60, head="action_expert")
+    torch.manual_seed(cfg.seed)
+    untrained = TaskConditionedCNN(10, head="action_expert").eval()
+    seen = []
+    for block in untrained.head.blocks:
+        block.register_forward_pre_hook(lambda _m, args: seen.append((args[1].shape[1], args[2].shape[1])))
+    untrained_mse = full_batch_mse(untrained, ds)
+    assert set(seen) == {(16 + 1, 2 * 8 * 8)}  # (task tokens + proprio, vision tokens of 2 cameras) per block
+    model = train_reference(ds, "goal", cfg, log=lambda *_: None)
+    assert full_batch_mse(model, ds) < 0.5 * untrained_mse
+
+
 def test_policy_maps_instructions_to_task_indices_and_env_actions(data_root):
     ds = load_suite(data_root, "goal")
     model = TaskConditionedCNN(10).eval()
@@ -84,6 +99,8 @@ def test_bad_input_names_the_field(data_root, tmp_path):
         ReferenceBCConfig(suites=["kitchen"]).validate()
     with pytest.raises(ReferenceBCError, match="steps is 0"):
         ReferenceBCConfig(steps=0).validate()
+    with pytest.raises(ReferenceBCError, match="head is 'transformer'"):
+        ReferenceBCConfig(head="transformer").validate()
     with pytest.raises(ReferenceBCError, match="instructions not in the spatial suite"):
         train_reference(load_suite(data_root, "goal"), "spatial", ReferenceBCConfig(steps=1))
     r = subprocess.run([sys.executable, "-m", "experiments.robot.tabletop_pipeline.reference_bc", "--data_root",

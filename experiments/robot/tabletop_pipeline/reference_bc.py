@@ -8,6 +8,8 @@ demos, batch size and learning-rate schedule as a demo expert, then is rolled ou
 on the same episodes. It tells a benchmark that cannot be learned from its demos apart from a VLA that learns
 them slowly (it trains at ~30 steps/s on one core, the `tiny` VLA at ~7). Writes <out_dir>/<suite>.jsonl (one
 row per episode; a rerun with the same settings skips finished episodes) and <out_dir>/summary.json.
+`--head action_expert` swaps the MLP for the VLA's own action expert over the same conv features, which tells
+a head that cannot read the features apart from features that lack what the task needs.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class ReferenceBCConfig:
     num_envs: int = 16
     out_dir: Path = Path("runs/reference_bc")  # <suite>.jsonl per episode (resumable) and summary.json
     cpu_threads: int = 1
+    head: str = "flatten"  # flatten (an MLP) | action_expert (the tiny VLA's action expert over the same features)
 
     def validate(self) -> None:
         unknown = [s for s in self.suites if s not in SUITE_NAMES]
@@ -55,32 +58,65 @@ class ReferenceBCConfig:
         for name in ("steps", "batch_size", "trials_per_task", "num_envs", "cpu_threads"):
             if getattr(self, name) < 1:
                 raise ReferenceBCError(f"{name} is {getattr(self, name)}, expected a positive integer")
+        if self.head not in HEADS:
+            raise ReferenceBCError(f"head is {self.head!r}, expected one of {list(HEADS)}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ReferenceBCError("need lr > 0, weight_decay >= 0 and min_lr_ratio in [0, 1]")
 
 
+HEADS = ("flatten", "action_expert")
+
+
 class TaskConditionedCNN(nn.Module):
-    """Both cameras through one small conv net (stride 8), flattened, with a task embedding and the proprio."""
+    """Both cameras through one small conv net (stride 8), a task embedding and the proprio, then a head.
+
+    head "flatten": one MLP over the flattened feature maps, task embedding and proprio. head "action_expert":
+    the `tiny` VLA's cross-attention-only action expert (modeling.ActionExpert), every block reading the conv
+    features as its vision tokens (with a learned position embedding), 16 learned tokens of the task as its
+    action-query states and the proprio token, as in the VLA; it tells the head apart from what feeds it.
+    """
 
     def __init__(self, num_tasks: int, image_size: int = 64, chunk_len: int = 8, action_dim: int = 7,
-                 proprio_dim: int = 8, num_cameras: int = 2):
+                 proprio_dim: int = 8, num_cameras: int = 2, head: str = "flatten"):
         super().__init__()
-        self.chunk_len, self.action_dim, self.image_size = chunk_len, action_dim, image_size
+        if head not in HEADS:
+            raise ReferenceBCError(f"head is {head!r}, expected one of {list(HEADS)}")
+        self.chunk_len, self.action_dim, self.image_size, self.head_kind = chunk_len, action_dim, image_size, head
         self.encoder = nn.Sequential(
             nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
             nn.Conv2d(64, 64, 3, 2, 1), nn.ReLU(), nn.Conv2d(64, 32, 3, 1, 1),
         )
-        feat = num_cameras * 32 * math.ceil(image_size / 8) ** 2
-        self.task = nn.Embedding(num_tasks, 64)
-        self.head = nn.Sequential(nn.Linear(feat + 64 + proprio_dim, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                                  nn.Linear(512, chunk_len * action_dim))
+        tokens = num_cameras * math.ceil(image_size / 8) ** 2
+        if head == "flatten":
+            self.task = nn.Embedding(num_tasks, 64)
+            self.head = nn.Sequential(nn.Linear(tokens * 32 + 64 + proprio_dim, 512), nn.ReLU(), nn.Linear(512, 512),
+                                      nn.ReLU(), nn.Linear(512, chunk_len * action_dim))
+            return
+        from prismatic.models import get_config
+        from prismatic.models.modeling import ActionExpert
+
+        vla = get_config("tiny")
+        if (vla.chunk_len, vla.action_dim, vla.proprio_dim) != (chunk_len, action_dim, proprio_dim):
+            raise ReferenceBCError("head action_expert needs the tiny VLA's chunk_len, action_dim and proprio_dim")
+        d, self.num_queries, self.num_layers = vla.llm.hidden_size, vla.num_action_queries, vla.llm.num_layers
+        self.task = nn.Embedding(num_tasks, self.num_queries * d)
+        self.to_token = nn.Linear(32, d)
+        self.position = nn.Parameter(0.02 * torch.randn(tokens, d))
+        self.proprio_proj = nn.Sequential(nn.Linear(proprio_dim, d), nn.GELU(), nn.Linear(d, d))
+        self.head = ActionExpert(vla)
 
     def forward(self, images: torch.Tensor, task: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
         """images (B, cameras, H, W, 3) uint8, task (B,) long, proprio (B, 8) normalised → (B, chunk, 7)."""
         b = images.shape[0]
         x = images.float().div(255.0).permute(0, 1, 4, 2, 3).flatten(0, 1)
-        f = self.encoder(x).reshape(b, -1)
-        return self.head(torch.cat([f, self.task(task), proprio], -1)).view(b, self.chunk_len, self.action_dim)
+        f = self.encoder(x)  # (B·cameras, 32, h, w)
+        if self.head_kind == "flatten":
+            out = self.head(torch.cat([f.reshape(b, -1), self.task(task), proprio], -1))
+            return out.view(b, self.chunk_len, self.action_dim)
+        vis = self.to_token(f.flatten(2).transpose(1, 2).reshape(b, -1, f.shape[1])) + self.position
+        act = self.task(task).view(b, self.num_queries, -1)
+        layers = self.num_layers + 1  # the expert reads layers 1..L of per-layer lists
+        return self.head([act] * layers, [vis] * layers, self.proprio_proj(proprio).unsqueeze(1))
 
 
 def task_index(suite: str) -> dict[str, int]:
@@ -100,7 +136,7 @@ def train_reference(ds, suite: str, cfg: ReferenceBCConfig, log=print) -> TaskCo
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     image_size = ds.get_batch([0])["images"].shape[2]
-    model = TaskConditionedCNN(len(index), image_size)
+    model = TaskConditionedCNN(len(index), image_size, head=cfg.head)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     for step in range(cfg.steps):
