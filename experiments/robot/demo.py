@@ -58,8 +58,8 @@ class TrainKnobs:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    image_aug: bool = False  # random crops cost the experts precision at this budget (README, TableTop-4)
-    action_loss: str = "mse"  # mse | l1 (as published; learns far slower at this budget: README, TableTop-4)
+    image_aug: bool = False  # random crops cost the experts precision at this budget (docs/TABLETOP4_FINDINGS.md)
+    action_loss: str = "mse"  # mse | l1 (as published; learns far slower at this budget: docs/TABLETOP4_FINDINGS.md)
     joint: bool = True  # train and evaluate the joint multi-task model
 
 

@@ -61,9 +61,9 @@ class PipelineConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     # off: at ~1 epoch the experts do not overfit, and random crops blur where things are (64 px, 16-px patches);
-    # goal expert 1500 steps: 18/40 episodes without, 10/40 with (README, TableTop-4)
+    # goal expert 1500 steps: 18/40 episodes without, 10/40 with (docs/TABLETOP4_FINDINGS.md)
     image_aug: bool = False
-    action_loss: str = "mse"  # mse | l1 (as published; learns far slower at the demo's budget: README)
+    action_loss: str = "mse"  # mse | l1 (as published; learns far slower at the demo's budget: docs/TABLETOP4_FINDINGS.md)
     train_joint: bool = True
     # merging (model_merging.MergeOptions fields)
     algorithms: list[str] = field(default_factory=lambda: list(DEMO_ALGORITHMS))  # MergeVLA, masks + router

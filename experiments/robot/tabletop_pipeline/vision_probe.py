@@ -12,7 +12,7 @@ This is the smallest vision-language skill the TableTop-4 experts rely on (the o
 pick by its colour; an object is 4-6 pixels wide at 64 × 64) with nothing else in the way: no binding of several
 objects, no language to parse. A square covering the whole image (`--square_size 64`) is learned in a few dozen
 steps; what a change to the VLM's configuration, initialisation or pretraining does to the small square is what
-this probe is for (README, TableTop-4).
+this probe is for (docs/TABLETOP4_FINDINGS.md).
 """
 
 from __future__ import annotations

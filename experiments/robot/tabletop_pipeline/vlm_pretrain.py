@@ -58,17 +58,17 @@ class PretrainConfig:
     config_name: str = "tiny"  # model config whose VLM is pretrained
     seed: int = 0  # initialisation, data order and augmentation
     # "fan_in": weights scaled for the tiny widths (see init_vlm); "hf": transformers' defaults, made for wide
-    # models, which the tiny VLM learns from more slowly (README, TableTop-4)
+    # models, which the tiny VLM learns from more slowly (docs/TABLETOP4_FINDINGS.md)
     init: str = "hf"
     llm_init_std: float = 0.08  # std of the LLM's weights with init "fan_in"
     # False: the token embeddings (and the tied LM head) keep their initial values. Trained, the embeddings of
     # words the LM cannot tell apart without reading the image ("left"/"right", "red"/"blue") converge, and
-    # fine-tuning (LoRA on linear layers) does not train them (README, TableTop-4)
+    # fine-tuning (LoRA on linear layers) does not train them (docs/TABLETOP4_FINDINGS.md)
     train_embeddings: bool = True
     # Before the pool: `square_steps` steps per entry of "what color is the object ?" on grey images with one
     # square of that side (pixels), largest first (vision_probe). Trained on the pool alone, the LM's attention
     # starts as a mean over the vision tokens and stays one, so small objects go unread; squares shrinking from
-    # 48 to 6 px teach it to pick one token out (README, TableTop-4). Empty: no warm-up.
+    # 48 to 6 px teach it to pick one token out (docs/TABLETOP4_FINDINGS.md). Empty: no warm-up.
     square_curriculum: list[int] = field(default_factory=list)
     square_steps: int = 75
     steps: int = 2500  # optimizer steps
