@@ -22,8 +22,10 @@ replaced by the next scene index, so `scene_index` can skip numbers.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import h5py
 import numpy as np
@@ -37,6 +39,7 @@ from experiments.robot.tabletop.suites import SEED_DOMAIN, SUITE_NAMES, demo_sce
 TABLETOP_VERSION = 1
 NOISE_STREAM = 3  # seed stream of the expert's action noise (suites.py uses 0-2 for scenes)
 MAX_FAILURES = 20  # per task; more means the expert or the task is broken
+T = TypeVar("T")
 
 
 @dataclass
@@ -78,28 +81,47 @@ def noise_rng(suite: str, task_id: int, seed: int, index: int) -> np.random.Gene
                                                          task_id, index]))
 
 
+class DemoFailure(RuntimeError):
+    """The scripted expert failed on more than MAX_FAILURES demo scenes of a task."""
+
+
+def first_successes(suite: str, task_id: int, count: int, attempt: Callable[[int], T | None]) -> list[tuple[int, T]]:
+    """`attempt(index)` on demo scenes 0, 1, … until `count` of them return a result (None: the expert failed
+    there, the scene is skipped); [(scene index, result)] in scene order. The generator and anything that must
+    find the same demos (blind replay) go through here, so they skip the same scenes."""
+    out, index = [], 0
+    while len(out) < count:
+        result = attempt(index)
+        if result is not None:
+            out.append((index, result))
+        index += 1
+        if index - len(out) > MAX_FAILURES:
+            raise DemoFailure(f"{suite} task {task_id}: the scripted expert failed too often ({index - len(out)} "
+                              f"times, after {len(out)} successes); the task or the expert is broken")
+    return out
+
+
 def generate_task(suite: str, task_id: int, num_demos: int, seed: int, image_size: int = 64,
                   supersample: int = 2, noise: float = 0.1) -> tuple[list[Episode], dict]:
     """`num_demos` successful expert episodes on demo scenes 0, 1, … (skipping failures), and stats."""
     task = get_task(suite, task_id)
-    episodes, failures, index, steps = [], 0, 0, 0
-    while len(episodes) < num_demos:
-        init = demo_scene(suite, task_id, seed, index)
-        env = TableTopEnv(task, init, image_size, supersample)
+    steps = []
+
+    def attempt(index: int) -> Episode | None:
+        env = TableTopEnv(task, demo_scene(suite, task_id, seed, index), image_size, supersample)
         ep, n = record_episode(env, ScriptedExpert(noise, noise_rng(suite, task_id, seed, index)))
-        steps += n
-        if ep is None:
-            failures += 1
-            if failures > MAX_FAILURES:
-                raise RuntimeError(f"{suite} task {task_id}: the expert failed {failures} times "
-                                   f"(after {len(episodes)} successes); the task or the expert is broken")
-        else:
-            ep.scene_index = index
-            episodes.append(ep)
-        index += 1
+        steps.append(n)
+        return ep
+
+    found = first_successes(suite, task_id, num_demos, attempt)
+    for index, ep in found:
+        ep.scene_index = index
+    episodes = [ep for _, ep in found]
+    attempts = found[-1][0] + 1 if found else 0
     lengths = [len(e.actions) for e in episodes]
-    stats = {"demos": len(episodes), "attempts": index, "failures": failures, "env_steps": steps,
-             "mean_length": float(np.mean(lengths)) if lengths else 0.0, "max_length": max(lengths, default=0)}
+    stats = {"demos": len(episodes), "attempts": attempts, "failures": attempts - len(episodes),
+             "env_steps": sum(steps), "mean_length": float(np.mean(lengths)) if lengths else 0.0,
+             "max_length": max(lengths, default=0)}
     return episodes, stats
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import draccus
 import numpy as np
 
-from experiments.robot.tabletop.demos import MAX_FAILURES, noise_rng
+from experiments.robot.tabletop.demos import DemoFailure, first_successes, noise_rng
 from experiments.robot.tabletop.env import TableTopEnv
 from experiments.robot.tabletop.expert import ScriptedExpert
 from experiments.robot.tabletop.suites import (
@@ -86,16 +86,12 @@ def replay(suite: str, task_id: int, init_state_id: int, actions: np.ndarray) ->
 
 
 def source_trajectories(suite: str, task_id: int, count: int, seed: int, noise: float) -> list[np.ndarray]:
-    """The first `count` successful demos of a task, in scene order (as the dataset holds them)."""
-    out, index = [], 0
-    while len(out) < count:
-        acts = demo_actions(suite, task_id, index, seed, noise)
-        if acts is not None:
-            out.append(acts)
-        index += 1
-        if index - len(out) > MAX_FAILURES:  # as many failures as the demo generator tolerates
-            raise BlindReplayError(f"{suite} task {task_id}: the scripted expert failed too often to find {count} demos")
-    return out
+    """The first `count` successful demos of a task, in scene order (the scenes the dataset holds)."""
+    try:
+        found = first_successes(suite, task_id, count, lambda index: demo_actions(suite, task_id, index, seed, noise))
+    except DemoFailure as e:
+        raise BlindReplayError(str(e)) from e
+    return [actions for _, actions in found]
 
 
 class ReplayPolicy:
