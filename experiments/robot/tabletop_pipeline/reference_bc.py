@@ -58,13 +58,17 @@ class ReferenceBCConfig:
         for name in ("steps", "batch_size", "trials_per_task", "num_envs", "cpu_threads"):
             if getattr(self, name) < 1:
                 raise ReferenceBCError(f"{name} is {getattr(self, name)}, expected a positive integer")
-        if self.head not in HEADS:
-            raise ReferenceBCError(f"head is {self.head!r}, expected one of {list(HEADS)}")
+        check_head(self.head)
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ReferenceBCError("need lr > 0, weight_decay >= 0 and min_lr_ratio in [0, 1]")
 
 
 HEADS = ("flatten", "action_expert")
+
+
+def check_head(head: str) -> None:
+    if head not in HEADS:
+        raise ReferenceBCError(f"head is {head!r}, expected one of {list(HEADS)}")
 
 
 class TaskConditionedCNN(nn.Module):
@@ -79,8 +83,7 @@ class TaskConditionedCNN(nn.Module):
     def __init__(self, num_tasks: int, image_size: int = 64, chunk_len: int = 8, action_dim: int = 7,
                  proprio_dim: int = 8, num_cameras: int = 2, head: str = "flatten"):
         super().__init__()
-        if head not in HEADS:
-            raise ReferenceBCError(f"head is {head!r}, expected one of {list(HEADS)}")
+        check_head(head)
         self.chunk_len, self.action_dim, self.image_size, self.head_kind = chunk_len, action_dim, image_size, head
         self.encoder = nn.Sequential(
             nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
