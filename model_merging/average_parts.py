@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import draccus
 import torch
 
 from model_merging.algorithms import average_weights, weighted_sum
@@ -29,6 +28,7 @@ from model_merging.experts import ExpertSet, parse_expert_specs
 from model_merging.layout import PART_GROUPS, check_part_groups, part_group
 from model_merging.mergy import normalize_argv
 from prismatic.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from prismatic.cli import run_cli
 from prismatic.models.pretrained import CHECKPOINT_KIND
 
 
@@ -74,15 +74,9 @@ def run(cfg: AveragePartsConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    cfg = draccus.parse(AveragePartsConfig, args=normalize_argv(args, ("--experts", "--parts", "--weights")))
-    try:
-        out = run(cfg)
-    except (MergeError, CheckpointError, FileExistsError) as e:
-        print(f"average_parts: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    args = normalize_argv(list(sys.argv[1:] if argv is None else argv), ("--experts", "--parts", "--weights"))
+    return run_cli("average_parts", AveragePartsConfig, lambda cfg: print(f"wrote {run(cfg)}"),
+                   (MergeError, CheckpointError, FileExistsError), args)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import draccus
-
 from model_merging.algorithms import (
     METHODS,
     DareParams,
@@ -35,6 +33,7 @@ from model_merging.errors import MergeError
 from model_merging.experts import parse_expert_specs
 from model_merging.merge import MergeOptions, merge_experts
 from prismatic.checkpoint import CheckpointError
+from prismatic.cli import run_cli
 
 ALGORITHMS = ", ".join(sorted(METHODS))
 LIST_FIELDS = ("--experts", "--rules", "--scratch_weights", "--per_task_parts")
@@ -136,13 +135,8 @@ def run(cfg: MergyConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = draccus.parse(MergyConfig, args=normalize_argv(list(sys.argv[1:] if argv is None else argv)))
-    try:
-        run(cfg)
-    except (MergeError, CheckpointError, FileExistsError) as e:
-        print(f"mergy: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    args = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    return run_cli("mergy", MergyConfig, run, (MergeError, CheckpointError, FileExistsError), args)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def test_bad_settings_are_named(kw, match):
 def test_cli_exits_2_on_a_bad_setting_and_writes_nothing(tmp_path):
     r = subprocess.run([sys.executable, "-m", "experiments.robot.tabletop_pipeline.blind_replay", "--source_demos", "0",
                         "--out_dir", str(tmp_path / "out")], capture_output=True, text=True)
-    assert r.returncode == 2 and "blind_replay: source_demos" in r.stderr and not (tmp_path / "out").exists()
+    assert r.returncode == 2 and "blind_replay: error: source_demos" in r.stderr and not (tmp_path / "out").exists()
 
 
 def test_replay_policy_in_the_harness_scores_what_replay_scores(tmp_path):

@@ -16,6 +16,7 @@ See pretrained_models/README.md for where each file goes. Nothing is downloaded.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Literal, Optional
 import draccus
 import torch
 
+from prismatic.cli import run_cli
 from prismatic.models.configuration import get_config
 from prismatic.models.loading import PRETRAINED_README, BaseModelError, save_base_dir
 from prismatic.models.prismatic_weights import TIMM_NAMES, WeightsError, assemble_vlm_state
@@ -106,7 +108,4 @@ def parse_args(args: Sequence[str] | None = None) -> ConvertConfig:
 
 
 if __name__ == "__main__":
-    try:
-        convert(parse_args())
-    except (BaseModelError, WeightsError, FileExistsError) as e:  # user-fixable: the message says what to do
-        raise SystemExit(f"convert_base: {e}") from None
+    sys.exit(run_cli("convert_base", ConvertConfig, convert, (BaseModelError, WeightsError, FileExistsError)))

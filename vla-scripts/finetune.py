@@ -13,9 +13,8 @@ from __future__ import annotations
 import logging
 import sys
 
-import draccus
-
 from prismatic.checkpoint import CheckpointError
+from prismatic.cli import run_cli
 from prismatic.models.loading import BaseModelError
 from prismatic.training import ConfigError, FinetuneConfig, RunDirError, train
 from prismatic.vla.datasets import DatasetError
@@ -23,16 +22,13 @@ from prismatic.vla.datasets import DatasetError
 USER_ERRORS = (ConfigError, DatasetError, RunDirError, CheckpointError, BaseModelError, FileExistsError)
 
 
-def main() -> int:
-    cfg = draccus.parse(FinetuneConfig)
+def run(cfg: FinetuneConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        final = train(cfg)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"final checkpoint: {final}")
-    return 0
+    print(f"final checkpoint: {train(cfg)}")
+
+
+def main() -> int:
+    return run_cli("finetune", FinetuneConfig, run, USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -14,20 +14,18 @@ from __future__ import annotations
 import logging
 import sys
 
-import draccus
-
 from experiments.robot.tabletop_pipeline.vlm_pretrain import PretrainConfig, PretrainError, pretrain
+from prismatic.cli import run_cli
+
+
+def run(cfg: PretrainConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    pretrain(cfg)
 
 
 def main() -> int:
-    cfg = draccus.parse(PretrainConfig)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        pretrain(cfg)
-    except (PretrainError, FileExistsError, FileNotFoundError) as e:  # FileNotFoundError: no base to evaluate
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    # FileNotFoundError: no base to evaluate
+    return run_cli("pretrain_tabletop", PretrainConfig, run, (PretrainError, FileExistsError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import draccus
-
 from experiments.robot.tabletop_pipeline.pipeline import (
     DEFAULT_BASE_DIR,
     DEMO_ALGORITHMS,
@@ -33,6 +31,7 @@ from experiments.robot.tabletop_pipeline.pipeline import (
     PipelineError,
     run_pipeline,
 )
+from prismatic.cli import run_cli
 
 # Presets of the size knobs. Sized from measured throughput on 2 CPU cores (see the README's demo section).
 FULL = {"task_ids": None, "demos_per_task": 50, "expert_steps": 1500, "joint_steps": 3000, "trials_per_task": 4}
@@ -138,13 +137,7 @@ def main(cfg: DemoConfig) -> dict:
 
 
 def cli() -> int:
-    cfg = draccus.parse(DemoConfig)
-    try:
-        main(cfg)
-    except PipelineError as e:
-        print(f"demo: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("demo", DemoConfig, main, (PipelineError,))
 
 
 if __name__ == "__main__":

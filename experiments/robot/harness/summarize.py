@@ -11,10 +11,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import draccus
-
 from experiments.robot.harness.report import write_summary
 from experiments.robot.harness.results import ResultsError, read_many
+from prismatic.cli import run_cli
 
 
 @dataclass
@@ -40,7 +39,4 @@ def main(cfg: SummarizeConfig) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    try:
-        main(draccus.parse(SummarizeConfig))
-    except (ResultsError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    sys.exit(run_cli("summarize", SummarizeConfig, main, (ResultsError, KeyError)))

@@ -18,8 +18,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import draccus
-
 from experiments.robot.harness import Protocol, ResultsError, plan_episodes, read_rows, run_episodes
 from experiments.robot.harness.report import write_summary
 from experiments.robot.harness.results import check_same_run, read_many
@@ -27,6 +25,7 @@ from experiments.robot.libero.env import LiberoEnvFactory, LiberoUnavailable, im
 from experiments.robot.libero.policies import default_method, load_policy, read_checkpoint_manifest, resolve_device
 from experiments.robot.libero.preprocess import LiberoImageTransform, upright_agentview
 from prismatic.checkpoint import CheckpointError
+from prismatic.cli import run_cli
 
 
 @dataclass
@@ -162,7 +161,5 @@ def main(cfg: GenerateConfig) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main(draccus.parse(GenerateConfig))
-    except (ValueError, FileNotFoundError, CheckpointError, ResultsError, LiberoUnavailable) as e:
-        sys.exit(f"error: {e}")
+    user_errors = (ValueError, FileNotFoundError, CheckpointError, ResultsError, LiberoUnavailable)
+    sys.exit(run_cli("run_libero_eval", GenerateConfig, main, user_errors))

@@ -12,17 +12,17 @@ have succeeded. Refuses a non-empty `out_dir` unless `--overwrite true`. Same co
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-import draccus
-
 from experiments.robot.tabletop.demos import TABLETOP_VERSION, _compression, generate_task, task_file, write_task_file
 from experiments.robot.tabletop.pretrain import write_pretrain_pool
 from experiments.robot.tabletop.suites import SUITE_NAMES, get_suite
+from prismatic.cli import run_cli
 
 MANIFEST = "tabletop4_manifest.json"
 PRETRAIN_FILE = Path("pretrain") / "tabletop4_pretrain.hdf5"
@@ -137,13 +137,9 @@ def main(cfg: GenerateConfig, log=print) -> dict:
     return manifest
 
 
-def cli() -> None:
-    cfg = draccus.parse(GenerateConfig)
-    try:
-        main(cfg)
-    except (ValueError, FileExistsError, NotADirectoryError) as e:  # bad input: the message, not a traceback
-        raise SystemExit(f"tabletop generate: {e}") from None
+def cli() -> int:
+    return run_cli("tabletop generate", GenerateConfig, main, (ValueError, FileExistsError, NotADirectoryError))
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())

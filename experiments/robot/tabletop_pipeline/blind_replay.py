@@ -19,7 +19,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import draccus
 import numpy as np
 
 from experiments.robot.tabletop.demos import DemoFailure, first_successes, noise_rng
@@ -33,6 +32,7 @@ from experiments.robot.tabletop.suites import (
     get_task,
     init_state,
 )
+from prismatic.cli import run_cli
 
 
 class BlindReplayError(ValueError):
@@ -154,13 +154,7 @@ def main(cfg: BlindReplayConfig, log=print) -> dict:
 
 
 def cli() -> int:
-    cfg = draccus.parse(BlindReplayConfig)
-    try:
-        main(cfg)
-    except BlindReplayError as e:
-        print(f"blind_replay: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("blind_replay", BlindReplayConfig, main, (BlindReplayError,))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import draccus
 import numpy as np
 import torch
 
@@ -41,6 +40,7 @@ from experiments.robot.policy import CenterCrop, VLAPolicy
 from experiments.robot.tabletop import get_suite, make_env
 from experiments.robot.tabletop.expert import ScriptedExpert
 from experiments.robot.tabletop.physics import GRASP_TOL
+from prismatic.cli import run_cli
 
 
 @dataclass
@@ -283,13 +283,7 @@ def cli() -> int:
     from prismatic.checkpoint import CheckpointError
     from prismatic.vla.datasets import DatasetError
 
-    cfg = draccus.parse(DiagnoseConfig)
-    try:
-        main(cfg)
-    except (ValueError, FileNotFoundError, CheckpointError, DatasetError) as e:
-        print(f"diagnose: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("diagnose", DiagnoseConfig, main, (ValueError, FileNotFoundError, CheckpointError, DatasetError))
 
 
 if __name__ == "__main__":

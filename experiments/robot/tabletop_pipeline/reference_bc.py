@@ -21,13 +21,13 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import draccus
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from experiments.robot.tabletop.suites import SUITE_NAMES, get_suite
+from prismatic.cli import run_cli
 
 
 class ReferenceBCError(ValueError):
@@ -222,13 +222,7 @@ def main(cfg: ReferenceBCConfig, log=print) -> dict:
 def cli() -> int:
     from prismatic.vla.datasets import DatasetError
 
-    cfg = draccus.parse(ReferenceBCConfig)
-    try:
-        main(cfg)
-    except (ReferenceBCError, DatasetError, FileNotFoundError) as e:
-        print(f"reference_bc: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("reference_bc", ReferenceBCConfig, main, (ReferenceBCError, DatasetError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import draccus
 import numpy as np
 import torch
 
 from experiments.robot.tabletop.bodies import OBJECT_COLORS, PALETTE
+from prismatic.cli import run_cli
 
 QUESTION = "what color is the object ?"
 
@@ -161,13 +161,7 @@ def main(cfg: VisionProbeConfig, log=print) -> dict:
 def cli() -> int:
     from prismatic.models.loading import BaseModelError
 
-    cfg = draccus.parse(VisionProbeConfig)
-    try:
-        main(cfg)
-    except (VisionProbeError, BaseModelError) as e:
-        print(f"vision_probe: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("vision_probe", VisionProbeConfig, main, (VisionProbeError, BaseModelError))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""The one way every command-line entry point parses its config and reports bad input."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import draccus
+
+C = TypeVar("C")
+
+USAGE_ERROR = 2  # bad input the user can fix, as argparse exits on a bad flag
+
+
+def run_cli(
+    prog: str,
+    config_class: type[C],
+    run: Callable[[C], object],
+    user_errors: tuple[type[BaseException], ...],
+    args: Sequence[str] | None = None,
+) -> int:
+    """Parse `config_class` from `args` (default: the command line) with draccus and call `run(cfg)`.
+
+    An exception in `user_errors` is bad input, not a bug: it prints `prog: error: message` (no traceback)
+    and returns USAGE_ERROR; anything else propagates. Returns 0 when `run` finishes.
+    """
+    cfg = draccus.parse(config_class=config_class, args=None if args is None else list(args))
+    try:
+        run(cfg)
+    except user_errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0

@@ -1,0 +1,40 @@
+from dataclasses import dataclass
+
+import pytest
+
+from prismatic.cli import USAGE_ERROR, run_cli
+
+
+@dataclass
+class _Config:
+    n: int = 1
+
+
+def _run(cfg: _Config) -> None:
+    if cfg.n < 0:
+        raise ValueError(f"n is {cfg.n}, expected >= 0")
+    if cfg.n == 0:
+        raise KeyError("not a user error here")
+    print(f"ran with n={cfg.n}")
+
+
+def test_run_cli_parses_flags_and_returns_zero(capsys):
+    assert run_cli("tool", _Config, _run, (ValueError,), ["--n", "3"]) == 0
+    assert capsys.readouterr().out == "ran with n=3\n"
+
+
+def test_run_cli_reports_a_user_error_without_traceback(capsys):
+    assert run_cli("tool", _Config, _run, (ValueError,), ["--n", "-2"]) == USAGE_ERROR == 2
+    err = capsys.readouterr().err
+    assert err == "tool: error: n is -2, expected >= 0\n"
+
+
+def test_run_cli_lets_other_errors_propagate():
+    with pytest.raises(KeyError):
+        run_cli("tool", _Config, _run, (ValueError,), ["--n", "0"])
+
+
+def test_run_cli_rejects_an_unknown_flag_as_argparse_does():
+    with pytest.raises(SystemExit) as e:
+        run_cli("tool", _Config, _run, (ValueError,), ["--m", "1"])
+    assert e.value.code == 2
