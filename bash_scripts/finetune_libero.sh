@@ -11,7 +11,9 @@
 #   DATA_ROOT  directory holding <suite>/ (HDF5) or <suite>_no_noops/ (RLDS)   [data/libero]
 #   FORMAT     hdf5 | rlds                                                       [hdf5]
 #   OUT_ROOT   runs go to OUT_ROOT/<suite>-<config>                              [runs]
-#   NPROC      processes (GPUs); > 1 launches torchrun                           [number of GPUs, or 1]
+#   NPROC      processes (GPUs); > 1 launches torchrun                           [1]
+#              --batch_size is per process, so NPROC GPUs train on NPROC × 16 samples per step: the
+#              published recipe (DESIGN §2) is one GPU at 8 × 2; scale --max_steps or --lr yourself.
 #   PYTHON     interpreter                                                       [.venv/bin/python if present]
 #   SEED       training seed, the same for every suite of one experiment         [7]
 set -euo pipefail
@@ -40,9 +42,7 @@ SEED="${SEED:-7}"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-if [[ -z "${NPROC:-}" ]]; then
-  NPROC=$("$PYTHON" -c "import torch; print(max(1, torch.cuda.device_count()))")
-fi
+NPROC="${NPROC:-1}"
 
 # The run name follows the model config, so a tiny smoke run never lands in a real run's directory.
 CONFIG_NAME="qwen25-dinosiglip-224px"
