@@ -192,31 +192,49 @@ class MergedModel:
         self._multi.norm_stats = self.norm_stats
         return self._multi
 
-    @torch.no_grad()
-    def route(self, batch: dict[str, torch.Tensor], variant: str | None = None) -> RouteResult:
-        """Score every candidate task on each sample of `batch` (first observations) in one forward.
+    @property
+    def candidates_share_llm_input(self) -> bool:
+        """Whether every task's LLM sees the same input and weights, so that one forward serves all candidates.
 
-        With masks, each sample is repeated M times, copy e running task e's masked model; without masks
-        all candidates share the VLM, so one pass gives every task's hidden states.
+        Masks give each task its own weights; per-task action queries give each its own query embeddings.
+        The other per-task parts (proprio projector, action-expert blocks) never reach the LLM's states.
         """
-        variant = check_variant(variant or self.manifest["router"]["default_variant"], self.router_variants,
-                                str(self.directory))
+        return not self.has_masks and "action_queries" not in self.manifest.get("per_task_parts", [])
+
+    @torch.no_grad()
+    def candidate_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The router layer's action-query and vision states of every candidate task on `batch`, in one forward.
+
+        Returns (h_act, h_vis, task) with task[i] the candidate row i ran: unless the candidates share the
+        LLM's input, each sample is repeated M times, copy e running task e's model (row b*M + e). Otherwise
+        one row per sample serves every candidate, and task is None.
+        """
         model = self.multi_expert()
         device = next(model.parameters()).device
         b, m = batch["input_ids"].shape[0], self.num_tasks
         layer = self.manifest["router"]["layer"]
-        r_act, r_vis = (r.to(device) for r in self.subspaces(variant))
-        if self.has_masks:
-            rep = {k: v.to(device).repeat_interleave(m, dim=0) for k, v in batch.items()}
-            index = torch.arange(m).repeat(b)
-            out = model(index, **rep, keep_states=True)
-            h_act, h_vis = out.act_states[layer], out.vis_states[layer]
-            scores = subspace_scores(h_act, h_vis, r_act[index], r_vis[index]).view(b, m)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if self.candidates_share_llm_input:
+            out, task = model(torch.zeros(b, dtype=torch.long), **batch, keep_states=True), None
         else:
-            out = model(torch.zeros(b, dtype=torch.long), **{k: v.to(device) for k, v in batch.items()},
-                        keep_states=True)
-            h_act, h_vis = out.act_states[layer], out.vis_states[layer]
-            scores = torch.stack([subspace_scores(h_act, h_vis, r_act[e], r_vis[e]) for e in range(m)], 1)
+            task = torch.arange(m).repeat(b)
+            out = model(task, **{k: v.repeat_interleave(m, dim=0) for k, v in batch.items()}, keep_states=True)
+        return out.act_states[layer], out.vis_states[layer], task
+
+    def candidate_scores(self, states: tuple, variant: str) -> torch.Tensor:
+        """(B, M) router scores of `candidate_states` under the subspaces of `variant`."""
+        h_act, h_vis, task = states
+        r_act, r_vis = (r.to(h_act.device) for r in self.subspaces(variant))
+        if task is None:  # shared: score each sample's one row against every task's subspaces
+            return torch.stack([subspace_scores(h_act, h_vis, r_act[e], r_vis[e]) for e in range(self.num_tasks)], 1)
+        return subspace_scores(h_act, h_vis, r_act[task], r_vis[task]).view(-1, self.num_tasks)
+
+    @torch.no_grad()
+    def route(self, batch: dict[str, torch.Tensor], variant: str | None = None) -> RouteResult:
+        """Score every candidate task on each sample of `batch` (first observations) and pick the best."""
+        variant = check_variant(variant or self.manifest["router"]["default_variant"], self.router_variants,
+                                str(self.directory))
+        scores = self.candidate_scores(self.candidate_states(batch), variant)
         return RouteResult(scores.argmax(1).cpu(), scores.cpu(), self.task_names)
 
 

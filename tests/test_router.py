@@ -174,6 +174,25 @@ def test_route_without_masks_uses_one_shared_forward(experts, batch, tmp_path):
         assert torch.allclose(result.scores[:, e], ref, atol=1e-4)
 
 
+
+def test_route_without_masks_but_per_task_queries_runs_each_candidates_own_model(experts, batch, tmp_path):
+    # per-task action queries feed each task's LLM its own query embeddings: one shared forward is not enough
+    opts = MergeOptions(algorithm="task_arithmetic", masks=False, per_task_parts=("action_queries",))
+    m = load_merged(merge_experts(experts, tmp_path / "m", opts, log=None))
+    assert not m.candidates_share_llm_input
+    result = m.route(batch)
+    layer = m.manifest["router"]["layer"]
+    r_act, r_vis = m.subspaces()
+    refs = []
+    for e in range(len(NAMES)):
+        out = m.for_task(e)(**batch, keep_states=True)
+        refs.append(subspace_scores(out.act_states[layer], out.vis_states[layer], r_act[e], r_vis[e]))
+        assert torch.allclose(result.scores[:, e], refs[e], atol=1e-4)
+    shared = m.for_task(0)(**batch, keep_states=True)  # what the shared forward would have scored
+    stale = subspace_scores(shared.act_states[layer], shared.vis_states[layer], r_act[1], r_vis[1])
+    assert not torch.allclose(stale, refs[1], atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------- routed policy
 
 

@@ -137,37 +137,20 @@ def first_observations(episodes: Sequence[EpisodeSpec], settings: EvalSettings) 
 
 def route_all_variants(policy, obs: list[dict], instructions: list[str], batch_size: int = 32) -> dict[str, list[str]]:
     """Routed task of every observation under each subspace variant, from one masked forward per batch."""
-    import torch
 
     from experiments.robot.policy import camera_images
-    from model_merging.router import subspace_scores
 
     merged = policy.merged
-    model = merged.multi_expert()
-    m = merged.num_tasks
-    layer = merged.manifest["router"]["layer"]
-    subspaces = {v: merged.subspaces(v) for v in merged.router_variants}
-    out: dict[str, list[str]] = {v: [] for v in subspaces}
-    with torch.no_grad():
-        for i in range(0, len(obs), batch_size):
-            o, ins = obs[i: i + batch_size], instructions[i: i + batch_size]
-            images = np.stack([camera_images(x, policy.image_transform) for x in o])
-            # the router reads LLM hidden states, which proprio never reaches: zeros stand in for it
-            batch = model.processor(list(ins), images, np.zeros((len(o), merged.config.proprio_dim), np.float32))
-            b = len(o)
-            if merged.has_masks:
-                index = torch.arange(m).repeat(b)
-                st = model(index, **{k: v.repeat_interleave(m, 0) for k, v in batch.items()}, keep_states=True)
-            else:
-                index = torch.zeros(b, dtype=torch.long)
-                st = model(index, **batch, keep_states=True)
-            h_act, h_vis = st.act_states[layer], st.vis_states[layer]
-            for v, (r_act, r_vis) in subspaces.items():
-                if merged.has_masks:
-                    scores = subspace_scores(h_act, h_vis, r_act[index], r_vis[index]).view(b, m)
-                else:
-                    scores = torch.stack([subspace_scores(h_act, h_vis, r_act[e], r_vis[e]) for e in range(m)], 1)
-                out[v] += [merged.task_names[int(k)] for k in scores.argmax(1)]
+    processor = merged.multi_expert().processor
+    out: dict[str, list[str]] = {v: [] for v in merged.router_variants}
+    for i in range(0, len(obs), batch_size):
+        o, ins = obs[i: i + batch_size], instructions[i: i + batch_size]
+        images = np.stack([camera_images(x, policy.image_transform) for x in o])
+        # the router reads LLM hidden states, which proprio never reaches: zeros stand in for it
+        states = merged.candidate_states(
+            processor(list(ins), images, np.zeros((len(o), merged.config.proprio_dim), np.float32)))
+        for v in out:
+            out[v] += [merged.task_names[int(k)] for k in merged.candidate_scores(states, v).argmax(1)]
     return out
 
 
