@@ -91,6 +91,9 @@ def _resolve(opts: MergeOptions, experts: ExpertSet) -> tuple[Any, list, int, in
         raise MergeError(f"mask lambda must be >= 0, got {opts.mask_lambda}")
     average_weights(opts.scratch_weights, len(experts))  # validates the count
     check_part_groups(opts.per_task_parts, "per_task_parts")
+    if opts.algorithm == "retain" and experts.init_seed is None:
+        raise MergeError("retain interpolates the parts trained from scratch from the experts' shared "
+                         "initialisation, but their manifests record no init_seed")
     return params, rules, block, layer
 
 
@@ -198,7 +201,7 @@ def _write_scratch(writer, experts: ExpertSet, opts, params, rules, manifest) ->
     weights = manifest["scratch_weights"]
     init = None
     if opts.algorithm == "retain":  # RETAIN interpolates from the shared initialisation (its θ_pre)
-        init = initial_scratch_state(experts.config, int(experts.init_seed or 0))
+        init = initial_scratch_state(experts.config, int(experts.init_seed))
     method = get_method(opts.algorithm)
     for n in manifest["shared_params"]:
         ts = experts.tensors(n, opts.device)

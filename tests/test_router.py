@@ -6,6 +6,7 @@ import torch
 
 from experiments.robot.policy import VLAPolicy
 from model_merging.artifact import ROUTER_VARIANTS
+from model_merging.errors import MergeError
 from model_merging.experts import ExpertSet
 from model_merging.layout import initial_scratch_state
 from model_merging.linalg import top_right_singular_vectors
@@ -143,6 +144,9 @@ def test_update_variants_need_the_experts_init_seed(experts, tmp_path):
         m.subspaces("value_update")
     with pytest.raises(ValueError, match="router variant 'value_update'"):
         RoutedPolicy(m, variant="value_update")
+    with pytest.raises(MergeError, match="retain interpolates .* no init_seed"):
+        merge_experts(es, tmp_path / "r", MergeOptions(algorithm="retain"), log=None)
+    assert not (tmp_path / "r").exists()
 
 
 def test_router_picks_the_expert_whose_subspace_fits_the_states(merged, batch, task_states, monkeypatch):
