@@ -48,6 +48,7 @@ from model_merging.tensor_files import SafetensorsStreamWriter
 from prismatic import __version__
 from prismatic.checkpoint import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE
 from prismatic.io import write_json
+from prismatic.vla.augmentation import trained_crop_area
 
 
 @dataclass
@@ -121,6 +122,8 @@ def build_manifest(experts: ExpertSet, opts: MergeOptions, params: Any, block: i
                      "init_seed": e.manifest.get("init_seed"), "step": e.manifest.get("step")}
                     for e in experts.experts],
         "norm_stats": {e.name: e.manifest.get("norm_stats") for e in experts.experts},
+        # what evaluation should centre-crop to, per expert (None: not recorded)
+        "trained_crop_area": {e.name: trained_crop_area(e.manifest.get("train_config")) for e in experts.experts},
         "base": experts.base_ref,
         "config_name": experts.config.name,
         "config": experts.experts[0].manifest["config"],

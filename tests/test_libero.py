@@ -12,7 +12,7 @@ from experiments.robot.harness import ResultsError
 from experiments.robot.libero.env import LiberoEnvFactory, libero_available, task_categories
 from experiments.robot.libero.policies import load_policy
 from experiments.robot.libero.preprocess import LiberoImageTransform, center_crop_resize, rotate_180
-from experiments.robot.libero.run_libero_eval import GenerateConfig, main, video_patterns
+from experiments.robot.libero.run_libero_eval import GenerateConfig, eval_crop_area, main, video_patterns
 from experiments.robot.policy import CenterCrop, VLAPolicy, to_env_actions
 from prismatic.checkpoint import CheckpointError
 
@@ -135,6 +135,30 @@ def test_libero_plus_dimensions_from_classification_file(tmp_path):
 def test_video_selection_names():
     assert video_patterns("all") == ["*"] and video_patterns("first") == ["*/*/0"] and video_patterns("") == []
     assert video_patterns("libero_goal/3/*, libero_10/*/0") == ["libero_goal/3/*", "libero_10/*/0"]
+
+
+def test_centre_crop_follows_the_checkpoints_training_unless_the_flags_say():
+    def ft(train_config):
+        return {"format": "mergevla-checkpoint", "train_config": train_config}
+
+    aug, noaug = {"image_aug": True, "aug": {"crop_area": 0.81}}, {"image_aug": False, "aug": {"crop_area": 0.81}}
+    cfg = GenerateConfig()
+    assert [eval_crop_area(cfg, ft(t)) for t in (aug, noaug, None)] == [0.81, 1.0, 0.9]  # None: DESIGN §5's 0.9
+    assert eval_crop_area(GenerateConfig(center_crop=False), ft(aug)) == 1.0
+    assert eval_crop_area(GenerateConfig(crop_area=0.5), ft(noaug)) == 0.5
+    assert eval_crop_area(GenerateConfig(center_crop=True), ft(noaug)) == 0.9  # a crop asked for: the protocol's
+    with pytest.raises(ValueError, match="--crop_area is 1.5"):
+        eval_crop_area(GenerateConfig(crop_area=1.5), ft(aug))
+
+    def merged(areas):
+        return {"format": "mergevla-merged", **({} if areas is None else {"trained_crop_area": areas})}
+
+    assert eval_crop_area(cfg, merged({"a": 0.81, "b": 0.81, "c": None})) == 0.81
+    assert eval_crop_area(cfg, merged({"a": 1.0, "b": 1.0})) == 1.0
+    assert eval_crop_area(cfg, merged(None)) == 0.9  # an artifact from before the field existed
+    with pytest.raises(ValueError, match="different random crops .* set --crop_area"):
+        eval_crop_area(cfg, merged({"a": 0.81, "b": 1.0}))
+    assert eval_crop_area(GenerateConfig(crop_area=0.9), merged({"a": 0.81, "b": 1.0})) == 0.9
 
 
 def test_env_factory_pickles_without_its_simulator():

@@ -52,6 +52,21 @@ def quiet(*_):
 
 
 # ------------------------------------------------------------------------------------------ round trip
+def test_the_artifact_records_each_experts_training_crop(experts, tmp_path):
+    import shutil
+
+    train_configs = [{"image_aug": True, "aug": {"crop_area": 0.81}}, {"image_aug": False}]
+    copies = []
+    for (name, d), train in zip(experts[:2], train_configs):
+        shutil.copytree(d, tmp_path / name)
+        mf = tmp_path / name / "manifest.json"
+        mf.write_text(json.dumps({**json.loads(mf.read_text()), "train_config": train}))
+        copies.append((name, tmp_path / name))
+    out = merge_experts(copies, tmp_path / "m", MergeOptions(algorithm="task_arithmetic"), log=quiet)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["trained_crop_area"] == {NAMES[0]: 0.81, NAMES[1]: 1.0}
+
+
 
 
 def test_four_experts_round_trip_through_the_artifact(experts, tmp_path):
@@ -64,6 +79,7 @@ def test_four_experts_round_trip_through_the_artifact(experts, tmp_path):
     assert manifest["base"] == base_ref
     for name, d in experts:
         assert manifest["norm_stats"][name] == json.loads((d / "manifest.json").read_text())["norm_stats"]
+    assert manifest["trained_crop_area"] == dict.fromkeys(NAMES)  # their manifests record no train_config
 
     merged = load_merged(out)
     cfg, base = get_config("tiny"), build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)

@@ -43,6 +43,13 @@ def centre_crop_for(image_aug: bool, crop_area: float) -> float:
     return crop_area if image_aug else 1.0
 
 
+def trained_crop_area(train_config: dict | None) -> float | None:
+    """`centre_crop_for` a checkpoint, from the train_config its manifest records; None when it records none."""
+    if not train_config:
+        return None
+    return centre_crop_for(bool(train_config.get("image_aug")), float(train_config.get("aug", {}).get("crop_area", 1.0)))
+
+
 def crop_resize(x: torch.Tensor, scale: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Tensor) -> torch.Tensor:
     """Bilinear crop of a box of side `scale` (fraction of H, W) whose centre sits at `shift` ([-1, 1] coords),
     resized to the input size. x: (N, 3, H, W); scale, shift_*: (N,)."""

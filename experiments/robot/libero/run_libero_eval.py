@@ -22,7 +22,13 @@ from experiments.robot.harness import Protocol, ResultsError, plan_episodes, rea
 from experiments.robot.harness.report import write_summary
 from experiments.robot.harness.results import check_same_run, read_many
 from experiments.robot.libero.env import LiberoEnvFactory, LiberoUnavailable, import_libero, suite_info
-from experiments.robot.libero.policies import default_method, load_policy, read_checkpoint_manifest, resolve_device
+from experiments.robot.libero.policies import (
+    FT_KIND,
+    default_method,
+    load_policy,
+    read_checkpoint_manifest,
+    resolve_device,
+)
 from experiments.robot.libero.preprocess import LiberoImageTransform, upright_agentview
 from prismatic.checkpoint import CheckpointError
 from prismatic.cli import run_cli
@@ -45,8 +51,11 @@ class GenerateConfig:
     env_img_res: int = 256  # rendered camera size
     resize_size: int = 224  # frames → JPEG round trip + Lanczos to this size (the model then resizes to its own)
     jpeg_resize: bool = True
-    center_crop: bool = True  # centre crop at `crop_area` of the area (models trained with random crops)
-    crop_area: float = 0.9
+    # Centre crop at `crop_area` of the area. Unset, both follow the checkpoint: the random-crop area it was
+    # trained with (the merged experts' common one), no crop if it trained without crops, and DESIGN §5's 0.9
+    # when its manifest does not say
+    center_crop: bool | None = None
+    crop_area: float | None = None
     seed: int = 7
     env_seed: int = 0
     libero_plus_classification: Path | None = None  # LIBERO-Plus task → dimension file (default: beside LIBERO)
@@ -79,10 +88,37 @@ def video_patterns(spec: str) -> list[str]:
     return [p.strip() for p in spec.split(",") if p.strip()]
 
 
-def protocol_info(cfg: GenerateConfig) -> dict:
-    keys = ("max_steps", "num_steps_wait", "num_open_loop_steps", "env_img_res", "resize_size", "jpeg_resize", "center_crop",
-            "crop_area", "env_seed", "fast_render")
-    return {k: asdict(cfg)[k] for k in keys}
+PROTOCOL_CROP_AREA = 0.9  # DESIGN §5, for checkpoints whose manifest records no training config
+
+
+def eval_crop_area(cfg: GenerateConfig, manifest: dict) -> float:
+    """The centre-crop area episodes are evaluated with (1.0: no crop): the flags, else what the model trained on."""
+    if cfg.center_crop is False:
+        return 1.0
+    if cfg.crop_area is not None:
+        if not 0.0 < cfg.crop_area <= 1.0:
+            raise ValueError(f"--crop_area is {cfg.crop_area}, expected a fraction of the image area in (0, 1]")
+        return cfg.crop_area
+    from prismatic.vla.augmentation import trained_crop_area  # torch: not needed before this point
+
+    if manifest["format"] == FT_KIND:
+        trained = {"the checkpoint": trained_crop_area(manifest.get("train_config"))}
+    else:
+        trained = dict(manifest.get("trained_crop_area") or {})
+    known = {a for a in trained.values() if a is not None}
+    if len(known) > 1:
+        raise ValueError(f"the merged experts were trained with different random crops {trained}; one centre crop "
+                         "serves every expert: set --crop_area")
+    area = known.pop() if known else PROTOCOL_CROP_AREA
+    if cfg.center_crop and area == 1.0:  # asked for a crop that training did not use: the protocol's
+        return PROTOCOL_CROP_AREA
+    return area
+
+
+def protocol_info(cfg: GenerateConfig, crop_area: float) -> dict:
+    keys = ("max_steps", "num_steps_wait", "num_open_loop_steps", "env_img_res", "resize_size", "jpeg_resize",
+            "env_seed", "fast_render")
+    return {**{k: asdict(cfg)[k] for k in keys}, "center_crop": crop_area < 1.0, "crop_area": crop_area}
 
 
 def plan(cfg: GenerateConfig, infos) -> list:
@@ -108,8 +144,9 @@ def main(cfg: GenerateConfig) -> list[dict]:
     import_libero(cfg.mujoco_gl)
     infos = [suite_info(s, cfg.max_steps, cfg.libero_plus_classification) for s in cfg.task_suites]
     episodes = plan(cfg, infos)
+    crop_area = eval_crop_area(cfg, manifest)
     run_info = {"method": method, "checkpoint": str(cfg.pretrained_checkpoint.resolve()),
-                "checkpoint_sha256": manifest.get("weights_sha256"), "protocol": protocol_info(cfg),
+                "checkpoint_sha256": manifest.get("weights_sha256"), "protocol": protocol_info(cfg, crop_area),
                 "router_variant": cfg.router_variant}
     previous = read_rows(results_path)
     check_same_run(previous, {**run_info, "seed": cfg.seed}, results_path)  # before any work, dry run included
@@ -126,6 +163,7 @@ def main(cfg: GenerateConfig) -> list[dict]:
         n_done = sum(e.suite == info.name and e.key in done for e in episodes)
         print(f"  {info.name}: {info.num_tasks} tasks, {n} episodes ({n_done} already done), "
               f"max {info.max_steps} steps" + (" [LIBERO-Plus dimensions]" if info.categories else ""))
+    print(f"images: centre crop at {crop_area:g} of the area" if crop_area < 1.0 else "images: no centre crop")
     print(f"results: {results_path}; summary: {summary_dir}; {cfg.num_envs} parallel env(s)")
     if cfg.dry_run:
         print("dry run: nothing executed")
@@ -138,7 +176,7 @@ def main(cfg: GenerateConfig) -> list[dict]:
 
         spare = (os.cpu_count() or 1) - (cfg.num_envs if cfg.num_envs > 1 else 0)
         torch.set_num_threads(cfg.torch_threads or max(1, spare))
-    transform = LiberoImageTransform(cfg.resize_size, cfg.jpeg_resize, cfg.center_crop, cfg.crop_area)
+    transform = LiberoImageTransform(cfg.resize_size, cfg.jpeg_resize, crop_area < 1.0, crop_area)
     policy = load_policy(cfg.pretrained_checkpoint, transform, device, cfg.router_variant)
     rows = run_episodes(
         LiberoEnvFactory(cfg.env_img_res, cfg.env_seed, cfg.fast_render, cfg.mujoco_gl),

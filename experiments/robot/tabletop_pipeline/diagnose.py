@@ -220,10 +220,10 @@ def train_config_of(checkpoint: Path) -> dict:
 
 def training_crop_area(checkpoint: Path) -> float:
     """The centre-crop area a checkpoint saw in training: its random-crop area with image_aug, else 1."""
-    from prismatic.vla.augmentation import centre_crop_for
+    from prismatic.vla.augmentation import trained_crop_area
 
-    train = train_config_of(checkpoint)
-    return centre_crop_for(bool(train.get("image_aug")), float(train.get("aug", {}).get("crop_area", 1.0)))
+    area = trained_crop_area(train_config_of(checkpoint))
+    return 1.0 if area is None else area
 
 
 def main(cfg: DiagnoseConfig) -> dict:
