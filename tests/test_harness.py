@@ -106,6 +106,15 @@ def test_truncated_last_line_is_dropped_and_repaired(tmp_path):
     assert [r["key"] for r in read_rows(path)] == ["s/0/0", "s/0/1", "s/1/0"]
 
 
+def test_a_finished_last_row_that_lost_its_newline_gets_it_back_before_appending(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"key": "s/0/0", "success": True}))  # the crash came between the row and its "\n"
+    log = ResultsLog(path)
+    assert sorted(log.done) == ["s/0/0"] and path.read_text().endswith("}\n")
+    log.append({"key": "s/0/1", "success": False})
+    assert [r["key"] for r in read_rows(path)] == ["s/0/0", "s/0/1"]
+
+
 def test_malformed_line_in_the_middle_is_an_error(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
@@ -123,6 +132,28 @@ def test_resume_into_another_runs_file_is_refused(tmp_path):
     with pytest.raises(ResultsError, match="seed=7, this run: seed=8"):
         run_episodes(FakeEnvFactory(), ScriptedPolicy(), eps, path, run_info={"method": "TA"}, seed=8, **QUIET)
     assert path.read_text() == before
+
+
+def test_resume_refuses_episodes_that_this_plan_starts_differently(tmp_path):
+    path = tmp_path / "r.jsonl"
+    run_episodes(FakeEnvFactory(), ScriptedPolicy(), plan_episodes("s", 1, 2, 20), path, **QUIET)
+    before = path.read_text()
+    other_inits = plan_episodes("s", 1, 2, 20, init_state_ids=[7, 8])
+    with pytest.raises(ResultsError, match=r"episode s/0/0 was run with init_state_id=0, this run plans "
+                                           r"init_state_id=7"):
+        run_episodes(FakeEnvFactory(), ScriptedPolicy(), other_inits, path, **QUIET)
+    with pytest.raises(ResultsError, match="max_steps=20, this run plans max_steps=30"):
+        run_episodes(FakeEnvFactory(), ScriptedPolicy(), plan_episodes("s", 1, 2, 30), path, **QUIET)
+    assert path.read_text() == before
+    more = plan_episodes("s", 1, 3, 20)  # more trials of the same plan: the first two are reused
+    again = ScriptedPolicy()
+    run_episodes(FakeEnvFactory(), again, more, path, **QUIET)
+    assert len(again.started) == 1 and len(read_rows(path)) == 3
+
+
+def test_run_info_may_not_overwrite_an_episodes_fields(tmp_path):
+    with pytest.raises(ValueError, match=r"run_info fields \['steps'\] would overwrite"):
+        ResultsLog(tmp_path / "r.jsonl", {"steps": 3}).append({"key": "s/0/0", "steps": 5})
 
 
 def test_worker_processes_give_the_same_results(tmp_path):
@@ -182,6 +213,16 @@ def test_table_in_the_papers_layout():
     assert table.to_csv() == "method,Spatial,Object,avg\nFT experts,50.0,75.0,62.5\nTIES,25.0,100.0,62.5\n"
     (conf,) = routing_confusions(paper_rows())  # TIES: trial 0 of each suite went to libero_object
     assert conf.counts == [[3, 1], [0, 4]] and conf.accuracy == 87.5
+
+
+def test_avg_is_left_empty_for_a_method_missing_a_suite_and_an_episode_counts_once():
+    rows = paper_rows() + [{"key": "libero_goal/0/0", "method": "TIES", "suite": "libero_goal", "success": True}]
+    table = success_table(rows)
+    assert table.to_csv() == "method,Spatial,Object,Goal,avg\nFT experts,50.0,75.0,,\nTIES,25.0,100.0,100.0,75.0\n"
+    again = dict(rows[0], checkpoint="runs/ties-k20")  # a second TIES run's row for the same episode
+    with pytest.raises(ResultsError, match=r"episode libero_spatial/0/0 of method 'TIES' appears twice "
+                                           r"\(checkpoints None and runs/ties-k20\)"):
+        success_table([*rows, again])
 
 
 def test_summary_files_and_plots(tmp_path):

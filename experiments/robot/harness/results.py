@@ -24,7 +24,8 @@ def read_rows(path: Path | str, repair: bool = False) -> list[dict]:
     """All finished episodes in `path` ([] if it does not exist).
 
     A truncated last line (a crash mid-write) is skipped with a warning, and removed from the file when
-    `repair` is set; a malformed line anywhere else is an error.
+    `repair` is set, which also restores a finished last row's lost newline (so the next append starts a line
+    of its own); a malformed line anywhere else is an error.
     """
     p = Path(path)
     if not p.exists():
@@ -44,12 +45,12 @@ def read_rows(path: Path | str, repair: bool = False) -> list[dict]:
             if not is_tail:
                 raise ResultsError(f"{p}, line {i + 1}: not a JSON object ({e}); fix or remove that line") from e
             warnings.warn(f"{p}: dropping an unfinished last line (an interrupted write)", stacklevel=2)
-            if repair:
-                from prismatic.io import write_text  # imports torch: keep it out of worker start-up
-
-                write_text(p, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
             break
         rows.append(row)
+    if repair and text and not text.endswith("\n"):
+        from prismatic.io import write_text  # imports torch: keep it out of worker start-up
+
+        write_text(p, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return rows
 
 
@@ -75,6 +76,24 @@ def check_same_run(rows: list[dict], run_info: dict, path: Path | str) -> None:
                 )
 
 
+def check_same_episodes(done: dict[str, dict], episodes: Iterable, path: Path | str) -> None:
+    """Refuse to count a stored episode as done when this plan starts it differently (init state, step limit...).
+
+    Episodes are matched by key (suite/task/trial); the fields of each planned `EpisodeSpec` must match too.
+    """
+    for e in episodes:
+        row = done.get(e.key)
+        if row is None:
+            continue
+        planned = _jsonable(e.to_row())
+        for k, v in planned.items():
+            if row.get(k) != v:
+                raise ResultsError(
+                    f"{path}: episode {e.key} was run with {k}={row.get(k)!r}, this run plans {k}={v!r}; "
+                    "choose another results file or remove this one to start over"
+                )
+
+
 class ResultsLog:
     """Append-only JSONL of one run; knows which episodes are already done."""
 
@@ -86,6 +105,9 @@ class ResultsLog:
         self.done = {row["key"]: row for row in self.rows}
 
     def append(self, row: dict) -> dict:
+        clash = sorted(set(row) & set(self.run_info))
+        if clash:
+            raise ValueError(f"run_info fields {clash} would overwrite the episode's own fields")
         row = _jsonable({**row, **self.run_info})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:

@@ -23,7 +23,7 @@ import numpy as np
 
 from experiments.robot.harness.driver import EnvFactory, EpisodeDriver, FrameFn, Protocol, worker_main
 from experiments.robot.harness.episodes import EpisodeSpec
-from experiments.robot.harness.results import ResultsLog
+from experiments.robot.harness.results import ResultsLog, check_same_episodes
 from experiments.robot.harness.summary import routed
 from experiments.robot.harness.video import wants_video
 
@@ -172,6 +172,7 @@ def run_episodes(
         raise ValueError(f"duplicate episodes in the plan: {dup[:5]}")
     seed_everything(seed)
     results = ResultsLog(results_path, {**(run_info or {}), "seed": seed})
+    check_same_episodes(results.done, episodes, results.path)
     todo = deque((i, e) for i, e in enumerate(episodes) if e.key not in results.done)
     skipped = len(episodes) - len(todo)
     if skipped:

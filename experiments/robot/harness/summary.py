@@ -1,7 +1,8 @@
 """The paper's results table from per-episode rows: one row per method (the fine-tuned experts, then each
 merge method), one column per suite (or LIBERO-Plus perturbation dimension), plus the average.
 
-Cells are success rates in percent; `avg` is the unweighted mean of the method's cells, as in the paper.
+Cells are success rates in percent; `avg` is the unweighted mean of the method's cells, as in the paper, and
+is left empty for a method that lacks a column the others have (its mean would not be comparable).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import csv
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from experiments.robot.harness.results import ResultsError
 
 SUITE_LABELS = {
     "libero_spatial": "Spatial",
@@ -43,8 +46,8 @@ class Table:
         return 100.0 * s / n if n else None
 
     def avg(self, method: str) -> float | None:
-        rates = [r for c in self.columns if (r := self.rate(method, c)) is not None]
-        return sum(rates) / len(rates) if rates else None
+        rates = [self.rate(method, c) for c in self.columns]
+        return None if None in rates else sum(rates) / len(rates)
 
     def labels(self) -> list[str]:
         return [SUITE_LABELS.get(c, c) for c in self.columns]
@@ -86,11 +89,21 @@ def _ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
 def success_table(rows: Sequence[dict], column_key: str = "suite", method_key: str = "method",
                   title: str = "Success rate (%)") -> Table:
     counts: dict[tuple[str, str], list[int]] = {}
+    seen: dict[tuple[str, str], dict] = {}
     for n, r in enumerate(rows, 1):
         for k in (column_key, "success"):
             if k not in r:
                 raise KeyError(f"results row {n} ({r.get('key', '?')}) has no field {k!r}")
-        cell = counts.setdefault((str(r.get(method_key, "policy")), str(r[column_key])), [0, 0])
+        method = str(r.get(method_key, "policy"))
+        if "key" in r:  # one episode counted twice would weigh two runs that share a method label as one
+            first = seen.setdefault((method, r["key"]), r)
+            if first is not r:
+                raise ResultsError(
+                    f"episode {r['key']} of method {method!r} appears twice (checkpoints {first.get('checkpoint')} "
+                    f"and {r.get('checkpoint')}): two runs share that method label; give them different labels "
+                    "(--method) or summarise them separately"
+                )
+        cell = counts.setdefault((method, str(r[column_key])), [0, 0])
         cell[0] += bool(r["success"])
         cell[1] += 1
     methods = _ordered([m for m, _ in counts], [FT_METHOD])
