@@ -29,7 +29,7 @@ $(VENV)/.installed-$(HASH)-%: pyproject.toml constraints.txt
 	@touch $@
 
 demo: $(call stamp,$(DEMO_EXTRAS))
-	$(PY) -m experiments.robot.demo $(if $(QUICK),--quick true,)
+	$(PY) -m experiments.robot.demo $(if $(filter 1 true yes,$(QUICK)),--quick true,)
 
 tabletop-data: $(call stamp,$(DEMO_EXTRAS))
 	$(PY) -m experiments.robot.tabletop.generate

@@ -377,7 +377,6 @@ def test_loader_is_strict(experts, tmp_path):
         load_merged(experts[0][1])
 
 
-@pytest.mark.slow
 def test_cli_merges_experts_written_by_the_training_script(tmp_path, batch):
     from data_fixtures import hdf5_root, small_tasks, tiny_config
 
