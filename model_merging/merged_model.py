@@ -265,7 +265,7 @@ def load_merged(directory: Path | str, base: BaseModelConfig | None = None, veri
                              f"the manifest implies {s.dtype} {list(s.shape)}")
     cfg = VLAConfig.from_dict(manifest["config"])
     base = base or base_config_from_ref(manifest["base"])
-    base_sd, base_ref, tok_dir = resolve_base(cfg, base)
+    base_sd, base_ref, tok_dir = resolve_base(cfg, base, verify)
     if base_ref["sha256"] != manifest["base"]["sha256"]:
         raise MergeError(f"{d} was merged on base {manifest['base']['sha256'][:12]}…, but {base.describe()} hashes "
                          f"to {base_ref['sha256'][:12]}…")

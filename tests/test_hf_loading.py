@@ -1,18 +1,23 @@
-"""A Hugging Face-format Qwen2 directory (as `save_pretrained` writes it) becomes the VLM's LLM, offline."""
+"""A Hugging Face-format Qwen2 directory (as `save_pretrained` writes it) becomes the VLM's LLM, offline; a base
+directory's weights must be the ones its base.json hashes; unreadable weight files are named."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from prismatic.models import BaseModelConfig, build_vla
 from prismatic.models.configuration import get_config
-from prismatic.models.loading import BaseModelError
+from prismatic.models.loading import BaseModelError, load_base_dir, random_base, save_base_dir
 from prismatic.models.modeling import Qwen2ForCausalLM, make_projector, qwen2_hf_config
+from prismatic.models.pretrained import from_pretrained, save_pretrained
 from prismatic.models.prismatic_weights import load_prismatic_checkpoint
+from prismatic.models.processing import build_tiny_tokenizer
 
 CFG = get_config("tiny")
 
@@ -75,3 +80,32 @@ def test_qwen_dir_of_another_size_is_refused(qwen_dir, tmp_path):
         build_vla(get_config("tiny", llm=type(CFG.llm)(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
                                                           intermediate_size=384, vocab_size=512)),
                   BaseModelConfig(llm_path=d))
+
+
+def test_tampered_base_dir_is_refused(tmp_path):
+    """base.json's sha256 is the base's identity in manifests: weights changed under it must not load silently."""
+    save_base_dir(tmp_path / "base", CFG, random_base(CFG, 0), build_tiny_tokenizer().to_str())
+    save_pretrained(build_vla(CFG, BaseModelConfig(base_dir=tmp_path / "base")), tmp_path / "ckpt")
+    wf = tmp_path / "base" / "vlm.safetensors"
+    sd = load_file(str(wf))
+    sd["projector.0.bias"] = sd["projector.0.bias"] + 1
+    save_file(sd, str(wf))
+    with pytest.raises(BaseModelError, match=r"base/vlm\.safetensors does not match the sha256 recorded in "
+                                             r".*base/base\.json: the file is corrupt or was changed"):
+        from_pretrained(tmp_path / "ckpt")
+    got, _ = load_base_dir(tmp_path / "base", CFG, verify=False)  # opting out reads it as it is
+    assert torch.equal(got["projector.0.bias"], sd["projector.0.bias"])
+
+
+def test_unreadable_weight_files_are_named(qwen_dir, tmp_path):
+    d, _ = qwen_dir
+    broken = tmp_path / "qwen"
+    shutil.copytree(d, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(BaseModelError, match=r"qwen/model\.safetensors: cannot be read as Qwen2 weights "
+                                             r"\(SafetensorError"):
+        build_vla(CFG, BaseModelConfig(llm_path=broken, random_seed=0))
+    save_base_dir(tmp_path / "base", CFG, random_base(CFG, 0), build_tiny_tokenizer().to_str())
+    (tmp_path / "base" / "vlm.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(BaseModelError, match=r"base/vlm\.safetensors: cannot be read as the VLM weights"):
+        load_base_dir(tmp_path / "base", CFG)

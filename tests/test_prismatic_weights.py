@@ -38,7 +38,7 @@ from prismatic.models.prismatic_weights import (
     tower_hf_config,
 )
 
-CFG = get_config("tiny")  # 64 px images, patch 8 → 8×8 grid; 3 blocks per tower (2 built)
+CFG = get_config("tiny")  # 64 px images, patch 16 → 4×4 grid; 3 blocks per tower (2 built)
 GRID = CFG.image_size // CFG.dino.patch_size
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def images(seed: int = 0, n: int = 2) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ timm → HF
 
 
-@pytest.mark.parametrize("kind,src_grid", [("dino", GRID), ("dino", 12), ("siglip", GRID), ("siglip", 10)])
+@pytest.mark.parametrize("kind,src_grid", [("dino", GRID), ("dino", 12), ("siglip", GRID)])
 def test_timm_tower_matches_reference_forward(kind, src_grid):
     sd = random_timm_sd(kind, src_grid, seed=1)
     mapped = timm_vit_to_hf(sd, kind, getattr(CFG, kind), CFG.image_size)
@@ -171,6 +171,43 @@ def test_timm_mapping_errors_name_key_and_source():
     # a file that already lacks the unused last block is fine
     short = {k: v for k, v in sd.items() if not k.startswith("blocks.2.")}
     assert timm_vit_to_hf(short, "dino", t, CFG.image_size).keys() == timm_vit_to_hf(sd, "dino", t, CFG.image_size).keys()
+
+
+def test_siglip_table_at_another_grid_is_refused_not_resampled(tmp_path):
+    """A 384-px SigLIP (27×27 patches of 14 px) is another tower, not a resampling away from the 224-px one."""
+    sd = random_timm_sd("siglip", 27, seed=4)
+    save_file(sd, str(tmp_path / "siglip384.safetensors"))
+    with pytest.raises(WeightsError, match=r"siglip384\.safetensors: pos_embed is a 27×27 SigLIP position table "
+                                           rf"where the config expects {GRID}×{GRID}"):
+        load_vision_tower(tmp_path / "siglip384.safetensors", "siglip", CFG)
+    # the same inside a Prismatic checkpoint, and from a Hugging Face directory
+    parts = prismatic_parts()
+    parts["vision_backbone"].update({f"siglip_featurizer.{k}": v for k, v in sd.items()})
+    torch.save({"model": parts}, tmp_path / "ckpt.pt")
+    with pytest.raises(WeightsError, match=r"ckpt\.pt \[vision_backbone\.siglip_featurizer\.\*\]: pos_embed is a 27×27"):
+        load_prismatic_checkpoint(tmp_path / "ckpt.pt", CFG)
+    s = CFG.siglip
+    SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=s.hidden_size, num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
+        intermediate_size=s.intermediate_size, image_size=27 * s.patch_size, patch_size=s.patch_size,
+        layer_norm_eps=s.layer_norm_eps,
+    )).save_pretrained(tmp_path / "siglip_hf")
+    with pytest.raises(WeightsError, match=r"siglip_hf: embeddings\.position_embedding\.weight is a 27×27 SigLIP"):
+        load_vision_tower(tmp_path / "siglip_hf", "siglip", CFG)
+    # DINOv2 at that grid is still resampled (its released table is 37×37)
+    save_file(random_timm_sd("dino", 27, seed=4), str(tmp_path / "dino.safetensors"))
+    dino = load_vision_tower(tmp_path / "dino.safetensors", "dino", CFG)
+    assert dino["vision.dino.embeddings.position_embeddings"].shape == (1, 1 + GRID * GRID, CFG.dino.hidden_size)
+
+
+def test_unreadable_safetensors_errors_name_the_file(tmp_path):
+    bad = tmp_path / "latest-checkpoint.safetensors"
+    bad.write_bytes(b"\x00" * 7)  # truncated: no complete header
+    with pytest.raises(WeightsError, match=r"latest-checkpoint\.safetensors: cannot be read as a Prismatic VLM "
+                                           r"checkpoint \(SafetensorError"):
+        load_prismatic_checkpoint(bad, CFG)
+    with pytest.raises(WeightsError, match=r"latest-checkpoint\.safetensors: cannot be read as dino tower weights"):
+        load_vision_tower(bad, "dino", CFG)
 
 
 def real_timm_shapes(kind: str, grid: int) -> dict[str, tuple[int, ...]]:
@@ -217,8 +254,9 @@ def prismatic_parts(seed: int = 3) -> dict[str, dict[str, torch.Tensor]]:
     proj = {f"projector.{k}": v.detach().clone() for k, v in make_projector(CFG.vision_dim, CFG.llm.hidden_size)
             .state_dict().items()}
     llm = {f"llm.{k}": v.detach().clone() for k, v in Qwen2ForCausalLM(qwen2_hf_config(CFG)).state_dict().items()}
+    # DINOv2's table at another grid, as the released 518-px one is; SigLIP's only ever at its own grid
     vision = {f"{pre}{k}": v for kind, pre in (("dino", "dino_featurizer."), ("siglip", "siglip_featurizer."))
-              for k, v in random_timm_sd(kind, GRID + 2, seed=seed + 10).items()}
+              for k, v in random_timm_sd(kind, GRID + 2 if kind == "dino" else GRID, seed=seed + 10).items()}
     return {"projector": proj, "llm_backbone": llm, "vision_backbone": vision}
 
 

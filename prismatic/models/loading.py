@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from prismatic.io import atomic_path, state_dict_sha256, write_json
@@ -45,6 +46,14 @@ class BaseModelConfig:
 
 class BaseModelError(FileNotFoundError):
     pass
+
+
+def read_safetensors(path: Path | str, what: str, error: type[Exception] = BaseModelError) -> dict[str, torch.Tensor]:
+    """`load_file`, but a missing or corrupt file raises `error` naming the path (SafetensorError does not)."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise error(f"{path}: cannot be read as {what} ({type(e).__name__}: {e})") from e
 
 
 def random_base(cfg: VLAConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -81,7 +90,9 @@ def save_base_dir(directory: Path | str, cfg: VLAConfig, vlm_state: dict[str, to
     return digest
 
 
-def load_base_dir(directory: Path | str, cfg: VLAConfig) -> tuple[dict[str, torch.Tensor], dict]:
+def load_base_dir(directory: Path | str, cfg: VLAConfig, verify: bool = True
+                  ) -> tuple[dict[str, torch.Tensor], dict]:
+    """(VLM state dict, base.json); with `verify`, the weights must hash to base.json's sha256."""
     d = Path(directory)
     meta_file = d / "base.json"
     if not meta_file.is_file():
@@ -96,9 +107,15 @@ def load_base_dir(directory: Path | str, cfg: VLAConfig) -> tuple[dict[str, torc
                 f"{meta_file}: config field {field!r} is {getattr(saved, field)}, but the model config "
                 f"{cfg.name!r} expects {getattr(cfg, field)}"
             )
-    sd = load_file(str(d / "vlm.safetensors"))
+    wf = d / "vlm.safetensors"
+    sd = read_safetensors(wf, "the VLM weights of a mergevla base directory")
     for alias, source in meta.get("tied", {}).items():
         sd[alias] = sd[source]
+    # base.json's sha256 is the base's identity in every manifest, so it must describe these very bytes
+    if verify and state_dict_sha256(sd) != meta.get("sha256"):
+        raise BaseModelError(
+            f"{wf} does not match the sha256 recorded in {meta_file}: the file is corrupt or was changed"
+        )
     return sd, meta
 
 
@@ -132,17 +149,21 @@ def load_qwen_hf(path: Path | str, cfg: VLAConfig) -> dict[str, torch.Tensor]:
         raise BaseModelError(f"no *.safetensors weights in {p} (only safetensors are read, never pickles)")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        sd.update(load_file(str(f)))
+        sd.update(read_safetensors(f, "Qwen2 weights"))
     out = {f"llm.{k}": v for k, v in sd.items()}
     if "llm.lm_head.weight" not in out and cfg.llm.tie_word_embeddings:
         out["llm.lm_head.weight"] = out["llm.model.embed_tokens.weight"]
     return out
 
 
-def resolve_base(cfg: VLAConfig, base: BaseModelConfig) -> tuple[dict[str, torch.Tensor], dict, Path | None]:
-    """(VLM state dict, reference for manifests, tokenizer location or None)."""
+def resolve_base(cfg: VLAConfig, base: BaseModelConfig, verify: bool = True
+                 ) -> tuple[dict[str, torch.Tensor], dict, Path | None]:
+    """(VLM state dict, reference for manifests, tokenizer location or None).
+
+    `verify=False` skips re-hashing a base directory's weights (its recorded sha256 is then taken on trust).
+    """
     if base.base_dir is not None:
-        sd, meta = load_base_dir(base.base_dir, cfg)
+        sd, meta = load_base_dir(base.base_dir, cfg, verify)
         ref = {"kind": "dir", "path": str(Path(base.base_dir).resolve()), "sha256": meta["sha256"]}
         return sd, ref, Path(base.base_dir)
     if base.llm_path is not None:

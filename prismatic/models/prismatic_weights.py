@@ -23,12 +23,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from transformers import Dinov2WithRegistersModel, SiglipVisionModel
 from transformers.utils import logging as hf_logging
 
 from prismatic.models.configuration import VisionTowerConfig, VLAConfig
-from prismatic.models.loading import PRETRAINED_README, BaseModelError
+from prismatic.models.loading import PRETRAINED_README, BaseModelError, read_safetensors
 from prismatic.models.modeling import PrismaticVLM, dino_hf_config, siglip_hf_config
 
 TowerKind = Literal["dino", "siglip"]
@@ -135,6 +134,20 @@ def _grid(tower: VisionTowerConfig, image_size: int) -> int:
     return image_size // tower.patch_size
 
 
+def position_table(pos: torch.Tensor, kind: TowerKind, grid: int, source: str, name: str) -> torch.Tensor:
+    """The (N, D) patch table on this grid. Only DINOv2's is resampled (518 px → 224 px is how Prismatic used it);
+    the SigLIP tower is natively 224 px, so another grid means a different tower, refused rather than resampled."""
+    n = pos.shape[0]
+    if kind == "siglip" and n != grid * grid:
+        side = round(n**0.5)
+        have = f"{side}×{side}" if side * side == n else f"{n}-position (not square)"
+        raise WeightsError(
+            f"{source}: {name} is a {have} SigLIP position table where the config expects {grid}×{grid} (as in "
+            f"{TIMM_NAMES['siglip']}): a tower made for another resolution (e.g. 384 px) is refused, not resampled"
+        )
+    return resample_grid(pos, grid, source, name)
+
+
 # -------------------------------------------------------------------------------------------- timm → HF
 
 
@@ -156,7 +169,8 @@ def timm_vit_to_hf(sd: dict[str, torch.Tensor], kind: TowerKind, tower: VisionTo
     - fused `attn.qkv` → `q/k/v_proj`; layer scale `ls{1,2}.gamma` → `layer_scale{1,2}.lambda1` (DINOv2);
     - DINOv2-reg in timm is `no_embed_class`: `pos_embed` covers the patches only and the cls/register tokens get
       no position. The transformers table has a cls slot added to the cls token: it is set to zero so the
-      forward is the same. The patch table is resampled to this image size if its grid differs;
+      forward is the same. DINOv2's patch table is resampled to this image size if its grid differs (SigLIP's
+      must already fit: see position_table);
     - the last block, SigLIP's attention-pool head and classifier parts are dropped (never run here);
     - DINOv2's `mask_token` (masked image modelling only, never used) is zero unless the file has one.
     """
@@ -186,7 +200,7 @@ def timm_vit_to_hf(sd: dict[str, torch.Tensor], kind: TowerKind, tower: VisionTo
         elif key in _TOP[kind]:
             out[_TOP[kind][key]] = t
         elif key == "pos_embed":
-            pos = resample_grid(t.reshape(-1, t.shape[-1]), grid, source, key)
+            pos = position_table(t.reshape(-1, t.shape[-1]), kind, grid, source, key)
             if kind == "dino":
                 # zero cls slot: timm adds no position to the cls token (it is folded into cls_token itself)
                 pos = torch.cat([pos.new_zeros(1, pos.shape[1]), pos]).unsqueeze(0)
@@ -212,7 +226,7 @@ def timm_vit_to_hf(sd: dict[str, torch.Tensor], kind: TowerKind, tower: VisionTo
 def read_tensor_file(path: Path, what: str) -> dict[str, torch.Tensor]:
     """A .safetensors file, or a torch pickle of plain tensors (read with weights_only=True)."""
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return read_safetensors(path, what, WeightsError)
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -258,7 +272,7 @@ _HF_FIELDS = {
 
 def hf_tower_to_ours(directory: Path, kind: TowerKind, tower: VisionTowerConfig, image_size: int
                      ) -> dict[str, torch.Tensor]:
-    """A Hugging Face-format tower directory → our tower's state dict (last block dropped, table resampled).
+    """A Hugging Face-format tower directory → our tower's state dict (last block dropped, DINOv2's table resampled).
 
     transformers' own loader is used because it also renames the older key names the Hub files carry.
     """
@@ -285,9 +299,9 @@ def hf_tower_to_ours(directory: Path, kind: TowerKind, tower: VisionTowerConfig,
         if k.startswith("head.") or (layer and int(layer.group(1)) >= n_keep):
             continue
         if k == "embeddings.position_embeddings":  # (1, 1 + patches, D): the cls slot stays as trained
-            v = torch.cat([v[0, :1], resample_grid(v[0, 1:], grid, str(directory), k)]).unsqueeze(0)
+            v = torch.cat([v[0, :1], position_table(v[0, 1:], kind, grid, str(directory), k)]).unsqueeze(0)
         elif k == "embeddings.position_embedding.weight":
-            v = resample_grid(v, grid, str(directory), k)
+            v = position_table(v, kind, grid, str(directory), k)
         out[k] = v.detach().clone()
     check_state_dict(out, tower_shapes(kind, tower, image_size), str(directory), f"the {kind} tower of the config")
     return out
@@ -339,7 +353,7 @@ def _checkpoint_groups(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     layout = "{'model': {'projector': …, 'llm_backbone': …[, 'vision_backbone': …]}} of plain tensors"
     if path.suffix == ".safetensors":
         groups: dict[str, dict[str, torch.Tensor]] = {}
-        for k, v in load_file(str(path)).items():
+        for k, v in read_safetensors(path, "a Prismatic VLM checkpoint", WeightsError).items():
             g, _, rest = k.partition(".")
             if g not in CHECKPOINT_GROUPS or not rest:
                 raise WeightsError(f"{path}: unexpected key {k!r}; keys must start with one of {CHECKPOINT_GROUPS}")
