@@ -95,6 +95,26 @@ def test_resume_extends_a_finished_run(data_root, tmp_path):
     assert final.name == "step_000003" and (tmp_path / "r" / "checkpoints" / "step_000002").is_dir()
 
 
+
+def test_a_shorter_run_never_returns_a_longer_ones_checkpoint(data_root, tmp_path):
+    # constant lr: max_steps is not part of the run's identity, so a shorter run may reuse this directory
+    train(tiny_config(data_root, tmp_path / "r", max_steps=3, save_every=3))
+    final = train(tiny_config(data_root, tmp_path / "r", max_steps=2, save_every=2, resume=True))
+    straight = train(tiny_config(data_root, tmp_path / "s", max_steps=2, save_every=2))
+    assert final.name == "step_000002"
+    a, _ = load_checkpoint(final, "mergevla-checkpoint")
+    b, _ = load_checkpoint(straight, "mergevla-checkpoint")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # trained from step 0 to 2, not step 3's weights
+
+
+def test_resume_on_another_base_is_a_run_dir_error(data_root, tmp_path):
+    from prismatic.models import BaseModelConfig
+
+    train(tiny_config(data_root, tmp_path / "r", max_steps=1, save_every=1))
+    with pytest.raises(RunDirError, match="trained on another base model"):
+        train(tiny_config(data_root, tmp_path / "r", max_steps=2, resume=True, base=BaseModelConfig(random_seed=1)))
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 

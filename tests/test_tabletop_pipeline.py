@@ -37,6 +37,11 @@ def test_stage_runs_once_per_spec_and_clears_a_stale_directory(tmp_path):
     (tmp_path / "s" / "leftover.txt").write_text("items that check their own identity")
     kept.run(body, log=lambda _m: None)
     assert (tmp_path / "s" / "leftover.txt").exists()
+    # a cached record whose outside outputs changed is not trusted
+    outside = Stage(tmp_path, "s", {"steps": 3}, clear_stale=False)
+    assert outside.run(body, log=lambda _m: None, still_valid=lambda out: True).cached
+    redone = outside.run(body, log=lambda _m: None, still_valid=lambda out: False)
+    assert (redone.cached, redone.outputs) == (False, {"n": 4})
 
 
 def test_stage_with_a_failing_body_records_nothing(tmp_path):
@@ -70,6 +75,24 @@ def test_joint_suite_links_every_suite_file(tmp_path):
         make_joint_suite(tmp_path, ["object"])
 
 
+def test_a_data_dir_the_user_named_is_never_replaced(tmp_path):
+    from experiments.robot.tabletop.generate import MANIFEST, GenerateConfig
+    from experiments.robot.tabletop_pipeline.data import DataDirError, ensure_dataset
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    gen = GenerateConfig(out_dir=mine, suites=["goal"], task_ids=[0], demos_per_task=1)
+    with pytest.raises(DataDirError, match="holds other files; refusing to replace it"):
+        ensure_dataset(gen, log=lambda _m: None, owned=True)  # not a TableTop-4 dataset: never deleted
+    (mine / MANIFEST).write_text("{}")
+    with pytest.raises(DataDirError, match="holds a TableTop-4 dataset generated with other settings"):
+        ensure_dataset(gen, log=lambda _m: None, owned=False)
+    with pytest.raises(ValueError, match="noise must be >= 0"):  # bad settings: checked before deleting
+        ensure_dataset(GenerateConfig(out_dir=mine, suites=["goal"], noise=-1.0), log=lambda _m: None, owned=True)
+    assert sorted(p.name for p in mine.iterdir()) == sorted([MANIFEST, "notes.txt"])
+
+
 @pytest.mark.parametrize("change, message", [
     ({"suites": ["spatial", "kitchen"]}, "suites must be distinct"),
     ({"algorithms": ["ties", "magic"]}, "unknown merge algorithm"),
@@ -78,6 +101,13 @@ def test_joint_suite_links_every_suite_file(tmp_path):
     ({"expert_steps": 0}, "expert_steps must be >= 1"),
     ({"router_variant": "query"}, "router_variant"),
     ({"action_loss": "huber"}, "action_loss must be one of"),
+    ({"demo_noise": -0.1}, "demo_noise must be >= 0"),
+    ({"lr": 0.0}, "lr must be > 0"),
+    ({"lr_schedule": "step"}, "lr_schedule must be one of"),
+    ({"min_lr_ratio": 3.0}, r"min_lr_ratio must be in \[0, 1\]"),
+    ({"mask_lambda": -5.0}, "mask_lambda must be >= 0"),
+    ({"expert_head_layers": 4}, r"expert_head_layers must be in 0..3"),
+    ({"algorithms": ["ties", "emr", "ties"]}, r"algorithms lists \['ties'\] more than once"),
     ({"trials_per_task": 49, "first_init_state": 2}, "50 init states"),
     ({"video_episodes": ["goal/*/0", "kitchen/*/*"]}, r"video_episodes \['kitchen/\*/\*'\] match no episode"),
     ({"task_ids": [0, 1], "video_episodes": ["goal/5/0"]}, "match no episode"),
@@ -204,6 +234,8 @@ def test_each_training_job_gets_the_pipelines_knobs(tmp_path):
         3, "goal", 30, 30, "cosine", False, "mse")
     assert (c.expert_arch, c.grad_accumulation_steps, c.log_every, c.resume) == ("cross_attn", 1, 30, True)
     c.validate()
+    long_job = finetune_config(TrainJob("mergevla/goal", "cross_attn", "goal", 1500, str(tmp_path / "run")), s)
+    assert long_job.save_every == 500  # an interrupted job resumes from its last 500-step checkpoint
 
 
 def test_eval_shows_the_training_crop_and_new_crops_are_new_results():
@@ -218,6 +250,8 @@ def test_eval_shows_the_training_crop_and_new_crops_are_new_results():
         ids[aug] = [j.policy_id for j in eval_jobs(cfg, trained, {}, [])]
     assert eval_crop_area(PipelineConfig(image_aug=True)) == 0.9 and eval_crop_area(PipelineConfig()) == 1.0
     assert len(ids[True]) == 4 and all(a != b for a, b in zip(ids[True], ids[False]))  # old JSONL rows are discarded
+    later = [j.policy_id for j in eval_jobs(PipelineConfig(suites=["goal", "long"], first_init_state=4), trained, {}, [])]
+    assert all(a != b for a, b in zip(later, ids[False]))  # other init states: other episodes
 
 
 def test_demo_time_judges_fractions_against_the_targets(tmp_path, capsys):

@@ -43,7 +43,8 @@ class DataKnobs:
     task_ids: Optional[list[int]] = None  # tasks per suite (preset: full all 10, quick [0, 1])
     demos_per_task: Optional[int] = None  # scripted demos per task (preset: full 50, quick 6)
     demo_noise: float = 0.1  # scripted expert's action noise
-    data_dir: Optional[Path] = None  # dataset directory (default <out_dir>/tabletop4; reused when it matches)
+    # dataset directory (default <out_dir>/tabletop4); reused when it matches, never replaced when you name it
+    data_dir: Optional[Path] = None
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+LR_SCHEDULES = ("constant", "cosine", "linear")  # after the warm-up
+
 
 def lr_at(step: int, lr: float, max_steps: int, schedule: str = "constant", warmup_steps: int = 0,
           min_lr_ratio: float = 0.0) -> float:
@@ -23,5 +25,5 @@ def lr_at(step: int, lr: float, max_steps: int, schedule: str = "constant", warm
     elif schedule == "linear":
         shape = 1.0 - progress
     else:
-        raise ValueError(f"lr_schedule is {schedule!r}, expected constant, cosine or linear")
+        raise ValueError(f"lr_schedule is {schedule!r}, expected one of {LR_SCHEDULES}")
     return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * shape)

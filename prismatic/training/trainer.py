@@ -107,7 +107,8 @@ def restore(model: MergeVLA, ckpt: Path, device: torch.device) -> dict:
     """Load a checkpoint's trainable weights into `model`; return its train state."""
     tensors, manifest = load_checkpoint(ckpt, CHECKPOINT_KIND)
     if manifest.get("base", {}).get("sha256") != model.base_ref["sha256"]:
-        raise CheckpointError(f"{ckpt} was trained on another base model (sha256 {manifest['base']['sha256'][:12]}…)")
+        raise rd.RunDirError(f"{ckpt} was trained on another base model (sha256 {manifest['base']['sha256'][:12]}…, "
+                             f"this run's: {model.base_ref['sha256'][:12]}…); choose another --out_dir")
     expected = set(model.trainable_state_dict())
     if set(tensors) != expected:
         raise CheckpointError(f"{ckpt}/model.safetensors does not hold this model's trainable tensors")
@@ -148,7 +149,9 @@ def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -
     model = build_vla(model_cfg, cfg.base_model(), seed=cfg.seed)
     model.norm_stats = ds.norm_stats
     step, samples_seen, opt_state = 0, 0, None
-    ckpts = rd.complete_checkpoints(run) if cfg.resume else []
+    # a run may hold checkpoints past max_steps (same identity, e.g. constant lr, once trained longer): this
+    # run ends at max_steps, so it continues from the last one not beyond it
+    ckpts = [c for c in rd.complete_checkpoints(run) if c[0] <= cfg.max_steps] if cfg.resume else []
     if ckpts:
         step, ckpt = ckpts[-1]
         state = restore(model, ckpt, torch.device("cpu"))

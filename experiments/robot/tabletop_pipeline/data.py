@@ -14,7 +14,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from experiments.robot.tabletop.generate import MANIFEST, GenerateConfig
+from experiments.robot.tabletop.generate import MANIFEST, GenerateConfig, validate
 from experiments.robot.tabletop.generate import main as generate
 
 JOINT_SUITE = "joint"
@@ -38,12 +38,25 @@ def matches(data_dir: Path, gen: GenerateConfig) -> bool:
     return recorded == generation_spec(gen) and all((Path(data_dir) / f).is_file() for f in manifest.get("files", {}))
 
 
-def ensure_dataset(gen: GenerateConfig, log=print) -> dict:
-    """Generate `gen.out_dir` unless it already holds this dataset; returns its manifest."""
+class DataDirError(ValueError):
+    """The dataset directory holds something this run may not replace."""
+
+
+def ensure_dataset(gen: GenerateConfig, log=print, owned: bool = True) -> dict:
+    """Generate `gen.out_dir` unless it already holds this dataset; returns its manifest.
+
+    Other data there is replaced only when the directory is `owned` (the pipeline's own default location); a
+    directory the user named is never deleted: another run may be using the dataset it holds.
+    """
     out = Path(gen.out_dir)
     if matches(out, gen):
         log(f"[data] reusing {out}")
         return json.loads((out / MANIFEST).read_text())
+    validate(gen)  # bad settings must not cost the old dataset
+    if out.exists() and (not owned or not (out / MANIFEST).is_file()) and any(out.iterdir()):
+        what = "a TableTop-4 dataset generated with other settings" if (out / MANIFEST).is_file() else "other files"
+        raise DataDirError(f"data_dir {out} holds {what}; refusing to replace it: choose another data_dir "
+                           "or delete it yourself")
     if out.exists():
         log(f"[data] {out} holds other data: regenerating it")
         shutil.rmtree(out)

@@ -95,7 +95,9 @@ class PipelineConfig:
     def validate(self) -> None:
         from model_merging import METHODS
         from model_merging.artifact import ROUTER_VARIANTS
+        from prismatic.models import get_config
         from prismatic.models.modeling import ACTION_LOSSES
+        from prismatic.training.schedule import LR_SCHEDULES
 
         unknown = [s for s in self.suites if s not in SUITES]
         if not self.suites or unknown or len(set(self.suites)) != len(self.suites):
@@ -106,9 +108,26 @@ class PipelineConfig:
                      "num_envs", "k_gate"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("noop_steps", "first_init_state", "seed", "warmup_steps", "baseline_head_layers"):
+        for name in ("noop_steps", "first_init_state", "seed", "warmup_steps", "baseline_head_layers", "demo_noise",
+                     "weight_decay", "mask_lambda"):
             if getattr(self, name) < 0:
                 raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise PipelineError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise PipelineError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise PipelineError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        blocks = get_config("tiny").num_expert_blocks
+        if not 0 <= self.expert_head_layers < blocks:  # the router needs a shared block below the kept ones
+            raise PipelineError(f"expert_head_layers must be in 0..{blocks - 1}, got {self.expert_head_layers}")
+        if self.baseline_head_layers > blocks:
+            raise PipelineError(f"baseline_head_layers must be in 0..{blocks}, got {self.baseline_head_layers}")
+        for name in ("algorithms", "unmasked_algorithms", "task_given_algorithms", "baseline_algorithms"):
+            twice = sorted({a for a in getattr(self, name) if getattr(self, name).count(a) > 1})
+            if twice:
+                raise PipelineError(f"{name} lists {twice} more than once")
         if self.lr_schedule != "constant" and self.warmup_steps >= min(self.expert_steps, self.joint_steps):
             raise PipelineError(f"warmup_steps ({self.warmup_steps}) must be below expert_steps and joint_steps "
                                 f"({self.expert_steps}, {self.joint_steps})")
@@ -150,7 +169,13 @@ def _log_to(path: Path, log):
 
 def stage_data(cfg: PipelineConfig, root: Path, log) -> dict:
     from experiments.robot.tabletop.generate import GenerateConfig
-    from experiments.robot.tabletop_pipeline.data import ensure_dataset, generation_spec, make_joint_suite
+    from experiments.robot.tabletop_pipeline.data import (
+        DataDirError,
+        ensure_dataset,
+        generation_spec,
+        make_joint_suite,
+        matches,
+    )
 
     gen = GenerateConfig(out_dir=cfg.resolved_data_dir(), suites=list(cfg.suites), task_ids=cfg.task_ids,
                          demos_per_task=cfg.demos_per_task, seed=cfg.seed, noise=cfg.demo_noise,
@@ -158,15 +183,19 @@ def stage_data(cfg: PipelineConfig, root: Path, log) -> dict:
     spec = {"generate": generation_spec(gen), "data_dir": str(gen.out_dir)}
 
     def body(_d: Path) -> dict:
-        manifest = ensure_dataset(gen, log)
+        try:
+            manifest = ensure_dataset(gen, log, owned=cfg.data_dir is None)
+        except DataDirError as e:
+            raise PipelineError(str(e)) from e
         joint = make_joint_suite(gen.out_dir, list(cfg.suites))
         files = {k: v for k, v in manifest["files"].items()}
         return {"data_root": str(gen.out_dir), "joint_suite": joint.name, "fingerprint": fingerprint(files),
                 "demos": sum(v.get("demos", 0) for v in files.values()),
                 "env_steps": sum(v.get("env_steps", 0) for v in files.values())}
 
-    # the dataset lives outside the stage directory (it may be shared): never clear it from here
-    return Stage(root, "data", spec, clear_stale=False).run(body, log)
+    # the dataset lives outside the stage directory (it may be shared): never clear it from here, and check it
+    # still holds this dataset before trusting the cached record
+    return Stage(root, "data", spec, clear_stale=False).run(body, log, still_valid=lambda _out: matches(gen.out_dir, gen))
 
 
 def stage_base(cfg: PipelineConfig, root: Path, log) -> dict:
@@ -176,15 +205,14 @@ def stage_base(cfg: PipelineConfig, root: Path, log) -> dict:
     spec = {"base_dir": str(base.resolve()), "file_sha256": sha256_file(base / "vlm.safetensors")}
 
     def body(_d: Path) -> dict:
-        from prismatic.io import state_dict_sha256
         from prismatic.models import get_config
-        from prismatic.models.loading import load_base_dir
+        from prismatic.models.loading import BaseModelError, load_base_dir
 
-        sd, meta = load_base_dir(base, get_config("tiny"))
-        digest = state_dict_sha256(sd)
-        if digest != meta["sha256"]:
-            raise PipelineError(f"{base}/vlm.safetensors hashes to {digest[:12]}…, but base.json records "
-                                f"{meta['sha256'][:12]}…: the base is corrupt; regenerate it")
+        try:
+            _sd, meta = load_base_dir(base, get_config("tiny"))  # checks the weights against base.json's sha256
+        except BaseModelError as e:
+            raise PipelineError(f"{e}; regenerate the base (vla-scripts/pretrain_tabletop.py)") from e
+        digest = meta["sha256"]
         pre = meta.get("pretraining", {})
         log(f"[base] {base}: sha256 {digest[:12]}…, pretrained {pre.get('config', {}).get('steps')} steps, "
             f"held-out answer accuracy {pre.get('final', {}).get('heldout_answer_acc')}")
@@ -260,7 +288,8 @@ def eval_crop_area(cfg: PipelineConfig) -> float:
 def eval_jobs(cfg: PipelineConfig, trained: dict, merged: dict, merge_job_list: list) -> list:
     from experiments.robot.tabletop_pipeline.evaluation import EvalJob
 
-    proto = {"noop_steps": cfg.noop_steps, "seed": cfg.seed, "crop_area": eval_crop_area(cfg)}
+    proto = {"noop_steps": cfg.noop_steps, "seed": cfg.seed, "crop_area": eval_crop_area(cfg),
+             "first_init_state": cfg.first_init_state}
     jobs = []
     for fam, label in (("mergevla", FT_LABEL), ("baseline", BASELINE_FT_LABEL)):
         if fam == "baseline" and not cfg.eval_baseline_experts:

@@ -61,14 +61,22 @@ class Stage:
         rec = self.recorded()
         return rec is not None and rec.get("spec") == self.spec
 
-    def run(self, body: Callable[[Path], dict], log: Callable[[str], None] = print) -> StageResult:
-        """Skip when done with this spec; else clear a stale directory, run `body(dir) -> outputs`, record."""
+    def run(self, body: Callable[[Path], dict], log: Callable[[str], None] = print,
+            still_valid: Callable[[dict], bool] | None = None) -> StageResult:
+        """Skip when done with this spec; else clear a stale directory, run `body(dir) -> outputs`, record.
+
+        `still_valid(outputs)` checks a cached record's outputs that live outside the stage directory.
+        """
         from prismatic.io import write_json
 
         rec = self.recorded()
         if rec is not None and rec.get("spec") == self.spec:
-            log(f"[{self.name}] cached ({self.stage_file}); {rec.get('wall_s', 0):.0f}s when it ran")
-            return StageResult(self.name, rec["outputs"], 0.0, True)
+            if still_valid is None or still_valid(rec["outputs"]):
+                log(f"[{self.name}] cached ({self.stage_file}); {rec.get('wall_s', 0):.0f}s when it ran")
+                return StageResult(self.name, rec["outputs"], 0.0, True)
+            log(f"[{self.name}] what the cached record points to has changed: running again")
+            self.stage_file.unlink()
+            rec = None
         if rec is not None:
             changed = sorted(k for k in set(rec.get("spec", {})) | set(self.spec)
                              if rec.get("spec", {}).get(k) != self.spec.get(k))

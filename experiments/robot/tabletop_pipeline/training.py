@@ -19,6 +19,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 ARCHS = {"mergevla": "cross_attn", "baseline": "self_attn"}
+# checkpoint (with optimizer state) this often, so an interrupted job resumes near where it stopped
+SAVE_EVERY = 500
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def finetune_config(job: TrainJob, s: TrainSettings):
         grad_accumulation_steps=1, lr=s.lr, lr_schedule=s.lr_schedule, warmup_steps=s.warmup_steps,
         min_lr_ratio=s.min_lr_ratio, weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm,
         max_steps=job.steps, image_aug=s.image_aug, action_loss=s.action_loss, out_dir=Path(job.out_dir),
-        save_every=job.steps, resume=True, log_every=min(s.log_every, job.steps), progress_bar=False, device="cpu",
+        save_every=min(job.steps, SAVE_EVERY), resume=True, log_every=min(s.log_every, job.steps), progress_bar=False, device="cpu",
         cpu_threads=1, num_workers=0,
     )
 
