@@ -164,6 +164,14 @@ def test_worker_processes_give_the_same_results(tmp_path):
     assert outcomes(par) == outcomes(ref)
 
 
+def test_a_hung_env_in_a_worker_stops_the_run_after_the_timeout(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with pytest.raises(HarnessError, match=r"no reply from worker\(s\) \[0\] within 3 s: an environment hung"):
+        run_episodes(FakeEnvFactory(hang_task=1), ScriptedPolicy(), plan_episodes("s", 2, 1, 20), path,
+                     num_workers=1, worker_timeout_s=3, **QUIET)
+    assert [r["key"] for r in read_rows(path)] == ["s/0/0"]  # the finished episode is kept
+
+
 def test_env_failure_in_a_worker_is_reported_and_keeps_finished_rows(tmp_path):
     path = tmp_path / "r.jsonl"
     with pytest.raises(HarnessError, match="fake env for task 1 is broken"):

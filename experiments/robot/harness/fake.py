@@ -55,10 +55,15 @@ class FakeEnvFactory:
     image_size: int = 8
     goal_base: int = 3
     fail_task: int | None = None  # building this task's env raises (tests of error handling)
+    hang_task: int | None = None  # building this task's env never returns (tests of the worker timeout)
 
     def __call__(self, suite: str, task_id: int, init_state_id: int) -> FakeEnv:
         if task_id == self.fail_task:
             raise RuntimeError(f"fake env for task {task_id} is broken")
+        if task_id == self.hang_task:
+            import time
+
+            time.sleep(3600)
         return FakeEnv(suite, task_id, init_state_id, self.image_size, self.goal_base)
 
 

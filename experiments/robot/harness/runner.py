@@ -70,8 +70,11 @@ class _InProcess:
 class _Processes:
     """Slots dealt round-robin over worker processes; replies collected as they arrive."""
 
-    def __init__(self, num_slots, num_workers, env_factory, protocol, video_dir, frame_fn, seed, mp_context):
+    def __init__(self, num_slots, num_workers, env_factory, protocol, video_dir, frame_fn, seed, mp_context,
+                 reply_timeout_s: float | None = None):
         ctx = mp.get_context(mp_context)
+        self.reply_timeout_s = reply_timeout_s
+        self.stuck: list[int] = []  # workers that timed out: terminated at close, not waited for
         self.num_workers = min(num_workers, num_slots)
         self.conns, self.procs = [], []
         for w in range(self.num_workers):
@@ -93,7 +96,12 @@ class _Processes:
         """At least one reply; then whatever else arrives within `linger_s` (bigger policy batches)."""
         out: list = []
         busy = [c for c, n in zip(self.conns, self.outstanding) if n]
-        ready = wait(busy)
+        ready = wait(busy, timeout=self.reply_timeout_s)
+        if not ready:  # a simulator stuck in a worker would otherwise stall the whole evaluation silently
+            self.stuck = stuck = [self.conns.index(c) for c in busy]
+            raise HarnessError(f"no reply from worker(s) {stuck} within {self.reply_timeout_s:g} s: an environment "
+                               "hung (finished episodes are in the results file; rerun to resume, or raise "
+                               "worker_timeout_s)")
         while ready:
             for c in ready:
                 w = self.conns.index(c)
@@ -119,8 +127,8 @@ class _Processes:
                     c.send(("close", -1, None))
             except (BrokenPipeError, OSError):
                 pass
-        for c, p in zip(self.conns, self.procs):
-            p.join(timeout=10)
+        for w, (c, p) in enumerate(zip(self.conns, self.procs)):
+            p.join(timeout=0 if w in self.stuck else 10)
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
@@ -149,6 +157,7 @@ def run_episodes(
     video_episodes: Sequence[str] = (),
     frame_fn: FrameFn | None = None,
     mp_context: str = "spawn",
+    worker_timeout_s: float | None = 900.0,
     log=print,
 ) -> list[dict]:
     """Run every episode not yet in `results_path`; return the rows of all `episodes` (old and new).
@@ -160,6 +169,8 @@ def run_episodes(
     (e.g. `routed_expert`, `route_scores`) are stored in the episode's row.
     run_info: identity of this run (method, checkpoint, protocol knobs), stored in every row and checked on
     resume. video_episodes: glob patterns over keys `suite/task_id/trial` whose MP4 goes to `video_dir`.
+    worker_timeout_s: with workers, the longest wait for any reply (building an env, one chunk) before the run
+    stops with a HarnessError; None waits forever.
     """
     protocol = protocol or Protocol()
     if num_envs < 1 or num_workers < 0:
@@ -180,7 +191,8 @@ def run_episodes(
     if todo:
         num_slots = min(num_envs, len(todo))
         backend = (
-            _Processes(num_slots, num_workers, env_factory, protocol, video_dir, frame_fn, seed, mp_context)
+            _Processes(num_slots, num_workers, env_factory, protocol, video_dir, frame_fn, seed, mp_context,
+                       worker_timeout_s)
             if num_workers > 0
             else _InProcess(num_slots, env_factory, protocol, video_dir, frame_fn)
         )

@@ -62,6 +62,7 @@ class GenerateConfig:
 
     # Execution
     num_envs: int = 1  # parallel environments; more than 1 runs each in its own worker process
+    worker_timeout_s: float = 900.0  # with num_envs > 1: stop (resumably) when a worker stays silent this long
     device: str = "auto"  # "cuda" when available, else "cpu"
     torch_threads: int | None = None  # CPU policy threads; None: the cores left over by the env workers
     mujoco_gl: str = "egl"  # headless rendering backend when MUJOCO_GL is unset: "egl" or "osmesa"
@@ -185,6 +186,7 @@ def main(cfg: GenerateConfig) -> list[dict]:
         results_path,
         num_envs=cfg.num_envs,
         num_workers=cfg.num_envs if cfg.num_envs > 1 else 0,  # one GL context per process
+        worker_timeout_s=cfg.worker_timeout_s,
         protocol=Protocol(num_noop_steps=cfg.num_steps_wait, num_open_loop_steps=cfg.num_open_loop_steps),
         run_info=run_info,
         seed=cfg.seed,
