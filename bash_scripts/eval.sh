@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Evaluate one fine-tuned expert checkpoint per LIBERO suite: the "FT experts" row of the paper's table.
-# Protocol: DESIGN.md §5 (50 trials per task, seed 7). Every path and knob is a variable below; override any
+# Protocol: docs/DESIGN.md §5 (50 trials per task, seed 7). Every path and knob is a variable below; override any
 # from the environment, e.g.
 #   CKPT_SPATIAL=runs/ckpt/spatial SUITES="libero_spatial" bash bash_scripts/eval.sh
 #   DRY_RUN=1 bash bash_scripts/eval.sh      # check paths, print the plan, run nothing
@@ -10,10 +10,19 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON="${PYTHON:-.venv/bin/python}"
-CKPT_SPATIAL="${CKPT_SPATIAL:-runs/checkpoints/libero_spatial}"
-CKPT_OBJECT="${CKPT_OBJECT:-runs/checkpoints/libero_object}"
-CKPT_GOAL="${CKPT_GOAL:-runs/checkpoints/libero_goal}"
-CKPT_10="${CKPT_10:-runs/checkpoints/libero_10}"
+# Default checkpoints: the newest finished one that finetune_libero.sh wrote for each suite
+# (OUT_ROOT/<suite>-<config>/checkpoints/step_N, finished = holding its manifest.json).
+OUT_ROOT="${OUT_ROOT:-runs}"
+CONFIG_NAME="${CONFIG_NAME:-qwen25-dinosiglip-224px}"
+newest_checkpoint() {
+  local run="$OUT_ROOT/$1-$CONFIG_NAME" found
+  found=$(ls -d "$run"/checkpoints/step_*/manifest.json 2>/dev/null | sort | tail -n 1)
+  if [[ -n "$found" ]]; then dirname "$found"; else echo "$run/checkpoints/step_<none finished>"; fi
+}
+CKPT_SPATIAL="${CKPT_SPATIAL:-$(newest_checkpoint libero_spatial)}"
+CKPT_OBJECT="${CKPT_OBJECT:-$(newest_checkpoint libero_object)}"
+CKPT_GOAL="${CKPT_GOAL:-$(newest_checkpoint libero_goal)}"
+CKPT_10="${CKPT_10:-$(newest_checkpoint libero_10)}"
 SUITES="${SUITES:-libero_spatial libero_object libero_goal libero_10}"
 RESULTS_DIR="${RESULTS_DIR:-runs/libero}"
 SUMMARY_DIR="${SUMMARY_DIR:-$RESULTS_DIR/summary}"

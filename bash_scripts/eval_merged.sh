@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Evaluate one merged checkpoint on every LIBERO suite; the router picks each episode's task mask and expert
-# head from its first observation (DESIGN.md §5-6), and the routing decision and scores go into each row.
+# head from its first observation (docs/DESIGN.md §5-6), and the routing decision and scores go into each row.
 # Every path and knob is a variable below; override any from the environment, e.g.
 #   MERGED_CKPT=runs/merged/ties bash bash_scripts/eval_merged.sh
 #   DRY_RUN=1 bash bash_scripts/eval_merged.sh   # check paths, print the plan, run nothing

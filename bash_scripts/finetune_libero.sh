@@ -4,16 +4,19 @@
 #   bash bash_scripts/finetune_libero.sh [SUITE] [extra finetune.py flags...]
 #
 # SUITE: libero_spatial (default) | libero_object | libero_goal | libero_10; it sets the step count of
-# DESIGN §2 (30k / 20k / 30k / 50k). Any other suite directory needs --max_steps. Extra flags come last,
+# docs/DESIGN.md §2 (30k / 20k / 30k / 50k). Any other suite directory needs --max_steps. Extra flags come last,
 # so they override the defaults here (e.g. --config_name tiny --max_steps 20 for a CPU smoke run).
 #
 # Environment:
 #   DATA_ROOT  directory holding <suite>/ (HDF5) or <suite>_no_noops/ (RLDS)   [data/libero]
 #   FORMAT     hdf5 | rlds                                                       [hdf5]
-#   OUT_ROOT   runs go to OUT_ROOT/<suite>-<config>                              [runs]
+#   OUT_ROOT   runs go to OUT_ROOT/<suite>-<config>; re-running resumes there    [runs]
+#   BASE_DIR   the converted base (vla-scripts/convert_base.py); not used for the tiny config, which
+#              trains on a random base, nor when a --base.* flag is given
+#                                                  [pretrained_models/mergevla-base-qwen25-dinosiglip-224px]
 #   NPROC      processes (GPUs); > 1 launches torchrun                           [1]
 #              --batch_size is per process, so NPROC GPUs train on NPROC × 16 samples per step: the
-#              published recipe (DESIGN §2) is one GPU at 8 × 2; scale --max_steps or --lr yourself.
+#              published recipe (docs/DESIGN.md §2) is one GPU at 8 × 2; scale --max_steps or --lr yourself.
 #   PYTHON     interpreter                                                       [.venv/bin/python if present]
 #   SEED       training seed, the same for every suite of one experiment         [7]
 set -euo pipefail
@@ -36,6 +39,7 @@ case "$SUITE" in
 esac
 
 DATA_ROOT="${DATA_ROOT:-data/libero}"
+BASE_DIR="${BASE_DIR:-pretrained_models/mergevla-base-qwen25-dinosiglip-224px}"
 FORMAT="${FORMAT:-hdf5}"
 OUT_ROOT="${OUT_ROOT:-runs}"
 SEED="${SEED:-7}"
@@ -46,17 +50,20 @@ NPROC="${NPROC:-1}"
 
 # The run name follows the model config, so a tiny smoke run never lands in a real run's directory.
 CONFIG_NAME="qwen25-dinosiglip-224px"
+GIVEN_BASE=0
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   if [[ "${args[$i]}" == "--config_name" && $((i + 1)) -lt ${#args[@]} ]]; then CONFIG_NAME="${args[$((i + 1))]}"; fi
+  if [[ "${args[$i]}" == --base.* ]]; then GIVEN_BASE=1; fi
 done
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 defaults=(
   --suite "$SUITE" --data_root "$DATA_ROOT" --dataset_format "$FORMAT" --seed "$SEED"
-  --config_name "$CONFIG_NAME" --out_dir "$OUT_ROOT/$SUITE-$CONFIG_NAME"
+  --config_name "$CONFIG_NAME" --out_dir "$OUT_ROOT/$SUITE-$CONFIG_NAME" --resume true
 )
+if [[ "$CONFIG_NAME" != tiny && "$GIVEN_BASE" == 0 ]]; then defaults+=(--base.base_dir "$BASE_DIR"); fi
 if [[ -n "$STEPS" ]]; then defaults+=(--max_steps "$STEPS"); fi
 
 if [[ "$NPROC" -gt 1 ]]; then

@@ -1,4 +1,4 @@
-"""Merge methods: small pure functions over the task vectors of one parameter (DESIGN §4).
+"""Merge methods: small pure functions over the task vectors of one parameter (docs/DESIGN.md §4).
 
 Every method has the signature `fn(taus, params, ctx) -> Merged`, where `taus` holds one fp32 tensor per
 task (same shape), `params` is the method's frozen hyper-parameter dataclass and `ctx` says which parameter

@@ -1,4 +1,4 @@
-"""TALL task masks, their bit-packed storage and the selfish ratio (DESIGN §4).
+"""TALL task masks, their bit-packed storage and the selfish ratio (docs/DESIGN.md §4).
 
 S_m = 1[|τ_m| > λ·|τ_merge − τ_m|]: entry j belongs to task m when the merged vector keeps enough of that
 task's own update. Task m then runs θ0 + S_m ⊙ τ_merge. Masks are stored 8 entries per byte (most
@@ -77,7 +77,7 @@ class MaskStats:
 
     @property
     def selfish_ratio(self) -> float:
-        """Share of all entries whose mask is set for exactly one task (DESIGN §4's definition)."""
+        """Share of all entries whose mask is set for exactly one task (docs/DESIGN.md §4's definition)."""
         return self.selfish / self.total if self.total else 0.0
 
     @property

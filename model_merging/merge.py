@@ -1,4 +1,4 @@
-"""M expert checkpoints → one merged artifact, streamed one parameter at a time (DESIGN §4).
+"""M expert checkpoints → one merged artifact, streamed one parameter at a time (docs/DESIGN.md §4).
 
 Memory: each LoRA-touched weight is expanded to M fp32 task vectors, merged, masked and written before the
 next is read, so the peak is a few copies of the largest weight, not of the model. The output goes to a

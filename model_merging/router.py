@@ -1,4 +1,4 @@
-"""Test-time router (DESIGN §6): pick the expert whose subspaces best capture the first observation.
+"""Test-time router (docs/DESIGN.md §6): pick the expert whose subspaces best capture the first observation.
 
 For task e, R_e^A and R_e^V are the top-k right singular vectors of that expert's own value (or key, or
 stacked key+value) projections of one action-expert block, for the action-query side and the vision

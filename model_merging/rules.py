@@ -1,6 +1,6 @@
 """Per-module hyper-parameters: regex rules over parameter names, first match wins (mergekit-style).
 
-The default split (DESIGN §1) names six groups; a rule's pattern is either one of these names or a regular
+The default split (docs/DESIGN.md §1) names six groups; a rule's pattern is either one of these names or a regular
 expression searched in the parameter name. A rule is written `PATTERN field=value [field=value …]`, e.g.
 `llm scale=0.8` or `^vlm\\.llm\\.model\\.layers\\.2[0-3]\\. k=50`; fields are those of the chosen
 algorithm's hyper-parameters. Parameters no rule matches use the algorithm's own settings.

@@ -83,6 +83,8 @@ def test_bash_script_sets_each_suites_step_count(tmp_path, suite, steps):
     assert r.returncode == 0 and argv[0].endswith("finetune.py")
     assert argv[argv.index("--max_steps") + 1] == str(steps) and argv[argv.index("--suite") + 1] == suite
     assert argv[argv.index("--data_root") + 1] == "/data/x"
+    assert argv[argv.index("--base.base_dir") + 1] == "pretrained_models/mergevla-base-qwen25-dinosiglip-224px"
+    assert argv[argv.index("--resume") + 1] == "true"  # re-running the command continues the run
     assert argv[-3:-1] == ["--lr", "1e-4"]  # the user's flags come last, so they win
 
 

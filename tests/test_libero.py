@@ -143,7 +143,7 @@ def test_centre_crop_follows_the_checkpoints_training_unless_the_flags_say():
 
     aug, noaug = {"image_aug": True, "aug": {"crop_area": 0.81}}, {"image_aug": False, "aug": {"crop_area": 0.81}}
     cfg = GenerateConfig()
-    assert [eval_crop_area(cfg, ft(t)) for t in (aug, noaug, None)] == [0.81, 1.0, 0.9]  # None: DESIGN §5's 0.9
+    assert [eval_crop_area(cfg, ft(t)) for t in (aug, noaug, None)] == [0.81, 1.0, 0.9]  # None: docs/DESIGN.md §5's 0.9
     assert eval_crop_area(GenerateConfig(center_crop=False), ft(aug)) == 1.0
     assert eval_crop_area(GenerateConfig(crop_area=0.5), ft(noaug)) == 0.5
     assert eval_crop_area(GenerateConfig(center_crop=True), ft(noaug)) == 0.9  # a crop asked for: the protocol's
@@ -262,6 +262,29 @@ def test_eval_scripts_refuse_missing_checkpoints(script, var, tmp_path):
     assert done.returncode == 2
     assert f"{var}={tmp_path / 'nope'}" in done.stderr and "manifest.json" in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_eval_script_defaults_to_each_suites_newest_finished_checkpoint(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    run = tmp_path / "runs" / "libero_goal-qwen25-dinosiglip-224px" / "checkpoints"
+    env = {**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", "SUITES": "libero_goal",
+           "OUT_ROOT": str(tmp_path / "runs"), "RESULTS_DIR": str(tmp_path / "results")}
+
+    def stderr():
+        return subprocess.run(["bash", str(repo / "bash_scripts" / "eval.sh")], env=env, capture_output=True,
+                              text=True).stderr
+
+    assert f"CKPT_GOAL={run}/step_<none finished>: no manifest.json there" in stderr()
+    for step, finished in ((2, True), (10, True), (30, False)):  # step 30 is still being written
+        (run / f"step_{step:06d}").mkdir(parents=True)
+        if finished:
+            (run / f"step_{step:06d}" / "manifest.json").write_text("{}")
+    assert f"{run}/step_000010/manifest.json: field 'format' is missing" in stderr()  # reached the evaluator
 
 
 def test_center_crop_policy_transform_matches_the_crop_and_checks_its_area():

@@ -2,7 +2,7 @@
 
     python vla-scripts/finetune.py --config_name tiny --data_root data/synthetic_libero --suite libero_spatial
     torchrun --standalone --nproc_per_node 8 vla-scripts/finetune.py --data_root data/libero --suite libero_10 \
-        --base.base_dir pretrained_models/prism-qwen25-dinosiglip-224px --max_steps 50000
+        --base.base_dir pretrained_models/mergevla-base-qwen25-dinosiglip-224px --max_steps 50000
 
 Every field of `prismatic.training.FinetuneConfig` is a flag (`--help` lists them). Bad input (missing data,
 unknown suite, corrupt files, an out_dir holding another run) stops with exit code 2 before training starts.

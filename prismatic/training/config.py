@@ -1,4 +1,4 @@
-"""The fine-tuning configuration: one draccus dataclass, DESIGN §2 defaults.
+"""The fine-tuning configuration: one draccus dataclass, docs/DESIGN.md §2 defaults.
 
 `config_name` picks the model (`tiny` trains on a CPU; `qwen25-dinosiglip-224px` is the published size).
 Batch size is per process: the global batch is batch_size × processes × grad_accumulation_steps.
@@ -38,7 +38,7 @@ class FinetuneConfig:
     cache_stats: bool = True  # cache norm stats + fingerprint next to the data
     num_workers: int = 0  # data-loader processes (0: load in the training process)
 
-    # optimisation (DESIGN §2)
+    # optimisation (docs/DESIGN.md §2)
     batch_size: int = 8
     grad_accumulation_steps: int = 2
     lr: float = 2e-4

@@ -1,4 +1,4 @@
-"""Training-time image augmentation (DESIGN §2), in torch so it runs on the training device.
+"""Training-time image augmentation (docs/DESIGN.md §2), in torch so it runs on the training device.
 
 Per image, in this order, each clipped to [0, 1]: random crop of `crop_area` of the image (square, resized
 back to full size), brightness ± `brightness`, contrast × U(contrast), saturation × U(saturation), hue ±

@@ -1,4 +1,4 @@
-"""Per-dimension q01/q99 normalisation to [-1, 1] (clipped), as in DESIGN §3.
+"""Per-dimension q01/q99 normalisation to [-1, 1] (clipped), as in docs/DESIGN.md §3.
 
 Stats layout, stored in every checkpoint manifest as `norm_stats`:
     {"action":  {"q01": [7], "q99": [7], "mask": [7 bools]},

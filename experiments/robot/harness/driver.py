@@ -23,7 +23,7 @@ FrameFn = Callable[[dict], np.ndarray]  # obs -> (H, W, 3) uint8 video frame
 
 @dataclass(frozen=True)
 class Protocol:
-    """Knobs of the rollout loop (DESIGN §5 defaults)."""
+    """Knobs of the rollout loop (docs/DESIGN.md §5 defaults)."""
 
     num_noop_steps: int = 10  # objects settle while the robot sends `noop_action`
     noop_action: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # gripper open (-1)

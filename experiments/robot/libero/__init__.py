@@ -1,1 +1,1 @@
-"""LIBERO evaluation (DESIGN §5): environments, observation preprocessing, and the eval entry point."""
+"""LIBERO evaluation (docs/DESIGN.md §5): environments, observation preprocessing, and the eval entry point."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-# DESIGN §5: per-suite step limits (policy steps, after the 10 settling no-ops)
+# docs/DESIGN.md §5: per-suite step limits (policy steps, after the 10 settling no-ops)
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
                    "libero_90": 400}
 # LIBERO-Plus perturbation dimensions (its task_classification.json) → short column names

@@ -1,4 +1,4 @@
-"""LIBERO camera frames → the images the model was trained on (DESIGN §5).
+"""LIBERO camera frames → the images the model was trained on (docs/DESIGN.md §5).
 
 LIBERO renders upside down relative to the RLDS training data, so frames are rotated 180°. The RLDS data was
 resized to 224 through a JPEG round trip and a Lanczos filter, so evaluation frames take the same path. Models

@@ -1,4 +1,4 @@
-"""Evaluate a fine-tuned checkpoint or a merged (routed) artifact on LIBERO suites (DESIGN §5–6).
+"""Evaluate a fine-tuned checkpoint or a merged (routed) artifact on LIBERO suites (docs/DESIGN.md §5–6).
 
     python -m experiments.robot.libero.run_libero_eval --pretrained_checkpoint runs/ckpt/spatial \
         --task_suites '[libero_spatial]'
@@ -44,7 +44,7 @@ class GenerateConfig:
     method: str | None = None  # row label in the table (default: "FT experts" or the merge method)
     router_variant: str | None = None  # merged artifacts: value | key | key_value | value_update (default: the artifact's)
 
-    # Protocol (DESIGN §5)
+    # Protocol (docs/DESIGN.md §5)
     max_steps: int | None = None  # default per suite: spatial 220, object 280, goal 300, 10 520, 90 400
     num_steps_wait: int = 10  # no-op steps while objects settle
     num_open_loop_steps: int = 8  # actions executed per predicted chunk
@@ -52,7 +52,7 @@ class GenerateConfig:
     resize_size: int = 224  # frames → JPEG round trip + Lanczos to this size (the model then resizes to its own)
     jpeg_resize: bool = True
     # Centre crop at `crop_area` of the area. Unset, both follow the checkpoint: the random-crop area it was
-    # trained with (the merged experts' common one), no crop if it trained without crops, and DESIGN §5's 0.9
+    # trained with (the merged experts' common one), no crop if it trained without crops, and docs/DESIGN.md §5's 0.9
     # when its manifest does not say
     center_crop: bool | None = None
     crop_area: float | None = None
@@ -89,7 +89,7 @@ def video_patterns(spec: str) -> list[str]:
     return [p.strip() for p in spec.split(",") if p.strip()]
 
 
-PROTOCOL_CROP_AREA = 0.9  # DESIGN §5, for checkpoints whose manifest records no training config
+PROTOCOL_CROP_AREA = 0.9  # docs/DESIGN.md §5, for checkpoints whose manifest records no training config
 
 
 def eval_crop_area(cfg: GenerateConfig, manifest: dict) -> float:
