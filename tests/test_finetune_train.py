@@ -101,7 +101,7 @@ def test_a_shorter_run_never_returns_a_longer_ones_checkpoint(data_root, tmp_pat
     train(tiny_config(data_root, tmp_path / "r", max_steps=3, save_every=3))
     final = train(tiny_config(data_root, tmp_path / "r", max_steps=2, save_every=2, resume=True))
     straight = train(tiny_config(data_root, tmp_path / "s", max_steps=2, save_every=2))
-    assert final.name == "step_000002"
+    assert final.name == "step_000002" and (final / TRAIN_STATE_FILE).exists()  # its own state is kept
     a, _ = load_checkpoint(final, "mergevla-checkpoint")
     b, _ = load_checkpoint(straight, "mergevla-checkpoint")
     assert all(torch.equal(a[k], b[k]) for k in a)  # trained from step 0 to 2, not step 3's weights

@@ -38,9 +38,19 @@ def test_short_pretraining_then_evaluate_only_reproduces_its_heldout_figures(tmp
     assert 0 <= final["heldout_answer_acc_other_images"] <= 1 and final["heldout_scenes"] == 8
     assert summary["square_curriculum"] == []  # no warm-up by default
     cfg.evaluate_only = True
+    cfg.heldout_fraction, cfg.seed = 0.5, 3  # evaluation splits as the base recorded, not as these flags say
     again = pretrain(cfg, log_fn=lambda _: None)
     for key in ("heldout_answer_acc", "heldout_answer_acc_other_images", "heldout_answers"):
         assert again[key] == pytest.approx(final[key], abs=1e-4)
+    import shutil
+
+    copy = tmp_path / "copy.hdf5"
+    shutil.copy(cfg.pool, copy)
+    with open(copy, "ab") as f:
+        f.write(b"\0")  # same scenes, other bytes
+    cfg.pool, logged = copy, []
+    pretrain(cfg, log_fn=logged.append)
+    assert any("is not byte for byte the pool" in m for m in logged)
 
 
 def test_evaluate_only_without_a_base_is_a_clear_error(tmp_path):

@@ -111,7 +111,8 @@ def load_train_state(d: Path, device: torch.device) -> dict:
     return state
 
 
-def prune_train_states(run: Path, keep: int) -> None:
-    """Delete all but the newest `keep` optimizer states (they are large); model weights stay."""
-    for _, d in complete_checkpoints(run)[:-keep]:
+def prune_train_states(run: Path, keep: int, step: int) -> None:
+    """Of the checkpoints up to `step` (the one just saved), delete all but the newest `keep` optimizer states
+    (they are large); model weights stay, and so do later checkpoints a longer run of the same identity left."""
+    for _, d in [c for c in complete_checkpoints(run) if c[0] <= step][:-keep]:
         (d / TRAIN_STATE_FILE).unlink(missing_ok=True)

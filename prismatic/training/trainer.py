@@ -142,6 +142,7 @@ def train(cfg: FinetuneConfig, on_step: Optional[StepCallback] = None) -> Path:
 def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -> Path:
     run = cfg.run_dir()
     recorded = rd.check_run_dir(cfg)
+    env.barrier()  # every rank has seen the directory before rank 0 writes run.json into it
     model_cfg = get_config(cfg.config_name, expert_arch=cfg.expert_arch)
     ds = load_dataset(cfg, model_cfg.chunk_len)
     rd.check_data_fingerprint(recorded, ds.fingerprint, run)
@@ -158,6 +159,10 @@ def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -
         samples_seen, opt_state = state["samples_seen"], state["optimizer"]
         if env.is_main:
             log.info("resuming %s from step %d", run, step)
+            if state.get("world_size", env.world_size) != env.world_size:
+                log.warning("%s was trained on %d process(es) and resumes on %d: the global batch changes, so "
+                            "the weights will differ from an uninterrupted run", run, state["world_size"],
+                            env.world_size)
     if step >= cfg.max_steps:
         log.info("%s is already at step %d >= max_steps %d; nothing to train", run, step, cfg.max_steps)
         return ckpts[-1][1]
@@ -246,5 +251,5 @@ def save(cfg: FinetuneConfig, env: DistEnv, model: MergeVLA, optimizer, ds: VLAD
         rd.save_train_state(d, step, samples_seen, optimizer, env.world_size)
         save_pretrained(model, d, overwrite=True, step=step, data_fingerprint=ds.fingerprint, dataset=ds.info,
                         train_config=cfg.to_dict())
-        rd.prune_train_states(cfg.run_dir(), cfg.keep_train_states)
+        rd.prune_train_states(cfg.run_dir(), cfg.keep_train_states, step)
     env.barrier()

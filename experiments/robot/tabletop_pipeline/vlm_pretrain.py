@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -298,21 +298,36 @@ def answer_hits(convs: list[Conversation], right: list[bool]) -> tuple[int, int]
 
 
 def evaluate_base(cfg: PretrainConfig, log_fn=print) -> dict:
-    """`evaluate` for the base directory at cfg.out_dir, on the held-out scenes of cfg.pool (split as in
-    pretraining: heldout_fraction and seed)."""
+    """`evaluate` for the base directory at cfg.out_dir, on the held-out scenes of the pool it was pretrained on.
+
+    The split (heldout_fraction, seed) is the one base.json records, not this run's flags, so the scenes scored
+    are the base's held-out ones; a missing cfg.pool is rendered with the recorded pool settings. A pool file
+    whose sha256 differs from the recorded one is only warned about: an HDF5 file rendered again can differ in
+    its bytes but not its scenes.
+    """
     from experiments.robot.tabletop.pretrain import read_pretrain_pool
+    from prismatic.io import sha256_file
 
     model_cfg = get_config(cfg.config_name)
-    sd, _ = load_base_dir(cfg.out_dir, model_cfg)
+    sd, meta = load_base_dir(cfg.out_dir, model_cfg)
+    record = meta.get("pretraining") or {}
+    recorded = record.get("config") or {}
+    split = {k: recorded.get(k, getattr(cfg, k)) for k in ("heldout_fraction", "seed")}
+    pool_file, want = Path(cfg.pool), (record.get("pool") or {}).get("sha256")
+    if pool_file.exists() and want and sha256_file(pool_file) != want:
+        log_fn(f"[pretrain] warning: {pool_file} is not byte for byte the pool {cfg.out_dir} was pretrained on "
+               f"(base.json: sha256 {want[:12]}…); if its scenes differ, these are not the base's held-out figures")
+    pool_cfg = replace(cfg, **{k: recorded[k] for k in ("pool_scenes", "pool_seed", "texts_per_scene")
+                                           if k in recorded})
     vlm = PrismaticVLM(model_cfg)
     try:
         load_vlm_weights(vlm, sd, str(cfg.out_dir), cfg.config_name)
     except BaseModelError as e:
         raise PretrainError(str(e)) from e
-    pool = read_pretrain_pool(ensure_pool(cfg, log_fn))
+    pool = read_pretrain_pool(ensure_pool(pool_cfg, log_fn))
     tokenizer = build_tiny_tokenizer()
     processor = VLAProcessor(tokenizer, model_cfg.image_size, model_cfg.llm.vocab_size)
-    data = PoolData(pool, cfg.heldout_fraction, cfg.seed)
+    data = PoolData(pool, split["heldout_fraction"], split["seed"])
     with torch.no_grad():
         result = evaluate(vlm, data, ConversationBuilder(tokenizer), processor, cfg.turns_per_sequence)
     log_fn(f"[pretrain] {cfg.out_dir} on {cfg.pool}: " + " ".join(f"{k}={v}" for k, v in result.items()))
