@@ -138,6 +138,28 @@ def test_closed_gripper_pushes_objects_radially():
     np.testing.assert_allclose(s.body("cube").pos, [-0.02 + 0.039 + 1e-4, 0.0, 0.0], atol=1e-9)
 
 
+@pytest.mark.parametrize("fixture, walled", [("basket", True), ("bowl", True), ("plate", False)])
+def test_bowl_and_basket_walls_stop_a_pushed_object_but_a_plate_does_not(fixture, walled):
+    # the paddle shoves a cube towards a fixture centred at x = 0; walls (rim above the step tolerance) hold it
+    f = Body(fixture, fixture, "white" if fixture != "basket" else "brown", (0.0, 0.0, 0.0))
+    s = scene(cube(x=-0.12), f, gripper=(-0.17, 0.0, 0.02), finger=0.0,
+              goals=[Goal("place", "cube", fixture)])
+    for _ in range(4):  # far enough to shove it past the fixture's edge, not across it
+        step_physics(s, act(1.0, grip=CLOSE))
+    c = s.body("cube")
+    if walled:
+        assert c.support == "" and not f.contains_xy(c.pos[0], c.pos[1]) and not success(s)
+        assert c.pos[0] > -0.12  # it was pushed, up to the wall
+    else:
+        assert c.support == fixture and success(s)  # a flat plate can be slid onto
+    # and a cube in the basket is not pushed out through its wall
+    s = scene(Body("basket", "basket", "brown", (0.0, 0.0, 0.0)), cube(z=0.008, support="basket"),
+              gripper=(-0.05, 0.0, 0.03), finger=0.0)
+    for _ in range(6):
+        step_physics(s, act(1.0, grip=CLOSE))
+    assert s.body("cube").support == "basket"
+
+
 def test_closed_gripper_rests_on_objects_but_open_one_straddles_them():
     s = scene(cube(), gripper=(0.0, 0.0, 0.1), finger=0.0)
     zs = []

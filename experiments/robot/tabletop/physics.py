@@ -4,7 +4,8 @@ The robot is a Cartesian gantry: its fingertip centre moves by the commanded del
 fingers open and close over a few steps. Rules, in the order `step_physics` applies them:
 - the tip cannot go below the table or a fixture's surface; a closed, empty gripper is a solid paddle that
   also rests on top of objects it is lowered onto, while an open gripper straddles them;
-- the paddle pushes objects it moves into (radially, out of overlap), carrying what rests on them;
+- the paddle pushes objects it moves into (radially, out of overlap), carrying what rests on them; the walls
+  of a bowl or basket stop a pushed or sliding object whose base is below their rim, in either direction;
 - closing fingers grasp an object when they cross its width while the tip is centred on it (within
   GRASP_TOL) and between 4 mm above its base and 90 % of its height; a held object follows the tip;
 - opening releases it: it drops onto the highest support under its centre (a fixture's surface or the flat
@@ -20,6 +21,9 @@ import numpy as np
 
 from experiments.robot.tabletop.bodies import KNOB_RADIUS, OPEN_FINGER, Body, SceneState
 
+# Bumped whenever a rule changes so that an episode can end differently; part of the identity of cached
+# rollouts. 2: bowl and basket walls stop pushed objects (before, shoving one in counted as placing it).
+PHYSICS_VERSION = 2
 MAX_DELTA = 0.03  # metres per step at |action| = 1
 WORKSPACE_LOW = np.array([-0.22, -0.22, 0.005])
 WORKSPACE_HIGH = np.array([0.22, 0.22, 0.25])
@@ -61,6 +65,18 @@ def settle(s: SceneState, b: Body) -> None:
             settle(s, c)
 
 
+def _through_wall(s: SceneState, b: Body, xy: np.ndarray) -> bool:
+    """Would moving `b`'s centre sideways to `xy` take it in or out of a bowl or basket below its rim?"""
+    for c in s.bodies:
+        if c.spec.movable or c.spec.surface is None or c.spec.height - c.spec.surface <= SUPPORT_TOL:
+            continue  # no wall: markings and flat supports (plate, tray, stove) can be slid onto
+        if b.pos[2] >= c.top - SUPPORT_TOL:
+            continue  # high enough to pass over the rim
+        if c.contains_xy(b.pos[0], b.pos[1]) != c.contains_xy(xy[0], xy[1]):
+            return True
+    return False
+
+
 def _separate(s: SceneState, b: Body) -> bool:
     """Push `b` out of overlap with movable bodies resting at the same level; True if it moved."""
     moved = False
@@ -74,8 +90,10 @@ def _separate(s: SceneState, b: Body) -> bool:
         need = _radius(b) + _radius(c)
         if dist < need:
             u = d / dist if dist > 1e-9 else np.array([1.0, 0.0])
-            b.pos[:2] = np.clip(b.pos[:2] + u * (need - dist + 1e-3), -TABLE_HALF, TABLE_HALF)
-            moved = True
+            xy = np.clip(b.pos[:2] + u * (need - dist + 1e-3), -TABLE_HALF, TABLE_HALF)
+            if not _through_wall(s, b, xy):
+                b.pos[:2] = xy
+                moved = True
     return moved
 
 
@@ -112,6 +130,8 @@ def _push(s: SceneState) -> None:
             continue
         u = d / dist if dist > 1e-9 else np.array([0.0, 1.0])
         shift = u * (need - dist + 1e-4)
+        if _through_wall(s, b, np.clip(b.pos[:2] + shift, -TABLE_HALF, TABLE_HALF)):
+            continue  # the wall holds it; the paddle passes through (there are no other collisions)
         riders = [c for c in s.bodies if c.support == b.name]
         b.pos[:2] = np.clip(b.pos[:2] + shift, -TABLE_HALF, TABLE_HALF)
         for c in riders:

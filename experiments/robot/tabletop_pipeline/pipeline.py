@@ -286,10 +286,11 @@ def eval_crop_area(cfg: PipelineConfig) -> float:
 
 
 def eval_jobs(cfg: PipelineConfig, trained: dict, merged: dict, merge_job_list: list) -> list:
+    from experiments.robot.tabletop.physics import PHYSICS_VERSION
     from experiments.robot.tabletop_pipeline.evaluation import EvalJob
 
     proto = {"noop_steps": cfg.noop_steps, "seed": cfg.seed, "crop_area": eval_crop_area(cfg),
-             "first_init_state": cfg.first_init_state}
+             "first_init_state": cfg.first_init_state, "physics_version": PHYSICS_VERSION}
     jobs = []
     for fam, label in (("mergevla", FT_LABEL), ("baseline", BASELINE_FT_LABEL)):
         if fam == "baseline" and not cfg.eval_baseline_experts:
