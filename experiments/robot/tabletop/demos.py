@@ -37,7 +37,9 @@ from experiments.robot.tabletop.physics import MAX_DELTA
 from experiments.robot.tabletop.suites import SEED_DOMAIN, SUITE_NAMES, demo_scene, get_task
 
 TABLETOP_VERSION = 1
-NOISE_STREAM = 3  # seed stream of the expert's action noise (suites.py uses 0-2 for scenes)
+# seed stream of the expert's action noise. suites.py's SPLIT_LAYOUT is 3 too, but its seed lists are 3 long and
+# these 6, so the streams never coincide (renumbering would change every demo)
+NOISE_STREAM = 3
 MAX_FAILURES = 20  # per task; more means the expert or the task is broken
 T = TypeVar("T")
 
