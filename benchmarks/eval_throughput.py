@@ -10,13 +10,15 @@ short CPU runs; every run starts cold (new worker processes build their simulato
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import draccus
 import numpy as np
+
+from prismatic.cli import check_counts, run_cli
 
 
 @dataclass
@@ -57,6 +59,7 @@ def step_rate(cfg: ThroughputConfig, fast: bool) -> float:
 
 
 def main(cfg: ThroughputConfig) -> dict[int, float]:
+    check_counts(cfg, positive=("episodes", "max_steps", "env_img_res"), non_negative=("task_id", "step_rate_steps"))
     from experiments.robot.libero.run_libero_eval import GenerateConfig
     from experiments.robot.libero.run_libero_eval import main as run_eval
 
@@ -86,4 +89,4 @@ def main(cfg: ThroughputConfig) -> dict[int, float]:
 
 
 if __name__ == "__main__":
-    main(draccus.parse(ThroughputConfig))
+    sys.exit(run_cli("eval_throughput", ThroughputConfig, main, (ValueError,)))

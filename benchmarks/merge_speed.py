@@ -18,13 +18,14 @@ import math
 import multiprocessing as mp
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import draccus
+from prismatic.cli import check_counts, run_cli
 
 ALL = ["task_arithmetic", "ties", "dare", "weighted_average", "tsv", "knots", "emr", "retain", "wudi"]
 
@@ -142,7 +143,8 @@ def main(cfg: BenchConfig) -> list[dict]:
 
     unknown = sorted(set(cfg.algorithms) - set(METHODS))
     if unknown:
-        raise SystemExit(f"--algorithms: unknown {unknown}; expected some of {sorted(METHODS)}")
+        raise ValueError(f"--algorithms: unknown {unknown}; expected some of {sorted(METHODS)}")
+    check_counts(cfg, positive=("num_experts", "estimate_modules", "wudi_steps"), non_negative=("torch_threads",))
     model_cfg = get_config(cfg.config_name)
     lay = model_layout(model_cfg)
     tmp = None
@@ -202,4 +204,4 @@ def _print_table(rows, floor, theta0_gb, expert_gb) -> None:
 
 
 if __name__ == "__main__":
-    main(draccus.parse(BenchConfig))
+    sys.exit(run_cli("merge_speed", BenchConfig, main, (ValueError,)))

@@ -7,17 +7,18 @@ expert's success per suite, and the wall time of generating the demo dataset.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import draccus
 import numpy as np
 
 from experiments.robot.tabletop import NUM_INIT_STATES, SUITE_NAMES, ScriptedExpert, get_suite, make_env
 from experiments.robot.tabletop.generate import GenerateConfig
 from experiments.robot.tabletop.generate import main as generate
+from prismatic.cli import check_counts, run_cli
 
 
 @dataclass
@@ -86,6 +87,8 @@ def expert_success(episodes: int) -> dict[str, tuple[float, float]]:
 
 
 def main(cfg: SpeedConfig) -> None:
+    check_counts(cfg, positive=("render_repeats", "steps", "workers"),
+                 non_negative=("expert_episodes", "demos_per_task", "pretrain_scenes"))
     print("rendering (both cameras, best of 5):")
     for size in cfg.image_sizes:
         for ss in (1, 2):
@@ -115,4 +118,4 @@ def main(cfg: SpeedConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(draccus.parse(SpeedConfig))
+    sys.exit(run_cli("tabletop_speed", SpeedConfig, main, (ValueError,)))

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import resource
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 
-import draccus
 import numpy as np
 import torch
 
+from prismatic.cli import check_counts, run_cli
 from prismatic.models import BaseModelConfig, MergeVLA, build_vla, get_config
 from prismatic.models.loading import resolve_base
 from prismatic.models.lora import apply_lora, init_trainable
@@ -112,6 +113,7 @@ def _child(name: str, cfg: ThroughputConfig, q) -> None:
 
 
 def main(cfg: ThroughputConfig) -> None:
+    check_counts(cfg, positive=("batch_size", "steps"), non_negative=("warmup_steps", "cpu_threads"))
     ctx = mp.get_context("spawn")
     print(f"forward+backward, batch {cfg.batch_size}, random weights, median of {cfg.steps} timed steps")
     for name in cfg.configs:
@@ -130,4 +132,4 @@ def main(cfg: ThroughputConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(draccus.parse(ThroughputConfig))
+    sys.exit(run_cli("train_throughput", ThroughputConfig, main, (ValueError,)))

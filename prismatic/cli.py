@@ -32,3 +32,11 @@ def run_cli(
         print(f"{prog}: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     return 0
+
+
+def check_counts(cfg: object, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """ValueError naming the first field of `cfg` that is not >= 1 (`positive`) or >= 0 (`non_negative`)."""
+    for names, low in ((positive, 1), (non_negative, 0)):
+        for name in names:
+            if getattr(cfg, name) < low:
+                raise ValueError(f"--{name} is {getattr(cfg, name)}, expected >= {low}")

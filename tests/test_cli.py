@@ -38,3 +38,12 @@ def test_run_cli_rejects_an_unknown_flag_as_argparse_does():
     with pytest.raises(SystemExit) as e:
         run_cli("tool", _Config, _run, (ValueError,), ["--m", "1"])
     assert e.value.code == 2
+
+
+def test_check_counts_names_the_first_bad_field():
+    from prismatic.cli import check_counts
+
+    cfg = _Config(n=0)
+    check_counts(cfg, non_negative=("n",))
+    with pytest.raises(ValueError, match=r"--n is 0, expected >= 1"):
+        check_counts(cfg, positive=("n",))

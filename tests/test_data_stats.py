@@ -74,3 +74,12 @@ def test_without_cache_nothing_is_written_next_to_the_data(tmp_path):
     ds = load_suite(root, SUITE, cache_stats=False)
     assert not (root / SUITE / STATS_FILE).exists()
     assert ds.fingerprint == load_suite(root, SUITE).fingerprint
+
+
+def test_normalize_maps_a_constant_dimension_to_minus_one_even_a_float_step_off():
+    from prismatic.vla.normalization import normalize, unnormalize
+
+    stats = {"q01": [0.0, np.pi], "q99": [2.0, np.pi], "mask": [True, True]}  # dim 1 never varied in the data
+    x = np.array([[1.0, np.pi], [3.0, np.nextafter(np.float32(np.pi), np.float32(4))]], np.float32)
+    np.testing.assert_allclose(normalize(x, stats), [[0.0, -1.0], [1.0, -1.0]])  # hand-computed; clipped at 1
+    np.testing.assert_allclose(unnormalize(normalize(x, stats), stats)[0], [1.0, np.pi], rtol=1e-6)

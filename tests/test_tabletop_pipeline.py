@@ -42,6 +42,10 @@ def test_stage_runs_once_per_spec_and_clears_a_stale_directory(tmp_path):
     assert outside.run(body, log=lambda _m: None, still_valid=lambda out: True).cached
     redone = outside.run(body, log=lambda _m: None, still_valid=lambda out: False)
     assert (redone.cached, redone.outputs) == (False, {"n": 4})
+    # only a stage that did all its work itself records a cold cost
+    assert (first.fresh, again.fresh, redone.fresh) == (True, True, False)  # redone kept the old items
+    reused = Stage(tmp_path, "r", {}).run(lambda d: {"reused": True}, log=lambda _m: None)
+    assert reused.fresh is False and Stage(tmp_path, "r", {}).run(body, log=lambda _m: None).fresh is False
 
 
 def test_stage_with_a_failing_body_records_nothing(tmp_path):
@@ -255,19 +259,38 @@ def test_eval_shows_the_training_crop_and_new_crops_are_new_results():
 
 
 def test_demo_time_judges_fractions_against_the_targets(tmp_path, capsys):
-    from benchmarks.demo_time import DemoTimeConfig, main
+    from dataclasses import asdict
 
-    stages = {n: {"wall_s": w, "cached": False} for n, w in (("data", 20.0), ("train", 900.0), ("eval", 80.0))}
-    timing = {"stages": stages, "machine_start": {"cpus": 2, "torch": "x", "loadavg_1m": 0.5},
-              "ft_success": {"goal": 0.25, "spatial": 0.95}}
-    (tmp_path / "timing.json").write_text(json.dumps(timing))
-    assert main(DemoTimeConfig(run=False, out_dir=tmp_path)) == 1
-    out = capsys.readouterr().out
-    assert "wall time (cold) 1000 s = 16.7 min; target ≤ 20 min: met" in out
-    assert "FT expert goal     25.0%; target ≥ 90%: MISSED" in out and "spatial  95.0%; target ≥ 90%: met" in out
-    timing["ft_success"]["goal"] = 0.9
-    (tmp_path / "timing.json").write_text(json.dumps(timing))
-    assert main(DemoTimeConfig(run=False, out_dir=tmp_path)) == 0
+    from benchmarks.demo_time import DemoTimeConfig, main
+    from experiments.robot.demo import DemoConfig
+    from experiments.robot.tabletop_pipeline.stages import jsonable
+
+    stages = {n: {"wall_s": w, "cached": False, "fresh": True} for n, w in (("data", 20.0), ("train", 900.0),
+                                                                           ("eval", 80.0))}
+    config = jsonable(asdict(DemoConfig(out_dir=tmp_path).pipeline_config()))
+    timing = {"stages": stages, "machine_start": {"cpus": 2, "torch": "x", "loadavg_1m": 0.5}, "config": config,
+              "ft_success": {"goal": 0.25, "spatial": 0.95, "object": 0.9, "long": 0.91}}
+
+    def judge(**changes):
+        for k, v in changes.items():
+            timing[k] = v
+        (tmp_path / "timing.json").write_text(json.dumps(timing))
+        code = main(DemoTimeConfig(run=False, out_dir=tmp_path))
+        return code, capsys.readouterr()
+
+    code, out = judge()
+    assert code == 1 and "wall time (cold) 1000 s = 16.7 min; target ≤ 20 min: met" in out.out
+    assert "FT expert goal     25.0%; target ≥ 90%: MISSED" in out.out and "spatial  95.0%; target ≥ 90%: met" in out.out
+    assert judge(ft_success={"goal": 0.9, "spatial": 0.95, "object": 0.9, "long": 0.91})[0] == 0
+    code, out = judge(ft_success={"object": 0.95})  # a run without the other suites does not pass
+    assert code == 1 and "FT expert goal     –; target ≥ 90%: MISSED" in out.out
+    timing["ft_success"] = {"goal": 0.9, "spatial": 0.95, "object": 0.9, "long": 0.91}
+    stages["eval"]["fresh"] = False  # rollouts reused after a settings change: 80 s is not their cold cost
+    code, out = judge()
+    assert code == 2 and "not judged: stage(s) eval reused earlier work" in out.out
+    stages["eval"]["fresh"] = True
+    code, out = judge(config={**config, "expert_steps": 3000})
+    assert code == 2 and "other settings than the full demo's (expert_steps: 3000 → 1500)" in out.err
 
 
 def test_ft_success_is_a_fraction_per_suite():

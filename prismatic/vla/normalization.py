@@ -29,6 +29,9 @@ def normalize(x: np.ndarray, stats: dict) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     lo, hi = np.asarray(stats["q01"], np.float32), np.asarray(stats["q99"], np.float32)
     y = np.clip(2.0 * (x - lo) / (hi - lo + EPS) - 1.0, -1.0, 1.0)
+    # a dimension constant in the data (q01 = q99) maps to -1, as its training value does: through the
+    # 1/EPS gain, a test value one float step above it would otherwise jump to +1
+    y = np.where(hi - lo < EPS, -1.0, y)
     return np.where(np.asarray(stats["mask"]), y, x).astype(np.float32)
 
 

@@ -183,6 +183,7 @@ def stage_data(cfg: PipelineConfig, root: Path, log) -> dict:
     spec = {"generate": generation_spec(gen), "data_dir": str(gen.out_dir)}
 
     def body(_d: Path) -> dict:
+        reused = matches(gen.out_dir, gen)
         try:
             manifest = ensure_dataset(gen, log, owned=cfg.data_dir is None)
         except DataDirError as e:
@@ -191,7 +192,7 @@ def stage_data(cfg: PipelineConfig, root: Path, log) -> dict:
         files = {k: v for k, v in manifest["files"].items()}
         return {"data_root": str(gen.out_dir), "joint_suite": joint.name, "fingerprint": fingerprint(files),
                 "demos": sum(v.get("demos", 0) for v in files.values()),
-                "env_steps": sum(v.get("env_steps", 0) for v in files.values())}
+                "env_steps": sum(v.get("env_steps", 0) for v in files.values()), "reused": reused}
 
     # the dataset lives outside the stage directory (it may be shared): never clear it from here, and check it
     # still holds this dataset before trusting the cached record
@@ -366,12 +367,12 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     timing = {
         "format": "mergevla-demo-timing",
         "started": started.isoformat(timespec="seconds"),
-        "stages": {n: {"wall_s": round(r.wall_s, 1), "cached": r.cached} for n, r in results.items()},
+        "stages": {n: {"wall_s": round(r.wall_s, 1), "cached": r.cached, "fresh": r.fresh} for n, r in results.items()},
         "machine_start": machine_start,
     }
     # table rows in job order (a cached stage's outputs come back with their keys sorted)
     report = build_report(cfg, results, keys, timing, [j.label for j in jobs])
-    timing["stages"]["report"] = {"wall_s": round(time.perf_counter() - t_report, 1), "cached": False}
+    timing["stages"]["report"] = {"wall_s": round(time.perf_counter() - t_report, 1), "cached": False, "fresh": True}
     timing["total_wall_s"] = round(time.perf_counter() - t0, 1)
     timing["machine_end"] = machine_info()
     timing["config"] = jsonable(asdict(cfg))

@@ -37,6 +37,9 @@ class StageResult:
     outputs: dict
     wall_s: float  # time spent in this run (≈ 0 when the stage was cached)
     cached: bool
+    # whether the run that made these outputs did all their work itself (no earlier items or data reused), so
+    # that its wall time is the cost of a cold run; None for records older than this field
+    fresh: bool | None = None
 
 
 class Stage:
@@ -65,7 +68,8 @@ class Stage:
             still_valid: Callable[[dict], bool] | None = None) -> StageResult:
         """Skip when done with this spec; else clear a stale directory, run `body(dir) -> outputs`, record.
 
-        `still_valid(outputs)` checks a cached record's outputs that live outside the stage directory.
+        `still_valid(outputs)` checks a cached record's outputs that live outside the stage directory. A body
+        that reuses work kept outside the stage directory says so with `"reused": True` in its outputs.
         """
         from prismatic.io import write_json
 
@@ -73,7 +77,7 @@ class Stage:
         if rec is not None and rec.get("spec") == self.spec:
             if still_valid is None or still_valid(rec["outputs"]):
                 log(f"[{self.name}] cached ({self.stage_file}); {rec.get('wall_s', 0):.0f}s when it ran")
-                return StageResult(self.name, rec["outputs"], 0.0, True)
+                return StageResult(self.name, rec["outputs"], 0.0, True, rec.get("fresh"))
             log(f"[{self.name}] what the cached record points to has changed: running again")
             self.stage_file.unlink()
             rec = None
@@ -87,9 +91,11 @@ class Stage:
                 log(f"[{self.name}] settings changed ({', '.join(changed)}): redoing what they affect")
             self.stage_file.unlink(missing_ok=True)
         self.dir.mkdir(parents=True, exist_ok=True)
+        fresh = not any(self.dir.iterdir())  # items kept from an earlier run or an interrupted one: not cold
         t0 = time.perf_counter()
         outputs = jsonable(body(self.dir))
         wall = time.perf_counter() - t0
+        fresh = fresh and not outputs.get("reused", False)
         write_json(self.stage_file, {"format": STAGE_FORMAT, "name": self.name, "spec": self.spec,
-                                     "outputs": outputs, "wall_s": round(wall, 2)})
-        return StageResult(self.name, outputs, wall, False)
+                                     "outputs": outputs, "wall_s": round(wall, 2), "fresh": fresh})
+        return StageResult(self.name, outputs, wall, False, fresh)

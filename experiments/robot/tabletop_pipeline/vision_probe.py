@@ -45,7 +45,9 @@ class VisionProbeConfig:
     background: int = 200  # grey level of the background
     steps: int = 300
     batch_size: int = 16
-    lr: float = 1e-3  # constant, AdamW, weight decay 0.01, gradients clipped at norm 1 (as in pretraining)
+    lr: float = 1e-3  # constant, AdamW (as in pretraining)
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # gradient-norm clip (as in pretraining)
     eval_every: int = 50
     eval_images: int = 200  # held-out images (their own seed stream)
     seed: int = 0
@@ -61,8 +63,9 @@ class VisionProbeConfig:
         for name in ("steps", "batch_size", "eval_every", "eval_images", "cpu_threads"):
             if getattr(self, name) < 1:
                 raise VisionProbeError(f"{name} is {getattr(self, name)}, expected a positive integer")
-        if self.lr <= 0:
-            raise VisionProbeError(f"lr is {self.lr}, expected > 0")
+        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise VisionProbeError(f"need lr > 0, weight_decay >= 0 and max_grad_norm > 0, got {self.lr}, "
+                                   f"{self.weight_decay} and {self.max_grad_norm}")
         if self.init not in INIT_SCHEMES:
             raise VisionProbeError(f"init is {self.init!r}, expected one of {list(INIT_SCHEMES)}")
 
@@ -133,7 +136,7 @@ def main(cfg: VisionProbeConfig, log=print) -> dict:
         tokenizer = build_tiny_tokenizer()
         processor = VLAProcessor(tokenizer, model_cfg.image_size, model_cfg.llm.vocab_size)
         builder = vp.ConversationBuilder(tokenizer)
-        opt = torch.optim.AdamW(vlm.parameters(), lr=cfg.lr, weight_decay=0.01)
+        opt = torch.optim.AdamW(vlm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x5A]))
         held_imgs, held_colour = square_images(np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xE7])),
                                                cfg.eval_images, cfg.square_size, model_cfg.image_size,
@@ -148,7 +151,7 @@ def main(cfg: VisionProbeConfig, log=print) -> dict:
             images, colour = square_images(rng, cfg.batch_size, cfg.square_size, model_cfg.image_size,
                                            cfg.background, model_cfg.num_images)
             loss = vp.answer_step(vlm, opt, list(vlm.parameters()), *square_batch(builder, processor, images, colour),
-                                  max_grad_norm=1.0)
+                                  max_grad_norm=cfg.max_grad_norm)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 history.append({"step": step, "loss": round(loss.item(), 4), "accuracy": accuracy()})
                 log(f"[vision-probe] step {step}: loss {loss.item():.3f}, held-out accuracy "

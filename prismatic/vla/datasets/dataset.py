@@ -54,9 +54,15 @@ class VLADataset:
         """All images as one array when every episode is in memory with one shape (fast batch indexing)."""
         srcs = [e.images for e in self.episodes]
         if all(isinstance(s, ArrayImages) for s in srcs) and len({s.images.shape[1:] for s in srcs}) == 1:
-            out = np.concatenate([s.images for s in srcs])
-            for e, start in zip(self.episodes, self.starts):  # views into `out`: drop the per-episode copies
-                e.images = ArrayImages(out[start : start + len(e.actions)])
+            first = srcs[0].images
+            out = np.empty((sum(len(s.images) for s in srcs), *first.shape[1:]), first.dtype)
+            del srcs, first
+            # copy one episode at a time and point it at its view, so its own array can go at once: the peak is
+            # the images once plus one episode, not twice the images (preload_images_gb bounds the images once)
+            for e, start in zip(self.episodes, self.starts):
+                n = len(e.actions)
+                out[start : start + n] = e.images.images
+                e.images = ArrayImages(out[start : start + n])
             return out
         return None
 
