@@ -28,8 +28,11 @@ def save_checkpoint(
     directory: Path | str, tensors: dict[str, torch.Tensor], manifest: dict, kind: str, overwrite: bool = False
 ) -> Path:
     d = Path(directory)
-    if (d / MANIFEST_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{d} already holds a checkpoint ({MANIFEST_FILE}); refusing to overwrite it")
+    present = [f for f in (MANIFEST_FILE, WEIGHTS_FILE) if (d / f).exists()]
+    if present and not overwrite:
+        raise FileExistsError(f"{d} already holds {' and '.join(present)}; refusing to overwrite it")
+    # the manifest (with the weights' hash) is what marks a checkpoint finished: gone until the new one is written
+    (d / MANIFEST_FILE).unlink(missing_ok=True)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(d / WEIGHTS_FILE) as tmp:

@@ -268,3 +268,19 @@ def test_videos_only_for_requested_episodes(tmp_path):
     assert len(frames) == 1 + 3  # the first policy observation, then one frame per step
     with pytest.raises(ValueError, match="no video_dir"):
         run_episodes(FakeEnvFactory(), ScriptedPolicy(), eps, tmp_path / "v.jsonl", video_episodes=["*"], **QUIET)
+
+
+def test_mp4_of_odd_sized_frames_is_padded_and_a_failed_write_leaves_nothing(tmp_path):
+    import gc
+
+    import imageio.v2 as imageio
+
+    from experiments.robot.harness.video import write_mp4
+
+    frames = [np.full((9, 7, 3), 100 * k, np.uint8) for k in range(3)]
+    out = write_mp4(tmp_path / "odd.mp4", frames, fps=5)
+    assert out.stat().st_size > 0 and imageio.get_reader(out).get_data(0).shape == (10, 8, 3)
+    with pytest.raises(ValueError):
+        write_mp4(tmp_path / "bad.mp4", [frames[0], np.zeros((4, 4, 3), np.uint8)], fps=5)  # size changes mid-way
+    gc.collect()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.mp4"]

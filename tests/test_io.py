@@ -1,5 +1,6 @@
 """Atomic writes: all or nothing, ordinary permissions, the temp suffix a writer asks for."""
 
+import json
 import os
 import stat
 
@@ -26,3 +27,41 @@ def test_failed_write_leaves_neither_file_nor_temp(tmp_path):
         raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.json"]
     assert (tmp_path / "keep.json").read_text() == "old"
+
+
+def test_checkpoint_never_replaces_a_users_weights_file_and_an_overwrite_drops_the_old_manifest_first(tmp_path):
+    import torch
+
+    from prismatic.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, save_checkpoint
+
+    hf = tmp_path / "hf"  # e.g. a Hugging Face model directory given as --out by mistake
+    hf.mkdir()
+    (hf / WEIGHTS_FILE).write_bytes(b"user weights")
+    with pytest.raises(FileExistsError, match=r"already holds model.safetensors; refusing to overwrite it"):
+        save_checkpoint(hf, {"w": torch.zeros(2)}, {}, "kind")
+    assert (hf / WEIGHTS_FILE).read_bytes() == b"user weights"
+    d = save_checkpoint(tmp_path / "ck", {"w": torch.zeros(2)}, {"step": 1}, "kind")
+    seen = []
+    import prismatic.checkpoint as ck
+
+    real_save = ck.save_file
+
+    def spy(*a, **k):  # while the new weights are written, the old manifest must be gone
+        seen.append((d / MANIFEST_FILE).exists())
+        return real_save(*a, **k)
+
+    ck.save_file = spy
+    try:
+        save_checkpoint(d, {"w": torch.ones(2)}, {"step": 2}, "kind", overwrite=True)
+    finally:
+        ck.save_file = real_save
+    assert seen == [False] and json.loads((d / MANIFEST_FILE).read_text())["step"] == 2
+
+
+def test_state_dict_hash_takes_zero_dim_tensors():
+    import torch
+
+    from prismatic.io import state_dict_sha256
+
+    a = state_dict_sha256({"s": torch.tensor(1.5), "v": torch.arange(3.0)})
+    assert a != state_dict_sha256({"s": torch.tensor(2.5), "v": torch.arange(3.0)})

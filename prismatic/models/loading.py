@@ -65,8 +65,9 @@ def random_base(cfg: VLAConfig, seed: int) -> dict[str, torch.Tensor]:
 def save_base_dir(directory: Path | str, cfg: VLAConfig, vlm_state: dict[str, torch.Tensor], tokenizer_json: str,
                   extra: dict | None = None) -> str:
     d = Path(directory)
-    if (d / "base.json").exists():
-        raise FileExistsError(f"{d} already holds a base model; refusing to overwrite it")
+    present = [f for f in ("base.json", "vlm.safetensors", "tokenizer.json") if (d / f).exists()]
+    if present:
+        raise FileExistsError(f"{d} already holds {', '.join(present)}; refusing to overwrite it")
     d.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in vlm_state.items()}
     digest = state_dict_sha256(sd)

@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from prismatic.checkpoint import CheckpointError, load_checkpoint
+from prismatic.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint
 from prismatic.models import MergeVLA, build_vla, get_config, save_pretrained
 from prismatic.models.pretrained import CHECKPOINT_KIND
 from prismatic.training import run_dir as rd
@@ -248,6 +248,8 @@ def save(cfg: FinetuneConfig, env: DistEnv, model: MergeVLA, optimizer, ds: VLAD
          samples_seen: int) -> None:
     if env.is_main:
         d = rd.step_dir(cfg.run_dir(), step)
+        # an older checkpoint at this step stops counting as finished before any of its files is replaced
+        (d / MANIFEST_FILE).unlink(missing_ok=True)
         rd.save_train_state(d, step, samples_seen, optimizer, env.world_size)
         save_pretrained(model, d, overwrite=True, step=step, data_fingerprint=ds.fingerprint, dataset=ds.info,
                         train_config=cfg.to_dict())

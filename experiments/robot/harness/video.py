@@ -29,8 +29,15 @@ def write_mp4(path: Path | str, frames: Sequence[np.ndarray], fps: int = 30) -> 
     path = Path(path)
     # ffmpeg picks the container from the extension, so the temp file must end in .mp4 too
     with atomic_path(path, suffix=".mp4") as tmp:
-        # macro_block_size=1 keeps odd sizes instead of silently resizing them
-        with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", macro_block_size=1) as w:
+        # macro_block_size=1 keeps the frame size; yuv420p needs even sides, so an odd side gets one black row or
+        # column (padded, never resized)
+        w = imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", macro_block_size=1,
+                               ffmpeg_params=["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"])
+        try:
             for f in frames:
                 w.append_data(np.ascontiguousarray(f, dtype=np.uint8))
+        finally:  # an exception escaping imageio's own `with` leaves ffmpeg running, to rewrite the temp file later
+            w.close()
+        if tmp.stat().st_size == 0:  # imageio does not check ffmpeg's exit status
+            raise RuntimeError(f"ffmpeg wrote nothing for {path}")
     return path
