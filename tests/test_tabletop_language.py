@@ -24,6 +24,22 @@ def test_unknown_words_agrees_with_the_tiny_tokenizer():
     assert unknown_words("pick up the shiny cube , please") == ["shiny", "please"]
 
 
+def test_the_processor_warns_once_about_words_the_tiny_vocabulary_lacks():
+    import warnings
+
+    from prismatic.models.processing import VLAProcessor
+
+    proc = VLAProcessor(build_tiny_tokenizer(), 64, 512)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        proc.encode(SUITES["goal"][0].instruction)  # TableTop-4's words are all known: no warning
+    with pytest.warns(UserWarning, match=r"\['compartment', 'pots'\] are not in the tokenizer's vocabulary"):
+        proc.encode("put the pots in the compartment")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        proc.encode("put the pots in the compartment")  # cached: said once
+
+
 def body(name, x, y, kind="cube", color="red", z=0.0, support=""):
     return Body(name, kind, color, (x, y, z), support)
 

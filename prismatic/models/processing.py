@@ -7,6 +7,7 @@ be downloaded here); a base model directory ships its own `tokenizer.json`, whic
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-SPECIAL_TOKENS = ("<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>")
+UNK_TOKEN = "<unk>"
+SPECIAL_TOKENS = ("<|endoftext|>", UNK_TOKEN, "<|im_start|>", "<|im_end|>")
 PAD_TOKEN = "<|endoftext|>"  # Qwen2.5's pad token
 TINY_VOCAB_FILE = Path(__file__).with_name("tiny_vocab.txt")
 
@@ -39,7 +41,7 @@ def build_tiny_tokenizer(vocab_file: Path = TINY_VOCAB_FILE) -> Tokenizer:
     vocab: dict[str, int] = {}
     for w in (*SPECIAL_TOKENS, *words):
         vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
@@ -78,7 +80,13 @@ class VLAProcessor:
 
     def encode(self, instruction: str) -> list[int]:
         if instruction not in self._cache:
-            self._cache[instruction] = self.tokenizer.encode(build_prompt(instruction)).ids
+            prompt = build_prompt(instruction)
+            enc = self.tokenizer.encode(prompt)
+            lost = sorted({prompt[a:b] for t, (a, b) in zip(enc.tokens, enc.offsets) if t == UNK_TOKEN})
+            if lost:  # the tiny word-level vocabulary: instructions that differ only in these words look the same
+                warnings.warn(f"instruction {instruction!r}: {lost} are not in the tokenizer's vocabulary and all "
+                              f"read as {UNK_TOKEN}", stacklevel=2)
+            self._cache[instruction] = enc.ids
         return self._cache[instruction]
 
     def tokenize(self, instructions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
