@@ -63,11 +63,18 @@ class MaskedDeltaLinear(nn.Module):
         self.register_buffer("packed_masks", None if packed_masks is None else torch.stack(packed_masks))
         self.register_buffer("rescalers", None if rescalers is None else torch.stack(rescalers).float())
         self.selector = selector
+        self.cache: dict[int, torch.Tensor] | None = None  # task → its built weight (MultiExpertVLA.cache_weights)
 
     def task_weight(self, e: int) -> torch.Tensor:
+        hit = None if self.cache is None else self.cache.get(e)
+        if hit is not None and hit.device == self.weight.device and hit.dtype == self.weight.dtype:
+            return hit
         mask = None if self.packed_masks is None else unpack_mask(self.packed_masks[e], self.delta.shape)
         r = 1.0 if self.rescalers is None else self.rescalers[e]
-        return apply_mask(self.weight, self.delta, mask, r)
+        w = apply_mask(self.weight, self.delta, mask, r)
+        if self.cache is not None:
+            self.cache[e] = w
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         index = self.selector.rows(x.shape[0]).to(x.device)
@@ -119,6 +126,15 @@ class MultiExpertVLA(nn.Module):
             yield
         finally:
             self.selector.index = None
+
+    def cache_weights(self, enabled: bool = True) -> MultiExpertVLA:
+        """Keep each task's built weights instead of rebuilding θ0 + S_e ⊙ τ on every forward: the same outputs,
+        faster (a quarter of the tiny model's forward with four tasks in a batch), but one more copy of every
+        LoRA-touched weight per task used (≈ 2.4 GB per task in bf16 at full size)."""
+        for m in self.modules():
+            if isinstance(m, MaskedDeltaLinear):
+                m.cache = {} if enabled else None
+        return self
 
     def forward(self, expert_index, **batch) -> VLAOutput:
         with self.select(expert_index):

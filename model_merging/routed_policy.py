@@ -31,6 +31,7 @@ class RoutedPolicy:
     variant: str | None = None  # router subspaces: value (default), key, key_value or value_update
     force_task: str | None = None  # skip the router: every episode runs this task's expert (oracle routing)
     device: str = "cpu"
+    cache_weights: bool = False  # keep each task's built weights (faster; memory: MultiExpertVLA.cache_weights)
     routed: dict[int, int] = field(default_factory=dict)  # episode id → task index
 
     def __post_init__(self):
@@ -42,7 +43,7 @@ class RoutedPolicy:
         if missing:
             raise MergeError(f"{self.merged.directory}: experts {missing} have no norm_stats; the policy cannot "
                              "normalise proprio or un-normalise actions for them")
-        self.model = self.merged.multi_expert().to(self.device)
+        self.model = self.merged.multi_expert().to(self.device).cache_weights(self.cache_weights)
 
     def _batch(self, obs: Sequence[dict], instructions: Sequence[str], proprio: np.ndarray) -> dict:
         images = np.stack([camera_images(o, self.image_transform) for o in obs])
@@ -90,6 +91,6 @@ class RoutedPolicy:
 
 def load_routed_policy(path: Path | str, image_transform: ImageTransform | None = None, device: str = "cpu",
                        variant: str | None = None, force_task: str | None = None,
-                       base: BaseModelConfig | None = None) -> RoutedPolicy:
+                       base: BaseModelConfig | None = None, cache_weights: bool = False) -> RoutedPolicy:
     """A merged artifact directory → its routed policy (what the LIBERO and TableTop evaluations call)."""
-    return RoutedPolicy(load_merged(path, base=base), image_transform, variant, force_task, device)
+    return RoutedPolicy(load_merged(path, base=base), image_transform, variant, force_task, device, cache_weights)

@@ -17,6 +17,7 @@ from model_merging.errors import MergeError
 from model_merging.merge import MergeOptions, merge_experts
 from model_merging.merged_model import load_merged
 from model_merging.mergy import MergyConfig, main, normalize_argv
+from model_merging.multi_expert import MaskedDeltaLinear
 from model_merging.synthetic import save_perturbed_experts
 from prismatic.checkpoint import load_checkpoint, save_checkpoint
 from prismatic.models import BaseModelConfig, build_vla, from_pretrained, get_config
@@ -124,6 +125,13 @@ def test_multi_expert_model_matches_each_task_model(experts, batch, tmp_path):
     mixed = multi.predict_action([2, 0], **batch)
     assert torch.allclose(mixed[0], per_task[2][0], atol=1e-5) and torch.allclose(mixed[1], per_task[0][1], atol=1e-5)
     assert not torch.allclose(per_task[0], per_task[1])  # tasks really differ (masks and heads)
+    # cached task weights: the same outputs to the bit, each task's weight built once per layer
+    cached = multi.cache_weights(True)
+    assert torch.equal(cached.predict_action([2, 0], **batch), mixed)
+    assert torch.equal(cached.predict_action([2, 0], **batch), mixed)
+    caches = [m.cache for m in multi.modules() if isinstance(m, MaskedDeltaLinear)]
+    assert caches and all(sorted(c) == [0, 2] for c in caches)
+    assert all(m.cache is None for m in multi.cache_weights(False).modules() if isinstance(m, MaskedDeltaLinear))
 
 
 def test_per_task_parts_keep_each_experts_action_pathway(experts, batch, tmp_path):

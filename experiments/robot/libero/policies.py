@@ -30,9 +30,10 @@ def resolve_device(device: str) -> str:
 
 
 def load_policy(path: Path | str, image_transform: ImageTransform | None, device: str = "cpu",
-                router_variant: str | None = None):
+                router_variant: str | None = None, cache_weights: bool = False):
     """A `Policy` for `path`: VLAPolicy for a fine-tuned checkpoint, the routed policy for a merged artifact
-    (`router_variant`: which router subspaces score the experts; None: the artifact's default)."""
+    (`router_variant`: which router subspaces score the experts; None: the artifact's default; `cache_weights`:
+    keep each expert's built weights, see MultiExpertVLA.cache_weights)."""
     manifest = read_checkpoint_manifest(path)
     if manifest["format"] == FT_KIND:
         from prismatic.models import from_pretrained
@@ -49,7 +50,8 @@ def load_policy(path: Path | str, image_transform: ImageTransform | None, device
             f"{path}: format {manifest['format']!r} is not a fine-tuned checkpoint ({FT_KIND!r}), and the merged "
             f"model's routed policy is unavailable (model_merging.load_routed_policy: {e})"
         ) from e
-    return load_routed_policy(path, image_transform=image_transform, device=device, variant=router_variant)
+    return load_routed_policy(path, image_transform=image_transform, device=device, variant=router_variant,
+                              cache_weights=cache_weights)
 
 
 # merge algorithm names (as a merged artifact's manifest records them) → the paper's row labels

@@ -184,7 +184,7 @@ def run_eval(job: EvalJob, settings: EvalSettings) -> dict:
     elif job.kind in ("routed", "oracle"):
         merged = load_merged(job.artifact)
         if job.kind == "routed":
-            policy = RoutedPolicy(merged, tf, variant=job.variant)
+            policy = RoutedPolicy(merged, tf, variant=job.variant, cache_weights=True)  # tiny: memory is no issue
             obs, instr = first_observations(episodes, settings)
             routed = route_all_variants(policy, obs, instr)
             truth = [e.expected_expert for e in episodes]
@@ -195,7 +195,7 @@ def run_eval(job: EvalJob, settings: EvalSettings) -> dict:
             calls.append((policy, episodes, out / f"{job.name}.jsonl"))
         else:
             for s in settings.suites:
-                calls.append((OraclePolicy(RoutedPolicy(merged, tf, force_task=s)), by_suite[s],
+                calls.append((OraclePolicy(RoutedPolicy(merged, tf, force_task=s, cache_weights=True)), by_suite[s],
                               out / job.name / f"{s}.jsonl"))
     elif job.kind == "blind":
         from experiments.robot.tabletop_pipeline.blind_replay import ReplayPolicy
