@@ -221,6 +221,11 @@ def test_table_in_the_papers_layout():
     assert table.to_csv() == "method,Spatial,Object,avg\nFT experts,50.0,75.0,62.5\nTIES,25.0,100.0,62.5\n"
     (conf,) = routing_confusions(paper_rows())  # TIES: trial 0 of each suite went to libero_object
     assert conf.counts == [[3, 1], [0, 4]] and conf.accuracy == 87.5
+    # a suite the router never picks still gets its column, so the diagonal stays where the right answers are
+    never = [dict(r, routed_expert="libero_object") for r in paper_rows() if r["method"] == "TIES"]
+    (conf,) = routing_confusions(never)
+    assert conf.pred_labels == conf.true_labels == ["libero_spatial", "libero_object"]
+    assert conf.counts == [[0, 4], [0, 4]] and conf.accuracy == 50.0
 
 
 def test_avg_is_left_empty_for_a_method_missing_a_suite_and_an_episode_counts_once():

@@ -312,3 +312,17 @@ def test_video_frame_puts_both_cameras_side_by_side_upscaled():
     assert f.shape == (6, 12, 3) and f.dtype == np.uint8
     assert (f[0:3, 3:6] == 200).all() and (f[0:3, 0:3] == 0).all() and (f[3:6, 0:6] == 0).all()
     assert (f[:, 6:] == 7).all()
+
+
+def test_the_report_refuses_rows_of_other_weights_in_a_jobs_results_file(tmp_path):
+    from experiments.robot.harness import ResultsError
+    from experiments.robot.tabletop_pipeline.evaluation import load_rows
+
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps({"key": "goal/0/0", "policy_id": "a", "success": True}) + "\n")
+    job = {"label": "FT experts", "policy_id": "a", "files": [str(f)]}
+    assert [r["key"] for r in load_rows({"ft": job})] == ["goal/0/0"]
+    with open(f, "a") as out:  # a row of other weights, appended after the rollouts were recorded
+        out.write(json.dumps({"key": "goal/0/1", "policy_id": "b", "success": False}) + "\n")
+    with pytest.raises(ResultsError, match=r"holds rows of policies \['a', 'b'\]; FT experts is a"):
+        load_rows({"ft": job})

@@ -29,7 +29,7 @@ def success_bars(table: Table, path: Path | str) -> Path:
     for i, m in enumerate(table.methods):
         vals = [table.rate(m, c) for c in table.columns] + [table.avg(m)]
         ax.bar(x + (i - (len(table.methods) - 1) / 2) * width, [np.nan if v is None else v for v in vals],
-               width, label=m)
+               width, label=m, color=plt.cm.tab20(i % 20))  # the default cycle repeats after 10 methods
     ax.set_xticks(x, cols)
     ax.set_ylim(0, 100)
     ax.set_ylabel("success rate (%)")

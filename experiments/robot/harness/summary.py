@@ -135,7 +135,8 @@ def routing_confusions(rows: Sequence[dict], method_key: str = "method") -> list
     out = []
     for method, rs in by_method.items():
         true = _ordered([str(r["expected_expert"]) for r in rs], list(SUITE_LABELS))
-        pred = _ordered([str(routed(r)) for r in rs], true)
+        # every true label is a column, in the rows' order, so the diagonal holds the right answers
+        pred = true + [p for p in _ordered([str(routed(r)) for r in rs], true) if p not in true]
         m = [[0] * len(pred) for _ in true]
         for r in rs:
             m[true.index(str(r["expected_expert"]))][pred.index(str(routed(r)))] += 1

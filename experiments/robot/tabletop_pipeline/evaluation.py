@@ -173,7 +173,7 @@ def run_eval(job: EvalJob, settings: EvalSettings) -> dict:
     run_info = {"method": job.label, "policy_id": job.policy_id}
     calls = []  # (policy, episodes, results path)
     tf = settings.image_transform()
-    summary: dict = {"name": job.name, "label": job.label}
+    summary: dict = {"name": job.name, "label": job.label, "policy_id": job.policy_id}
     if job.kind == "experts":
         ckpts = dict(job.checkpoints)
         for s in settings.suites:
@@ -272,10 +272,19 @@ def run_evals(jobs: list[EvalJob], settings: EvalSettings, workers: int, log=pri
 
 
 def load_rows(results: dict[str, dict]) -> list[dict]:
+    """Every row of the jobs' results files; a row of other weights there (the file changed since the rollouts
+    were recorded) is an error, not something to count."""
+    from experiments.robot.harness import ResultsError
+
     rows = []
     for r in results.values():
         for f in r["files"]:
-            rows += read_rows(f)
+            got = read_rows(f)
+            ids = {x.get("policy_id") for x in got}
+            want = r.get("policy_id")  # None: a record from before the field; the file must still be one run's
+            if len(ids) > 1 or (want is not None and ids - {want}):
+                raise ResultsError(f"{f} holds rows of policies {sorted(map(str, ids))}; {r.get('label')} is {want}")
+            rows += got
     return rows
 
 

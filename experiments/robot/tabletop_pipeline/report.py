@@ -77,7 +77,9 @@ def render(cfg, report: dict) -> str:
         parts += [f"\n## Routing accuracy (%) per suite (first observation of each rollout, "
                   f"{VARIANT_LABELS[cfg.router_variant]} subspaces)\n\n", report["routing_per_suite"],
                   "\n## Router subspaces (%, all suites, first observations)\n\n", report["routing_ablation"]]
-    ft = [r for r in report["train"].values()]
+    # in job order (a cached stage's outputs come back with their keys sorted)
+    jobs = [f"{fam}/{s}" for fam in ("mergevla", "baseline") for s in cfg.suites] + ["joint"]
+    ft = sorted(report["train"].values(), key=lambda r: jobs.index(r["name"]) if r["name"] in jobs else len(jobs))
     parts += [f"\n## Training\n\n| run | steps | final {cfg.action_loss.upper()} loss | wall (s) | steps/s |\n"
               "|---|---:|---:|---:|---:|\n"]
     parts += [f"| {r['name']} | {r['steps']} | {r['final_loss']} | {r['wall_s']} | {r['steps_per_s']} |\n" for r in ft]
