@@ -218,6 +218,18 @@ def average_weights(weights: Sequence[float] | None, m: int) -> list[float]:
     return [float(w) for w in weights]
 
 
+def convex_weights(weights: Sequence[float] | None, m: int) -> list[float]:
+    """Averaging weights of the parts trained from scratch: absolute weights, so a convex combination (given
+    weights are normalised to sum to 1; default 1/M each)."""
+    w = average_weights(weights, m)
+    if weights is None:
+        return w
+    if any(x < 0 for x in w) or sum(w) <= 0:
+        raise MergeError(f"scratch weights {w}: expected non-negative weights with a positive sum (they average "
+                         "the experts' own weights, not task vectors)")
+    return [x / sum(w) for x in w]
+
+
 def weighted_sum(ts: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     flat = [t.reshape(-1) for t in ts]
     out = torch.empty_like(flat[0])

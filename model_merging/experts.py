@@ -21,7 +21,7 @@ from prismatic.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, CheckpointError, c
 from prismatic.models.configuration import VLAConfig
 from prismatic.models.pretrained import CHECKPOINT_KIND
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def parse_expert_specs(specs: Sequence[str]) -> list[tuple[str, Path]]:
@@ -41,7 +41,7 @@ def check_names(names: Sequence[str]) -> None:
         raise MergeError("--experts is empty: give at least one NAME=DIR")
     seen = set()
     for n in names:
-        if not NAME_RE.match(n):
+        if not NAME_RE.fullmatch(n):  # match() with $ would let a trailing newline through
             raise MergeError(f"expert name {n!r} must use only letters, digits, '_' and '-'")
         if n in seen:
             raise MergeError(f"expert name {n!r} is given twice in --experts; task names must be unique")

@@ -19,7 +19,7 @@ import torch
 
 from model_merging.algorithms import (
     MergeContext,
-    average_weights,
+    convex_weights,
     get_method,
     weighted_sum,
 )
@@ -76,6 +76,14 @@ def _resolve(opts: MergeOptions, experts: ExpertSet) -> tuple[Any, list, int, in
     if not isinstance(params, method.params):
         raise MergeError(f"algorithm {opts.algorithm!r} takes {method.params.__name__}, got {type(params).__name__}")
     rules = parse_rules(opts.rules, method.params)
+    # rules act on the task vectors, and for RETAIN on the parts trained from scratch too: a rule matching none of
+    # those (a typo'd group, or action_expert under another algorithm) would silently change nothing
+    ruled = [f"{m}.weight" for m in experts.layout.lora_modules] + (
+        list(experts.layout.scratch) if opts.algorithm == "retain" else [])
+    idle = [r.as_text() for r in rules if not any(r.matches(n) for n in ruled)]
+    if idle:
+        raise MergeError(f"rule(s) {idle} match no parameter that {opts.algorithm} applies rules to (the "
+                         f"LoRA-touched VLM weights{', and the parts trained from scratch' if opts.algorithm == 'retain' else ''})")
     n_blocks, hidden = experts.layout.num_blocks, experts.layout.hidden
     if not 0 <= opts.expert_head_layers <= n_blocks:
         raise MergeError(f"expert_head_layers must be in [0, {n_blocks}], got {opts.expert_head_layers}")
@@ -90,7 +98,7 @@ def _resolve(opts: MergeOptions, experts: ExpertSet) -> tuple[Any, list, int, in
         raise MergeError(f"k_gate must be in [1, {hidden}], got {opts.k_gate}")
     if opts.mask_lambda < 0:
         raise MergeError(f"mask lambda must be >= 0, got {opts.mask_lambda}")
-    average_weights(opts.scratch_weights, len(experts))  # validates the count
+    convex_weights(opts.scratch_weights, len(experts))  # validates the count and signs
     check_part_groups(opts.per_task_parts, "per_task_parts")
     if opts.algorithm == "retain" and experts.init_seed is None:
         raise MergeError("retain interpolates the parts trained from scratch from the experts' shared "
@@ -133,7 +141,7 @@ def build_manifest(experts: ExpertSet, opts: MergeOptions, params: Any, block: i
                   "rescaled": masks_kind == "emr", "bitorder": "big"},
         "expert_head_layers": opts.expert_head_layers,
         "per_task_parts": list(parts),
-        "scratch_weights": average_weights(opts.scratch_weights, len(tasks)),
+        "scratch_weights": convex_weights(opts.scratch_weights, len(tasks)),
         "lora_params": {f"{m}.weight": list(s) for m, s in lay.lora_modules.items()},
         "shared_params": {n: list(lay.scratch[n]) for n in lay.shared_names(opts.expert_head_layers, parts)},
         "head_params": {n: list(lay.scratch[n]) for n in lay.head_names(opts.expert_head_layers, parts)},

@@ -86,6 +86,18 @@ class MergyConfig:
     retain: RetainParams = field(default_factory=RetainParams)
 
 
+def _yaml_list(text: str) -> bool:
+    """Is `text` a whole YAML list (and not, say, a rule whose regex starts with a character class)?"""
+    import yaml
+
+    if not text.strip().startswith("["):
+        return False
+    try:
+        return isinstance(yaml.safe_load(text), list)
+    except yaml.YAMLError:
+        return False
+
+
 def normalize_argv(argv: list[str], list_fields: tuple[str, ...] = LIST_FIELDS) -> list[str]:
     """Accept `--experts a=D b=D` (several values after one flag) and `--lambda`, which draccus lacks.
 
@@ -101,7 +113,7 @@ def normalize_argv(argv: list[str], list_fields: tuple[str, ...] = LIST_FIELDS) 
             while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 values.append(argv[i + 1])
                 i += 1
-            if len(values) == 1 and values[0].lstrip().startswith("["):
+            if len(values) == 1 and _yaml_list(values[0]):
                 out += [flag, values[0]]  # already a YAML list
             else:
                 out += [flag, json.dumps(values)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +56,15 @@ class ModuleRule:
         return " ".join([self.pattern, *(f"{k}={v}" for k, v in self.overrides)])
 
 
-def _convert(value: str, default: Any, where: str) -> Any:
+def _convert(value: str, default: Any, hint: Any, where: str) -> Any:
+    if default is None:  # an optional field: its type hint says what it holds
+        args = typing.get_args(hint) or (hint,)
+        if any(typing.get_origin(a) in (tuple, list) or a in (tuple, list) for a in args):
+            raise MergeError(f"{where}: takes a list, which a rule cannot set; give it as the algorithm's option")
+        for typ in (bool, int, float):
+            if typ in args:
+                return _convert(value, typ(), typ, where)
+        return value
     try:
         if isinstance(default, bool):
             if value.lower() not in ("true", "false"):
@@ -64,8 +73,6 @@ def _convert(value: str, default: Any, where: str) -> Any:
         if isinstance(default, int):
             return int(value)
         if isinstance(default, float):
-            return float(value)
-        if default is None:
             return float(value)
         return value
     except ValueError as e:
@@ -85,6 +92,7 @@ def parse_rule(text: str, params_cls: type) -> ModuleRule:
             raise MergeError(f"rule {text!r}: {pattern!r} is neither a group name nor a valid regex ({e})") from e
     known = {f.name: f for f in dataclasses.fields(params_cls)}
     defaults = dataclasses.asdict(params_cls()) if known else {}
+    hints = typing.get_type_hints(params_cls) if known else {}
     overrides = []
     for a in assigns:
         key, sep, value = a.partition("=")
@@ -94,7 +102,7 @@ def parse_rule(text: str, params_cls: type) -> ModuleRule:
             raise MergeError(
                 f"rule {text!r}: {params_cls.__name__} has no field {key!r}; fields are {sorted(known) or 'none'}"
             )
-        overrides.append((key, _convert(value, defaults[key], f"rule {text!r}, field {key!r}")))
+        overrides.append((key, _convert(value, defaults[key], hints.get(key), f"rule {text!r}, field {key!r}")))
     return ModuleRule(pattern, tuple(overrides))
 
 

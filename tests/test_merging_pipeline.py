@@ -240,6 +240,8 @@ def test_normalize_argv():
     assert normalize_argv(["--experts", "a=x", "b=y", "--lambda", "0.5"]) == \
         ["--experts", '["a=x", "b=y"]', "--mask_lambda", "0.5"]
     assert normalize_argv(["--experts", "[a=x]", "--out=o"]) == ["--experts", "[a=x]", "--out=o"]
+    # one rule whose regex starts with a character class is a rule, not a YAML list
+    assert normalize_argv(["--rules", "[qk]_proj scale=0.5"]) == ["--rules", '["[qk]_proj scale=0.5"]']
 
 
 def test_cli_help_documents_every_field(capsys):
@@ -343,8 +345,9 @@ def test_truncated_expert_file(experts, tmp_path):
 def test_duplicate_names_existing_output_and_bad_options(experts, tmp_path):
     with pytest.raises(MergeError, match="given twice"):
         merge_experts([("a", experts[0][1]), ("a", experts[1][1])], tmp_path / "out", log=quiet)
-    with pytest.raises(MergeError, match="must use only letters"):
-        merge_experts([("a.b", experts[0][1])], tmp_path / "out", log=quiet)
+    for bad in ("a.b", "a\n"):  # a trailing newline too (re.match with $ would accept it)
+        with pytest.raises(MergeError, match="must use only letters"):
+            merge_experts([(bad, experts[0][1])], tmp_path / "out", log=quiet)
     existing = tmp_path / "exists"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
@@ -356,7 +359,13 @@ def test_duplicate_names_existing_output_and_bad_options(experts, tmp_path):
                       (MergeOptions(mask_lambda=-1), "lambda must be >= 0"),
                       (MergeOptions(rules=("llm bogus=1",)), "has no field 'bogus'"),
                       (MergeOptions(algorithm="nope"), "unknown merge algorithm"),
-                      (MergeOptions(scratch_weights=(1.0,)), "1 averaging weights given for 2 experts")]:
+                      (MergeOptions(scratch_weights=(1.0,)), "1 averaging weights given for 2 experts"),
+                      (MergeOptions(scratch_weights=(-1.0, 2.0)), "expected non-negative weights"),
+                      (MergeOptions(rules=("vison scale=0",)), r"rule\(s\) \['vison scale=0.0'\] match no parameter"),
+                      (MergeOptions(algorithm="task_arithmetic", rules=("action_expert scale=0",)),
+                       "match no parameter that task_arithmetic applies rules to"),
+                      (MergeOptions(algorithm="weighted_average", rules=("llm weights=0.5",)),
+                       "takes a list, which a rule cannot set")]:
         with pytest.raises(MergeError, match=msg):
             merge_experts(experts[:2], tmp_path / "out", opts, log=quiet)
     assert not (tmp_path / "out").exists()
@@ -434,3 +443,14 @@ def test_average_parts_replaces_only_the_named_groups(experts, tmp_path, capsys)
     assert average_main([*bad, "--target", "kitchen"]) == 2
     assert "--target 'kitchen' is not one of the experts" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_scratch_weights_are_a_convex_combination(experts, tmp_path):
+    out = merge_experts(experts[:2], tmp_path / "m", MergeOptions(algorithm="task_arithmetic", scratch_weights=(1.0, 3.0)),
+                        log=quiet)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["scratch_weights"] == [0.25, 0.75]  # normalised: these average the experts' own weights
+    name = "proprio_proj.0.weight"
+    a, b = (load_checkpoint(d, CHECKPOINT_KIND)[0][name] for _, d in experts[:2])
+    shared = load_merged(out).for_task(0).state_dict()[name]
+    torch.testing.assert_close(shared, 0.25 * a + 0.75 * b, atol=1e-6, rtol=0)
