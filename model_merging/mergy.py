@@ -64,7 +64,8 @@ class MergyConfig:
     # LLM hidden-state layer scored by the router (0..L); -1 = final layer
     router_layer: int = -1
     # Per-module overrides of the algorithm's hyper-parameters, first match wins: "PATTERN field=value ...";
-    # PATTERN is a group (vision, projector, llm, action_queries, proprio, action_expert) or a regex
+    # PATTERN is a group (vision, projector, llm; action_queries, proprio, action_expert with retain only, the one
+    # algorithm that merges those parts by rule) or a regex; a rule that matches nothing is an error
     rules: list[str] = field(default_factory=list)
     # Averaging weights of the shared from-scratch parts, one per expert (default 1/M each)
     scratch_weights: Optional[list[float]] = None
