@@ -92,6 +92,11 @@ class ExpertSet:
     @classmethod
     def open(cls, named_dirs: Sequence[tuple[str, Path | str]], verify_hashes: bool = True) -> ExpertSet:
         check_names([n for n, _ in named_dirs])
+        seen: dict[Path, str] = {}
+        for n, d in named_dirs:  # one expert under two names would count twice in every average and sum
+            other = seen.setdefault(Path(d).resolve(), n)
+            if other != n:
+                raise MergeError(f"experts {other!r} and {n!r} are the same directory {d}; give each expert once")
         return cls([_open_expert(n, Path(d), verify_hashes) for n, d in named_dirs])
 
     # ------------------------------------------------------------------------------------------- checks

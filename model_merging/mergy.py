@@ -57,7 +57,8 @@ class MergyConfig:
     # L_h: last action-expert blocks (+ final norm and head) kept per task; 0 shares everything
     expert_head_layers: int = 1
     # From-scratch groups kept per task too instead of averaged (action_queries, proprio_proj, expert_input,
-    # shared_blocks); none = the paper's merge. All four keep each expert's whole action pathway
+    # shared_blocks); none = the paper's merge. All four keep each expert's whole action pathway (with
+    # expert_head_layers >= 1: the final norm and head follow expert_head_layers, not these groups)
     per_task_parts: list[str] = field(default_factory=list)
     # Block whose key/value projections define the router subspaces; -1 = last shared block (L - L_h - 1)
     router_block: int = -1

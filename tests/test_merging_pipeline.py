@@ -345,6 +345,8 @@ def test_truncated_expert_file(experts, tmp_path):
 def test_duplicate_names_existing_output_and_bad_options(experts, tmp_path):
     with pytest.raises(MergeError, match="given twice"):
         merge_experts([("a", experts[0][1]), ("a", experts[1][1])], tmp_path / "out", log=quiet)
+    with pytest.raises(MergeError, match="experts 'a' and 'b' are the same directory"):
+        merge_experts([("a", experts[0][1]), ("b", experts[0][1])], tmp_path / "out", log=quiet)
     for bad in ("a.b", "a\n"):  # a trailing newline too (re.match with $ would accept it)
         with pytest.raises(MergeError, match="must use only letters"):
             merge_experts([(bad, experts[0][1])], tmp_path / "out", log=quiet)
