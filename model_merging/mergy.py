@@ -101,28 +101,34 @@ def _yaml_list(text: str) -> bool:
 
 
 def normalize_argv(argv: list[str], list_fields: tuple[str, ...] = LIST_FIELDS) -> list[str]:
-    """Accept `--experts a=D b=D` (several values after one flag) and `--lambda`, which draccus lacks.
+    """Accept `--experts a=D b=D` (several values after one flag, or `--experts=a=D`; a list flag given twice
+    adds to its list) and `--lambda`, which draccus lacks.
 
-    draccus reads one token per flag and parses it as YAML, so the values are joined into a JSON list.
+    draccus reads one token per flag and parses it as YAML, so each list's values are joined into one JSON list.
     """
-    out: list[str] = []
+    import yaml
+
+    out: list = []  # tokens, and for each list flag one list of its values where the flag first appeared
+    lists: dict[str, list[str]] = {}
     i = 0
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
         flag = ALIASES.get(flag, flag)
-        if flag in list_fields and not eq:
-            values = []
+        if flag in list_fields:
+            values = [value] if eq else []
             while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 values.append(argv[i + 1])
                 i += 1
             if len(values) == 1 and _yaml_list(values[0]):
-                out += [flag, values[0]]  # already a YAML list
-            else:
-                out += [flag, json.dumps(values)]
+                values = yaml.safe_load(values[0])  # already a YAML list
+            if flag not in lists:
+                lists[flag] = []
+                out += [flag, lists[flag]]
+            lists[flag] += values
         else:
             out.append(flag + eq + value if eq else flag)
         i += 1
-    return out
+    return [json.dumps(t) if isinstance(t, list) else t for t in out]
 
 
 def options_from_config(cfg: MergyConfig) -> MergeOptions:

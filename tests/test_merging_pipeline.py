@@ -239,7 +239,11 @@ def test_cli_merges_with_the_issue_syntax(experts, tmp_path, capsys):
 def test_normalize_argv():
     assert normalize_argv(["--experts", "a=x", "b=y", "--lambda", "0.5"]) == \
         ["--experts", '["a=x", "b=y"]', "--mask_lambda", "0.5"]
-    assert normalize_argv(["--experts", "[a=x]", "--out=o"]) == ["--experts", "[a=x]", "--out=o"]
+    assert normalize_argv(["--experts", "[a=x]", "--out=o"]) == ["--experts", '["a=x"]', "--out=o"]
+    assert normalize_argv(["--scratch_weights", "[0.25, 0.75]"]) == ["--scratch_weights", "[0.25, 0.75]"]
+    # the `=` form, and a list flag given twice adds to its list
+    assert normalize_argv(["--out=o", "--experts=a=x", "--per_task_parts", "lora", "--experts", "b=y"]) == \
+        ["--out=o", "--experts", '["a=x", "b=y"]', "--per_task_parts", '["lora"]']
     # one rule whose regex starts with a character class is a rule, not a YAML list
     assert normalize_argv(["--rules", "[qk]_proj scale=0.5"]) == ["--rules", '["[qk]_proj scale=0.5"]']
 
