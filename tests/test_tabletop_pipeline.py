@@ -81,7 +81,7 @@ def test_joint_suite_links_every_suite_file(tmp_path):
 
 def test_a_data_dir_the_user_named_is_never_replaced(tmp_path):
     from experiments.robot.tabletop.generate import MANIFEST, GenerateConfig
-    from experiments.robot.tabletop_pipeline.data import DataDirError, ensure_dataset
+    from experiments.robot.tabletop_pipeline.data import DataDirError, ensure_dataset, matches
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -95,6 +95,13 @@ def test_a_data_dir_the_user_named_is_never_replaced(tmp_path):
     with pytest.raises(ValueError, match="noise must be >= 0"):  # bad settings: checked before deleting
         ensure_dataset(GenerateConfig(out_dir=mine, suites=["goal"], noise=-1.0), log=lambda _m: None, owned=True)
     assert sorted(p.name for p in mine.iterdir()) == sorted([MANIFEST, "notes.txt"])
+    # the pipeline's own directory after a killed generation (suite files, no manifest) is generated again
+    own = tmp_path / "own"
+    (own / "goal").mkdir(parents=True)
+    (own / "goal" / ".put_the_red_cube_in_the_bowl_demo.hdf5.x1y2.tmp").write_bytes(b"partial")
+    gen = GenerateConfig(out_dir=own, suites=["goal"], task_ids=[0], demos_per_task=1)
+    ensure_dataset(gen, log=lambda _m: None, owned=True)
+    assert matches(own, gen) and not any(p.name.startswith(".") for p in (own / "goal").iterdir())
 
 
 @pytest.mark.parametrize("change, message", [

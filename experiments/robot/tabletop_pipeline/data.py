@@ -14,8 +14,9 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from experiments.robot.tabletop.generate import MANIFEST, GenerateConfig, validate
+from experiments.robot.tabletop.generate import MANIFEST, PRETRAIN_FILE, GenerateConfig, validate
 from experiments.robot.tabletop.generate import main as generate
+from experiments.robot.tabletop.suites import SUITE_NAMES
 
 JOINT_SUITE = "joint"
 
@@ -42,6 +43,13 @@ class DataDirError(ValueError):
     """The dataset directory holds something this run may not replace."""
 
 
+def _generated_here(out: Path) -> bool:
+    """Does `out` hold only what generating a dataset leaves, finished or interrupted (suite, pretraining and
+    joint-suite directories, the manifest, hidden temporary files)?"""
+    ours = {MANIFEST, *SUITE_NAMES, PRETRAIN_FILE.parts[0], JOINT_SUITE}
+    return all(p.name in ours or p.name.startswith(".") for p in out.iterdir())
+
+
 def ensure_dataset(gen: GenerateConfig, log=print, owned: bool = True) -> dict:
     """Generate `gen.out_dir` unless it already holds this dataset; returns its manifest.
 
@@ -53,12 +61,12 @@ def ensure_dataset(gen: GenerateConfig, log=print, owned: bool = True) -> dict:
         log(f"[data] reusing {out}")
         return json.loads((out / MANIFEST).read_text())
     validate(gen)  # bad settings must not cost the old dataset
-    if out.exists() and (not owned or not (out / MANIFEST).is_file()) and any(out.iterdir()):
-        what = "a TableTop-4 dataset generated with other settings" if (out / MANIFEST).is_file() else "other files"
-        raise DataDirError(f"data_dir {out} holds {what}; refusing to replace it: choose another data_dir "
-                           "or delete it yourself")
-    if out.exists():
-        log(f"[data] {out} holds other data: regenerating it")
+    if out.exists() and any(out.iterdir()):
+        if not owned or not _generated_here(out):
+            what = "a TableTop-4 dataset generated with other settings" if (out / MANIFEST).is_file() else "other files"
+            raise DataDirError(f"data_dir {out} holds {what}; refusing to replace it: choose another data_dir "
+                               "or delete it yourself")
+        log(f"[data] {out} holds other data (or an interrupted generation's): regenerating it")
         shutil.rmtree(out)
     return generate(gen, log=log)
 
