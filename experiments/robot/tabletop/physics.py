@@ -130,10 +130,11 @@ def _push(s: SceneState) -> None:
             continue
         u = d / dist if dist > 1e-9 else np.array([0.0, 1.0])
         shift = u * (need - dist + 1e-4)
-        if _through_wall(s, b, np.clip(b.pos[:2] + shift, -TABLE_HALF, TABLE_HALF)):
+        xy = np.clip(b.pos[:2] + shift, -TABLE_HALF, TABLE_HALF)
+        if _through_wall(s, b, xy):
             continue  # the wall holds it; the paddle passes through (there are no other collisions)
         riders = [c for c in s.bodies if c.support == b.name]
-        b.pos[:2] = np.clip(b.pos[:2] + shift, -TABLE_HALF, TABLE_HALF)
+        b.pos[:2] = xy
         for c in riders:
             c.pos[:2] = np.clip(c.pos[:2] + shift, -TABLE_HALF, TABLE_HALF)
         settle(s, b)
