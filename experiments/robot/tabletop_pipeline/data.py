@@ -50,8 +50,8 @@ def _generated_here(out: Path) -> bool:
     return all(p.name in ours or p.name.startswith(".") for p in out.iterdir())
 
 
-def ensure_dataset(gen: GenerateConfig, log=print, owned: bool = True) -> dict:
-    """Generate `gen.out_dir` unless it already holds this dataset; returns its manifest.
+def ensure_dataset(gen: GenerateConfig, log=print, owned: bool = True) -> tuple[dict, bool]:
+    """Generate `gen.out_dir` unless it already holds this dataset; returns its manifest and whether it was reused.
 
     Other data there is replaced only when the directory is `owned` (the pipeline's own default location); a
     directory the user named is never deleted: another run may be using the dataset it holds.
@@ -59,7 +59,7 @@ def ensure_dataset(gen: GenerateConfig, log=print, owned: bool = True) -> dict:
     out = Path(gen.out_dir)
     if matches(out, gen):
         log(f"[data] reusing {out}")
-        return json.loads((out / MANIFEST).read_text())
+        return json.loads((out / MANIFEST).read_text()), True
     validate(gen)  # bad settings must not cost the old dataset
     if out.exists() and any(out.iterdir()):
         if not owned or not _generated_here(out):
@@ -68,7 +68,7 @@ def ensure_dataset(gen: GenerateConfig, log=print, owned: bool = True) -> dict:
                                "or delete it yourself")
         log(f"[data] {out} holds other data (or an interrupted generation's): regenerating it")
         shutil.rmtree(out)
-    return generate(gen, log=log)
+    return generate(gen, log=log), False
 
 
 def make_joint_suite(data_root: Path, suites: list[str], name: str = JOINT_SUITE) -> Path:

@@ -183,9 +183,8 @@ def stage_data(cfg: PipelineConfig, root: Path, log) -> dict:
     spec = {"generate": generation_spec(gen), "data_dir": str(gen.out_dir)}
 
     def body(_d: Path) -> dict:
-        reused = matches(gen.out_dir, gen)
         try:
-            manifest = ensure_dataset(gen, log, owned=cfg.data_dir is None)
+            manifest, reused = ensure_dataset(gen, log, owned=cfg.data_dir is None)
         except DataDirError as e:
             raise PipelineError(str(e)) from e
         joint = make_joint_suite(gen.out_dir, list(cfg.suites))
