@@ -3,7 +3,8 @@
 Loading is strict: the manifest must be a finished `mergevla-merged` one, the weights file must match its
 sha256 and hold exactly the tensors the manifest implies (names, dtypes, shapes), and θ0 (from the
 recorded base reference, or one given explicitly) must hash to the recorded base sha256. Tensors are read
-with plain safetensors parsing; nothing is ever unpickled.
+with plain safetensors parsing; nothing is ever unpickled. Exemplars for the exemplar router
+(exemplar_router.py), when the directory holds them, must belong to the same weights.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from model_merging.artifact import (
     shared_key,
 )
 from model_merging.errors import MergeError
+from model_merging.exemplars import Exemplars, read_exemplars
 from model_merging.layout import ModelLayout
 from model_merging.masks import apply_mask, unpack_mask
 from model_merging.multi_expert import (
@@ -34,7 +36,7 @@ from model_merging.multi_expert import (
     PerTaskModule,
     PerTaskQueries,
 )
-from model_merging.router import RouteResult, check_variant, subspace_scores
+from model_merging.router import EXEMPLAR, RouteResult, check_variant, exemplar_scores, subspace_scores
 from model_merging.tensor_files import SafetensorsReader
 from prismatic.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, CheckpointError, read_manifest
 from prismatic.io import sha256_file
@@ -52,8 +54,9 @@ class MergedModel:
     """A merged artifact with its base model: `for_task(e)`, `multi_expert()`, `route(batch)`."""
 
     def __init__(self, directory: Path, manifest: dict, reader: SafetensorsReader, base_sd: dict, base_ref: dict,
-                 tokenizer_dir: Path | None):
+                 tokenizer_dir: Path | None, exemplars: Exemplars | None = None):
         self.directory, self.manifest, self.reader = directory, manifest, reader
+        self.exemplars = exemplars
         self.config = VLAConfig.from_dict(manifest["config"])
         self.task_names: list[str] = list(manifest["task_names"])
         self.norm_stats: dict[str, dict | None] = dict(manifest["norm_stats"])
@@ -108,12 +111,13 @@ class MergedModel:
 
     @property
     def router_variants(self) -> list[str]:
-        """The router variants this artifact stores subspaces for."""
-        return list(self.manifest["router"]["variants"])
+        """The router variants this artifact can route with: those it stores subspaces for, and `exemplar` when
+        exemplars were calibrated for it."""
+        return list(self.manifest["router"]["variants"]) + ([EXEMPLAR] if self.exemplars is not None else [])
 
     def subspaces(self, variant: str = "value") -> tuple[torch.Tensor, torch.Tensor]:
         """(M, k, D) action-side and vision-side router subspaces, tasks in manifest order."""
-        check_variant(variant, self.router_variants, str(self.directory))
+        check_variant(variant, self.manifest["router"]["variants"], str(self.directory))
         return tuple(torch.stack([self.reader.get(router_key(t, variant, s)) for t in self.task_names])
                      for s in ROUTER_SIDES)
 
@@ -209,25 +213,45 @@ class MergedModel:
         LLM's input, each sample is repeated M times, copy e running task e's model (row b*M + e). Otherwise
         one row per sample serves every candidate, and task is None.
         """
+        b, m = batch["input_ids"].shape[0], self.num_tasks
+        if self.candidates_share_llm_input:
+            return (*self.task_states(batch, torch.zeros(b, dtype=torch.long)), None)
+        task = torch.arange(m).repeat(b)
+        return (*self.task_states({k: v.repeat_interleave(m, dim=0) for k, v in batch.items()}, task), task)
+
+    @torch.no_grad()
+    def task_states(self, batch: dict[str, torch.Tensor], task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router layer's action-query and vision states of sample i under task task[i]'s model."""
         model = self.multi_expert()
         device = next(model.parameters()).device
-        b, m = batch["input_ids"].shape[0], self.num_tasks
+        out = model(task, **{k: v.to(device) for k, v in batch.items()}, keep_states=True)
         layer = self.manifest["router"]["layer"]
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if self.candidates_share_llm_input:
-            out, task = model(torch.zeros(b, dtype=torch.long), **batch, keep_states=True), None
-        else:
-            task = torch.arange(m).repeat(b)
-            out = model(task, **{k: v.repeat_interleave(m, dim=0) for k, v in batch.items()}, keep_states=True)
-        return out.act_states[layer], out.vis_states[layer], task
+        return out.act_states[layer], out.vis_states[layer]
 
     def candidate_scores(self, states: tuple, variant: str) -> torch.Tensor:
-        """(B, M) router scores of `candidate_states` under the subspaces of `variant`."""
+        """(B, M) router scores of `candidate_states` under `variant` (subspaces, or the exemplars)."""
         h_act, h_vis, task = states
+        if variant == EXEMPLAR:
+            return self._exemplar_scores(h_act, h_vis, task)
         r_act, r_vis = (r.to(h_act.device) for r in self.subspaces(variant))
         if task is None:  # shared: score each sample's one row against every task's subspaces
             return torch.stack([subspace_scores(h_act, h_vis, r_act[e], r_vis[e]) for e in range(self.num_tasks)], 1)
         return subspace_scores(h_act, h_vis, r_act[task], r_vis[task]).view(-1, self.num_tasks)
+
+    def _exemplar_scores(self, h_act: torch.Tensor, h_vis: torch.Tensor, task: torch.Tensor | None) -> torch.Tensor:
+        check_variant(EXEMPLAR, self.router_variants, str(self.directory))
+        ex = self.exemplars
+
+        def score(e: int, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            t = self.task_names[e]
+            st, sc = ex.states[t], ex.scales[t]
+            return exemplar_scores(a, v, st["act"].to(a.device), st["vis"].to(a.device), sc["act"], sc["vis"])
+
+        m = self.num_tasks
+        if task is None:
+            return torch.stack([score(e, h_act, h_vis) for e in range(m)], 1)
+        a, v = h_act.view(-1, m, *h_act.shape[1:]), h_vis.view(-1, m, *h_vis.shape[1:])  # row b*M + e
+        return torch.stack([score(e, a[:, e], v[:, e]) for e in range(m)], 1)
 
     @torch.no_grad()
     def route(self, batch: dict[str, torch.Tensor], variant: str | None = None) -> RouteResult:
@@ -238,8 +262,12 @@ class MergedModel:
         return RouteResult(scores.argmax(1).cpu(), scores.cpu(), self.task_names)
 
 
-def load_merged(directory: Path | str, base: BaseModelConfig | None = None, verify: bool = True) -> MergedModel:
-    """Open a merged artifact; θ0 comes from `base` or, by default, from the base recorded in the manifest."""
+def load_merged(directory: Path | str, base: BaseModelConfig | None = None, verify: bool = True,
+                exemplars: bool = True) -> MergedModel:
+    """Open a merged artifact; θ0 comes from `base` or, by default, from the base recorded in the manifest.
+
+    `exemplars`: also load the exemplar router's exemplars when the directory holds them.
+    """
     d = Path(directory)
     try:
         manifest = read_manifest(d, MERGED_KIND)
@@ -269,4 +297,5 @@ def load_merged(directory: Path | str, base: BaseModelConfig | None = None, veri
     if base_ref["sha256"] != manifest["base"]["sha256"]:
         raise MergeError(f"{d} was merged on base {manifest['base']['sha256'][:12]}…, but {base.describe()} hashes "
                          f"to {base_ref['sha256'][:12]}…")
-    return MergedModel(d, manifest, reader, base_sd, base_ref, tok_dir)
+    return MergedModel(d, manifest, reader, base_sd, base_ref, tok_dir,
+                       read_exemplars(d, manifest) if exemplars else None)

@@ -1,0 +1,83 @@
+"""The exemplar router's exemplars on disk, beside a merged artifact (computed by exemplar_router.py).
+
+    router_exemplars.safetensors   "<task>.act", "<task>.vis": (n, D) token-mean router states of n first frames
+    router_exemplars.json          format, the artifact's weights sha256 and tasks they belong to, the router
+                                   layer, the crop the frames were shown with, per-task scales and data sources,
+                                   and the sha256 of the tensors file
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from model_merging.errors import MergeError
+from prismatic.io import atomic_path, sha256_file, write_json
+
+if TYPE_CHECKING:
+    from model_merging.merged_model import MergedModel
+
+EXEMPLAR_WEIGHTS = "router_exemplars.safetensors"
+EXEMPLAR_MANIFEST = "router_exemplars.json"
+EXEMPLAR_FORMAT = "mergevla-router-exemplars"
+SIDES = ("act", "vis")
+
+
+@dataclass
+class Exemplars:
+    """Per task: (n, D) token-mean states of its exemplar frames per side, and their nearest-neighbour scales."""
+
+    states: dict[str, dict[str, torch.Tensor]]  # task → side → (n, D)
+    scales: dict[str, dict[str, float]]  # task → side → mean nearest-neighbour distance
+
+
+def write_exemplars(merged: MergedModel, exemplars: Exemplars, provenance: dict, crop_area: float,
+                    overwrite: bool = False) -> Path:
+    """Write the exemplars into the artifact directory (refusing to replace existing ones unless `overwrite`)."""
+    from safetensors.torch import save_file
+
+    d = merged.directory
+    if (d / EXEMPLAR_MANIFEST).exists() and not overwrite:
+        raise FileExistsError(f"{d / EXEMPLAR_MANIFEST} exists: pass --overwrite true to recompute the exemplars")
+    (d / EXEMPLAR_MANIFEST).unlink(missing_ok=True)  # never a manifest beside exemplars it does not describe
+    tensors = {f"{t}.{s}": exemplars.states[t][s].contiguous() for t in merged.task_names for s in SIDES}
+    with atomic_path(d / EXEMPLAR_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(d / EXEMPLAR_MANIFEST, {
+        "format": EXEMPLAR_FORMAT, "artifact_weights_sha256": merged.manifest["weights_sha256"],
+        "layer": merged.manifest["router"]["layer"], "crop_area": crop_area, "tasks": merged.task_names,
+        "scales": exemplars.scales, "sources": provenance, "weights_sha256": sha256_file(d / EXEMPLAR_WEIGHTS)})
+    return d / EXEMPLAR_MANIFEST
+
+
+def read_exemplars(directory: Path, manifest: dict) -> Exemplars | None:
+    """The artifact's exemplars, None when it has none; MergeError when they do not belong to these weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    mf = directory / EXEMPLAR_MANIFEST
+    if not mf.is_file():
+        return None
+    try:
+        meta = json.loads(mf.read_text())
+    except ValueError as e:
+        raise MergeError(f"{mf} is not valid JSON ({e})") from e
+    if meta.get("format") != EXEMPLAR_FORMAT:
+        raise MergeError(f"{mf}: format is {meta.get('format')!r}, expected {EXEMPLAR_FORMAT!r}")
+    if meta.get("artifact_weights_sha256") != manifest["weights_sha256"] or meta.get("tasks") != manifest["task_names"]:
+        raise MergeError(f"{mf} was computed for other merged weights or tasks: recompute it "
+                         "(python -m model_merging.exemplar_router --merged DIR --overwrite true)")
+    wf = directory / EXEMPLAR_WEIGHTS
+    if not wf.is_file() or sha256_file(wf) != meta.get("weights_sha256"):
+        raise MergeError(f"{wf} is missing or does not match the sha256 in {mf}")
+    try:
+        tensors = load_file(str(wf))
+        states = {t: {s: tensors[f"{t}.{s}"] for s in SIDES} for t in meta["tasks"]}
+        scales = {t: {s: float(meta["scales"][t][s]) for s in SIDES} for t in meta["tasks"]}
+    except (KeyError, TypeError, SafetensorError) as e:
+        raise MergeError(f"{wf} / {mf}: an exemplar tensor or scale is missing ({e})") from e
+    return Exemplars(states, scales)
