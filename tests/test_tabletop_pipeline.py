@@ -107,10 +107,13 @@ def test_a_data_dir_the_user_named_is_never_replaced(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"suites": ["spatial", "kitchen"]}, "suites must be distinct"),
     ({"algorithms": ["ties", "magic"]}, "unknown merge algorithm"),
-    ({"task_given_algorithms": ["magic"]}, "unknown merge algorithm"),
+    ({"per_task_algorithms": ["magic"]}, "unknown merge algorithm"),
     ({"task_ids": [10]}, "task_ids"),
     ({"expert_steps": 0}, "expert_steps must be >= 1"),
     ({"router_variant": "query"}, "router_variant"),
+    ({"router_exemplars": 1}, "router_exemplars must be 0 .* or >= 2"),
+    ({"router_exemplars": -1}, "router_exemplars must be >= 0"),
+    ({"router_variant": "exemplar", "router_exemplars": 0}, "router_variant exemplar needs router_exemplars"),
     ({"action_loss": "huber"}, "action_loss must be one of"),
     ({"demo_noise": -0.1}, "demo_noise must be >= 0"),
     ({"lr": 0.0}, "lr must be > 0"),
@@ -185,7 +188,7 @@ def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
     rows = [line.split("|")[1].strip() for line in success.splitlines()[2:]]
     expected = ["FT experts", "Baseline FT experts (self-attn)"] + [
         f"MergeVLA {a} + masks + router" for a in ("TA", "TIES", "TSV", "KnOTS", "WUDI", "EMR")] + [
-        f"MergeVLA {a} + masks, per-task action expert, task given" for a in ("TA", "TIES", "EMR")] + [
+        f"MergeVLA {a} + masks, per-task action expert + exemplar router" for a in ("TA", "TIES", "EMR")] + [
         "Baseline TA, no masks (self-attn)", "Joint multi-task (upper reference)",
         "Blind replay of a demo (reference, no observations)"]
     assert rows == expected  # the paper's layout: FT experts first, then each merge
@@ -202,7 +205,12 @@ def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
     results = [json.loads(line) for p in (out / "eval").rglob("*.jsonl") for line in p.read_text().splitlines()]
     assert len(results) == 14 * 16
     routing = json.loads((out / "routing.json").read_text())
-    assert len(routing) == 6 and all(0 <= v["first_obs"]["value"]["all"] <= 1 for v in routing.values())
+    assert len(routing) == 9 and all(0 <= v["first_obs"][r]["all"] <= 1 for v in routing.values()
+                                     for r in ("value", "exemplar"))
+    for a in ("TA", "TIES", "EMR"):  # the per-task rows roll out with the exemplar router
+        pertask = routing[f"MergeVLA {a} + masks, per-task action expert + exemplar router"]
+        assert pertask["rollouts"] == pertask["first_obs"]["exemplar"]
+    assert "| exemplar (beyond the paper) |" in table.split("## Router variants")[1].splitlines()[2]
 
     again = _demo(args, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -7,8 +7,8 @@
 Stages (experiments/robot/tabletop_pipeline): generate TableTop-4 demonstrations → load the shipped pretrained
 tiny base (pretrained_models/tabletop4-tiny-base) → fine-tune 4 MergeVLA experts, 4 self-attention baseline
 experts and a joint multi-task model (same seed, same base) → merge (TA, TIES, TSV, KnOTS, WUDI, EMR with task
-masks + router; TA, TIES, EMR with masks and the whole action pathway kept per task, the task given; naive TA
-of the baseline experts without masks) → roll out every row with the harness →
+masks + router; TA, TIES, EMR with masks and the whole action pathway kept per task, routed by the exemplar
+router; naive TA of the baseline experts without masks) → roll out every row with the harness →
 print the table, routing accuracy per suite, the router-subspace ablation and the wall time. Each stage is
 cached in `out_dir`: running again reuses what exists and matches its settings.
 
@@ -25,8 +25,8 @@ from typing import Optional
 from experiments.robot.tabletop_pipeline.pipeline import (
     DEFAULT_BASE_DIR,
     DEMO_ALGORITHMS,
+    PER_TASK_ALGORITHMS,
     SUITES,
-    TASK_GIVEN_ALGORITHMS,
     PipelineConfig,
     PipelineError,
     run_pipeline,
@@ -67,8 +67,11 @@ class TrainKnobs:
 class MergeKnobs:
     algorithms: list[str] = field(default_factory=lambda: list(DEMO_ALGORITHMS))  # MergeVLA + masks + router
     unmasked_algorithms: list[str] = field(default_factory=list)  # MergeVLA without masks
-    # MergeVLA + masks, every from-scratch part kept per task, task given (no router): the VLM merge alone
-    task_given_algorithms: list[str] = field(default_factory=lambda: list(TASK_GIVEN_ALGORITHMS))
+    # MergeVLA + masks, every from-scratch part kept per task (only the VLM merged), routed by the exemplar router
+    per_task_algorithms: list[str] = field(default_factory=lambda: list(PER_TASK_ALGORITHMS))
+    # exemplar router (beyond the paper): first frames of each expert's demos per task; 0: none (the per-task rows
+    # then get the task given)
+    router_exemplars: int = 50
     baseline_algorithms: list[str] = field(default_factory=lambda: ["task_arithmetic"])  # naive, no masks
     mask_lambda: float = 0.6  # TALL mask λ
     k_gate: int = 8  # router subspace size
@@ -82,7 +85,7 @@ class EvalKnobs:
     first_init_state: int = 0
     num_envs: int = 16  # concurrent episodes (the policy's batch)
     noop_steps: int = 0
-    router_variant: str = "value"  # rollouts' router subspaces: value | key | key_value | value_update
+    router_variant: str = "value"  # "+ router" rows: value | key | key_value | value_update subspaces, or exemplar
     baseline_experts: bool = True  # roll out the baseline experts themselves too
     blind_replay: bool = True  # the reference row: each task's first demo replayed open-loop, observations ignored
     # MP4s of chosen episodes of every row (<out_dir>/eval/videos/<row>/): globs over suite/task_id/trial keys
@@ -121,7 +124,7 @@ class DemoConfig:
             max_grad_norm=self.train.max_grad_norm, image_aug=self.train.image_aug,
             action_loss=self.train.action_loss, train_joint=self.train.joint,
             algorithms=list(self.merge.algorithms), unmasked_algorithms=list(self.merge.unmasked_algorithms),
-            task_given_algorithms=list(self.merge.task_given_algorithms),
+            per_task_algorithms=list(self.merge.per_task_algorithms), router_exemplars=self.merge.router_exemplars,
             mask_lambda=self.merge.mask_lambda, k_gate=self.merge.k_gate,
             expert_head_layers=self.merge.expert_head_layers, baseline_algorithms=list(self.merge.baseline_algorithms),
             baseline_head_layers=self.merge.baseline_head_layers,

@@ -37,22 +37,34 @@ class MergeJob:
     seed: int = 0
     routed: bool = True  # evaluated with the router (False: every episode uses its own suite's task)
     per_task_parts: tuple[str, ...] = ()  # from-scratch groups kept per task instead of averaged (MergeOptions)
+    variant: str | None = None  # router variant of its rollouts (None: the pipeline's router_variant)
+    # exemplar router: first frames per task (0: none), from <data_root>/<task>, shown with this centre crop
+    exemplars: int = 0
+    data_root: str | None = None
+    data_fingerprint: str | None = None
+    crop_area: float = 1.0
     params: dict = field(default_factory=dict, compare=False, hash=False)  # algorithm hyper-parameter overrides
 
     @property
     def label(self) -> str:
+        return self.label_with(self.variant or "value")
+
+    def label_with(self, variant: str) -> str:
+        """The table's name of this merge, routed with `variant`."""
         alg = ALGORITHM_LABELS.get(self.algorithm, self.algorithm)
         if self.family == "baseline":
             return f"Baseline {alg}, no masks (self-attn)" if not self.masks else f"Baseline {alg} + masks (self-attn)"
+        router = {"value": " + router", "exemplar": " + exemplar router"}.get(variant, f" + router ({variant} subspaces)")
         return (f"MergeVLA {alg}" + (" + masks" if self.masks else " (no masks)")
                 + (", per-task action expert" if self.per_task_parts else "")
-                + (" + router" if self.routed else ", task given"))
+                + (router if self.routed else ", task given"))
 
     def spec(self) -> dict:
         return {"family": self.family, "algorithm": self.algorithm, "masks": self.masks,
                 "expert_head_layers": self.expert_head_layers, "experts": [list(e) for e in self.experts],
                 "expert_hashes": list(self.expert_hashes), "mask_lambda": self.mask_lambda, "k_gate": self.k_gate,
-                "seed": self.seed, "params": self.params, "per_task_parts": list(self.per_task_parts)}
+                "seed": self.seed, "params": self.params, "per_task_parts": list(self.per_task_parts),
+                "exemplars": self.exemplars, "data_fingerprint": self.data_fingerprint, "crop_area": self.crop_area}
 
 
 def _spec_file(out: Path) -> Path:
@@ -63,6 +75,7 @@ def run_merge(job: MergeJob) -> dict:
     import torch
 
     from model_merging import MergeOptions, get_method, merge_experts
+    from model_merging.exemplars import EXEMPLAR_MANIFEST
     from prismatic.io import write_json
 
     torch.set_num_threads(1)
@@ -80,12 +93,28 @@ def run_merge(job: MergeJob) -> dict:
                             k_gate=job.k_gate, expert_head_layers=job.expert_head_layers,
                             per_task_parts=tuple(job.per_task_parts), seed=job.seed)
         merge_experts([(n, Path(d)) for n, d in job.experts], out, opts, log=None)
+        if job.exemplars:
+            calibrate_exemplars(job, out)
         write_json(spec_file, job.spec())
     manifest = json.loads((out / "manifest.json").read_text())
     stats = manifest["masks"].get("stats") or {}
+    ex = out / EXEMPLAR_MANIFEST
     return {"name": job.name, "label": job.label, "dir": str(out), "weights_sha256": manifest["weights_sha256"],
+            "exemplars_sha256": json.loads(ex.read_text())["weights_sha256"] if ex.is_file() else None,
             "selfish_ratio": stats.get("selfish_ratio"), "cached": cached,
             "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def calibrate_exemplars(job: MergeJob, out: Path) -> None:
+    """The exemplar router's exemplars of each task from its suite's demos (tasks are named like their suites)."""
+    from model_merging.exemplar_router import DataSource, calibrate
+    from model_merging.exemplars import write_exemplars
+    from model_merging.merged_model import load_merged
+
+    merged = load_merged(out, exemplars=False)
+    sources = {t: DataSource(Path(job.data_root), t) for t in merged.task_names}
+    exemplars, provenance = calibrate(merged, sources, job.exemplars, job.crop_area)
+    write_exemplars(merged, exemplars, provenance, job.crop_area)
 
 
 def run_merges(jobs: list[MergeJob], workers: int, log=print) -> dict[str, dict]:

@@ -3,7 +3,8 @@
     data     generate the demonstrations (or reuse them) and the joint suite        <out_dir>/tabletop4
     base     check the pretrained tiny base (shipped in pretrained_models/)         <out_dir>/base
     train    4 MergeVLA experts, 4 self-attention baseline experts, 1 joint model   <out_dir>/train
-    merge    MergeVLA experts with every algorithm (+ masks, router); naive baseline <out_dir>/merge
+    merge    MergeVLA experts with every algorithm (+ masks, router exemplars);     <out_dir>/merge
+             naive baseline
     eval     roll out every row on TableTop-4; router accuracy per suite            <out_dir>/eval
     report   the table (markdown, CSV, PNG), routing accuracy, wall time            <out_dir>/summary, timing.json
 
@@ -26,7 +27,7 @@ from experiments.robot.tabletop_pipeline.stages import Stage, fingerprint, jsona
 
 SUITES = ("spatial", "object", "goal", "long")
 DEMO_ALGORITHMS = ("task_arithmetic", "ties", "tsv", "knots", "wudi", "emr")
-TASK_GIVEN_ALGORITHMS = ("task_arithmetic", "ties", "emr")
+PER_TASK_ALGORITHMS = ("task_arithmetic", "ties", "emr")
 FT_LABEL = "FT experts"  # = experiments.robot.harness.FT_METHOD (listed first in tables)
 BASELINE_FT_LABEL = "Baseline FT experts (self-attn)"
 JOINT_LABEL = "Joint multi-task (upper reference)"
@@ -68,9 +69,12 @@ class PipelineConfig:
     # merging (model_merging.MergeOptions fields)
     algorithms: list[str] = field(default_factory=lambda: list(DEMO_ALGORITHMS))  # MergeVLA, masks + router
     unmasked_algorithms: list[str] = field(default_factory=list)  # MergeVLA without masks (+ router for heads)
-    # MergeVLA + masks with every from-scratch part kept per task (only the VLM merged), the task given: what the
-    # masked VLM merge alone keeps of each expert, apart from averaging the action pathway and from routing
-    task_given_algorithms: list[str] = field(default_factory=lambda: list(TASK_GIVEN_ALGORITHMS))
+    # MergeVLA + masks with every from-scratch part kept per task (only the VLM merged), routed by the exemplar
+    # router (the task given when router_exemplars is 0): what the masked VLM merge keeps of each expert when the
+    # action pathway is not averaged
+    per_task_algorithms: list[str] = field(default_factory=lambda: list(PER_TASK_ALGORITHMS))
+    # first frames of each expert's demos that calibrate the exemplar router of every routed merge (0: none)
+    router_exemplars: int = 50
     mask_lambda: float = 0.6
     k_gate: int = 8
     expert_head_layers: int = 1
@@ -81,7 +85,8 @@ class PipelineConfig:
     first_init_state: int = 0
     num_envs: int = 16  # concurrent episodes per policy (the policy's batch)
     noop_steps: int = 0  # TableTop-4 needs no settling steps
-    router_variant: str = "value"  # subspaces used in rollouts: value | key | key_value | value_update
+    # router of the "+ router" rows' rollouts: value | key | key_value | value_update subspaces, or exemplar
+    router_variant: str = "value"
     eval_baseline_experts: bool = True  # also roll out the baseline experts themselves
     # also replay each task's first demo open-loop on the same episodes: what a policy that never looks solves
     blind_replay: bool = True
@@ -94,7 +99,7 @@ class PipelineConfig:
 
     def validate(self) -> None:
         from model_merging import METHODS
-        from model_merging.artifact import ROUTER_VARIANTS
+        from model_merging.router import ALL_VARIANTS, EXEMPLAR
         from prismatic.models import get_config
         from prismatic.models.modeling import ACTION_LOSSES
         from prismatic.training.schedule import LR_SCHEDULES
@@ -109,7 +114,7 @@ class PipelineConfig:
             if getattr(self, name) < 1:
                 raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("noop_steps", "first_init_state", "seed", "warmup_steps", "baseline_head_layers", "demo_noise",
-                     "weight_decay", "mask_lambda"):
+                     "weight_decay", "mask_lambda", "router_exemplars"):
             if getattr(self, name) < 0:
                 raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "max_grad_norm"):
@@ -124,7 +129,7 @@ class PipelineConfig:
             raise PipelineError(f"expert_head_layers must be in 0..{blocks - 1}, got {self.expert_head_layers}")
         if self.baseline_head_layers > blocks:
             raise PipelineError(f"baseline_head_layers must be in 0..{blocks}, got {self.baseline_head_layers}")
-        for name in ("algorithms", "unmasked_algorithms", "task_given_algorithms", "baseline_algorithms"):
+        for name in ("algorithms", "unmasked_algorithms", "per_task_algorithms", "baseline_algorithms"):
             twice = sorted({a for a in getattr(self, name) if getattr(self, name).count(a) > 1})
             if twice:
                 raise PipelineError(f"{name} lists {twice} more than once")
@@ -133,14 +138,18 @@ class PipelineConfig:
                                 f"({self.expert_steps}, {self.joint_steps})")
         if self.first_init_state + self.trials_per_task > 50:
             raise PipelineError("first_init_state + trials_per_task must be <= 50 (TableTop-4 has 50 init states)")
-        bad = [a for a in [*self.algorithms, *self.unmasked_algorithms, *self.task_given_algorithms,
+        bad = [a for a in [*self.algorithms, *self.unmasked_algorithms, *self.per_task_algorithms,
                            *self.baseline_algorithms] if a not in METHODS]
         if bad:
             raise PipelineError(f"unknown merge algorithm(s) {bad}; expected some of {sorted(METHODS)}")
         if self.action_loss not in ACTION_LOSSES:
             raise PipelineError(f"action_loss must be one of {sorted(ACTION_LOSSES)}, got {self.action_loss!r}")
-        if self.router_variant not in ROUTER_VARIANTS:
-            raise PipelineError(f"router_variant must be one of {list(ROUTER_VARIANTS)}, got {self.router_variant!r}")
+        if self.router_variant not in ALL_VARIANTS:
+            raise PipelineError(f"router_variant must be one of {list(ALL_VARIANTS)}, got {self.router_variant!r}")
+        if self.router_exemplars == 1:
+            raise PipelineError("router_exemplars must be 0 (no exemplar router) or >= 2, got 1")
+        if self.router_variant == EXEMPLAR and not self.router_exemplars:
+            raise PipelineError("router_variant exemplar needs router_exemplars >= 2")
         if self.video_episodes:
             from experiments.robot.harness.video import wants_video
             from experiments.robot.tabletop_pipeline.evaluation import plan
@@ -239,9 +248,10 @@ def stage_train(cfg: PipelineConfig, root: Path, data: dict, base: dict, log) ->
     return Stage(root, "train", spec, clear_stale=False).run(lambda _d: run_jobs(jobs, settings, cfg.workers, log), log)
 
 
-def merge_jobs(cfg: PipelineConfig, root: Path, trained: dict) -> list:
+def merge_jobs(cfg: PipelineConfig, root: Path, data: dict, trained: dict) -> list:
     from experiments.robot.tabletop_pipeline.merging import MergeJob
     from model_merging.layout import PART_GROUPS
+    from model_merging.router import EXEMPLAR
 
     d = root / "merge"
 
@@ -251,18 +261,22 @@ def merge_jobs(cfg: PipelineConfig, root: Path, trained: dict) -> list:
                 tuple(trained[n]["weights_sha256"] for n in names))
 
     common = {"mask_lambda": cfg.mask_lambda, "k_gate": cfg.k_gate, "seed": cfg.seed}
+    # every routed merge gets exemplars (the router ablation scores them all), from the demo's own demos, shown
+    # with the crop the rollouts use
+    routed = {"exemplars": cfg.router_exemplars, "data_root": str(data["data_root"]),
+              "data_fingerprint": data["fingerprint"], "crop_area": eval_crop_area(cfg)} if cfg.router_exemplars else {}
     jobs = []
     ex, hashes = experts("mergevla")
     for alg in cfg.algorithms:
         jobs.append(MergeJob(f"mergevla-{alg}-masks", "mergevla", alg, True, cfg.expert_head_layers, ex, hashes,
-                             str(d / f"mergevla-{alg}-masks"), **common))
+                             str(d / f"mergevla-{alg}-masks"), **common, **routed))
     for alg in cfg.unmasked_algorithms:
         jobs.append(MergeJob(f"mergevla-{alg}-nomasks", "mergevla", alg, False, cfg.expert_head_layers, ex, hashes,
-                             str(d / f"mergevla-{alg}-nomasks"), **common))
-    for alg in cfg.task_given_algorithms:
+                             str(d / f"mergevla-{alg}-nomasks"), **common, **routed))
+    for alg in cfg.per_task_algorithms:
         jobs.append(MergeJob(f"mergevla-{alg}-masks-pertask", "mergevla", alg, True, cfg.expert_head_layers, ex, hashes,
-                             str(d / f"mergevla-{alg}-masks-pertask"), routed=False, per_task_parts=PART_GROUPS,
-                             **common))
+                             str(d / f"mergevla-{alg}-masks-pertask"), routed=bool(routed), per_task_parts=PART_GROUPS,
+                             variant=EXEMPLAR if routed else None, **common, **routed))
     ex, hashes = experts("baseline")
     for alg in cfg.baseline_algorithms:
         jobs.append(MergeJob(f"baseline-{alg}-nomasks", "baseline", alg, False, cfg.baseline_head_layers, ex, hashes,
@@ -270,10 +284,10 @@ def merge_jobs(cfg: PipelineConfig, root: Path, trained: dict) -> list:
     return jobs
 
 
-def stage_merge(cfg: PipelineConfig, root: Path, trained: dict, log) -> dict:
+def stage_merge(cfg: PipelineConfig, root: Path, data: dict, trained: dict, log) -> dict:
     from experiments.robot.tabletop_pipeline.merging import run_merges
 
-    jobs = merge_jobs(cfg, root, trained)
+    jobs = merge_jobs(cfg, root, data, trained)
     spec = {"jobs": [j.spec() | {"name": j.name} for j in jobs]}
     return Stage(root, "merge", spec, clear_stale=False).run(lambda _d: run_merges(jobs, cfg.workers, log), log)
 
@@ -301,9 +315,10 @@ def eval_jobs(cfg: PipelineConfig, trained: dict, merged: dict, merge_job_list: 
     for mj in merge_job_list:
         m = merged[mj.name]
         kind = "routed" if mj.routed else "oracle"
-        variant = cfg.router_variant if mj.routed else "value"
-        label = mj.label + (f" ({variant} subspaces)" if mj.routed and variant != "value" else "")
-        pid = fingerprint([proto, m["weights_sha256"], kind, variant])
+        variant = (mj.variant or cfg.router_variant) if mj.routed else "value"
+        label = mj.label_with(variant)
+        # the exemplars route this row (exemplar variant) or at least its router ablation
+        pid = fingerprint([proto, m["weights_sha256"], kind, variant, m.get("exemplars_sha256")])
         jobs.append(EvalJob(mj.name, label, kind, pid, artifact=m["dir"], variant=variant))
     if cfg.train_joint:
         pid = fingerprint([proto, trained["joint"]["weights_sha256"]])
@@ -314,7 +329,8 @@ def eval_jobs(cfg: PipelineConfig, trained: dict, merged: dict, merge_job_list: 
     return jobs
 
 
-def stage_eval(cfg: PipelineConfig, root: Path, trained: dict, merged: dict, log) -> tuple[dict, object, list]:
+def stage_eval(cfg: PipelineConfig, root: Path, data: dict, trained: dict, merged: dict, log
+               ) -> tuple[dict, object, list]:
     from experiments.robot.tabletop_pipeline.evaluation import EvalSettings, run_evals
 
     d = root / "eval"
@@ -322,7 +338,7 @@ def stage_eval(cfg: PipelineConfig, root: Path, trained: dict, merged: dict, log
                             trials_per_task=cfg.trials_per_task, first_init_state=cfg.first_init_state,
                             num_envs=cfg.num_envs, noop_steps=cfg.noop_steps, seed=cfg.seed,
                             crop_area=eval_crop_area(cfg), video_episodes=tuple(cfg.video_episodes), out_dir=str(d))
-    jobs = eval_jobs(cfg, trained, merged, merge_jobs(cfg, root, trained))
+    jobs = eval_jobs(cfg, trained, merged, merge_jobs(cfg, root, data, trained))
     spec = {"settings": asdict(settings), "jobs": [asdict(j) for j in jobs]}
     res = Stage(root, "eval", spec, clear_stale=False).run(lambda _d: run_evals(jobs, settings, cfg.workers, log), log)
     return res, settings, jobs
@@ -358,8 +374,10 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     results["data"] = stage_data(cfg, root, log)
     results["base"] = stage_base(cfg, root, log)
     results["train"] = stage_train(cfg, root, results["data"].outputs, results["base"].outputs, log)
-    results["merge"] = stage_merge(cfg, root, results["train"].outputs, log)
-    results["eval"], settings, jobs = stage_eval(cfg, root, results["train"].outputs, results["merge"].outputs, log)
+    data = results["data"].outputs
+    results["merge"] = stage_merge(cfg, root, data, results["train"].outputs, log)
+    results["eval"], settings, jobs = stage_eval(cfg, root, data, results["train"].outputs, results["merge"].outputs,
+                                                 log)
     t_report = time.perf_counter()
     keys = {e.key for e in plan(settings.suites, settings.task_ids, settings.trials_per_task,
                                 settings.first_init_state)}

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from experiments.robot.harness import FT_METHOD, success_table, write_summary
 from experiments.robot.tabletop_pipeline.evaluation import load_rows
-from model_merging.artifact import ROUTER_VARIANTS
+from model_merging.router import ALL_VARIANTS
 
 VARIANT_LABELS = {"value": "value-only", "key": "key-only", "key_value": "key+value",
-                  "value_update": "value, learned update"}
+                  "value_update": "value, learned update", "exemplar": "exemplar (beyond the paper)"}
 
 
 def _pct(x) -> str:
@@ -24,7 +24,7 @@ def _pct(x) -> str:
 
 
 def routing_tables(eval_out: dict, suites: list[str]) -> tuple[str, str]:
-    """(per-suite routing accuracy in the rollouts, first-observation accuracy by subspace variant)."""
+    """(per-suite routing accuracy in the rollouts, first-observation accuracy by router variant)."""
     routed = [r for r in eval_out.values() if "first_obs_routing" in r]
     if not routed:
         return "", ""
@@ -32,7 +32,7 @@ def routing_tables(eval_out: dict, suites: list[str]) -> tuple[str, str]:
     per_suite = head + "".join(
         f"| {r['label']} | " + " | ".join(_pct(r["rollout_routing"].get(s)) for s in suites)
         + f" | {_pct(r['rollout_routing'].get('all'))} |\n" for r in routed)
-    variants = [v for v in ROUTER_VARIANTS if any(v in r["first_obs_routing"] for r in routed)]
+    variants = [v for v in ALL_VARIANTS if any(v in r["first_obs_routing"] for r in routed)]
     cols = [VARIANT_LABELS[v] for v in variants]
     ablation = ("| method | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n" + "".join(
         f"| {r['label']} | " + " | ".join(_pct(r["first_obs_routing"].get(v, {}).get("all")) for v in variants)
@@ -74,9 +74,9 @@ def render(cfg, report: dict) -> str:
         "## Success rate (%)\n\n", report["table_markdown"],
     ]
     if report["routing_per_suite"]:
-        parts += [f"\n## Routing accuracy (%) per suite (first observation of each rollout, "
-                  f"{VARIANT_LABELS[cfg.router_variant]} subspaces)\n\n", report["routing_per_suite"],
-                  "\n## Router subspaces (%, all suites, first observations)\n\n", report["routing_ablation"]]
+        parts += ["\n## Routing accuracy (%) per suite (first observation of each rollout, routed as the row "
+                  f"says: \"+ router\" = {VARIANT_LABELS[cfg.router_variant]})\n\n", report["routing_per_suite"],
+                  "\n## Router variants (%, all suites, first observations)\n\n", report["routing_ablation"]]
     # in job order (a cached stage's outputs come back with their keys sorted)
     jobs = [f"{fam}/{s}" for fam in ("mergevla", "baseline") for s in cfg.suites] + ["joint"]
     ft = sorted(report["train"].values(), key=lambda r: jobs.index(r["name"]) if r["name"] in jobs else len(jobs))

@@ -1,0 +1,133 @@
+"""Exemplar router: scores by hand, calibration from demos on disk, the files tied to the artifact's weights."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from model_merging.errors import MergeError
+from model_merging.exemplar_router import DataSource, first_frames, main, task_exemplars
+from model_merging.exemplars import EXEMPLAR_MANIFEST, EXEMPLAR_WEIGHTS, read_exemplars
+from model_merging.merge import MergeOptions, merge_experts
+from model_merging.merged_model import load_merged
+from model_merging.routed_policy import RoutedPolicy
+from model_merging.router import exemplar_scores, nearest_neighbour_scale
+from model_merging.synthetic import save_perturbed_experts
+from prismatic.models import BaseModelConfig, build_vla
+from prismatic.vla.datasets import load_suite
+from prismatic.vla.datasets.synthetic import make_tasks, write_hdf5_suite
+
+NAMES = ["spatial", "object", "goal"]
+
+
+def test_scores_by_hand():
+    # one sample, two tokens per side: token means act (1, 0), vis (0, 3)
+    h_act = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])
+    h_vis = torch.tensor([[[0.0, 2.0], [0.0, 4.0]]])
+    ex_act = torch.tensor([[4.0, 0.0], [1.0, 2.0]])  # nearest: (1, 2) at distance 2
+    ex_vis = torch.tensor([[0.0, 0.0], [3.0, 7.0]])  # nearest: (0, 0) at distance 3
+    s = exemplar_scores(h_act, h_vis, ex_act, ex_vis, scale_act=4.0, scale_vis=1.5)
+    assert s.item() == pytest.approx(-0.5 * (2 / 4.0 + 3 / 1.5))
+    # nearest other row: 0 → 1 at 5, 1 → 0 at 5, 2 → 1 at 1 (rows 1 and 2 are (3, 4) and (3, 5))
+    assert nearest_neighbour_scale(torch.tensor([[0.0, 0.0], [3.0, 4.0], [3.0, 5.0]])) == pytest.approx((5 + 1 + 1) / 3)
+
+
+@pytest.fixture(scope="module")
+def merged_dir(tmp_path_factory):
+    model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
+    experts = save_perturbed_experts(model, tmp_path_factory.mktemp("experts"), NAMES, noise=0.05, seed=1)
+    return merge_experts(experts, tmp_path_factory.mktemp("merged") / "m", MergeOptions(), log=None)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """One HDF5 suite per task, named like the task, each with its own scenes and instructions."""
+    root = tmp_path_factory.mktemp("data")
+    for i, name in enumerate(NAMES):
+        write_hdf5_suite(root, name, make_tasks(num_tasks=2, demos_per_task=3, steps=6, image_size=64, seed=10 + i))
+    return root
+
+
+@pytest.fixture
+def fresh(merged_dir, tmp_path):
+    """A copy of the merged artifact this test may write exemplars into."""
+    return shutil.copytree(merged_dir, tmp_path / "m")
+
+
+def test_first_frames_are_episode_starts_spread_over_the_suite(data_root):
+    ds = load_suite(data_root, "goal")
+    instructions, images, fp = first_frames(DataSource(data_root, "goal"), 3)
+    picked = [0, 2, 5]  # 6 episodes, 3 wanted: linspace(0, 5, 3) rounded
+    assert instructions == [ds.instructions[i] for i in picked]
+    assert np.array_equal(images, ds.images(ds.starts[picked])) and fp == ds.fingerprint
+    assert len(first_frames(DataSource(data_root, "goal"), 50)[0]) == 6  # never more than the suite has
+
+
+def test_cli_calibrates_and_the_router_sends_each_task_its_own_frames(fresh, data_root, capsys):
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "4"]) == 0
+    assert "spatial: 4, object: 4, goal: 4 frames" in capsys.readouterr().out
+    merged = load_merged(fresh)
+    assert merged.router_variants[-1] == "exemplar"
+    meta = json.loads((fresh / EXEMPLAR_MANIFEST).read_text())
+    assert meta["sources"]["goal"]["suite"] == "goal" and meta["sources"]["goal"]["frames"] == 4
+    for e, name in enumerate(NAMES):
+        instructions, images, _ = first_frames(DataSource(data_root, name), 4)
+        batch = merged.multi_expert().processor(instructions, images, np.zeros((4, 8), np.float32))
+        result = merged.route(batch, "exemplar")
+        assert result.names() == [name] * 4  # own frames: distance 0 to an exemplar, the best possible score
+        assert torch.all(result.scores[:, e] == 0) and torch.all(result.scores.max(1).values == 0)
+        # every candidate's score is exemplar_scores of its own model's states against its own exemplars
+        own = task_exemplars(merged, e, instructions, images)
+        assert torch.allclose(own["act"], merged.exemplars.states[name]["act"], atol=1e-5)
+    # the routed policy accepts the variant and routes with it
+    policy = RoutedPolicy(merged, variant="exemplar")
+    ins, ims, _ = first_frames(DataSource(data_root, "object"), 2)
+    obs = [{"agentview_image": f[0], "robot0_eye_in_hand_image": f[1]} for f in ims]
+    assert [i["routed_expert"] for i in policy.start_episodes(obs, ins)] == ["object", "object"]
+
+
+def test_exemplars_of_other_weights_or_a_changed_file_are_refused(fresh, data_root):
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "2"]) == 0
+    manifest = json.loads((fresh / "manifest.json").read_text())
+    assert read_exemplars(fresh, manifest) is not None
+    with pytest.raises(MergeError, match="other merged weights or tasks: recompute"):
+        read_exemplars(fresh, {**manifest, "weights_sha256": "0" * 64})
+    with open(fresh / EXEMPLAR_WEIGHTS, "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\1")
+    with pytest.raises(MergeError, match="does not match the sha256"):
+        load_merged(fresh)
+    assert load_merged(fresh, exemplars=False).router_variants == manifest["router"]["variants"]
+
+
+def test_cli_errors_name_what_to_fix(fresh, data_root, capsys):
+    # the synthetic experts record no training data: without --data_root there is nowhere to take demos from
+    assert main(["--merged", str(fresh)]) == 2
+    assert "records no HDF5 dataset to take demos from: give --data_root" in capsys.readouterr().err
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--suites", "goal"]) == 2
+    assert "--suites entry 'goal': expected TASK=SUITE" in capsys.readouterr().err
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--suites", "nope=goal"]) == 2
+    assert "--suites names tasks ['nope']" in capsys.readouterr().err
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--suites", "goal=missing"]) == 2
+    assert "unknown suite 'missing'" in capsys.readouterr().err
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "1"]) == 2
+    assert "at least 2 frames per task" in capsys.readouterr().err
+    assert not (fresh / EXEMPLAR_MANIFEST).exists() and not (fresh / EXEMPLAR_WEIGHTS).exists()
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "2"]) == 0
+    before = (fresh / EXEMPLAR_WEIGHTS).read_bytes()
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "3"]) == 2
+    assert "exists: pass --overwrite true" in capsys.readouterr().err
+    assert (fresh / EXEMPLAR_WEIGHTS).read_bytes() == before
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "3", "--overwrite", "true"]) == 0
+    assert json.loads((fresh / EXEMPLAR_MANIFEST).read_text())["sources"]["goal"]["frames"] == 3
+
+
+def test_subspace_variants_still_check_against_the_stored_ones(fresh, data_root):
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "2"]) == 0
+    merged = load_merged(fresh)
+    with pytest.raises(ValueError, match="router variant 'exemplar'"):
+        merged.subspaces("exemplar")
+    with pytest.raises(ValueError, match="router variant 'exemplar'"):
+        RoutedPolicy(load_merged(fresh, exemplars=False), variant="exemplar")
