@@ -25,6 +25,9 @@ DEVICE="${DEVICE:-auto}"
 ENV_IMG_RES="${ENV_IMG_RES:-256}"
 FAST_RENDER="${FAST_RENDER:-false}" # true only for smoke runs: images differ slightly
 SAVE_VIDEOS="${SAVE_VIDEOS:-}"      # "", "all", "first" or globs such as "libero_goal/3/*"
+# value | key | key_value | value_update; exemplar after `python -m model_merging.exemplar_router --merged ...`;
+# empty: the artifact's default (value, as published)
+ROUTER_VARIANT="${ROUTER_VARIANT:-}"
 export MUJOCO_GL="${MUJOCO_GL:-egl}" # headless rendering: egl (GPU or Mesa) or osmesa
 DRY_RUN="${DRY_RUN:-0}"
 QUICK="${QUICK:-0}"
@@ -47,6 +50,7 @@ args=(--pretrained_checkpoint "$MERGED_CKPT" --task_suites "$suites_list" --resu
 [[ -n "$TASK_IDS" ]] && args+=(--task_ids "$TASK_IDS")
 [[ -n "$MAX_STEPS" ]] && args+=(--max_steps "$MAX_STEPS")
 [[ -n "$SAVE_VIDEOS" ]] && args+=(--save_videos "$SAVE_VIDEOS")
+[[ -n "$ROUTER_VARIANT" ]] && args+=(--router_variant "$ROUTER_VARIANT")
 [[ "$DRY_RUN" == 1 ]] && args+=(--dry_run true)
 
 echo "== merged checkpoint $MERGED_CKPT on $suites_list"

@@ -131,3 +131,12 @@ def test_subspace_variants_still_check_against_the_stored_ones(fresh, data_root)
         merged.subspaces("exemplar")
     with pytest.raises(ValueError, match="router variant 'exemplar'"):
         RoutedPolicy(load_merged(fresh, exemplars=False), variant="exemplar")
+
+
+def test_libero_rows_of_another_router_get_their_own_default_label(merged_dir):
+    from experiments.robot.libero.policies import default_method
+
+    manifest = json.loads((merged_dir / "manifest.json").read_text())
+    plain = default_method(manifest)
+    assert default_method(manifest, "value") == plain and plain
+    assert default_method(manifest, "exemplar") == f"{plain} (exemplar router)"

@@ -59,11 +59,14 @@ PAPER_LABELS = {"ta": "TA", "task_arithmetic": "TA", "ties": "TIES", "tsv": "TSV
                 "knots": "KnOTS", "wudi": "WUDI", "emr": "EMR", "dare_ta": "DARE-TA", "dare_ties": "DARE-TIES"}
 
 
-def default_method(manifest: dict) -> str:
-    """Row label in the results table: the FT experts' row, or the merge algorithm of a merged artifact."""
+def default_method(manifest: dict, router_variant: str | None = None) -> str:
+    """Row label in the results table: the FT experts' row, or the merge algorithm of a merged artifact (and the
+    router variant, unless it is the artifact's default, so that two routers of one merge are two rows)."""
     if manifest["format"] == FT_KIND:
         from experiments.robot.harness import FT_METHOD
 
         return FT_METHOD
     alg = str(manifest.get("algorithm") or manifest.get("method") or "merged")
-    return PAPER_LABELS.get(alg.lower(), alg)
+    label = PAPER_LABELS.get(alg.lower(), alg)
+    default = (manifest.get("router") or {}).get("default_variant", "value")
+    return label if router_variant in (None, default) else f"{label} ({router_variant} router)"

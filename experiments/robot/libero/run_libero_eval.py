@@ -42,7 +42,9 @@ class GenerateConfig:
     task_ids: list[int] | None = None  # a subset of each suite's tasks (default: all)
     num_trials_per_task: int = 50  # trial k starts from the task's k-th fixed init state (LIBERO-Plus: 1)
     method: str | None = None  # row label in the table (default: "FT experts" or the merge method)
-    router_variant: str | None = None  # merged artifacts: value | key | key_value | value_update (default: the artifact's)
+    # merged artifacts: value | key | key_value | value_update, or exemplar once model_merging.exemplar_router has
+    # calibrated the artifact (default: the artifact's default, value)
+    router_variant: str | None = None
     # merged artifacts: keep each expert's built weights instead of rebuilding them every forward (faster, ≈ 2.4 GB
     # more per expert in bf16 at full size)
     cache_expert_weights: bool = False
@@ -141,7 +143,7 @@ def main(cfg: GenerateConfig) -> list[dict]:
     if cfg.num_trials_per_task < 1 or cfg.num_envs < 1:
         raise ValueError("num_trials_per_task and num_envs must be at least 1")
     manifest = read_checkpoint_manifest(cfg.pretrained_checkpoint)
-    method = cfg.method or default_method(manifest)
+    method = cfg.method or default_method(manifest, cfg.router_variant)
     run_name = cfg.run_name or slug(f"{method}--{cfg.pretrained_checkpoint.resolve().name}")
     results_path = cfg.results_dir / f"{run_name}.jsonl"
     summary_dir = cfg.summary_dir or cfg.results_dir / "summary"
