@@ -81,3 +81,17 @@ def read_exemplars(directory: Path, manifest: dict) -> Exemplars | None:
     except (KeyError, TypeError, SafetensorError) as e:
         raise MergeError(f"{wf} / {mf}: an exemplar tensor or scale is missing ({e})") from e
     return Exemplars(states, scales)
+
+
+def crop_mismatch(directory: Path | str, crop_area: float) -> str | None:
+    """A warning when the artifact's exemplars were computed from frames shown with another centre crop than
+    `crop_area` (the one evaluation uses): the router then compares differently framed images. None otherwise."""
+    mf = Path(directory) / EXEMPLAR_MANIFEST
+    try:
+        recorded = json.loads(mf.read_text()).get("crop_area")
+    except (OSError, ValueError):
+        return None
+    if recorded is None or abs(float(recorded) - crop_area) < 1e-9:
+        return None
+    return (f"warning: the exemplars in {mf} were computed with a centre crop of {recorded:g} of the area, this "
+            f"evaluation shows {crop_area:g}: recompute them with --crop_area {crop_area:g} --overwrite true")

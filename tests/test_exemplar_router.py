@@ -140,3 +140,15 @@ def test_libero_rows_of_another_router_get_their_own_default_label(merged_dir):
     plain = default_method(manifest)
     assert default_method(manifest, "value") == plain and plain
     assert default_method(manifest, "exemplar") == f"{plain} (exemplar router)"
+
+
+def test_a_crop_other_than_the_exemplars_is_warned_about(fresh, data_root):
+    from model_merging.exemplars import crop_mismatch
+
+    assert crop_mismatch(fresh, 0.9) is None  # no exemplars yet: nothing to compare
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "2", "--crop_area", "0.9"]) == 0
+    assert json.loads((fresh / EXEMPLAR_MANIFEST).read_text())["crop_area"] == 0.9
+    assert crop_mismatch(fresh, 0.9) is None
+    assert crop_mismatch(fresh, 1.0) == (
+        f"warning: the exemplars in {fresh / EXEMPLAR_MANIFEST} were computed with a centre crop of 0.9 of the area, "
+        "this evaluation shows 1: recompute them with --crop_area 1 --overwrite true")

@@ -170,6 +170,11 @@ def main(cfg: GenerateConfig) -> list[dict]:
         print(f"  {info.name}: {info.num_tasks} tasks, {n} episodes ({n_done} already done), "
               f"max {info.max_steps} steps" + (" [LIBERO-Plus dimensions]" if info.categories else ""))
     print(f"images: centre crop at {crop_area:g} of the area" if crop_area < 1.0 else "images: no centre crop")
+    if cfg.router_variant == "exemplar":
+        from model_merging.exemplars import crop_mismatch
+
+        if warning := crop_mismatch(cfg.pretrained_checkpoint, crop_area):
+            print(warning)
     print(f"results: {results_path}; summary: {summary_dir}; {cfg.num_envs} parallel env(s)")
     if cfg.dry_run:
         print("dry run: nothing executed")
