@@ -145,11 +145,14 @@ class ExemplarConfig:
 
 
 def default_crop_area(manifest: dict) -> float:
-    """The experts' common random-crop area (1: they trained on full frames), as evaluation uses it."""
+    """The experts' common random-crop area (1: they trained on full frames), as evaluation uses it; for experts
+    that record none, the default augmentation's area, as LIBERO evaluation assumes for them."""
+    from prismatic.vla.augmentation import ImageAugConfig
+
     areas = {a for a in (manifest.get("trained_crop_area") or {}).values() if a is not None}
     if len(areas) > 1:
         raise MergeError(f"the experts trained with different random crops {sorted(areas)}: set --crop_area")
-    return areas.pop() if areas else 1.0
+    return areas.pop() if areas else ImageAugConfig().crop_area
 
 
 def parse_suites(specs: list[str]) -> dict[str, str]:
@@ -158,6 +161,8 @@ def parse_suites(specs: list[str]) -> dict[str, str]:
         task, eq, suite = spec.partition("=")
         if not eq or not task or not suite:
             raise MergeError(f"--suites entry {spec!r}: expected TASK=SUITE")
+        if task in out:
+            raise MergeError(f"--suites names task {task!r} twice")
         out[task] = suite
     return out
 
@@ -171,12 +176,15 @@ def run(cfg: ExemplarConfig) -> Path:
         raise MergeError(f"--dataset_format is {cfg.dataset_format!r}, expected hdf5 or rlds")
     if cfg.crop_area is not None and not 0.0 < cfg.crop_area <= 1.0:
         raise MergeError(f"--crop_area is {cfg.crop_area}, expected a fraction of the image area in (0, 1]")
-    if (Path(cfg.merged) / EXEMPLAR_MANIFEST).exists() and not cfg.overwrite:  # before any work
+    if cfg.per_task < 2:  # the cheap checks before loading anything
+        raise MergeError(f"--per_task is {cfg.per_task}: the exemplar router needs at least 2 frames per task")
+    suites = parse_suites(cfg.suites)
+    if (Path(cfg.merged) / EXEMPLAR_MANIFEST).exists() and not cfg.overwrite:
         raise FileExistsError(f"{Path(cfg.merged) / EXEMPLAR_MANIFEST} exists: pass --overwrite true to recompute")
     torch.manual_seed(0)
     merged = load_merged(cfg.merged, exemplars=False)
     crop = cfg.crop_area if cfg.crop_area is not None else default_crop_area(merged.manifest)
-    sources = recorded_sources(merged, cfg.data_root, parse_suites(cfg.suites), cfg.dataset_format)
+    sources = recorded_sources(merged, cfg.data_root, suites, cfg.dataset_format)
     exemplars, provenance = calibrate(merged, sources, cfg.per_task, crop)
     path = write_exemplars(merged, exemplars, provenance, crop, cfg.overwrite)
     counts = ", ".join(f"{t}: {p['frames']}" for t, p in provenance.items())

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,10 +48,11 @@ def write_exemplars(merged: MergedModel, exemplars: Exemplars, provenance: dict,
     tensors = {f"{t}.{s}": exemplars.states[t][s].contiguous() for t in merged.task_names for s in SIDES}
     with atomic_path(d / EXEMPLAR_WEIGHTS) as tmp:
         save_file(tensors, str(tmp))
+        sha = sha256_file(tmp)  # of what this call wrote, even if another writer replaces the file next
     write_json(d / EXEMPLAR_MANIFEST, {
         "format": EXEMPLAR_FORMAT, "artifact_weights_sha256": merged.manifest["weights_sha256"],
         "layer": merged.manifest["router"]["layer"], "crop_area": crop_area, "tasks": merged.task_names,
-        "scales": exemplars.scales, "sources": provenance, "weights_sha256": sha256_file(d / EXEMPLAR_WEIGHTS)})
+        "scales": exemplars.scales, "sources": provenance, "weights_sha256": sha})
     return d / EXEMPLAR_MANIFEST
 
 
@@ -74,12 +76,23 @@ def read_exemplars(directory: Path, manifest: dict) -> Exemplars | None:
     wf = directory / EXEMPLAR_WEIGHTS
     if not wf.is_file() or sha256_file(wf) != meta.get("weights_sha256"):
         raise MergeError(f"{wf} is missing or does not match the sha256 in {mf}")
+    if meta.get("layer") != manifest["router"]["layer"]:
+        raise MergeError(f"{mf}: layer is {meta.get('layer')!r}, the artifact's router reads layer "
+                         f"{manifest['router']['layer']}: recompute the exemplars")
     try:
         tensors = load_file(str(wf))
         states = {t: {s: tensors[f"{t}.{s}"] for s in SIDES} for t in meta["tasks"]}
         scales = {t: {s: float(meta["scales"][t][s]) for s in SIDES} for t in meta["tasks"]}
-    except (KeyError, TypeError, SafetensorError) as e:
-        raise MergeError(f"{wf} / {mf}: an exemplar tensor or scale is missing ({e})") from e
+    except (KeyError, TypeError, ValueError, SafetensorError) as e:
+        raise MergeError(f"{wf} / {mf}: an exemplar tensor or scale is missing or malformed ({e})") from e
+    hidden = manifest["router"]["hidden"]
+    for t in meta["tasks"]:
+        for s in SIDES:
+            x, scale = states[t][s], scales[t][s]
+            if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] != hidden or not torch.isfinite(x).all():
+                raise MergeError(f"{wf}: tensor {t}.{s} is {list(x.shape)}, expected finite (n >= 2, {hidden})")
+            if not (scale > 0 and math.isfinite(scale)):
+                raise MergeError(f"{mf}: scales.{t}.{s} is {scale}, expected a finite number > 0")
     return Exemplars(states, scales)
 
 
@@ -95,3 +108,13 @@ def crop_mismatch(directory: Path | str, crop_area: float) -> str | None:
         return None
     return (f"warning: the exemplars in {mf} were computed with a centre crop of {recorded:g} of the area, this "
             f"evaluation shows {crop_area:g}: recompute them with --crop_area {crop_area:g} --overwrite true")
+
+
+def exemplars_sha256(directory: Path | str) -> str:
+    """The sha256 of the artifact's exemplar tensors (their identity), or a MergeError saying how to make them."""
+    mf = Path(directory) / EXEMPLAR_MANIFEST
+    try:
+        return json.loads(mf.read_text())["weights_sha256"]
+    except (OSError, ValueError, KeyError) as e:
+        raise MergeError(f"router variant 'exemplar' needs exemplars in {directory} ({mf} is missing or unreadable): "
+                         f"compute them with python -m model_merging.exemplar_router --merged {directory}") from e

@@ -18,8 +18,9 @@ import torch
 
 from experiments.robot.policy import ImageTransform, camera_images, raw_proprio, to_env_actions
 from model_merging.errors import MergeError
+from model_merging.exemplars import exemplars_sha256
 from model_merging.merged_model import MergedModel, load_merged
-from model_merging.router import check_variant
+from model_merging.router import EXEMPLAR, check_variant
 from prismatic.models.loading import BaseModelConfig
 from prismatic.vla.normalization import normalize
 
@@ -35,6 +36,8 @@ class RoutedPolicy:
     routed: dict[int, int] = field(default_factory=dict)  # episode id → task index
 
     def __post_init__(self):
+        if self.variant == EXEMPLAR and EXEMPLAR not in self.merged.router_variants:
+            exemplars_sha256(self.merged.directory)  # raises, saying how to compute them
         if self.variant is not None:
             check_variant(self.variant, self.merged.router_variants, str(self.merged.directory))
         if self.force_task is not None:

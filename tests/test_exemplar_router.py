@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_merging.errors import MergeError
-from model_merging.exemplar_router import DataSource, first_frames, main, task_exemplars
+from model_merging.exemplar_router import DataSource, first_frames, main
 from model_merging.exemplars import EXEMPLAR_MANIFEST, EXEMPLAR_WEIGHTS, read_exemplars
 from model_merging.merge import MergeOptions, merge_experts
 from model_merging.merged_model import load_merged
@@ -66,7 +66,8 @@ def test_first_frames_are_episode_starts_spread_over_the_suite(data_root):
 
 
 def test_cli_calibrates_and_the_router_sends_each_task_its_own_frames(fresh, data_root, capsys):
-    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "4"]) == 0
+    # full frames, as the batches below show them (experts that record no training crop default to 0.9)
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "4", "--crop_area", "1"]) == 0
     assert "spatial: 4, object: 4, goal: 4 frames" in capsys.readouterr().out
     merged = load_merged(fresh)
     assert merged.router_variants[-1] == "exemplar"
@@ -78,9 +79,11 @@ def test_cli_calibrates_and_the_router_sends_each_task_its_own_frames(fresh, dat
         result = merged.route(batch, "exemplar")
         assert result.names() == [name] * 4  # own frames: distance 0 to an exemplar, the best possible score
         assert torch.all(result.scores[:, e] == 0) and torch.all(result.scores.max(1).values == 0)
-        # every candidate's score is exemplar_scores of its own model's states against its own exemplars
-        own = task_exemplars(merged, e, instructions, images)
-        assert torch.allclose(own["act"], merged.exemplars.states[name]["act"], atol=1e-5)
+        # the exemplars are the token means of candidate e's states in the batched all-candidates forward
+        h_act, h_vis, task = merged.candidate_states(batch)
+        rows = task == e
+        assert torch.allclose(h_act[rows].mean(1), merged.exemplars.states[name]["act"], atol=1e-5)
+        assert torch.allclose(h_vis[rows].mean(1), merged.exemplars.states[name]["vis"], atol=1e-5)
     # the routed policy accepts the variant and routes with it
     policy = RoutedPolicy(merged, variant="exemplar")
     ins, ims, _ = first_frames(DataSource(data_root, "object"), 2)
@@ -91,9 +94,18 @@ def test_cli_calibrates_and_the_router_sends_each_task_its_own_frames(fresh, dat
 def test_exemplars_of_other_weights_or_a_changed_file_are_refused(fresh, data_root):
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "2"]) == 0
     manifest = json.loads((fresh / "manifest.json").read_text())
-    assert read_exemplars(fresh, manifest) is not None
+    meta = json.loads((fresh / EXEMPLAR_MANIFEST).read_text())
+    assert read_exemplars(fresh, manifest) is not None and meta["crop_area"] == 0.9  # no recorded crop: the default
     with pytest.raises(MergeError, match="other merged weights or tasks: recompute"):
         read_exemplars(fresh, {**manifest, "weights_sha256": "0" * 64})
+    with pytest.raises(MergeError, match="the artifact's router reads layer 2"):
+        read_exemplars(fresh, {**manifest, "router": {**manifest["router"], "layer": 2}})
+    for bad, message in ((0.0, "scales.goal.vis is 0.0, expected a finite number > 0"), ("x", "malformed")):
+        broken = {**meta, "scales": {**meta["scales"], "goal": {**meta["scales"]["goal"], "vis": bad}}}
+        (fresh / EXEMPLAR_MANIFEST).write_text(json.dumps(broken))
+        with pytest.raises(MergeError, match=message):
+            read_exemplars(fresh, manifest)
+    (fresh / EXEMPLAR_MANIFEST).write_text(json.dumps(meta))
     with open(fresh / EXEMPLAR_WEIGHTS, "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\0\0\0\1")
@@ -112,6 +124,8 @@ def test_cli_errors_name_what_to_fix(fresh, data_root, capsys):
     assert "--suites names tasks ['nope']" in capsys.readouterr().err
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--suites", "goal=missing"]) == 2
     assert "unknown suite 'missing'" in capsys.readouterr().err
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--suites", "goal=a", "goal=b"]) == 2
+    assert "--suites names task 'goal' twice" in capsys.readouterr().err
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "1"]) == 2
     assert "at least 2 frames per task" in capsys.readouterr().err
     assert not (fresh / EXEMPLAR_MANIFEST).exists() and not (fresh / EXEMPLAR_WEIGHTS).exists()
@@ -133,6 +147,11 @@ def test_subspace_variants_still_check_against_the_stored_ones(fresh, data_root)
         RoutedPolicy(load_merged(fresh, exemplars=False), variant="exemplar")
 
 
+def test_the_exemplar_router_without_exemplars_says_how_to_compute_them(fresh):
+    with pytest.raises(MergeError, match=f"compute them with python -m model_merging.exemplar_router --merged {fresh}"):
+        RoutedPolicy(load_merged(fresh), variant="exemplar")
+
+
 def test_libero_rows_of_another_router_get_their_own_default_label(merged_dir):
     from experiments.robot.libero.policies import default_method
 
@@ -143,12 +162,14 @@ def test_libero_rows_of_another_router_get_their_own_default_label(merged_dir):
 
 
 def test_a_crop_other_than_the_exemplars_is_warned_about(fresh, data_root):
-    from model_merging.exemplars import crop_mismatch
+    from model_merging.exemplars import crop_mismatch, exemplars_sha256
+    from prismatic.io import sha256_file
 
     assert crop_mismatch(fresh, 0.9) is None  # no exemplars yet: nothing to compare
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "2", "--crop_area", "0.9"]) == 0
-    assert json.loads((fresh / EXEMPLAR_MANIFEST).read_text())["crop_area"] == 0.9
-    assert crop_mismatch(fresh, 0.9) is None
+    meta = json.loads((fresh / EXEMPLAR_MANIFEST).read_text())
+    assert meta["crop_area"] == 0.9 and crop_mismatch(fresh, 0.9) is None
+    assert exemplars_sha256(fresh) == meta["weights_sha256"] == sha256_file(fresh / EXEMPLAR_WEIGHTS)
     assert crop_mismatch(fresh, 1.0) == (
         f"warning: the exemplars in {fresh / EXEMPLAR_MANIFEST} were computed with a centre crop of 0.9 of the area, "
         "this evaluation shows 1: recompute them with --crop_area 1 --overwrite true")

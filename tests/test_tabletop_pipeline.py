@@ -11,7 +11,7 @@ import pytest
 
 from experiments.robot.demo import FULL, QUICK, DemoConfig
 from experiments.robot.tabletop_pipeline.data import make_joint_suite
-from experiments.robot.tabletop_pipeline.pipeline import DEFAULT_BASE_DIR, PipelineConfig, PipelineError
+from experiments.robot.tabletop_pipeline.pipeline import DEFAULT_BASE_DIR, SUITES, PipelineConfig, PipelineError
 from experiments.robot.tabletop_pipeline.stages import Stage, fingerprint
 from experiments.robot.tabletop_pipeline.training import TrainJob, TrainSettings, finetune_config
 
@@ -341,3 +341,38 @@ def test_the_report_refuses_rows_of_other_weights_in_a_jobs_results_file(tmp_pat
         out.write(json.dumps({"key": "goal/0/1", "policy_id": "b", "success": False}) + "\n")
     with pytest.raises(ResultsError, match=r"holds rows of policies \['a', 'b'\]; FT experts is a"):
         load_rows({"ft": job})
+
+
+def test_exemplar_settings_and_exemplars_are_part_of_the_merges_and_rows_identity():
+    from experiments.robot.tabletop_pipeline.pipeline import eval_jobs, merge_jobs
+
+    trained = {f"{f}/{s}": {"checkpoint": f"ck/{f}/{s}", "weights_sha256": f"{f}{s}"}
+               for f in ("mergevla", "baseline") for s in SUITES}
+    trained["joint"] = {"checkpoint": "ck/joint", "weights_sha256": "j"}
+    data = {"data_root": "runs/x/tabletop4", "fingerprint": "fp"}
+
+    def specs(**kw):
+        return {j.name: j.spec() for j in merge_jobs(PipelineConfig(**kw), Path("r"), data, trained)}
+
+    base = specs()
+    routed = [n for n in base if n.startswith("mergevla")]
+    assert len(routed) == 9 and all((base[n]["exemplars"], base[n]["crop_area"], base[n]["data_fingerprint"])
+                                    == (50, 1.0, "fp") for n in routed)
+    assert base["baseline-task_arithmetic-nomasks"]["exemplars"] == 0
+    for change in ({"router_exemplars": 20}, {"image_aug": True}):  # other frames, or frames shown with a crop
+        other = specs(**change)
+        assert all(other[n] != base[n] for n in routed)
+    assert specs(image_aug=True)["mergevla-ties-masks"]["crop_area"] == 0.9  # the crop the rollouts show
+
+    jobs = merge_jobs(PipelineConfig(), Path("r"), data, trained)
+    pertask = [j for j in jobs if j.per_task_parts]
+    assert all(j.routed and j.variant == "exemplar" for j in pertask)
+    assert [j for j in merge_jobs(PipelineConfig(router_exemplars=0), Path("r"), data, trained) if j.per_task_parts][
+        0].label == "MergeVLA TA + masks, per-task action expert, task given"
+
+    def ids(ex_sha):
+        merged = {j.name: {"dir": "m", "weights_sha256": "w", "exemplars_sha256": ex_sha} for j in jobs}
+        return {e.name: e.policy_id for e in eval_jobs(PipelineConfig(), trained, merged, jobs)}
+
+    a, b = ids("e1"), ids("e2")  # recomputed exemplars: every routed row is rolled out again
+    assert all(a[n] != b[n] for n in routed) and a["mergevla-experts"] == b["mergevla-experts"]

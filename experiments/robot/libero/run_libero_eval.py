@@ -154,6 +154,10 @@ def main(cfg: GenerateConfig) -> list[dict]:
     run_info = {"method": method, "checkpoint": str(cfg.pretrained_checkpoint.resolve()),
                 "checkpoint_sha256": manifest.get("weights_sha256"), "protocol": protocol_info(cfg, crop_area),
                 "router_variant": cfg.router_variant}
+    if cfg.router_variant == "exemplar":  # recomputed exemplars are another router: never resume into old rows
+        from model_merging.exemplars import exemplars_sha256
+
+        run_info["exemplars_sha256"] = exemplars_sha256(cfg.pretrained_checkpoint)
     previous = read_rows(results_path)
     check_same_run(previous, {**run_info, "seed": cfg.seed}, results_path)  # before any work, dry run included
     done = {r["key"] for r in previous}

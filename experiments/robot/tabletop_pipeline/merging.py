@@ -75,7 +75,6 @@ def run_merge(job: MergeJob) -> dict:
     import torch
 
     from model_merging import MergeOptions, get_method, merge_experts
-    from model_merging.exemplars import EXEMPLAR_MANIFEST
     from prismatic.io import write_json
 
     torch.set_num_threads(1)
@@ -83,8 +82,8 @@ def run_merge(job: MergeJob) -> dict:
     spec_file = _spec_file(out)
     t0 = time.perf_counter()
     cached = False
-    if out.exists() and spec_file.is_file() and json.loads(spec_file.read_text()) == job.spec():
-        cached = True
+    if out.exists() and spec_file.is_file() and json.loads(spec_file.read_text()) == job.spec() | _exemplar_id(out):
+        cached = True  # (exemplars recomputed by hand since then would not match their recorded identity)
     else:
         shutil.rmtree(out, ignore_errors=True)
         spec_file.unlink(missing_ok=True)
@@ -95,14 +94,21 @@ def run_merge(job: MergeJob) -> dict:
         merge_experts([(n, Path(d)) for n, d in job.experts], out, opts, log=None)
         if job.exemplars:
             calibrate_exemplars(job, out)
-        write_json(spec_file, job.spec())
+        write_json(spec_file, job.spec() | _exemplar_id(out))
     manifest = json.loads((out / "manifest.json").read_text())
     stats = manifest["masks"].get("stats") or {}
-    ex = out / EXEMPLAR_MANIFEST
     return {"name": job.name, "label": job.label, "dir": str(out), "weights_sha256": manifest["weights_sha256"],
-            "exemplars_sha256": json.loads(ex.read_text())["weights_sha256"] if ex.is_file() else None,
+            "exemplars_sha256": _exemplar_id(out).get("exemplars_sha256"),
             "selfish_ratio": stats.get("selfish_ratio"), "cached": cached,
             "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _exemplar_id(out: Path) -> dict:
+    """{"exemplars_sha256": …} of the artifact's exemplar tensors, {} when it has none."""
+    from model_merging.exemplars import EXEMPLAR_MANIFEST
+
+    mf = out / EXEMPLAR_MANIFEST
+    return {"exemplars_sha256": json.loads(mf.read_text()).get("weights_sha256")} if mf.is_file() else {}
 
 
 def calibrate_exemplars(job: MergeJob, out: Path) -> None:
