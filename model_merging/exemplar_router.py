@@ -139,7 +139,8 @@ class ExemplarConfig:
     suites: list[str] = field(default_factory=list)
     dataset_format: Optional[str] = None  # hdf5 | rlds (default: what each expert recorded, else hdf5)
     per_task: int = 50  # first frames per task, spread over its episodes
-    # Centre-crop area the frames are shown with: what evaluation shows (default: the experts' training crop)
+    # Centre-crop area the frames are shown with: what evaluation shows (default: the experts' training crop; 0.9,
+    # the default augmentation's, for experts that record none)
     crop_area: Optional[float] = None
     overwrite: bool = False  # replace exemplars the artifact already has
 
