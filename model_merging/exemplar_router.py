@@ -148,12 +148,10 @@ class ExemplarConfig:
 def default_crop_area(manifest: dict) -> float:
     """The experts' common random-crop area (1: they trained on full frames), as evaluation uses it; for experts
     that record none, the default augmentation's area, as LIBERO evaluation assumes for them."""
-    from prismatic.vla.augmentation import ImageAugConfig
+    from prismatic.vla.augmentation import ImageAugConfig, common_crop_area
 
-    areas = {a for a in (manifest.get("trained_crop_area") or {}).values() if a is not None}
-    if len(areas) > 1:
-        raise MergeError(f"the experts trained with different random crops {sorted(areas)}: set --crop_area")
-    return areas.pop() if areas else ImageAugConfig().crop_area
+    area = common_crop_area(dict(manifest.get("trained_crop_area") or {}))
+    return ImageAugConfig().crop_area if area is None else area
 
 
 def parse_suites(specs: list[str]) -> dict[str, str]:
@@ -182,7 +180,6 @@ def run(cfg: ExemplarConfig) -> Path:
     suites = parse_suites(cfg.suites)
     if (Path(cfg.merged) / EXEMPLAR_MANIFEST).exists() and not cfg.overwrite:
         raise FileExistsError(f"{Path(cfg.merged) / EXEMPLAR_MANIFEST} exists: pass --overwrite true to recompute")
-    torch.manual_seed(0)
     merged = load_merged(cfg.merged, exemplars=False)
     crop = cfg.crop_area if cfg.crop_area is not None else default_crop_area(merged.manifest)
     sources = recorded_sources(merged, cfg.data_root, suites, cfg.dataset_format)

@@ -50,6 +50,16 @@ def trained_crop_area(train_config: dict | None) -> float | None:
     return centre_crop_for(bool(train_config.get("image_aug")), float(train_config.get("aug", {}).get("crop_area", 1.0)))
 
 
+def common_crop_area(trained: dict[str, float | None]) -> float | None:
+    """The one training crop area of several models (name → `trained_crop_area`, None: unrecorded), as one centre
+    crop at evaluation must serve them all; None when none is recorded. ValueError when they differ."""
+    known = {a for a in trained.values() if a is not None}
+    if len(known) > 1:
+        raise ValueError(f"the merged experts were trained with different random crops {trained}; one centre crop "
+                         "serves every expert: set --crop_area")
+    return known.pop() if known else None
+
+
 def crop_resize(x: torch.Tensor, scale: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Tensor) -> torch.Tensor:
     """Bilinear crop of a box of side `scale` (fraction of H, W) whose centre sits at `shift` ([-1, 1] coords),
     resized to the input size. x: (N, 3, H, W); scale, shift_*: (N,)."""

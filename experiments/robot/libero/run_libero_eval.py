@@ -105,17 +105,14 @@ def eval_crop_area(cfg: GenerateConfig, manifest: dict) -> float:
         if not 0.0 < cfg.crop_area <= 1.0:
             raise ValueError(f"--crop_area is {cfg.crop_area}, expected a fraction of the image area in (0, 1]")
         return cfg.crop_area
-    from prismatic.vla.augmentation import trained_crop_area  # torch: not needed before this point
+    from prismatic.vla.augmentation import common_crop_area, trained_crop_area  # torch: not needed before this
 
     if manifest["format"] == FT_KIND:
         trained = {"the checkpoint": trained_crop_area(manifest.get("train_config"))}
     else:
         trained = dict(manifest.get("trained_crop_area") or {})
-    known = {a for a in trained.values() if a is not None}
-    if len(known) > 1:
-        raise ValueError(f"the merged experts were trained with different random crops {trained}; one centre crop "
-                         "serves every expert: set --crop_area")
-    area = known.pop() if known else PROTOCOL_CROP_AREA
+    area = common_crop_area(trained)
+    area = PROTOCOL_CROP_AREA if area is None else area
     if cfg.center_crop and area == 1.0:  # asked for a crop that training did not use: the protocol's
         return PROTOCOL_CROP_AREA
     return area
