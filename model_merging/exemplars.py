@@ -96,14 +96,21 @@ def read_exemplars(directory: Path, manifest: dict) -> Exemplars | None:
     return Exemplars(states, scales)
 
 
+def exemplar_record(directory: Path | str) -> dict | None:
+    """The artifact's exemplar manifest as recorded, None when it is missing or unreadable (the callers' checks
+    of a record; `read_exemplars` is the strict loader)."""
+    try:
+        meta = json.loads((Path(directory) / EXEMPLAR_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def crop_mismatch(directory: Path | str, crop_area: float) -> str | None:
     """A warning when the artifact's exemplars were computed from frames shown with another centre crop than
     `crop_area` (the one evaluation uses): the router then compares differently framed images. None otherwise."""
     mf = Path(directory) / EXEMPLAR_MANIFEST
-    try:
-        recorded = json.loads(mf.read_text()).get("crop_area")
-    except (OSError, ValueError):
-        return None
+    recorded = (exemplar_record(directory) or {}).get("crop_area")
     if recorded is None or abs(float(recorded) - crop_area) < 1e-9:
         return None
     return (f"warning: the exemplars in {mf} were computed with a centre crop of {recorded:g} of the area, this "
@@ -112,9 +119,9 @@ def crop_mismatch(directory: Path | str, crop_area: float) -> str | None:
 
 def exemplars_sha256(directory: Path | str) -> str:
     """The sha256 of the artifact's exemplar tensors (their identity), or a MergeError saying how to make them."""
-    mf = Path(directory) / EXEMPLAR_MANIFEST
-    try:
-        return json.loads(mf.read_text())["weights_sha256"]
-    except (OSError, ValueError, KeyError) as e:
-        raise MergeError(f"router variant 'exemplar' needs exemplars in {directory} ({mf} is missing or unreadable): "
-                         f"compute them with python -m model_merging.exemplar_router --merged {directory}") from e
+    sha = (exemplar_record(directory) or {}).get("weights_sha256")
+    if sha is None:
+        raise MergeError(f"router variant 'exemplar' needs exemplars in {directory} ({Path(directory) / EXEMPLAR_MANIFEST} "
+                         f"is missing or unreadable): compute them with python -m model_merging.exemplar_router "
+                         f"--merged {directory}")
+    return sha

@@ -81,10 +81,10 @@ def run_merge(job: MergeJob) -> dict:
     out = Path(job.out_dir)
     spec_file = _spec_file(out)
     t0 = time.perf_counter()
-    cached = False
-    if out.exists() and spec_file.is_file() and json.loads(spec_file.read_text()) == job.spec() | _exemplar_id(out):
-        cached = True  # (exemplars recomputed by hand since then would not match their recorded identity)
-    else:
+    ex_id = _exemplar_id(out)
+    # (exemplars recomputed by hand since then would not match their recorded identity)
+    cached = out.exists() and spec_file.is_file() and json.loads(spec_file.read_text()) == job.spec() | ex_id
+    if not cached:
         shutil.rmtree(out, ignore_errors=True)
         spec_file.unlink(missing_ok=True)
         params = get_method(job.algorithm).params(**job.params) if job.params else None
@@ -94,21 +94,22 @@ def run_merge(job: MergeJob) -> dict:
         merge_experts([(n, Path(d)) for n, d in job.experts], out, opts, log=None)
         if job.exemplars:
             calibrate_exemplars(job, out)
-        write_json(spec_file, job.spec() | _exemplar_id(out))
+        ex_id = _exemplar_id(out)
+        write_json(spec_file, job.spec() | ex_id)
     manifest = json.loads((out / "manifest.json").read_text())
     stats = manifest["masks"].get("stats") or {}
     return {"name": job.name, "label": job.label, "dir": str(out), "weights_sha256": manifest["weights_sha256"],
-            "exemplars_sha256": _exemplar_id(out).get("exemplars_sha256"),
+            "exemplars_sha256": ex_id.get("exemplars_sha256"),
             "selfish_ratio": stats.get("selfish_ratio"), "cached": cached,
             "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def _exemplar_id(out: Path) -> dict:
     """{"exemplars_sha256": …} of the artifact's exemplar tensors, {} when it has none."""
-    from model_merging.exemplars import EXEMPLAR_MANIFEST
+    from model_merging.exemplars import exemplar_record
 
-    mf = out / EXEMPLAR_MANIFEST
-    return {"exemplars_sha256": json.loads(mf.read_text()).get("weights_sha256")} if mf.is_file() else {}
+    record = exemplar_record(out)
+    return {"exemplars_sha256": record.get("weights_sha256")} if record else {}
 
 
 def calibrate_exemplars(job: MergeJob, out: Path) -> None:
