@@ -10,14 +10,16 @@ the nearest of e's exemplars, in units of e's typical exemplar spacing (router.e
 
     python -m model_merging.exemplar_router --merged DIR [--data_root ROOT] [--suites goal=libero_goal ...]
 
-Each task's demos default to the dataset its expert was trained on (recorded in the expert's checkpoint).
-The exemplars go into the artifact directory (router_exemplars.safetensors + router_exemplars.json, which
+Each task's demos default to the dataset its expert was trained on (recorded in the expert's checkpoint). The
+frames are shown to the model as the evaluation will show them (`--frames`: LIBERO's JPEG round trip, Lanczos
+resize and centre crop by default; `crop` for TableTop-4's centre crop alone). The exemplars go into the artifact directory (router_exemplars.safetensors + router_exemplars.json, which
 records the artifact's weights sha256: exemplars of other weights are refused); then `--router_variant
 exemplar` routes with them wherever a merged model is evaluated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -27,8 +29,9 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
+from experiments.robot.policy import resolve_device
 from model_merging.errors import MergeError
-from model_merging.exemplars import EXEMPLAR_MANIFEST, SIDES, Exemplars, write_exemplars
+from model_merging.exemplars import EXEMPLAR_MANIFEST, SIDES, Exemplars, FrameView, write_exemplars
 from model_merging.router import nearest_neighbour_scale
 from prismatic.checkpoint import MANIFEST_FILE
 
@@ -57,15 +60,13 @@ def first_frames(source: DataSource, count: int) -> tuple[list[str], np.ndarray,
 
 @torch.no_grad()
 def task_exemplars(merged: MergedModel, task: int, instructions: list[str], images: np.ndarray,
-                   crop_area: float = 1.0, batch_size: int = 32) -> dict[str, torch.Tensor]:
-    """Task `task`'s model's token-mean router states (side → (n, D)) of frames shown as the policy shows them."""
-    from experiments.robot.policy import CenterCrop
-
-    crop = CenterCrop(crop_area)
+                   view: FrameView, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Task `task`'s model's token-mean router states (side → (n, D)) of frames shown as `view` shows them."""
+    show = view.transform()
     processor = merged.multi_expert().processor
     out: dict[str, list] = {s: [] for s in SIDES}
     for i in range(0, len(instructions), batch_size):
-        ims = np.stack([[crop(c) for c in frame] for frame in images[i: i + batch_size]])
+        ims = np.stack([[show(c) for c in frame] for frame in images[i: i + batch_size]])
         n = len(ims)
         # the router reads LLM hidden states, which proprio never reaches: zeros stand in for it
         batch = processor(instructions[i: i + batch_size], ims, np.zeros((n, merged.config.proprio_dim), np.float32))
@@ -75,8 +76,8 @@ def task_exemplars(merged: MergedModel, task: int, instructions: list[str], imag
     return {s: torch.cat(v) for s, v in out.items()}
 
 
-def calibrate(merged: MergedModel, sources: dict[str, DataSource], per_task: int, crop_area: float = 1.0
-              ) -> tuple[Exemplars, dict]:
+def calibrate(merged: MergedModel, sources: dict[str, DataSource], per_task: int, view: FrameView,
+              batch_size: int = 32) -> tuple[Exemplars, dict]:
     """Exemplars of every task of `merged` from `per_task` first frames of its source; also their provenance."""
     if per_task < 2:
         raise MergeError(f"per_task is {per_task}: the exemplar router needs at least 2 frames per task")
@@ -89,7 +90,7 @@ def calibrate(merged: MergedModel, sources: dict[str, DataSource], per_task: int
         if len(instructions) < 2:
             raise MergeError(f"{sources[t].data_root}/{sources[t].suite} holds {len(instructions)} episode(s); "
                              "the exemplar router needs at least 2 per task")
-        states[t] = task_exemplars(merged, e, instructions, images, crop_area)
+        states[t] = task_exemplars(merged, e, instructions, images, view, batch_size)
         scales[t] = {s: nearest_neighbour_scale(states[t][s]) for s in SIDES}
         if not all(v > 0 for v in scales[t].values()):
             raise MergeError(f"the first frames of {sources[t].suite} give identical states: no exemplar spacing")
@@ -139,10 +140,17 @@ class ExemplarConfig:
     suites: list[str] = field(default_factory=list)
     dataset_format: Optional[str] = None  # hdf5 | rlds (default: what each expert recorded, else hdf5)
     per_task: int = 50  # first frames per task, spread over its episodes
+    # How evaluation shows the frames: libero (run_libero_eval's JPEG round trip, Lanczos resize to resize_size,
+    # centre crop) or crop (the centre crop alone, as TableTop-4's harness shows them)
+    frames: str = "libero"
+    resize_size: int = 224  # libero: as run_libero_eval's --resize_size
+    jpeg_resize: bool = True  # libero: as run_libero_eval's --jpeg_resize
     # Centre-crop area the frames are shown with: what evaluation shows (default: the experts' training crop; 0.9,
     # the default augmentation's, for experts that record none)
     crop_area: Optional[float] = None
     overwrite: bool = False  # replace exemplars the artifact already has
+    device: str = "auto"  # where the experts' forwards run: "cuda" when available, else "cpu"
+    batch_size: int = 32  # frames per forward
 
 
 def default_crop_area(manifest: dict) -> float:
@@ -177,14 +185,20 @@ def run(cfg: ExemplarConfig) -> Path:
         raise MergeError(f"--crop_area is {cfg.crop_area}, expected a fraction of the image area in (0, 1]")
     if cfg.per_task < 2:  # the cheap checks before loading anything
         raise MergeError(f"--per_task is {cfg.per_task}: the exemplar router needs at least 2 frames per task")
+    if cfg.batch_size < 1:
+        raise MergeError(f"--batch_size is {cfg.batch_size}, expected at least 1")
+    view = FrameView(cfg.frames, cfg.crop_area or 1.0, cfg.resize_size, cfg.jpeg_resize)  # ValueError names the field
+    device = resolve_device(cfg.device)
     suites = parse_suites(cfg.suites)
     if (Path(cfg.merged) / EXEMPLAR_MANIFEST).exists() and not cfg.overwrite:
         raise FileExistsError(f"{Path(cfg.merged) / EXEMPLAR_MANIFEST} exists: pass --overwrite true to recompute")
     merged = load_merged(cfg.merged, exemplars=False)
-    crop = cfg.crop_area if cfg.crop_area is not None else default_crop_area(merged.manifest)
+    if cfg.crop_area is None:
+        view = dataclasses.replace(view, crop_area=default_crop_area(merged.manifest))
     sources = recorded_sources(merged, cfg.data_root, suites, cfg.dataset_format)
-    exemplars, provenance = calibrate(merged, sources, cfg.per_task, crop)
-    path = write_exemplars(merged, exemplars, provenance, crop, cfg.overwrite)
+    merged.multi_expert().to(device)
+    exemplars, provenance = calibrate(merged, sources, cfg.per_task, view, cfg.batch_size)
+    path = write_exemplars(merged, exemplars, provenance, view, cfg.overwrite)
     counts = ", ".join(f"{t}: {p['frames']}" for t, p in provenance.items())
     print(f"exemplars of {len(merged.task_names)} tasks ({counts} frames) written to {path}")
     return path

@@ -2,7 +2,7 @@
 
     router_exemplars.safetensors   "<task>.act", "<task>.vis": (n, D) token-mean router states of n first frames
     router_exemplars.json          format, the artifact's weights sha256 and tasks they belong to, the router
-                                   layer, the crop the frames were shown with, per-task scales and data sources,
+                                   layer, how the frames were shown (`view`), per-task scales and data sources,
                                    and the sha256 of the tensors file
 """
 
@@ -26,6 +26,59 @@ EXEMPLAR_WEIGHTS = "router_exemplars.safetensors"
 EXEMPLAR_MANIFEST = "router_exemplars.json"
 EXEMPLAR_FORMAT = "mergevla-router-exemplars"
 SIDES = ("act", "vis")
+FRAME_VIEWS = ("libero", "crop")
+
+
+@dataclass(frozen=True)
+class FrameView:
+    """How the evaluation the exemplars serve shows a camera frame to the model. Calibration shows the dataset's
+    first frames (upright in both formats) the same way, so that the router compares like with like."""
+
+    kind: str = "libero"  # libero: run_libero_eval's JPEG round trip, Lanczos resize, centre crop; crop: the crop only
+    crop_area: float = 1.0  # centre crop, as a fraction of the area (1: none)
+    resize_size: int = 224  # libero: the size frames are resized to before the crop
+    jpeg: bool = True  # libero: the JPEG round trip before the resize
+
+    def __post_init__(self):
+        if self.kind not in FRAME_VIEWS:
+            raise ValueError(f"frame view is {self.kind!r}, expected one of {list(FRAME_VIEWS)}")
+        if not 0.0 < self.crop_area <= 1.0:
+            raise ValueError(f"crop area is {self.crop_area}, expected a fraction of the image area in (0, 1]")
+        if self.resize_size < 1:
+            raise ValueError(f"resize size is {self.resize_size}, expected a positive number of pixels")
+
+    def record(self) -> dict:
+        if self.kind == "crop":
+            return {"kind": "crop", "crop_area": self.crop_area}
+        return {"kind": self.kind, "crop_area": self.crop_area, "resize_size": self.resize_size, "jpeg": self.jpeg}
+
+    @classmethod
+    def from_record(cls, record: dict) -> FrameView:
+        return cls(**record)
+
+    def transform(self):
+        """The `ImageTransform` that shows an upright (H, W, 3) uint8 dataset frame this way."""
+        from experiments.robot.libero.preprocess import LiberoImageTransform
+        from experiments.robot.policy import CenterCrop
+
+        if self.kind == "crop":
+            return CenterCrop(self.crop_area)
+        return LiberoImageTransform(self.resize_size, self.jpeg, self.crop_area < 1.0, self.crop_area,
+                                    upside_down=False)
+
+    def describe(self) -> str:
+        crop = f"a centre crop of {self.crop_area:g} of the area" if self.crop_area < 1.0 else "no centre crop"
+        if self.kind == "crop":
+            return crop
+        return ("LIBERO's " + ("JPEG round trip, " if self.jpeg else "") + f"Lanczos resize to {self.resize_size} "
+                f"and {crop}")
+
+    def flags(self) -> str:
+        """The exemplar_router flags that calibrate with this view."""
+        if self.kind == "crop":
+            return f"--frames crop --crop_area {self.crop_area:g}"
+        return (f"--frames libero --resize_size {self.resize_size} --jpeg_resize {str(self.jpeg).lower()} "
+                f"--crop_area {self.crop_area:g}")
 
 
 @dataclass
@@ -36,7 +89,7 @@ class Exemplars:
     scales: dict[str, dict[str, float]]  # task → side → mean nearest-neighbour distance
 
 
-def write_exemplars(merged: MergedModel, exemplars: Exemplars, provenance: dict, crop_area: float,
+def write_exemplars(merged: MergedModel, exemplars: Exemplars, provenance: dict, view: FrameView,
                     overwrite: bool = False) -> Path:
     """Write the exemplars into the artifact directory (refusing to replace existing ones unless `overwrite`)."""
     from safetensors.torch import save_file
@@ -51,7 +104,7 @@ def write_exemplars(merged: MergedModel, exemplars: Exemplars, provenance: dict,
         sha = sha256_file(tmp)  # of what this call wrote, even if another writer replaces the file next
     write_json(d / EXEMPLAR_MANIFEST, {
         "format": EXEMPLAR_FORMAT, "artifact_weights_sha256": merged.manifest["weights_sha256"],
-        "layer": merged.manifest["router"]["layer"], "crop_area": crop_area, "tasks": merged.task_names,
+        "layer": merged.manifest["router"]["layer"], "view": view.record(), "tasks": merged.task_names,
         "scales": exemplars.scales, "sources": provenance, "weights_sha256": sha})
     return d / EXEMPLAR_MANIFEST
 
@@ -106,15 +159,22 @@ def exemplar_record(directory: Path | str) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def crop_mismatch(directory: Path | str, crop_area: float) -> str | None:
-    """A warning when the artifact's exemplars were computed from frames shown with another centre crop than
-    `crop_area` (the one evaluation uses): the router then compares differently framed images. None otherwise."""
-    mf = Path(directory) / EXEMPLAR_MANIFEST
-    recorded = (exemplar_record(directory) or {}).get("crop_area")
-    if recorded is None or abs(float(recorded) - crop_area) < 1e-9:
+def view_mismatch(directory: Path | str, view: FrameView) -> str | None:
+    """A warning when the artifact's exemplars were computed from frames shown otherwise than `view` (the way
+    evaluation shows them): the router then compares differently processed images. None otherwise."""
+    record = exemplar_record(directory)
+    if record is None:
         return None
-    return (f"warning: the exemplars in {mf} were computed with a centre crop of {recorded:g} of the area, this "
-            f"evaluation shows {crop_area:g}: recompute them with --crop_area {crop_area:g} --overwrite true")
+    try:
+        recorded = FrameView.from_record(record["view"])
+    except (KeyError, TypeError, ValueError):
+        recorded = None
+    if recorded == view:
+        return None
+    was = recorded.describe() if recorded else "a view the file does not record"
+    return (f"warning: the exemplars in {Path(directory) / EXEMPLAR_MANIFEST} were computed from frames shown with "
+            f"{was}, this evaluation shows them with {view.describe()}: recompute them with {view.flags()} "
+            "--overwrite true")
 
 
 def exemplars_sha256(directory: Path | str) -> str:

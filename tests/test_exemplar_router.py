@@ -66,8 +66,10 @@ def test_first_frames_are_episode_starts_spread_over_the_suite(data_root):
 
 
 def test_cli_calibrates_and_the_router_sends_each_task_its_own_frames(fresh, data_root, capsys):
-    # full frames, as the batches below show them (experts that record no training crop default to 0.9)
-    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "4", "--crop_area", "1"]) == 0
+    # frames as they are, as the batches below show them (the default is LIBERO's view, with a 0.9 crop for
+    # experts that record no training crop)
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "4", "--frames", "crop",
+                 "--crop_area", "1"]) == 0
     assert "spatial: 4, object: 4, goal: 4 frames" in capsys.readouterr().out
     merged = load_merged(fresh)
     assert merged.router_variants[-1] == "exemplar"
@@ -95,7 +97,8 @@ def test_exemplars_of_other_weights_or_a_changed_file_are_refused(fresh, data_ro
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "2"]) == 0
     manifest = json.loads((fresh / "manifest.json").read_text())
     meta = json.loads((fresh / EXEMPLAR_MANIFEST).read_text())
-    assert read_exemplars(fresh, manifest) is not None and meta["crop_area"] == 0.9  # no recorded crop: the default
+    assert read_exemplars(fresh, manifest) is not None  # LIBERO's view; no recorded crop: the default 0.9
+    assert meta["view"] == {"kind": "libero", "crop_area": 0.9, "resize_size": 224, "jpeg": True}
     with pytest.raises(MergeError, match="other merged weights or tasks: recompute"):
         read_exemplars(fresh, {**manifest, "weights_sha256": "0" * 64})
     with pytest.raises(MergeError, match="the artifact's router reads layer 2"):
@@ -128,6 +131,13 @@ def test_cli_errors_name_what_to_fix(fresh, data_root, capsys):
     assert "--suites names task 'goal' twice" in capsys.readouterr().err
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "1"]) == 2
     assert "at least 2 frames per task" in capsys.readouterr().err
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--frames", "raw"]) == 2
+    assert "frame view is 'raw', expected one of ['libero', 'crop']" in capsys.readouterr().err
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--batch_size", "0"]) == 2
+    assert "--batch_size is 0, expected at least 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--merged", str(fresh), "--data_root", str(data_root), "--device", "cuda"]) == 2
+        assert "device 'cuda' was requested but CUDA is not available" in capsys.readouterr().err
     assert not (fresh / EXEMPLAR_MANIFEST).exists() and not (fresh / EXEMPLAR_WEIGHTS).exists()
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "2"]) == 0
     before = (fresh / EXEMPLAR_WEIGHTS).read_bytes()
@@ -161,15 +171,44 @@ def test_libero_rows_of_another_router_get_their_own_default_label(merged_dir):
     assert default_method(manifest, "exemplar") == f"{plain} (exemplar router)"
 
 
-def test_a_crop_other_than_the_exemplars_is_warned_about(fresh, data_root):
-    from model_merging.exemplars import crop_mismatch, exemplars_sha256
+def test_libero_view_shows_dataset_frames_as_libero_evaluation_shows_rendered_ones(fresh, data_root):
+    from experiments.robot.libero.preprocess import LiberoImageTransform, rotate_180
+
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "3", "--crop_area", "0.81",
+                 "--batch_size", "2"]) == 0
+    merged = load_merged(fresh)
+    # evaluation renders upside down and rotates: the upright dataset frame, rendered, routes to distance 0
+    shown = LiberoImageTransform(224, True, True, 0.81)
+    for e, name in enumerate(NAMES):
+        instructions, images, _ = first_frames(DataSource(data_root, name), 3)
+        rendered = [[shown(rotate_180(c)) for c in frame] for frame in images]
+        batch = merged.multi_expert().processor(instructions, np.stack(rendered), np.zeros((3, 8), np.float32))
+        result = merged.route(batch, "exemplar")
+        assert result.names() == [name] * 3 and torch.allclose(result.scores[:, e], torch.zeros(3), atol=1e-4)
+        # not what the frames give without LIBERO's JPEG round trip, resize and crop
+        plain = merged.multi_expert().processor(instructions, images, np.zeros((3, 8), np.float32))
+        assert merged.route(plain, "exemplar").scores[:, e].max() < -1e-3
+
+
+def test_a_view_other_than_the_exemplars_is_warned_about(fresh, data_root):
+    from model_merging.exemplars import FrameView, exemplars_sha256, view_mismatch
     from prismatic.io import sha256_file
 
-    assert crop_mismatch(fresh, 0.9) is None  # no exemplars yet: nothing to compare
+    libero = FrameView("libero", 0.9)
+    assert view_mismatch(fresh, libero) is None  # no exemplars yet: nothing to compare
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "2", "--crop_area", "0.9"]) == 0
     meta = json.loads((fresh / EXEMPLAR_MANIFEST).read_text())
-    assert meta["crop_area"] == 0.9 and crop_mismatch(fresh, 0.9) is None
+    assert view_mismatch(fresh, libero) is None
     assert exemplars_sha256(fresh) == meta["weights_sha256"] == sha256_file(fresh / EXEMPLAR_WEIGHTS)
-    assert crop_mismatch(fresh, 1.0) == (
-        f"warning: the exemplars in {fresh / EXEMPLAR_MANIFEST} were computed with a centre crop of 0.9 of the area, "
-        "this evaluation shows 1: recompute them with --crop_area 1 --overwrite true")
+    assert view_mismatch(fresh, FrameView("libero", 1.0)) == (
+        f"warning: the exemplars in {fresh / EXEMPLAR_MANIFEST} were computed from frames shown with LIBERO's JPEG "
+        "round trip, Lanczos resize to 224 and a centre crop of 0.9 of the area, this evaluation shows them with "
+        "LIBERO's JPEG round trip, Lanczos resize to 224 and no centre crop: recompute them with --frames libero "
+        "--resize_size 224 --jpeg_resize true --crop_area 1 --overwrite true")
+    assert "--frames libero --resize_size 256 --jpeg_resize false" in view_mismatch(fresh, FrameView("libero", 0.9, 256, False))
+    assert "this evaluation shows them with a centre crop of 0.9 of the area: recompute them with --frames crop " \
+        "--crop_area 0.9 --overwrite true" in view_mismatch(fresh, FrameView("crop", 0.9))
+    (fresh / EXEMPLAR_MANIFEST).write_text(json.dumps({k: v for k, v in meta.items() if k != "view"}))
+    assert "computed from frames shown with a view the file does not record" in view_mismatch(fresh, libero)
+    with pytest.raises(ValueError, match="crop area is 0.0"):
+        FrameView("crop", 0.0)

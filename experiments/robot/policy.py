@@ -35,6 +35,16 @@ class CenterCrop:
         return img if self.area == 1.0 else center_crop_resize(np.asarray(img), self.area)
 
 
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available")
+    return device
+
+
 class Policy(Protocol):
     def start_episodes(self, first_obs: Sequence[dict], instructions: Sequence[str]) -> list[dict]:
         """Per-episode info to log (e.g. the routed expert and its scores); {} when there is nothing."""

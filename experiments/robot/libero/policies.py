@@ -19,16 +19,6 @@ def read_checkpoint_manifest(path: Path | str) -> dict:
     return manifest
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but CUDA is not available")
-    return device
-
-
 def load_policy(path: Path | str, image_transform: ImageTransform | None, device: str = "cpu",
                 router_variant: str | None = None, cache_weights: bool = False):
     """A `Policy` for `path`: VLAPolicy for a fine-tuned checkpoint, the routed policy for a merged artifact

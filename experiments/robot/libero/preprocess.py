@@ -68,12 +68,14 @@ class LiberoImageTransform:
     jpeg: bool = True  # JPEG round trip + Lanczos resize, as the RLDS data was made
     center_crop: bool = True  # for models trained with random-crop augmentation
     crop_area: float = 0.9
+    upside_down: bool = True  # rendered frames are; dataset frames (the exemplar router's) are already upright
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
         img = np.asarray(img)
         if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 camera frame, got {img.shape} {img.dtype}")
-        img = rotate_180(img)
+        if self.upside_down:
+            img = rotate_180(img)
         if self.jpeg:
             img = lanczos_resize(jpeg_round_trip(img), self.size)
         elif img.shape[:2] != (self.size, self.size):

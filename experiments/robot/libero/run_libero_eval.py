@@ -27,9 +27,9 @@ from experiments.robot.libero.policies import (
     default_method,
     load_policy,
     read_checkpoint_manifest,
-    resolve_device,
 )
 from experiments.robot.libero.preprocess import LiberoImageTransform, upright_agentview
+from experiments.robot.policy import resolve_device
 from prismatic.checkpoint import CheckpointError
 from prismatic.cli import run_cli
 
@@ -172,9 +172,10 @@ def main(cfg: GenerateConfig) -> list[dict]:
               f"max {info.max_steps} steps" + (" [LIBERO-Plus dimensions]" if info.categories else ""))
     print(f"images: centre crop at {crop_area:g} of the area" if crop_area < 1.0 else "images: no centre crop")
     if cfg.router_variant == "exemplar":
-        from model_merging.exemplars import crop_mismatch
+        from model_merging.exemplars import FrameView, view_mismatch
 
-        if warning := crop_mismatch(cfg.pretrained_checkpoint, crop_area):
+        shown = FrameView("libero", crop_area, cfg.resize_size, cfg.jpeg_resize)
+        if warning := view_mismatch(cfg.pretrained_checkpoint, shown):
             print(warning)
     print(f"results: {results_path}; summary: {summary_dir}; {cfg.num_envs} parallel env(s)")
     if cfg.dry_run:

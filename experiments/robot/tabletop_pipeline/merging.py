@@ -115,13 +115,14 @@ def _exemplar_id(out: Path) -> dict:
 def calibrate_exemplars(job: MergeJob, out: Path) -> None:
     """The exemplar router's exemplars of each task from its suite's demos (tasks are named like their suites)."""
     from model_merging.exemplar_router import DataSource, calibrate
-    from model_merging.exemplars import write_exemplars
+    from model_merging.exemplars import FrameView, write_exemplars
     from model_merging.merged_model import load_merged
 
     merged = load_merged(out, exemplars=False)
     sources = {t: DataSource(Path(job.data_root), t) for t in merged.task_names}
-    exemplars, provenance = calibrate(merged, sources, job.exemplars, job.crop_area)
-    write_exemplars(merged, exemplars, provenance, job.crop_area)
+    view = FrameView("crop", job.crop_area)  # as the TableTop-4 harness shows frames
+    exemplars, provenance = calibrate(merged, sources, job.exemplars, view)
+    write_exemplars(merged, exemplars, provenance, view)
 
 
 def run_merges(jobs: list[MergeJob], workers: int, log=print) -> dict[str, dict]:

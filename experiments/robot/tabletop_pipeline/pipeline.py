@@ -269,10 +269,10 @@ def merge_jobs(cfg: PipelineConfig, root: Path, data: dict, trained: dict) -> li
     ex, hashes = experts("mergevla")
     for alg in cfg.algorithms:
         jobs.append(MergeJob(f"mergevla-{alg}-masks", "mergevla", alg, True, cfg.expert_head_layers, ex, hashes,
-                             str(d / f"mergevla-{alg}-masks"), **common, **routed))
+                             str(d / f"mergevla-{alg}-masks"), variant=cfg.router_variant, **common, **routed))
     for alg in cfg.unmasked_algorithms:
         jobs.append(MergeJob(f"mergevla-{alg}-nomasks", "mergevla", alg, False, cfg.expert_head_layers, ex, hashes,
-                             str(d / f"mergevla-{alg}-nomasks"), **common, **routed))
+                             str(d / f"mergevla-{alg}-nomasks"), variant=cfg.router_variant, **common, **routed))
     for alg in cfg.per_task_algorithms:
         jobs.append(MergeJob(f"mergevla-{alg}-masks-pertask", "mergevla", alg, True, cfg.expert_head_layers, ex, hashes,
                              str(d / f"mergevla-{alg}-masks-pertask"), routed=bool(routed), per_task_parts=PART_GROUPS,
