@@ -12,9 +12,10 @@ the nearest of e's exemplars, in units of e's typical exemplar spacing (router.e
 
 Each task's demos default to the dataset its expert was trained on (recorded in the expert's checkpoint). The
 frames are shown to the model as the evaluation will show them (`--frames`: LIBERO's JPEG round trip, Lanczos
-resize and centre crop by default; `crop` for TableTop-4's centre crop alone). The exemplars go into the artifact directory (router_exemplars.safetensors + router_exemplars.json, which
-records the artifact's weights sha256: exemplars of other weights are refused); then `--router_variant
-exemplar` routes with them wherever a merged model is evaluated.
+resize and centre crop by default; `crop` for TableTop-4's centre crop alone). The exemplars go into the
+artifact directory (router_exemplars.safetensors + router_exemplars.json, which records the artifact's weights
+sha256: exemplars of other weights are refused); then `--router_variant exemplar` routes with them wherever a
+merged model is evaluated.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def run(cfg: ExemplarConfig) -> Path:
         raise MergeError(f"--per_task is {cfg.per_task}: the exemplar router needs at least 2 frames per task")
     if cfg.batch_size < 1:
         raise MergeError(f"--batch_size is {cfg.batch_size}, expected at least 1")
-    view = FrameView(cfg.frames, cfg.crop_area or 1.0, cfg.resize_size, cfg.jpeg_resize)  # ValueError names the field
+    view = FrameView(cfg.frames, cfg.crop_area or 1.0, cfg.resize_size, cfg.jpeg_resize)  # its ValueError names the flag
     device = resolve_device(cfg.device)
     suites = parse_suites(cfg.suites)
     if (Path(cfg.merged) / EXEMPLAR_MANIFEST).exists() and not cfg.overwrite:

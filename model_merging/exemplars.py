@@ -41,11 +41,11 @@ class FrameView:
 
     def __post_init__(self):
         if self.kind not in FRAME_VIEWS:
-            raise ValueError(f"frame view is {self.kind!r}, expected one of {list(FRAME_VIEWS)}")
+            raise ValueError(f"frame view (--frames) is {self.kind!r}, expected one of {list(FRAME_VIEWS)}")
         if not 0.0 < self.crop_area <= 1.0:
-            raise ValueError(f"crop area is {self.crop_area}, expected a fraction of the image area in (0, 1]")
+            raise ValueError(f"crop area (--crop_area) is {self.crop_area}, expected a fraction of the image area in (0, 1]")
         if self.resize_size < 1:
-            raise ValueError(f"resize size is {self.resize_size}, expected a positive number of pixels")
+            raise ValueError(f"resize size (--resize_size) is {self.resize_size}, expected a positive number of pixels")
 
     def record(self) -> dict:
         if self.kind == "crop":

@@ -132,9 +132,11 @@ def test_cli_errors_name_what_to_fix(fresh, data_root, capsys):
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "1"]) == 2
     assert "at least 2 frames per task" in capsys.readouterr().err
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--frames", "raw"]) == 2
-    assert "frame view is 'raw', expected one of ['libero', 'crop']" in capsys.readouterr().err
+    assert "frame view (--frames) is 'raw', expected one of ['libero', 'crop']" in capsys.readouterr().err
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--batch_size", "0"]) == 2
     assert "--batch_size is 0, expected at least 1" in capsys.readouterr().err
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--resize_size", "0"]) == 2
+    assert "resize size (--resize_size) is 0, expected a positive number of pixels" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["--merged", str(fresh), "--data_root", str(data_root), "--device", "cuda"]) == 2
         assert "device 'cuda' was requested but CUDA is not available" in capsys.readouterr().err
@@ -210,5 +212,5 @@ def test_a_view_other_than_the_exemplars_is_warned_about(fresh, data_root):
         "--crop_area 0.9 --overwrite true" in view_mismatch(fresh, FrameView("crop", 0.9))
     (fresh / EXEMPLAR_MANIFEST).write_text(json.dumps({k: v for k, v in meta.items() if k != "view"}))
     assert "computed from frames shown with a view the file does not record" in view_mismatch(fresh, libero)
-    with pytest.raises(ValueError, match="crop area is 0.0"):
+    with pytest.raises(ValueError, match=r"crop area \(--crop_area\) is 0.0"):
         FrameView("crop", 0.0)
