@@ -219,16 +219,13 @@ def routed_policy_loader():
     return ""
 
 
-@needs_libero
-def test_merged_artifact_is_routed_per_episode_on_real_libero(tmp_path):
-    why = routed_policy_loader()
-    if why:
-        pytest.skip(why)
+def tiny_merged(tmp_path, suites: list[str]):
+    """A TIES merge of tiny experts named after `suites`, each its own random move from one shared init."""
     from model_merging.merge import MergeOptions, merge_experts
     from prismatic.models import BaseModelConfig, build_vla, save_pretrained
 
     experts = []
-    for k, suite in enumerate(["libero_spatial", "libero_object"]):
+    for k, suite in enumerate(suites):
         model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)  # one shared initialisation
         gen = torch.Generator().manual_seed(100 + k)
         with torch.no_grad():  # stand-in for fine-tuning: each expert moves its trainable weights its own way
@@ -238,7 +235,15 @@ def test_merged_artifact_is_routed_per_episode_on_real_libero(tmp_path):
         model.norm_stats = {"action": {"q01": [-1.0] * 6 + [0.0], "q99": [1.0] * 7, "mask": [True] * 6 + [False]},
                             "proprio": {"q01": [-1.0] * 8, "q99": [1.0] * 8, "mask": [True] * 8}}
         experts.append((suite, save_pretrained(model, tmp_path / f"expert-{suite}")))
-    merged = merge_experts(experts, tmp_path / "merged-ties", MergeOptions(algorithm="ties"), log=None)
+    return merge_experts(experts, tmp_path / "merged-ties", MergeOptions(algorithm="ties"), log=None)
+
+
+@needs_libero
+def test_merged_artifact_is_routed_per_episode_on_real_libero(tmp_path):
+    why = routed_policy_loader()
+    if why:
+        pytest.skip(why)
+    merged = tiny_merged(tmp_path, ["libero_spatial", "libero_object"])
     cfg = GenerateConfig(pretrained_checkpoint=merged, task_suites=["libero_spatial"], task_ids=[0],
                          num_trials_per_task=1, max_steps=8, env_img_res=128, fast_render=True,
                          results_dir=tmp_path / "runs", device="cpu")
@@ -246,6 +251,45 @@ def test_merged_artifact_is_routed_per_episode_on_real_libero(tmp_path):
     routed_to = row.get("routed_expert", row.get("routed_task"))
     assert row["method"] == "TIES" and routed_to in ("libero_spatial", "libero_object") and row["steps"] == 8
     assert "Routing accuracy" in (tmp_path / "runs" / "summary" / "results.md").read_text()
+
+
+@needs_libero
+def test_exemplar_router_sees_real_libero_frames_as_the_evaluation_does(tmp_path, capsys):
+    from model_merging.exemplar_router import main as calibrate_main
+    from prismatic.vla.datasets.synthetic import Demo, Task, write_hdf5_suite
+
+    suites = ["libero_spatial", "libero_object"]
+    merged = tiny_merged(tmp_path, suites)
+    # each suite's "demos": the first frames of trials 0 and 1 of task 0, recorded as raw LIBERO records them
+    # (as rendered, after the settling no-ops); write_hdf5_suite stores the upright frames it is given upside down
+    factory = LiberoEnvFactory(128, 0, True)
+    for suite in suites:
+        demos = []
+        for trial in (0, 1):
+            env = factory(suite, 0, trial)
+            obs = env.reset()
+            for _ in range(10):
+                obs, *_ = env.step([0.0] * 6 + [-1.0])
+            move = np.array([[0.5, 0, 0, 0, 0, 0, -1.0]] * 2)  # not a no-op, so the loader keeps step 0
+            frames = [np.stack([rotate_180(obs[k])] * 2) for k in ("agentview_image", "robot0_eye_in_hand_image")]
+            demos.append(Demo(move, np.zeros((2, 6)), np.zeros((2, 2)), *frames))
+        write_hdf5_suite(tmp_path / "data", suite, [Task(env.instruction, demos)])
+    factory.close()
+    assert calibrate_main(["--merged", str(merged), "--data_root", str(tmp_path / "data"), "--per_task", "2",
+                           "--device", "cpu"]) == 0
+    cfg = GenerateConfig(pretrained_checkpoint=merged, task_suites=suites, task_ids=[0], num_trials_per_task=2,
+                         max_steps=8, env_img_res=128, fast_render=True, results_dir=tmp_path / "runs", device="cpu",
+                         router_variant="exemplar")
+    rows = main(cfg)
+    assert "warning" not in capsys.readouterr().out  # calibrated with the evaluation's view: nothing to warn about
+    assert sorted((r["suite"], r["routed_expert"]) for r in rows) == sorted((s, s) for s in suites for _ in (0, 1))
+    for r in rows:  # the same frame through the same path: at distance 0 from one of its expert's exemplars
+        assert r["route_scores"][r["suite"]] == pytest.approx(0.0, abs=1e-3)
+    # the view matters: had the evaluation not rotated the rendered frames, they would be far from every exemplar
+    policy = load_policy(merged, LiberoImageTransform(224, True, True, 0.9, upside_down=False), "cpu", "exemplar")
+    raw = {"agentview_image": rotate_180(demos[1].agentview[0]), "robot0_eye_in_hand_image": rotate_180(demos[1].wrist[0])}
+    (info,) = policy.start_episodes([raw], [env.instruction])
+    assert max(info["route_scores"].values()) < -1.0, info
 
 
 @pytest.mark.parametrize("script, var", [("eval.sh", "CKPT_GOAL"), ("eval_merged.sh", "MERGED_CKPT")])
