@@ -182,13 +182,12 @@ def run(cfg: ExemplarConfig) -> Path:
         raise MergeError("--merged is required: the merged artifact directory")
     if cfg.dataset_format not in (None, "hdf5", "rlds"):
         raise MergeError(f"--dataset_format is {cfg.dataset_format!r}, expected hdf5 or rlds")
-    if cfg.crop_area is not None and not 0.0 < cfg.crop_area <= 1.0:
-        raise MergeError(f"--crop_area is {cfg.crop_area}, expected a fraction of the image area in (0, 1]")
     if cfg.per_task < 2:  # the cheap checks before loading anything
         raise MergeError(f"--per_task is {cfg.per_task}: the exemplar router needs at least 2 frames per task")
     if cfg.batch_size < 1:
         raise MergeError(f"--batch_size is {cfg.batch_size}, expected at least 1")
-    view = FrameView(cfg.frames, cfg.crop_area or 1.0, cfg.resize_size, cfg.jpeg_resize)  # its ValueError names the flag
+    # checked before loading anything (its ValueError names the flag); the default crop needs the manifest
+    view = FrameView(cfg.frames, 1.0 if cfg.crop_area is None else cfg.crop_area, cfg.resize_size, cfg.jpeg_resize)
     device = resolve_device(cfg.device)
     suites = parse_suites(cfg.suites)
     if (Path(cfg.merged) / EXEMPLAR_MANIFEST).exists() and not cfg.overwrite:

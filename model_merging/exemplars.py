@@ -169,7 +169,7 @@ def view_mismatch(directory: Path | str, view: FrameView) -> str | None:
         recorded = FrameView.from_record(record["view"])
     except (KeyError, TypeError, ValueError):
         recorded = None
-    if recorded == view:
+    if recorded is not None and recorded.record() == view.record():  # the fields that view's kind uses
         return None
     was = recorded.describe() if recorded else "a view the file does not record"
     return (f"warning: the exemplars in {Path(directory) / EXEMPLAR_MANIFEST} were computed from frames shown with "

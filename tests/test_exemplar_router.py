@@ -135,6 +135,8 @@ def test_cli_errors_name_what_to_fix(fresh, data_root, capsys):
     assert "frame view (--frames) is 'raw', expected one of ['libero', 'crop']" in capsys.readouterr().err
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--batch_size", "0"]) == 2
     assert "--batch_size is 0, expected at least 1" in capsys.readouterr().err
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--crop_area", "0"]) == 2
+    assert "crop area (--crop_area) is 0.0, expected a fraction of the image area in (0, 1]" in capsys.readouterr().err
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--resize_size", "0"]) == 2
     assert "resize size (--resize_size) is 0, expected a positive number of pixels" in capsys.readouterr().err
     if not torch.cuda.is_available():
