@@ -121,27 +121,22 @@ def test_cli_errors_name_what_to_fix(fresh, data_root, capsys):
     # the synthetic experts record no training data: without --data_root there is nowhere to take demos from
     assert main(["--merged", str(fresh)]) == 2
     assert "records no HDF5 dataset to take demos from: give --data_root" in capsys.readouterr().err
-    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--suites", "goal"]) == 2
-    assert "--suites entry 'goal': expected TASK=SUITE" in capsys.readouterr().err
-    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--suites", "nope=goal"]) == 2
-    assert "--suites names tasks ['nope']" in capsys.readouterr().err
-    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--suites", "goal=missing"]) == 2
-    assert "unknown suite 'missing'" in capsys.readouterr().err
-    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--suites", "goal=a", "goal=b"]) == 2
-    assert "--suites names task 'goal' twice" in capsys.readouterr().err
-    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "1"]) == 2
-    assert "at least 2 frames per task" in capsys.readouterr().err
-    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--frames", "raw"]) == 2
-    assert "frame view (--frames) is 'raw', expected one of ['libero', 'crop']" in capsys.readouterr().err
-    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--batch_size", "0"]) == 2
-    assert "--batch_size is 0, expected at least 1" in capsys.readouterr().err
-    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--crop_area", "0"]) == 2
-    assert "crop area (--crop_area) is 0.0, expected a fraction of the image area in (0, 1]" in capsys.readouterr().err
-    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--resize_size", "0"]) == 2
-    assert "resize size (--resize_size) is 0, expected a positive number of pixels" in capsys.readouterr().err
+    refused = [  # (flags after --merged and --data_root, what the error says)
+        (["--suites", "goal"], "--suites entry 'goal': expected TASK=SUITE"),
+        (["--suites", "nope=goal"], "--suites names tasks ['nope']"),
+        (["--suites", "goal=missing"], "unknown suite 'missing'"),
+        (["--suites", "goal=a", "goal=b"], "--suites names task 'goal' twice"),
+        (["--per_task", "1"], "at least 2 frames per task"),
+        (["--frames", "raw"], "frame view (--frames) is 'raw', expected one of ['libero', 'crop']"),
+        (["--batch_size", "0"], "--batch_size is 0, expected at least 1"),
+        (["--crop_area", "0"], "crop area (--crop_area) is 0.0, expected a fraction of the image area in (0, 1]"),
+        (["--resize_size", "0"], "resize size (--resize_size) is 0, expected a positive number of pixels"),
+    ]
     if not torch.cuda.is_available():
-        assert main(["--merged", str(fresh), "--data_root", str(data_root), "--device", "cuda"]) == 2
-        assert "device 'cuda' was requested but CUDA is not available" in capsys.readouterr().err
+        refused.append((["--device", "cuda"], "device 'cuda' was requested but CUDA is not available"))
+    for flags, message in refused:
+        assert main(["--merged", str(fresh), "--data_root", str(data_root), *flags]) == 2, flags
+        assert message in capsys.readouterr().err
     assert not (fresh / EXEMPLAR_MANIFEST).exists() and not (fresh / EXEMPLAR_WEIGHTS).exists()
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "2"]) == 0
     before = (fresh / EXEMPLAR_WEIGHTS).read_bytes()
