@@ -14,7 +14,11 @@ import pytest
 import torch
 from data_fixtures import SUITE, hdf5_root
 
+from transformers import Qwen2ForCausalLM
+
 from prismatic.checkpoint import load_checkpoint
+from prismatic.models.configuration import get_config
+from prismatic.models.modeling import qwen2_hf_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "vla-scripts" / "finetune.py"
@@ -42,6 +46,36 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path):
     assert r.returncode == 2, r.stderr
     assert f"error: data_root {tmp_path / 'nowhere'} does not exist" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_refusals_come_before_anything_is_written(data_root, tmp_path):
+    """Each bad flag exits 2 with one line naming it; no out_dir appears, so the corrected command runs."""
+    (tmp_path / "afile").write_text("")
+    cfg = get_config("tiny")
+    Qwen2ForCausalLM(qwen2_hf_config(cfg)).save_pretrained(tmp_path / "qwen")
+    llm = {f"llm.{k}": v for k, v in Qwen2ForCausalLM(qwen2_hf_config(cfg)).state_dict().items()}
+    bad_ckpt = tmp_path / "bad.pt"  # a Prismatic checkpoint whose projector has the wrong shape
+    torch.save({"model": {"projector": {"4.weight": torch.zeros(3, 3)}, "llm_backbone": llm}}, bad_ckpt)
+    cases = [
+        (["--lr", "nan"], "error: lr is nan, expected a finite number"),
+        (["--attn_implementation", "flash_attention_2"], "error: attn_implementation flash_attention_2 needs a CUDA device"),
+        (["--base.random_seed", "0", "--base.llm_path", str(tmp_path / "no_qwen"), "--config_name", "qwen25-dinosiglip-224px"],
+         f"error: no tokenizer.json at {tmp_path / 'no_qwen'}"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "error: device is 'cuda' but no CUDA device is available"))
+    for flags, msg in cases:
+        out = tmp_path / "run"
+        r = _run([sys.executable, str(SCRIPT), *TINY, "--data_root", str(data_root), "--out_dir", str(out), "--max_steps", "1",
+                  *flags])
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr[-2000:])
+        assert not out.exists(), flags
+    r = _run([sys.executable, str(SCRIPT), *TINY, "--data_root", str(data_root), "--out_dir", str(tmp_path / "afile" / "run")])
+    assert r.returncode == 2 and f"{tmp_path / 'afile'} is a file, not a directory" in r.stderr, r.stderr[-2000:]
+    r = _run([sys.executable, str(SCRIPT), *TINY, "--data_root", str(data_root), "--out_dir", str(tmp_path / "out"),
+              "--max_steps", "1", "--base.llm_path", str(tmp_path / "qwen"), "--base.random_seed", "0",
+              "--base.prismatic_checkpoint", str(bad_ckpt)])
+    assert r.returncode == 2 and "does not fit config 'tiny'" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 def test_two_process_gloo_ddp_run(data_root, tmp_path):

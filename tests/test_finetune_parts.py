@@ -50,7 +50,9 @@ def test_sampler_ranks_split_the_global_batch_and_resume_anywhere():
 def test_config_validation_names_the_field():
     for field, value, msg in [("batch_size", 0, "batch_size is 0"), ("config_name", "huge", "config_name is 'huge'"),
                               ("warmup_steps", -1, "warmup_steps is -1"),
-                              ("action_loss", "huber", "action_loss is 'huber'")]:
+                              ("action_loss", "huber", "action_loss is 'huber'"),
+                              ("lr", float("nan"), "lr is nan, expected a finite number"),
+                              ("max_grad_norm", float("inf"), "max_grad_norm is inf, expected a finite number")]:
         cfg = FinetuneConfig()
         setattr(cfg, field, value)
         with pytest.raises(ConfigError, match=msg):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 ExpertArch = Literal["cross_attn", "self_attn"]
 
@@ -158,4 +158,6 @@ def get_config(name: str, **overrides) -> VLAConfig:
         if not hasattr(cfg, k):
             raise ValueError(f"unknown VLAConfig field {k!r}")
         setattr(cfg, k, v)
+    if cfg.expert_arch not in get_args(ExpertArch):  # the model would silently build the cross-attention expert
+        raise ValueError(f"expert_arch is {cfg.expert_arch!r}, expected one of {list(get_args(ExpertArch))}")
     return cfg

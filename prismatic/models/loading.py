@@ -43,6 +43,12 @@ class BaseModelConfig:
     def describe(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in vars(self).items() if v is not None) or "nothing"
 
+    def tokenizer_dir(self) -> Path | None:
+        """Where this base's tokenizer.json lives (None: a random base, which uses the built-in vocabulary)."""
+        if self.base_dir is not None:
+            return Path(self.base_dir)
+        return Path(self.llm_path) if self.llm_path is not None else None
+
 
 class BaseModelError(FileNotFoundError):
     pass
@@ -166,7 +172,7 @@ def resolve_base(cfg: VLAConfig, base: BaseModelConfig, verify: bool = True
     if base.base_dir is not None:
         sd, meta = load_base_dir(base.base_dir, cfg, verify)
         ref = {"kind": "dir", "path": str(Path(base.base_dir).resolve()), "sha256": meta["sha256"]}
-        return sd, ref, Path(base.base_dir)
+        return sd, ref, base.tokenizer_dir()
     if base.llm_path is not None:
         llm = load_qwen_hf(base.llm_path, cfg)
         towers_given = base.dino_path is not None or base.siglip_path is not None
@@ -189,7 +195,7 @@ def resolve_base(cfg: VLAConfig, base: BaseModelConfig, verify: bool = True
                "prismatic_checkpoint": as_str(base.prismatic_checkpoint), "dino_path": as_str(base.dino_path),
                "siglip_path": as_str(base.siglip_path), "random_seed": base.random_seed,
                "sha256": state_dict_sha256(sd)}
-        return sd, ref, Path(base.llm_path)
+        return sd, ref, base.tokenizer_dir()
     if base.random_seed is not None:
         sd = random_base(cfg, base.random_seed)
         return sd, {"kind": "random", "seed": base.random_seed, "sha256": state_dict_sha256(sd)}, None

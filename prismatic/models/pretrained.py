@@ -25,7 +25,9 @@ def build_vla(cfg: VLAConfig | str, base: BaseModelConfig, seed: int = 0) -> Mer
     and `.norm_stats` (None until set by the data pipeline).
     """
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
-    base_sd, base_ref, tok_dir = resolve_base(cfg, base)
+    # a missing tokenizer is found before the (for the full model, slow) weights are read
+    tokenizer = load_tokenizer(cfg.tokenizer, base.tokenizer_dir())
+    base_sd, base_ref, _ = resolve_base(cfg, base)
     model = MergeVLA(cfg)
     load_vlm_weights(model.vlm, base_sd, base.describe(), cfg.name)
     apply_lora(model, cfg.lora)
@@ -33,7 +35,6 @@ def build_vla(cfg: VLAConfig | str, base: BaseModelConfig, seed: int = 0) -> Mer
     model.base_ref = base_ref
     model.norm_stats = None
     model.init_seed = seed
-    tokenizer = load_tokenizer(cfg.tokenizer, tok_dir)
     model.processor = VLAProcessor(tokenizer, cfg.image_size, cfg.llm.vocab_size)
     return model
 

@@ -7,9 +7,12 @@ Batch size is per process: the global batch is batch_size × processes × grad_a
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
+
+import torch
 
 from prismatic.models import BaseModelConfig
 from prismatic.models.configuration import CONFIGS, ExpertArch
@@ -88,8 +91,15 @@ class FinetuneConfig:
         for name in ("warmup_steps", "num_workers", "cpu_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} is {getattr(self, name)}, expected >= 0")
+        for name in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio"):  # nan passes every comparison
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} is {getattr(self, name)}, expected a finite number")
         if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("need lr > 0, weight_decay >= 0, max_grad_norm >= 0 and min_lr_ratio in [0, 1]")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device is 'cuda' but no CUDA device is available (use --device cpu or auto)")
+        if self.attn_implementation == "flash_attention_2" and (self.device == "cpu" or not torch.cuda.is_available()):
+            raise ConfigError("attn_implementation flash_attention_2 needs a CUDA device")
         if self.warmup_steps >= self.max_steps and self.lr_schedule != "constant":
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         if self.action_loss not in ACTION_LOSSES:

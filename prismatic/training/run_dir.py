@@ -54,6 +54,9 @@ def check_run_dir(cfg: FinetuneConfig) -> dict | None:
     """Refuse an out_dir that holds another run (or this one without --resume). Returns its run.json."""
     run = cfg.run_dir()
     if not run.exists():
+        blocker = next((p for p in run.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise RunDirError(f"out_dir {run} cannot be created: {blocker} is a file, not a directory")
         return None
     if not run.is_dir():
         raise RunDirError(f"out_dir {run} exists and is not a directory")

@@ -149,6 +149,7 @@ def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -
 
     model = build_vla(model_cfg, cfg.base_model(), seed=cfg.seed)
     model.norm_stats = ds.norm_stats
+    attn = set_attention(model, cfg.attn_implementation, env.device)  # may refuse: before run.json is written
     step, samples_seen, opt_state = 0, 0, None
     # a run may hold checkpoints past max_steps (same identity, e.g. constant lr, once trained longer): this
     # run ends at max_steps, so it continues from the last one not beyond it
@@ -174,7 +175,6 @@ def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -
     env.barrier()
 
     model.to(env.device).train()
-    attn = set_attention(model, cfg.attn_implementation, env.device)
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach: one fused kernel launch per step instead of one per tensor (CPU's default is the slow loop)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
