@@ -218,14 +218,16 @@ def average_weights(weights: Sequence[float] | None, m: int) -> list[float]:
     return [float(w) for w in weights]
 
 
-def convex_weights(weights: Sequence[float] | None, m: int) -> list[float]:
+def convex_weights(weights: Sequence[float] | None, m: int, flag: str = "--scratch_weights") -> list[float]:
     """Averaging weights of the parts trained from scratch: absolute weights, so a convex combination (given
-    weights are normalised to sum to 1; default 1/M each)."""
+    weights are normalised to sum to 1; default 1/M each). `flag` names them in errors."""
+    if weights is not None and len(weights) != m:
+        raise MergeError(f"{flag}: {len(weights)} weights given for {m} experts")
     w = average_weights(weights, m)
     if weights is None:
         return w
-    if any(x < 0 for x in w) or sum(w) <= 0:
-        raise MergeError(f"scratch weights {w}: expected non-negative weights with a positive sum (they average "
+    if not all(0 <= x < math.inf for x in w) or sum(w) <= 0:
+        raise MergeError(f"{flag} {w}: expected finite, non-negative weights with a positive sum (they average "
                          "the experts' own weights, not task vectors)")
     return [x / sum(w) for x in w]
 
@@ -259,7 +261,7 @@ class TsvParams:
 def tsv(taus, p: TsvParams, ctx: MergeContext) -> Merged:
     m = len(taus)
     if taus[0].ndim != 2:
-        return Merged(torch.stack(list(taus)).mean(0))
+        return Merged(torch.stack(list(taus)).mean(0) * p.scale)
     frac = p.keep_fraction if p.keep_fraction is not None else 1.0 / m
     if not 0 < frac <= 1:
         raise MergeError(f"tsv.keep_fraction must be in (0, 1], got {frac}")
@@ -425,6 +427,41 @@ def retain(taus, p: RetainParams, ctx: MergeContext) -> Merged:
     for t in taus:
         out = (1 - alpha) * out + alpha * t
     return Merged(out)
+
+
+# ------------------------------------------------------------------------------------ hyper-parameter checks
+
+
+def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], bool]:
+    def ok(v) -> bool:  # NaN fails every comparison, so it is refused too
+        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    return ok
+
+
+_FINITE = _in(-math.inf, math.inf, True, True)
+_PERCENT = (_in(0, 100), "in [0, 100]")
+_MERGE_FUNC = (lambda v: v in ("mean", "sum"), "'mean' or 'sum'")
+_COMBINE = (lambda v: v in ("task_arithmetic", "ties"), "'task_arithmetic' or 'ties'")
+_SCALE = (_FINITE, "a finite number")
+# field → (test, what it must be); the same fields every method shares are checked alike
+_FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "scale": _SCALE, "k": _PERCENT, "merge_func": _MERGE_FUNC, "then": _COMBINE, "merge": _COMBINE,
+    "p": (_in(0, 1, hi_open=True), "in [0, 1)"),
+    "keep_fraction": (lambda v: v is None or _in(0, 1, lo_open=True)(v), "in (0, 1] (or unset: 1/M)"),
+    "lr": (_in(0, math.inf, True, True), "a finite number > 0"),
+    "steps": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "alpha_vision": _SCALE, "alpha_llm": _SCALE, "alpha_action_expert": _SCALE,
+    "weights": (lambda v: v is None or all(_FINITE(x) for x in v), "finite numbers"),
+}
+
+
+def check_params(name: str, params: Any, where: str = "") -> None:
+    """MergeError naming `--<name>.<field>` for the first hyper-parameter out of range (before any file is read)."""
+    for f in fields(params):
+        test, what = _FIELD_CHECKS.get(f.name, (lambda v: True, ""))
+        value = getattr(params, f.name)
+        if not test(value):
+            raise MergeError(f"--{name}.{f.name} is {value!r}{where}, expected {what}")
 
 
 # -------------------------------------------------------------------------------------------- entry points

@@ -40,7 +40,7 @@ def average_parts(experts: ExpertSet, target: str, parts: Sequence[str], expert_
         raise MergeError(f"--target {target!r} is not one of the experts {experts.names}")
     if not 0 <= expert_head_layers <= experts.layout.num_blocks:
         raise MergeError(f"--expert_head_layers must be in 0..{experts.layout.num_blocks}, got {expert_head_layers}")
-    w = convex_weights(weights, len(experts))
+    w = convex_weights(weights, len(experts), "--weights")
     shared = set(experts.layout.shared_names(expert_head_layers))
     index = experts.names.index(target)
     tensors, _ = load_checkpoint(experts.experts[index].directory, CHECKPOINT_KIND, verify=False)
@@ -69,7 +69,7 @@ def run(cfg: AveragePartsConfig) -> Path:
     manifest = dict(experts.experts[experts.names.index(cfg.target)].manifest)  # save_checkpoint sets the format
     manifest["averaged_parts"] = {"parts": list(cfg.parts), "experts": experts.names,
                                   "expert_head_layers": cfg.expert_head_layers,
-                                  "weights": convex_weights(cfg.weights, len(experts))}
+                                  "weights": convex_weights(cfg.weights, len(experts), "--weights")}
     return save_checkpoint(cfg.out, tensors, manifest, CHECKPOINT_KIND, overwrite=cfg.overwrite)
 
 

@@ -7,6 +7,7 @@ significant bit first, numpy.packbits' order), so a 500M-entry mask costs 60 MB 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -20,8 +21,8 @@ _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 
 
 def tall_masks(taus: Sequence[Tensor], merged: Tensor, lam: float) -> list[Tensor]:
-    if lam < 0:
-        raise ValueError(f"mask lambda must be >= 0, got {lam}")
+    if not 0 <= lam < math.inf:  # NaN would set no mask at all
+        raise ValueError(f"mask lambda must be a finite number >= 0, got {lam}")
     return [t.abs() > lam * (merged - t).abs() for t in taus]
 
 
@@ -104,8 +105,8 @@ def packed_task_masks(
     Either TALL masks from `taus` and `merged` with λ = `lam`, or given bool `masks` (a method's own).
     `stats`, if given, accumulates their counts.
     """
-    if lam < 0:
-        raise ValueError(f"mask lambda must be >= 0, got {lam}")
+    if not 0 <= lam < math.inf:  # NaN would set no mask at all
+        raise ValueError(f"mask lambda must be a finite number >= 0, got {lam}")
     n = merged.numel()
     srcs = [t.reshape(-1) for t in (taus if masks is None else masks)]
     mflat = merged.reshape(-1)

@@ -7,7 +7,9 @@ hidden temporary directory that is renamed into place only when complete; on any
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -19,6 +21,7 @@ import torch
 
 from model_merging.algorithms import (
     MergeContext,
+    check_params,
     convex_weights,
     get_method,
     weighted_sum,
@@ -76,34 +79,55 @@ def _resolve(opts: MergeOptions, experts: ExpertSet) -> tuple[Any, list, int, in
     if not isinstance(params, method.params):
         raise MergeError(f"algorithm {opts.algorithm!r} takes {method.params.__name__}, got {type(params).__name__}")
     rules = parse_rules(opts.rules, method.params)
-    # rules act on the task vectors, and for RETAIN on the parts trained from scratch too: a rule matching none of
-    # those (a typo'd group, or action_expert under another algorithm) would silently change nothing
-    ruled = [f"{m}.weight" for m in experts.layout.lora_modules] + (
-        list(experts.layout.scratch) if opts.algorithm == "retain" else [])
-    idle = [r.as_text() for r in rules if not any(r.matches(n) for n in ruled)]
-    if idle:
-        raise MergeError(f"rule(s) {idle} match no parameter that {opts.algorithm} applies rules to (the "
-                         f"LoRA-touched VLM weights{', and the parts trained from scratch' if opts.algorithm == 'retain' else ''})")
+    check_params(opts.algorithm, params)
+    for r in rules:
+        check_params(opts.algorithm, dataclasses.replace(params, **dict(r.overrides)), f" in rule {r.as_text()!r}")
+    _check_device(opts.device)
     n_blocks, hidden = experts.layout.num_blocks, experts.layout.hidden
     if not 0 <= opts.expert_head_layers <= n_blocks:
         raise MergeError(f"expert_head_layers must be in [0, {n_blocks}], got {opts.expert_head_layers}")
+    check_part_groups(opts.per_task_parts, "per_task_parts")
+    # rules act on the task vectors, and for RETAIN on the shared parts trained from scratch too (the kept heads
+    # are copied): a rule matching none of those (a typo'd group, or action_expert under another algorithm)
+    # would silently change nothing
+    ruled = [f"{m}.weight" for m in experts.layout.lora_modules] + (
+        experts.layout.shared_names(opts.expert_head_layers, tuple(opts.per_task_parts))
+        if opts.algorithm == "retain" else [])
+    idle = [r.as_text() for r in rules if not any(r.matches(n) for n in ruled)]
+    if idle:
+        raise MergeError(f"rule(s) {idle} match no parameter that {opts.algorithm} applies rules to (the "
+                         f"LoRA-touched VLM weights{', and the shared parts trained from scratch' if opts.algorithm == 'retain' else ''})")
+    if opts.router_block >= n_blocks or opts.router_block < -1:
+        raise MergeError(f"router_block must be in [0, {n_blocks - 1}] or -1 (the last shared block), "
+                         f"got {opts.router_block}")
     block = opts.router_block if opts.router_block >= 0 else n_blocks - opts.expert_head_layers - 1
-    if not 0 <= block < n_blocks:
-        raise MergeError(f"router_block resolves to {block}, outside the {n_blocks} expert blocks (with "
-                         f"expert_head_layers={opts.expert_head_layers} no block is shared: set router_block)")
+    if block < 0:
+        raise MergeError(f"with expert_head_layers={opts.expert_head_layers} no expert block is shared, so there is "
+                         f"no last shared block for the router: set router_block in [0, {n_blocks - 1}]")
     layer = opts.router_layer if opts.router_layer >= 0 else n_blocks
     if not 0 <= layer <= n_blocks:
         raise MergeError(f"router_layer must be in [0, {n_blocks}] or -1, got {opts.router_layer}")
     if not 1 <= opts.k_gate <= hidden:
         raise MergeError(f"k_gate must be in [1, {hidden}], got {opts.k_gate}")
-    if opts.mask_lambda < 0:
-        raise MergeError(f"mask lambda must be >= 0, got {opts.mask_lambda}")
+    if not 0 <= opts.mask_lambda < math.inf:  # NaN would set no mask: every task would run θ0
+        raise MergeError(f"mask lambda must be a finite number >= 0, got {opts.mask_lambda}")
     convex_weights(opts.scratch_weights, len(experts))  # validates the count and signs
-    check_part_groups(opts.per_task_parts, "per_task_parts")
+    if opts.algorithm == "retain" and opts.scratch_weights is not None:
+        raise MergeError("retain interpolates the parts trained from scratch with its own alphas "
+                         "(--retain.alpha_action_expert): --scratch_weights would be ignored, so leave it unset")
     if opts.algorithm == "retain" and experts.init_seed is None:
         raise MergeError("retain interpolates the parts trained from scratch from the experts' shared "
                          "initialisation, but their manifests record no init_seed")
     return params, rules, block, layer
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise MergeError(f"device {device!r} is not a torch device ({e})") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError(f"device is {device!r} but no CUDA device is available (use --device cpu)")
 
 
 def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -141,7 +165,8 @@ def build_manifest(experts: ExpertSet, opts: MergeOptions, params: Any, block: i
                   "rescaled": masks_kind == "emr", "bitorder": "big"},
         "expert_head_layers": opts.expert_head_layers,
         "per_task_parts": list(parts),
-        "scratch_weights": convex_weights(opts.scratch_weights, len(tasks)),
+        # RETAIN interpolates them instead of averaging
+        "scratch_weights": None if opts.algorithm == "retain" else convex_weights(opts.scratch_weights, len(tasks)),
         "lora_params": {f"{m}.weight": list(s) for m, s in lay.lora_modules.items()},
         "shared_params": {n: list(lay.scratch[n]) for n in lay.shared_names(opts.expert_head_layers, parts)},
         "head_params": {n: list(lay.scratch[n]) for n in lay.head_names(opts.expert_head_layers, parts)},
@@ -256,10 +281,14 @@ def merge_experts(
     out = Path(out_dir)
     if out.exists():
         raise MergeError(f"output directory {out} already exists; choose a new --out (nothing was written)")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise MergeError(f"output directory {out} cannot be created: {blocker} is a file, not a directory")
     if not isinstance(experts, ExpertSet):
         experts = ExpertSet.open(experts, verify_hashes=opts.verify_hashes)
     params, rules, block, layer = _resolve(opts, experts)
     manifest = build_manifest(experts, opts, params, block, layer)
+    created = [p for p in reversed(out.parents) if not p.exists()]  # removed again if the merge fails
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
@@ -292,6 +321,9 @@ def merge_experts(
         if writer is not None:
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(created):
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                p.rmdir()
         raise
     if log:
         log(f"wrote {out}")

@@ -127,6 +127,7 @@ def test_tsv_of_orthogonal_tasks_is_their_sum_and_1d_is_mean():
     t1, t2 = torch.tensor([[2.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 3.0]])
     assert torch.allclose(merged("tsv", [t1, t2]), t1 + t2, atol=1e-6)
     assert torch.equal(merged("tsv", [T1, T2]), (T1 + T2) / 2)
+    assert torch.equal(merged("tsv", [T1, T2], TsvParams(scale=0.5)), (T1 + T2) / 4)  # α applies to 1-D too
 
 
 def test_knots_ties_on_identical_tasks_averages_and_ta_variant_is_task_arithmetic():

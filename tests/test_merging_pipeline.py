@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model_merging.algorithms import DareParams, RetainParams
+from model_merging.algorithms import DareParams, RetainParams, TiesParams, WudiParams
 from model_merging.errors import MergeError
 from model_merging.merge import MergeOptions, merge_experts
 from model_merging.merged_model import load_merged
@@ -362,11 +362,27 @@ def test_duplicate_names_existing_output_and_bad_options(experts, tmp_path):
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
     for opts, msg in [(MergeOptions(expert_head_layers=99), "expert_head_layers must be in"),
                       (MergeOptions(k_gate=0), "k_gate must be in"),
-                      (MergeOptions(mask_lambda=-1), "lambda must be >= 0"),
+                      (MergeOptions(mask_lambda=-1), "lambda must be a finite number >= 0, got -1"),
+                      (MergeOptions(mask_lambda=float("nan")), "lambda must be a finite number >= 0, got nan"),
+                      (MergeOptions(router_block=7), r"router_block must be in \[0, 3\] or -1 \(the last shared block\), got 7"),
+                      (MergeOptions(router_block=-2), r"router_block must be in \[0, 3\] or -1"),
+                      (MergeOptions(expert_head_layers=4), "no expert block is shared, so there is no last shared block"),
+                      (MergeOptions(device="cuda:0"), "no CUDA device is available") if not torch.cuda.is_available()
+                      else (MergeOptions(device="nope"), "'nope' is not a torch device"),
+                      (MergeOptions(algorithm="wudi", params=WudiParams(lr=float("nan"))),
+                       r"--wudi.lr is nan, expected a finite number > 0"),
+                      (MergeOptions(algorithm="ties", params=TiesParams(k=150)), r"--ties.k is 150, expected in \[0, 100\]"),
+                      (MergeOptions(algorithm="dare", params=DareParams(p=1.0)), r"--dare.p is 1.0, expected in \[0, 1\)"),
+                      (MergeOptions(algorithm="tsv", rules=("llm keep_fraction=2",)),
+                       r"--tsv.keep_fraction is 2.0 in rule 'llm keep_fraction=2.0', expected in \(0, 1\]"),
+                      (MergeOptions(algorithm="retain", scratch_weights=(1.0, 1.0)), "--scratch_weights would be ignored"),
+                      (MergeOptions(algorithm="retain", rules=(r"action_expert\.out_proj alpha_action_expert=0.9",)),
+                       "match no parameter that retain applies rules to"),
+                      (MergeOptions(scratch_weights=(float("inf"), 1.0)), "expected finite, non-negative weights"),
                       (MergeOptions(rules=("llm bogus=1",)), "has no field 'bogus'"),
                       (MergeOptions(algorithm="nope"), "unknown merge algorithm"),
-                      (MergeOptions(scratch_weights=(1.0,)), "1 averaging weights given for 2 experts"),
-                      (MergeOptions(scratch_weights=(-1.0, 2.0)), "expected non-negative weights"),
+                      (MergeOptions(scratch_weights=(1.0,)), "--scratch_weights: 1 weights given for 2 experts"),
+                      (MergeOptions(scratch_weights=(-1.0, 2.0)), r"--scratch_weights \[-1.0, 2.0\]: expected finite, non-negative"),
                       (MergeOptions(rules=("vison scale=0",)), r"rule\(s\) \['vison scale=0.0'\] match no parameter"),
                       (MergeOptions(algorithm="task_arithmetic", rules=("action_expert scale=0",)),
                        "match no parameter that task_arithmetic applies rules to"),
@@ -375,6 +391,9 @@ def test_duplicate_names_existing_output_and_bad_options(experts, tmp_path):
         with pytest.raises(MergeError, match=msg):
             merge_experts(experts[:2], tmp_path / "out", opts, log=quiet)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(MergeError, match=f"{tmp_path / 'afile'} is a file, not a directory"):
+        merge_experts(experts[:2], tmp_path / "afile" / "out", log=quiet)
     with pytest.raises(MergeError, match="manifest.json is missing"):
         merge_experts([("x", tmp_path / "exists")], tmp_path / "out", log=quiet)
 
@@ -449,6 +468,17 @@ def test_average_parts_replaces_only_the_named_groups(experts, tmp_path, capsys)
     assert average_main([*bad, "--target", "kitchen"]) == 2
     assert "--target 'kitchen' is not one of the experts" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_failed_merge_leaves_no_directory_it_created(experts, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("model_merging.merge._write_router", boom)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError, match="disk full"):
+        merge_experts(experts[:2], tmp_path / "kept" / "new" / "deeper" / "out", log=quiet)
+    assert list((tmp_path / "kept").iterdir()) == []  # new/deeper and the partial directory are gone
 
 
 def test_scratch_weights_are_a_convex_combination(experts, tmp_path):

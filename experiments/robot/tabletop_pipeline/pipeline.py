@@ -15,6 +15,7 @@ model) use that seed, so they start from the same trainable weights on the same 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -115,11 +116,11 @@ class PipelineConfig:
                 raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("noop_steps", "first_init_state", "seed", "warmup_steps", "baseline_head_layers", "demo_noise",
                      "weight_decay", "mask_lambda", "router_exemplars"):
-            if getattr(self, name) < 0:
-                raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:  # written so that NaN fails too
+                raise PipelineError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         for name in ("lr", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise PipelineError(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise PipelineError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise PipelineError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.lr_schedule not in LR_SCHEDULES:
