@@ -84,3 +84,30 @@ def test_runs_recorded_before_action_loss_existed_resume_as_l1_runs():
     old = {k: v for k, v in new.items() if k != "action_loss"}
     assert run_identity(old) == run_identity(new)
     assert run_identity(old) != run_identity(FinetuneConfig(action_loss="mse").to_dict())
+
+
+def test_training_frames_are_resized_with_the_evaluation_filter():
+    """RLDS frames (256 px) reach the 224-px model through the Lanczos filter LIBERO evaluation frames take."""
+    from experiments.robot.libero.preprocess import LiberoImageTransform
+    from prismatic.training.trainer import fetch
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 2, 256, 256, 3), dtype=np.uint8)  # (steps, cameras, H, W, 3)
+
+    class Steps:
+        def get_batch(self, idx):
+            return {"images": frames[idx]}
+
+    out = fetch(Steps(), np.array([2, 0]), 224)["images"]
+    assert out.shape == (2, 2, 224, 224, 3) and out.dtype == np.uint8
+    upright_no_jpeg = LiberoImageTransform(224, jpeg=False, center_crop=False, upside_down=False)
+    assert np.array_equal(out[0, 1], upright_no_jpeg(frames[2, 1]))
+    assert np.array_equal(out[1, 0], upright_no_jpeg(frames[0, 0]))
+    # bilinear (what the processor does for other sizes) differs: the filter is a real choice
+    import torch
+    import torch.nn.functional as F
+
+    bilinear = F.interpolate(torch.as_tensor(frames[2, 1]).permute(2, 0, 1)[None].float(), size=(224, 224),
+                             mode="bilinear", antialias=True)[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+    assert np.abs(bilinear.astype(int) - out[0, 1]).mean() > 1
+    assert np.array_equal(fetch(Steps(), np.array([1]), 256)["images"], frames[[1]])  # the right size: untouched

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from experiments.robot.harness import ResultsError
-from experiments.robot.libero.env import LiberoEnvFactory, libero_available, task_categories
+from experiments.robot.libero.env import LiberoEnvFactory, import_libero, libero_available, suite_info, task_categories
 from experiments.robot.libero.policies import load_policy
 from experiments.robot.libero.preprocess import LiberoImageTransform, center_crop_resize, rotate_180
 from experiments.robot.libero.run_libero_eval import GenerateConfig, eval_crop_area, main, video_patterns
@@ -184,6 +184,15 @@ def test_bad_suite_and_init_state_are_clear_errors(tiny_checkpoint, tmp_path):
         main(GenerateConfig(pretrained_checkpoint=tiny_checkpoint, task_suites=["libero_nope"], dry_run=True))
     with pytest.raises(ValueError, match="has 50 fixed init states; init_state_id 50 is out of range"):
         LiberoEnvFactory()("libero_spatial", 0, 50)
+    # found when planning (dry run too), not after the first 50 episodes of each task have run
+    with pytest.raises(ValueError, match="--num_trials_per_task 51 exceeds the 50 fixed init states of libero_spatial"):
+        main(GenerateConfig(pretrained_checkpoint=tiny_checkpoint, task_suites=["libero_spatial"],
+                            num_trials_per_task=51, results_dir=tmp_path / "runs", dry_run=True))
+    assert not (tmp_path / "runs").exists()
+    benchmark, _, _ = import_libero()
+    if "libero_100" in benchmark.get_benchmark_dict():  # not a variant of libero_10: no 520-step limit
+        with pytest.raises(ValueError, match="libero_100"):
+            suite_info("libero_100")
 
 
 @needs_libero

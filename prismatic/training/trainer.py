@@ -33,6 +33,7 @@ from prismatic.training.sampler import ResumableBatchSampler
 from prismatic.training.schedule import lr_at
 from prismatic.vla.augmentation import augment_images
 from prismatic.vla.datasets import VLADataset, load_suite
+from prismatic.vla.images import resize_frames
 from prismatic.vla.normalization import normalize
 
 log = logging.getLogger(__name__)
@@ -75,13 +76,20 @@ def set_attention(model: MergeVLA, choice: str, device: torch.device) -> str:
     return choice
 
 
-def batches(ds: VLADataset, sampler: ResumableBatchSampler, num_workers: int):
-    """Endless raw batches in sampler order, fetched in worker processes when num_workers > 0."""
+def fetch(ds: VLADataset, idx, image_size: int | None) -> dict:
+    """A raw batch with its frames Lanczos-resized to `image_size`, as evaluation frames are (RLDS data: 256 px)."""
+    raw = ds.get_batch(idx)
+    raw["images"] = resize_frames(raw["images"], image_size)
+    return raw
+
+
+def batches(ds: VLADataset, sampler: ResumableBatchSampler, num_workers: int, image_size: int | None = None):
+    """Endless raw batches in sampler order, fetched (and resized) in worker processes when num_workers > 0."""
     if num_workers == 0:
         for idx in sampler:
-            yield ds.get_batch(idx)
+            yield fetch(ds, idx, image_size)
         return
-    loader = torch.utils.data.DataLoader(_BatchFetcher(ds), sampler=sampler, batch_size=None,
+    loader = torch.utils.data.DataLoader(_BatchFetcher(ds, image_size), sampler=sampler, batch_size=None,
                                          num_workers=num_workers, collate_fn=_identity, persistent_workers=True,
                                          generator=torch.Generator().manual_seed(0))  # keep off the global RNG
     it = iter(loader)
@@ -92,11 +100,11 @@ def batches(ds: VLADataset, sampler: ResumableBatchSampler, num_workers: int):
 
 
 class _BatchFetcher(torch.utils.data.Dataset):
-    def __init__(self, ds: VLADataset):
-        self.ds = ds
+    def __init__(self, ds: VLADataset, image_size: int | None):
+        self.ds, self.image_size = ds, image_size
 
     def __getitem__(self, idx):
-        return self.ds.get_batch(idx)
+        return fetch(self.ds, idx, self.image_size)
 
 
 def _identity(x):
@@ -186,7 +194,7 @@ def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -
         else contextlib.nullcontext
 
     sampler = ResumableBatchSampler(len(ds), cfg.batch_size, cfg.seed, env.rank, env.world_size, samples_seen)
-    stream = batches(ds, sampler, cfg.num_workers)
+    stream = batches(ds, sampler, cfg.num_workers, model_cfg.image_size)
     per_step = cfg.batch_size * env.world_size * cfg.grad_accumulation_steps
     logger = MetricsLogger(cfg, run_id, enabled=env.is_main)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (env.is_main and cfg.progress_bar),

@@ -72,6 +72,7 @@ class SuiteInfo:
     instructions: list[str]
     max_steps: int
     categories: list[str] | None = None  # LIBERO-Plus: perturbation dimension of each task
+    init_states: int | None = None  # fixed init states of the task that has fewest (None: not counted)
 
     @property
     def num_tasks(self) -> int:
@@ -90,13 +91,18 @@ def suite_info(suite: str, max_steps: int | None = None, classification: Path | 
     """Task names/instructions of a suite; `classification` (LIBERO-Plus) defaults to the file beside the
     installed benchmark module, when there is one."""
     ts = _task_suite(suite)
+    if ts.n_tasks == 0:
+        raise ValueError(f"LIBERO suite {suite!r} has no tasks in this install")
     tasks = [ts.get_task(i) for i in range(ts.n_tasks)]
     if max_steps is None:
-        base = next((k for k in sorted(SUITE_MAX_STEPS, key=len, reverse=True) if suite.startswith(k)), None)
+        # a variant (LIBERO-Plus' libero_spatial_with_milk, …) takes its base suite's limit; libero_100 is no
+        # variant of libero_10
+        base = next((k for k in SUITE_MAX_STEPS if suite == k or suite.startswith(k + "_")), None)
         if base is None:
             raise ValueError(f"no step limit is known for suite {suite!r}; set max_steps explicitly")
         max_steps = SUITE_MAX_STEPS[base]
-    info = SuiteInfo(suite, [t.name for t in tasks], [t.language for t in tasks], max_steps)
+    init_states = min(len(ts.get_task_init_states(i)) for i in range(ts.n_tasks))
+    info = SuiteInfo(suite, [t.name for t in tasks], [t.language for t in tasks], max_steps, init_states=init_states)
     info.categories = task_categories(suite, info.task_names, classification)
     return info
 

@@ -1,7 +1,8 @@
 """LIBERO camera frames → the images the model was trained on (docs/DESIGN.md §5).
 
-LIBERO renders upside down relative to the RLDS training data, so frames are rotated 180°. The RLDS data was
-resized to 224 through a JPEG round trip and a Lanczos filter, so evaluation frames take the same path. Models
+LIBERO renders upside down relative to the RLDS training data, so frames are rotated 180°. The RLDS data is
+stored as JPEG and resized to the model's 224 with a Lanczos filter when training reads it
+(`prismatic.vla.images`), so evaluation frames take the same path: a JPEG round trip, then that filter. Models
 trained with random-crop augmentation (0.9 of the area) see, at test time, the centre crop of that area
 resized back to full size. The model's own processor then resizes to its input size (64 for `tiny`).
 """
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from prismatic.vla.images import lanczos_resize
+
 JPEG_QUALITY = 95  # the quality the RLDS conversion used when it encoded frames
 
 
@@ -25,12 +28,6 @@ def jpeg_round_trip(img: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=quality)
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-
-
-def lanczos_resize(img: np.ndarray, size: int) -> np.ndarray:
-    if img.shape[:2] == (size, size):
-        return img
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS))
 
 
 def center_crop_resize(img: np.ndarray, area_scale: float, size: int | None = None) -> np.ndarray:

@@ -125,6 +125,12 @@ def protocol_info(cfg: GenerateConfig, crop_area: float) -> dict:
 
 
 def plan(cfg: GenerateConfig, infos) -> list:
+    """Every episode to run; refuses more trials than a suite has fixed init states (trial k starts from state k)."""
+    for info in infos:
+        if info.init_states is not None and cfg.num_trials_per_task > info.init_states:
+            raise ValueError(f"--num_trials_per_task {cfg.num_trials_per_task} exceeds the {info.init_states} fixed "
+                             f"init states of {info.name}'s tasks (trial k starts from init state k); use at most "
+                             f"{info.init_states}")
     return [
         e
         for info in infos
