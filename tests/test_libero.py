@@ -260,6 +260,10 @@ def test_merged_artifact_is_routed_per_episode_on_real_libero(tmp_path):
     routed_to = row.get("routed_expert", row.get("routed_task"))
     assert row["method"] == "TIES" and routed_to in ("libero_spatial", "libero_object") and row["steps"] == 8
     assert "Routing accuracy" in (tmp_path / "runs" / "summary" / "results.md").read_text()
+    main(dataclasses.replace(cfg, router_variant="value"))  # naming the default router is the same run: it resumes
+    assert len((tmp_path / "runs" / "TIES--merged-ties.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(ResultsError, match="holds episodes of a different run"):  # another router: another run
+        main(dataclasses.replace(cfg, router_variant="key", run_name="TIES--merged-ties"))
 
 
 @needs_libero

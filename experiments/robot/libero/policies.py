@@ -58,5 +58,11 @@ def default_method(manifest: dict, router_variant: str | None = None) -> str:
         return FT_METHOD
     alg = str(manifest.get("algorithm") or manifest.get("method") or "merged")
     label = PAPER_LABELS.get(alg.lower(), alg)
-    default = (manifest.get("router") or {}).get("default_variant", "value")
-    return label if router_variant in (None, default) else f"{label} ({router_variant} router)"
+    return label if router_variant in (None, default_router(manifest)) else f"{label} ({router_variant} router)"
+
+
+def default_router(manifest: dict) -> str | None:
+    """The router variant a merged artifact uses when none is named (None for a fine-tuned checkpoint)."""
+    if manifest["format"] == FT_KIND:
+        return None
+    return (manifest.get("router") or {}).get("default_variant", "value")

@@ -25,6 +25,7 @@ from experiments.robot.libero.env import LiberoEnvFactory, LiberoUnavailable, im
 from experiments.robot.libero.policies import (
     FT_KIND,
     default_method,
+    default_router,
     load_policy,
     read_checkpoint_manifest,
 )
@@ -156,7 +157,8 @@ def main(cfg: GenerateConfig) -> list[dict]:
     crop_area = eval_crop_area(cfg, manifest)
     run_info = {"method": method, "checkpoint": str(cfg.pretrained_checkpoint.resolve()),
                 "checkpoint_sha256": manifest.get("weights_sha256"), "protocol": protocol_info(cfg, crop_area),
-                "router_variant": cfg.router_variant}
+                # the artifact's default router recorded as None whether or not it was named: one run either way
+                "router_variant": None if cfg.router_variant == default_router(manifest) else cfg.router_variant}
     if cfg.router_variant == "exemplar":  # recomputed exemplars are another router: never resume into old rows
         from model_merging.exemplars import exemplars_sha256
 
