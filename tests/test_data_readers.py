@@ -10,6 +10,7 @@ import pytest
 from data_fixtures import SUITE, hdf5_root, kept_steps, small_tasks
 
 from prismatic.vla.datasets import DatasetError, chunk_indices, load_suite, noop_keep_mask
+from prismatic.vla.datasets.synthetic import make_tasks, write_hdf5_suite
 
 
 def test_noop_filter_matches_the_rlds_release_rule():
@@ -156,4 +157,25 @@ def test_missing_instruction_and_wrong_shapes_are_named(tmp_path):
         del f["data/demo_0/obs/ee_states"]
         f["data/demo_0/obs"].create_dataset("ee_states", data=np.zeros((20, 7)))
     with pytest.raises(DatasetError, match=r"demo_0/obs/ee_states has shape \(20, 7\), expected \(T, 6\)"):
+        load_suite(root, SUITE)
+
+
+def test_frame_sizes_that_cannot_be_batched_are_named(tmp_path):
+    for preload in (4.0, 0.0):  # preloaded, and read from the files on demand
+        root = tmp_path / f"p{preload}"
+        write_hdf5_suite(root, SUITE, small_tasks(image_size=16)[:1])
+        write_hdf5_suite(root / "other", SUITE, make_tasks(num_tasks=2, demos_per_task=1, steps=20, image_size=24,
+                                                           seed=0)[1:])
+        (later,) = (root / "other" / SUITE).glob("*.hdf5")
+        later.rename(root / SUITE / ("z" + later.name))  # sorts after the 16-px file
+        with pytest.raises(DatasetError, match=r"z.*_demo.hdf5: frames are \(24, 24\) px, but .*'s are \(16, 16\)"):
+            load_suite(root, SUITE, preload_images_gb=preload)
+    f0 = sorted((root / SUITE).glob("*.hdf5"))[0]
+    with h5py.File(f0, "a") as f:
+        wrist = f["data/demo_0/obs/eye_in_hand_rgb"]
+        t = wrist.shape[0]
+        del f["data/demo_0/obs/eye_in_hand_rgb"]
+        f["data/demo_0/obs"].create_dataset("eye_in_hand_rgb", data=np.zeros((t, 8, 8, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"data/demo_0: the cameras' frames differ in size \(agentview_rgb \(16, 16\), "
+                                           r"eye_in_hand_rgb \(8, 8\)\)"):
         load_suite(root, SUITE)

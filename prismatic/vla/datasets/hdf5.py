@@ -113,6 +113,9 @@ def read_hdf5_file(path: Path, filter_noops: bool, preload: bool) -> list[Episod
                 for c, ds in zip(CAMERAS, cams):
                     if ds.ndim != 4 or ds.shape[-1] != 3:
                         raise DatasetError(f"{path}: data/{demo}/obs/{c} has shape {ds.shape}, expected (T, H, W, 3)")
+                if cams[0].shape[1:] != cams[1].shape[1:]:  # a training batch stacks both cameras
+                    raise DatasetError(f"{path}: data/{demo}: the cameras' frames differ in size ({CAMERAS[0]} "
+                                       f"{cams[0].shape[1:3]}, {CAMERAS[1]} {cams[1].shape[1:3]}); expected one size")
                 lengths = {len(ee), len(grip), *(len(c) for c in cams)}
                 if lengths != {t}:
                     raise DatasetError(f"{path}: data/{demo} arrays disagree on the number of steps ({lengths | {t}})")
@@ -155,7 +158,13 @@ def image_bytes(path: Path) -> int:
 def read_hdf5_suite(files: list[Path], filter_noops: bool = True, preload_images_gb: float = 4.0) -> list[Episode]:
     """Every demo of every file. Images are loaded into memory when they fit in `preload_images_gb`."""
     preload = sum(image_bytes(p) for p in files) <= preload_images_gb * 2**30
-    episodes = []
+    episodes, first = [], None  # first: (file, its frame size)
     for p in files:
-        episodes.extend(read_hdf5_file(p, filter_noops, preload))
+        eps = read_hdf5_file(p, filter_noops, preload)
+        size = tuple(eps[0].images.get(np.array([0])).shape[-3:-1]) if eps else None
+        first = first or (size and (p, size))
+        if size and size != first[1]:  # a training batch stacks frames of every file
+            raise DatasetError(f"{p}: frames are {size} px, but {first[0]}'s are {first[1]}; every file of a "
+                               "suite needs one frame size (re-render or resize them alike)")
+        episodes.extend(eps)
     return episodes
