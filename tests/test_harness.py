@@ -21,6 +21,7 @@ from experiments.robot.harness import (
 from experiments.robot.harness.fake import FakeEnvFactory, ScriptedPolicy
 from experiments.robot.harness.summarize import SummarizeConfig
 from experiments.robot.harness.summarize import main as summarize_main
+from experiments.robot.harness.summary import mixed_protocols, summary_markdown
 
 QUIET = dict(log=lambda *_: None)
 
@@ -248,6 +249,17 @@ def test_summary_files_and_plots(tmp_path):
     assert paths["csv_by_category"].read_text() == "method,camera,avg\nTIES,100.0,100.0\n"
     for key in ("bars", "routing_TIES"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_row_mixing_protocols_is_flagged_in_the_summary():
+    full = {"env_img_res": 256, "fast_render": False, "seed": 7}
+    rows = [dict(r, protocol=full) for r in paper_rows()]
+    assert "mix evaluation protocols" not in summary_markdown(rows)
+    rows = [dict(r, protocol=dict(full, fast_render=True)) if r["suite"] == "libero_object" and r["method"] == "TIES"
+            else r for r in rows]
+    assert summary_markdown(rows).endswith("## Warning: rows that mix evaluation protocols\n\n"
+                                           "- TIES: 2 protocols among its episodes (they differ in fast_render)\n")
+    assert mixed_protocols(paper_rows()) == []  # rows without a protocol (TableTop-4's) are never flagged
 
 
 def test_summarize_cli_reads_a_results_dir(tmp_path, capsys):

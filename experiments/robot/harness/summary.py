@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -158,4 +159,21 @@ def summary_markdown(rows: Sequence[dict]) -> str:
         parts.append("\n## Routing accuracy (first observation of each episode)\n")
         parts.append("| method | episodes | accuracy (%) |\n|---|---:|---:|\n")
         parts += [f"| {c.method} | {sum(map(sum, c.counts))} | {c.accuracy:.1f} |\n" for c in confusions]
+    mixed = mixed_protocols(rows)
+    if mixed:
+        parts.append("\n## Warning: rows that mix evaluation protocols\n\n")
+        parts += [f"- {m}\n" for m in mixed]
     return "".join(parts)
+
+
+def mixed_protocols(rows: Sequence[dict], method_key: str = "method") -> list[str]:
+    """One line per table row whose episodes ran under more than one protocol (e.g. an old fast-render run of
+    one suite summarised beside a full run of another under the same label): its figures do not compare."""
+    out = []
+    for method in sorted({str(r[method_key]) for r in rows}):
+        protocols = [r["protocol"] for r in rows if str(r[method_key]) == method and isinstance(r.get("protocol"), dict)]
+        distinct = {json.dumps(p, sort_keys=True) for p in protocols}
+        if len(distinct) > 1:
+            fields = sorted({k for p in protocols for k in p if len({json.dumps(q.get(k)) for q in protocols}) > 1})
+            out.append(f"{method}: {len(distinct)} protocols among its episodes (they differ in {', '.join(fields)})")
+    return out
