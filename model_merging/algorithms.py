@@ -3,8 +3,9 @@
 Every method has the signature `fn(taus, params, ctx) -> Merged`, where `taus` holds one fp32 tensor per
 task (same shape), `params` is the method's frozen hyper-parameter dataclass and `ctx` says which parameter
 is being merged (for seeded dropping and per-module choices) and, when known, each τ's low-rank factors.
-Methods work tensor by tensor so that the pipeline can stream a real-size model through them; trimming,
-rescaling and SVDs are therefore per tensor.
+Methods work tensor by tensor so that the pipeline can stream a real-size model through them; trimming and
+SVDs are therefore per tensor. EMR's rescalers are pooled over the whole model by the pipeline (each tensor
+returns its sums), as the EMR paper has them.
 
 Task arithmetic, TIES and DARE are one generalised task-arithmetic core with different switches.
 """
@@ -41,6 +42,8 @@ class Merged:
     tensor: Tensor  # τ_merge
     masks: tuple[Tensor, ...] | None = None  # per-task masks chosen by the method itself (EMR)
     rescalers: tuple[Tensor, ...] | None = None  # per-task fp32 scalars applied with those masks
+    # EMR: per task (Σ|τ_m|, Σ|mask_m ⊙ τ_uni|) over this tensor, so a caller can pool them over the whole model
+    rescale_sums: tuple[tuple[float, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -369,7 +372,20 @@ def wudi(taus, p: WudiParams, ctx: MergeContext) -> Merged:
 
 @dataclass(frozen=True)
 class EmrParams:
-    """EMR has no hyper-parameters: its masks and rescalers follow from the task vectors."""
+    """EMR's masks and rescalers follow from the task vectors; only the rescalers' scope is a choice."""
+
+    # "model": one rescaler per task from the sums over every merged tensor (the EMR paper, docs/DESIGN.md §4);
+    # "tensor": one per task and tensor (this project's releases before 2026-12-06)
+    rescale: Literal["model", "tensor"] = "model"
+
+
+def pooled_rescalers(sums: Sequence[Sequence[tuple[float, float]]]) -> list[float]:
+    """Per task Σ|τ_m| / Σ|mask_m ⊙ τ_uni| over all tensors, from each tensor's `Merged.rescale_sums`."""
+    out = []
+    for i in range(len(sums[0])):
+        num, den = sum(s[i][0] for s in sums), sum(s[i][1] for s in sums)
+        out.append(num / den if den > 0 else 1.0)  # an empty mask zeroes the task's delta whatever the rescaler
+    return out
 
 
 @register("emr", EmrParams, "EMR: elected unified vector + per-task masks and rescalers", own_masks=True)
@@ -396,9 +412,10 @@ def emr(taus, p: EmrParams, ctx: MergeContext) -> Merged:
             num[i] += float(c.abs().sum(dtype=torch.float64))
             den[i] += float(torch.where(a, mag, torch.zeros_like(mag)).sum(dtype=torch.float64))
     # An empty mask makes the task's delta zero whatever the rescaler; 1 keeps it finite.
-    rescalers = tuple(torch.tensor(num[i] / den[i] if den[i] > 0 else 1.0, dtype=torch.float32) for i in range(m))
+    sums = tuple(zip(num, den))
+    rescalers = tuple(torch.tensor(r, dtype=torch.float32) for r in pooled_rescalers([sums]))
     shape = taus[0].shape
-    return Merged(uni.view(shape), tuple(mk.view(shape) for mk in masks), rescalers)
+    return Merged(uni.view(shape), tuple(mk.view(shape) for mk in masks), rescalers, sums)
 
 
 # ------------------------------------------------------------------------------------------------- RETAIN
@@ -452,6 +469,7 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "steps": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     "alpha_vision": _SCALE, "alpha_llm": _SCALE, "alpha_action_expert": _SCALE,
     "weights": (lambda v: v is None or all(_FINITE(x) for x in v), "finite numbers"),
+    "rescale": (lambda v: v in ("model", "tensor"), "'model' or 'tensor'"),
 }
 
 

@@ -3,7 +3,7 @@
 Tensors (all fp32 unless noted), for parameters p and tasks t in manifest order:
     delta.<p>                 τ_merge of each LoRA-touched VLM weight p (plain names, e.g. vlm.llm…q_proj.weight)
     mask.<t>.<p>              uint8: S_t bit-packed (numpy.packbits order), present when masks are enabled
-    rescale.<t>.<p>           0-d: EMR's per-task rescaler (EMR with masks only)
+    rescale.<t>.<p>           0-d: EMR's rescaler of task t (one value for every p by default), after all deltas
     shared.<n>                from-scratch parameter n shared by all tasks (weighted average, or RETAIN)
     head.<t>.<n>              from-scratch parameter n kept per task (last L_h expert blocks, final norm, head, and
                               the manifest's `per_task_parts` groups)
@@ -76,8 +76,8 @@ def plan_specs(manifest: dict) -> list[TensorSpec]:
         specs.append(TensorSpec(delta_key(p), f32, tuple(shape)))
         if masks["enabled"]:
             specs += [TensorSpec(mask_key(t, p), u8, (packed_len(shape),)) for t in tasks]
-            if masks["rescaled"]:
-                specs += [TensorSpec(rescale_key(t, p), f32, ()) for t in tasks]
+    if masks["enabled"] and masks["rescaled"]:  # after every delta: EMR's may pool all of them
+        specs += [TensorSpec(rescale_key(t, p), f32, ()) for p in manifest["lora_params"] for t in tasks]
     specs += [TensorSpec(shared_key(n), f32, tuple(s)) for n, s in manifest["shared_params"].items()]
     for t in tasks:
         specs += [TensorSpec(head_key(t, n), f32, tuple(s)) for n, s in manifest["head_params"].items()]

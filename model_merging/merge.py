@@ -24,6 +24,7 @@ from model_merging.algorithms import (
     check_params,
     convex_weights,
     get_method,
+    pooled_rescalers,
     weighted_sum,
 )
 from model_merging.artifact import (
@@ -80,6 +81,9 @@ def _resolve(opts: MergeOptions, experts: ExpertSet) -> tuple[Any, list, int, in
         raise MergeError(f"algorithm {opts.algorithm!r} takes {method.params.__name__}, got {type(params).__name__}")
     rules = parse_rules(opts.rules, method.params)
     check_params(opts.algorithm, params)
+    if any("rescale" in dict(r.overrides) for r in rules):
+        raise MergeError("emr.rescale applies to the whole merge (rescale=model pools every weight): set it with "
+                         "--emr.rescale, not in a rule")
     for r in rules:
         check_params(opts.algorithm, dataclasses.replace(params, **dict(r.overrides)), f" in rule {r.as_text()!r}")
     _check_device(opts.device)
@@ -208,10 +212,12 @@ def router_subspaces(
     return out
 
 
-def _write_lora_params(writer, experts, opts, params, rules, stats: MaskStats, log) -> None:
+def _write_lora_params(writer, experts, opts, params, rules, stats: MaskStats, log) -> dict[str, list[float]] | None:
+    """Deltas and masks of every LoRA-touched weight, then EMR's rescalers; returns those (per task, per weight)."""
     method = get_method(opts.algorithm)
     tasks = experts.names
     modules = list(experts.layout.lora_modules)
+    rescale_sums: list[tuple[tuple[float, float], ...]] = []  # EMR with masks: one entry per weight
     for i, module in enumerate(modules):
         p = f"{module}.weight"
         factors = experts.lora_factors(module, opts.device)
@@ -227,10 +233,18 @@ def _write_lora_params(writer, experts, opts, params, rules, stats: MaskStats, l
             for t, m in zip(tasks, packed):
                 writer.write(mask_key(t, p), m.cpu())
             if method.own_masks:
-                for t, r in zip(tasks, merged.rescalers):
-                    writer.write(rescale_key(t, p), r.reshape(()).float().cpu())
+                rescale_sums.append(merged.rescale_sums)
         if log and (i % 50 == 0 or i == len(modules) - 1):
             log(f"  [{i + 1}/{len(modules)}] {p}")
+    if not rescale_sums:
+        return None
+    per_weight = [pooled_rescalers([s]) for s in rescale_sums]
+    if params.rescale == "model":  # one value per task, from the sums over every weight (the EMR paper)
+        per_weight = [pooled_rescalers(rescale_sums)] * len(modules)
+    for module, values in zip(modules, per_weight):
+        for t, r in zip(tasks, values):
+            writer.write(rescale_key(t, f"{module}.weight"), torch.tensor(r, dtype=torch.float32))
+    return {t: [v[i] for v in per_weight] for i, t in enumerate(tasks)}
 
 
 def _write_scratch(writer, experts: ExpertSet, opts, params, rules, manifest) -> None:
@@ -302,7 +316,7 @@ def merge_experts(
             if log:
                 log(f"merging {len(experts)} experts {experts.names} with {opts.algorithm} "
                     f"({len(manifest['lora_params'])} LoRA-touched weights)")
-            _write_lora_params(writer, experts, opts, params, rules, stats, log)
+            rescalers = _write_lora_params(writer, experts, opts, params, rules, stats, log)
             _write_scratch(writer, experts, opts, params, rules, manifest)
             _write_router(writer, experts, manifest)
         manifest["weights_sha256"] = writer.close()
@@ -310,6 +324,8 @@ def merge_experts(
         if opts.masks:
             manifest["masks"]["stats"] = stats.as_dict()
             manifest["masks"]["density"] = dict(zip(experts.names, stats.density()))
+            if rescalers is not None:  # EMR's, as stored: the range over weights (one value with rescale=model)
+                manifest["masks"]["rescalers"] = {t: [min(v), max(v)] for t, v in rescalers.items()}
             if log:
                 log(f"selfish ratio {stats.selfish_ratio:.3f} of all entries "
                     f"({stats.selfish_ratio_active:.3f} of entries used by any task)")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model_merging.algorithms import DareParams, RetainParams, TiesParams, WudiParams
+from model_merging.algorithms import DareParams, EmrParams, RetainParams, TiesParams, WudiParams
 from model_merging.errors import MergeError
 from model_merging.merge import MergeOptions, merge_experts
 from model_merging.merged_model import load_merged
@@ -114,6 +114,37 @@ def test_four_experts_round_trip_through_the_artifact(experts, tmp_path):
     stats = manifest["masks"]["stats"]
     assert stats["total"] == sum(a * b for a, b in manifest["lora_params"].values())
     assert 0 < stats["selfish_ratio"] < 1
+
+
+def test_emr_rescales_each_task_once_over_the_whole_model_or_per_weight(experts, tmp_path):
+    """EMR: task m runs θ0 + λ_m (mask_m ⊙ τ_uni), λ_m = Σ|τ_m| / Σ|mask_m ⊙ τ_uni| summed over every weight."""
+    two = experts[:2]
+    params = json.loads((merge_experts(two, tmp_path / "model", MergeOptions(algorithm="emr"), log=quiet)
+                         / "manifest.json").read_text())["lora_params"]
+    num, den, per_weight = [0.0, 0.0], [0.0, 0.0], {}
+    for p in params:
+        taus = [task_vector(d, p[: -len(".weight")]).double() for _, d in two]
+        sigma = torch.sign(taus[0] + taus[1])
+        masks = [t * sigma > 0 for t in taus]
+        uni = sigma * torch.maximum(*[torch.where(m, t.abs(), 0) for m, t in zip(masks, taus)])
+        sums = [(float(t.abs().sum()), float((m * uni).abs().sum())) for m, t in zip(masks, taus)]
+        per_weight[p] = [a / b for a, b in sums]
+        for i, (a, b) in enumerate(sums):
+            num[i], den[i] = num[i] + a, den[i] + b
+    whole = [a / b for a, b in zip(num, den)]
+    for rescale, out in (("model", tmp_path / "model"), ("tensor", tmp_path / "tensor")):
+        if rescale == "tensor":
+            merge_experts(two, out, MergeOptions(algorithm="emr", params=EmrParams(rescale="tensor")), log=quiet)
+        merged = load_merged(out)
+        for p in params:
+            for e, name in enumerate(NAMES[:2]):
+                want = whole[e] if rescale == "model" else per_weight[p][e]
+                assert float(merged.rescaler(name, p)) == pytest.approx(want, rel=1e-5), (rescale, p)
+        ranges = json.loads((out / "manifest.json").read_text())["masks"]["rescalers"]
+        assert ranges[NAMES[0]][0] == ranges[NAMES[0]][1] if rescale == "model" else ranges[NAMES[0]][0] < ranges[NAMES[0]][1]
+    assert len({round(v[0], 6) for v in per_weight.values()}) > 1  # the two scopes differ on these experts
+    with pytest.raises(MergeError, match="set it with --emr.rescale, not in a rule"):
+        merge_experts(two, tmp_path / "rule", MergeOptions(algorithm="emr", rules=("llm rescale=tensor",)), log=quiet)
 
 
 def test_multi_expert_model_matches_each_task_model(experts, batch, tmp_path):

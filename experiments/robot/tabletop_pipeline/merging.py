@@ -7,6 +7,7 @@ reused, any other is replaced. Merges run in `workers` spawned processes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -59,11 +60,17 @@ class MergeJob:
                 + (", per-task action expert" if self.per_task_parts else "")
                 + (router if self.routed else ", task given"))
 
+    def resolved_params(self) -> dict:
+        from model_merging import get_method
+
+        return dataclasses.asdict(get_method(self.algorithm).params(**self.params))
+
     def spec(self) -> dict:
         return {"family": self.family, "algorithm": self.algorithm, "masks": self.masks,
                 "expert_head_layers": self.expert_head_layers, "experts": [list(e) for e in self.experts],
                 "expert_hashes": list(self.expert_hashes), "mask_lambda": self.mask_lambda, "k_gate": self.k_gate,
-                "seed": self.seed, "params": self.params, "per_task_parts": list(self.per_task_parts),
+                # every hyper-parameter, defaults included: a changed default (EMR's rescale) redoes the merge
+                "seed": self.seed, "params": self.resolved_params(), "per_task_parts": list(self.per_task_parts),
                 "exemplars": self.exemplars, "data_fingerprint": self.data_fingerprint, "crop_area": self.crop_area}
 
 
