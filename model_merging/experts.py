@@ -70,6 +70,12 @@ def _open_expert(name: str, directory: Path, verify_hash: bool) -> Expert:
     for field in ("config", "lora", "base"):
         if not isinstance(manifest.get(field), dict):
             raise MergeError(f"expert {name!r}: {directory / MANIFEST_FILE} has no {field!r} object")
+    for field, key, kinds, what in (("lora", "scale", (int, float), "number"), ("lora", "r", (int,), "integer"),
+                                    ("base", "sha256", (str,), "string")):
+        value = manifest[field].get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise MergeError(f"expert {name!r}: {directory / MANIFEST_FILE} field '{field}.{key}' is {value!r}, "
+                             f"expected a {what}")
     return Expert(name, directory, manifest, reader)
 
 

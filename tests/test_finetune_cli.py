@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from data_fixtures import SUITE, hdf5_root
-
 from transformers import Qwen2ForCausalLM
 
 from prismatic.checkpoint import load_checkpoint

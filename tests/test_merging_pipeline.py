@@ -362,6 +362,10 @@ def test_experts_from_different_bases_or_lora_configs_or_inits(experts, tmp_path
     seeded = copy_expert(experts[1][1], tmp_path / "seeded", edit_manifest=lambda m: m.update(init_seed=3))
     with pytest.raises(MergeError, match="different initialisations"):
         merge_experts([experts[0], ("seeded", seeded)], tmp_path / "out", log=quiet)
+    for field, key in (("lora", "scale"), ("base", "sha256")):
+        broken = copy_expert(experts[1][1], tmp_path / f"no-{key}", edit_manifest=lambda m, f=field, k=key: m[f].pop(k))
+        with pytest.raises(MergeError, match=f"expert 'broken': .*manifest.json field '{field}.{key}' is None, expected a"):
+            merge_experts([experts[0], ("broken", broken)], tmp_path / "out", log=quiet)
     assert not (tmp_path / "out").exists()
 
 
