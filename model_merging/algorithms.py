@@ -16,7 +16,7 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -377,6 +377,7 @@ class EmrParams:
     # "model": one rescaler per task from the sums over every merged tensor (the EMR paper, docs/DESIGN.md §4);
     # "tensor": one per task and tensor (this project's releases before 2026-12-06)
     rescale: Literal["model", "tensor"] = "model"
+    WHOLE_MERGE: ClassVar[tuple[str, ...]] = ("rescale",)  # rescale=model pools every weight: no rule may split it
 
 
 def pooled_rescalers(sums: Sequence[Sequence[tuple[float, float]]]) -> list[float]:

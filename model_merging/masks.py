@@ -20,9 +20,13 @@ _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 
 
-def tall_masks(taus: Sequence[Tensor], merged: Tensor, lam: float) -> list[Tensor]:
+def check_lambda(lam: float) -> None:
     if not 0 <= lam < math.inf:  # NaN would set no mask at all
         raise ValueError(f"mask lambda must be a finite number >= 0, got {lam}")
+
+
+def tall_masks(taus: Sequence[Tensor], merged: Tensor, lam: float) -> list[Tensor]:
+    check_lambda(lam)
     return [t.abs() > lam * (merged - t).abs() for t in taus]
 
 
@@ -105,8 +109,7 @@ def packed_task_masks(
     Either TALL masks from `taus` and `merged` with λ = `lam`, or given bool `masks` (a method's own).
     `stats`, if given, accumulates their counts.
     """
-    if not 0 <= lam < math.inf:  # NaN would set no mask at all
-        raise ValueError(f"mask lambda must be a finite number >= 0, got {lam}")
+    check_lambda(lam)
     n = merged.numel()
     srcs = [t.reshape(-1) for t in (taus if masks is None else masks)]
     mflat = merged.reshape(-1)

@@ -51,7 +51,7 @@ from model_merging.rules import group_of, params_for, parse_rules
 from model_merging.tensor_files import SafetensorsStreamWriter
 from prismatic import __version__
 from prismatic.checkpoint import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE
-from prismatic.io import write_json
+from prismatic.io import file_on_path, write_json
 from prismatic.vla.augmentation import trained_crop_area
 
 
@@ -79,11 +79,8 @@ def _resolve(opts: MergeOptions, experts: ExpertSet) -> tuple[Any, list, int, in
     params = method.params() if opts.params is None else opts.params
     if not isinstance(params, method.params):
         raise MergeError(f"algorithm {opts.algorithm!r} takes {method.params.__name__}, got {type(params).__name__}")
-    rules = parse_rules(opts.rules, method.params)
+    rules = parse_rules(opts.rules, method.params, opts.algorithm)
     check_params(opts.algorithm, params)
-    if any("rescale" in dict(r.overrides) for r in rules):
-        raise MergeError("emr.rescale applies to the whole merge (rescale=model pools every weight): set it with "
-                         "--emr.rescale, not in a rule")
     for r in rules:
         check_params(opts.algorithm, dataclasses.replace(params, **dict(r.overrides)), f" in rule {r.as_text()!r}")
     _check_device(opts.device)
@@ -238,9 +235,10 @@ def _write_lora_params(writer, experts, opts, params, rules, stats: MaskStats, l
             log(f"  [{i + 1}/{len(modules)}] {p}")
     if not rescale_sums:
         return None
-    per_weight = [pooled_rescalers([s]) for s in rescale_sums]
     if params.rescale == "model":  # one value per task, from the sums over every weight (the EMR paper)
         per_weight = [pooled_rescalers(rescale_sums)] * len(modules)
+    else:
+        per_weight = [pooled_rescalers([s]) for s in rescale_sums]
     for module, values in zip(modules, per_weight):
         for t, r in zip(tasks, values):
             writer.write(rescale_key(t, f"{module}.weight"), torch.tensor(r, dtype=torch.float32))
@@ -295,7 +293,7 @@ def merge_experts(
     out = Path(out_dir)
     if out.exists():
         raise MergeError(f"output directory {out} already exists; choose a new --out (nothing was written)")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    blocker = file_on_path(out)
     if blocker is not None:
         raise MergeError(f"output directory {out} cannot be created: {blocker} is a file, not a directory")
     if not isinstance(experts, ExpertSet):

@@ -79,8 +79,9 @@ def _convert(value: str, default: Any, hint: Any, where: str) -> Any:
         raise MergeError(f"{where}: cannot read {value!r} ({e})") from e
 
 
-def parse_rule(text: str, params_cls: type) -> ModuleRule:
-    """`PATTERN field=value …` checked against `params_cls`'s fields; errors quote the rule."""
+def parse_rule(text: str, params_cls: type, option: str | None = None) -> ModuleRule:
+    """`PATTERN field=value …` checked against `params_cls`'s fields; errors quote the rule. Fields the class
+    lists in `WHOLE_MERGE` hold one value for the whole merge, which `--<option>.<field>` sets, not a rule."""
     parts = text.split()
     if len(parts) < 2:
         raise MergeError(f"rule {text!r}: expected 'PATTERN field=value [field=value …]'")
@@ -102,12 +103,15 @@ def parse_rule(text: str, params_cls: type) -> ModuleRule:
             raise MergeError(
                 f"rule {text!r}: {params_cls.__name__} has no field {key!r}; fields are {sorted(known) or 'none'}"
             )
+        if key in getattr(params_cls, "WHOLE_MERGE", ()):
+            where = f"--{option}.{key}" if option else "the algorithm's option"
+            raise MergeError(f"rule {text!r}: {key!r} applies to the whole merge: set it with {where}, not in a rule")
         overrides.append((key, _convert(value, defaults[key], hints.get(key), f"rule {text!r}, field {key!r}")))
     return ModuleRule(pattern, tuple(overrides))
 
 
-def parse_rules(texts: Sequence[str], params_cls: type) -> list[ModuleRule]:
-    return [parse_rule(t, params_cls) for t in texts]
+def parse_rules(texts: Sequence[str], params_cls: type, option: str | None = None) -> list[ModuleRule]:
+    return [parse_rule(t, params_cls, option) for t in texts]
 
 
 def params_for(name: str, params: Any, rules: Sequence[ModuleRule]) -> Any:

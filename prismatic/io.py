@@ -37,6 +37,11 @@ def atomic_path(dest: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
             tmp.unlink()
 
 
+def file_on_path(path: Path | str) -> Path | None:
+    """The first existing ancestor of `path` that is a file, not a directory (so `path` cannot be created)."""
+    return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from prismatic.checkpoint import MANIFEST_FILE
-from prismatic.io import atomic_path, write_json
+from prismatic.io import atomic_path, file_on_path, write_json
 from prismatic.training.config import FinetuneConfig, run_identity
 
 RUN_FILE = "run.json"
@@ -54,7 +54,7 @@ def check_run_dir(cfg: FinetuneConfig) -> dict | None:
     """Refuse an out_dir that holds another run (or this one without --resume). Returns its run.json."""
     run = cfg.run_dir()
     if not run.exists():
-        blocker = next((p for p in run.parents if p.exists() and not p.is_dir()), None)
+        blocker = file_on_path(run)
         if blocker is not None:
             raise RunDirError(f"out_dir {run} cannot be created: {blocker} is a file, not a directory")
         return None
