@@ -110,6 +110,31 @@ def test_refuses_to_write_into_a_non_empty_dir(tmp_path):
     assert sha256_file(path) == before
     main(small(out, pretrain_scenes=0, seed=3, overwrite=True), log=lambda *_: None)
     assert sha256_file(path) != before
+    # an overwrite replaces the dataset whole: training reads every file of a suite's directory
+    main(small(out, suites=["goal"], task_ids=[2], pretrain_scenes=0, overwrite=True), log=lambda *_: None)
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*.hdf5"))
+    assert left == [str(task_file(out, "goal", 2).relative_to(out))]
+    assert sorted(json.loads((out / MANIFEST).read_text())["files"]) == left
+
+
+def test_a_failed_generation_leaves_nothing_and_can_be_rerun(tmp_path, monkeypatch):
+    import experiments.robot.tabletop.generate as generate
+
+    def fail(*_a, **_k):
+        raise RuntimeError("expert failed")
+
+    out = tmp_path / "d"
+    monkeypatch.setattr(generate, "generate_task", fail)
+    with pytest.raises(RuntimeError, match="expert failed"):
+        main(small(out), log=lambda *_: None)
+    assert not out.exists()
+    out.mkdir()  # a directory that was there before is left alone
+    with pytest.raises(RuntimeError, match="expert failed"):
+        main(small(out), log=lambda *_: None)
+    assert out.is_dir() and not any(out.iterdir())
+    monkeypatch.undo()
+    manifest = main(small(out, pretrain_scenes=0), log=lambda *_: None)
+    assert len(manifest["files"]) == 2
 
 
 @pytest.mark.parametrize("field,value,match", [

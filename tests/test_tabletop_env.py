@@ -149,7 +149,9 @@ def test_bowl_and_basket_walls_stop_a_pushed_object_but_a_plate_does_not(fixture
     c = s.body("cube")
     if walled:
         assert c.support == "" and not f.contains_xy(c.pos[0], c.pos[1]) and not success(s)
-        assert c.pos[0] > -0.12  # it was pushed, up to the wall
+        # pushed up to the wall (less than one step short of touching it), and the paddle stopped at the cube
+        assert -(f.spec.half[0] + 0.025) - MAX_DELTA < c.pos[0] <= -(f.spec.half[0] + 0.025)
+        assert c.pos[0] - s.gripper_pos[0] == pytest.approx(0.025 + 0.014, abs=2e-4)
     else:
         assert c.support == fixture and success(s)  # a flat plate can be slid onto
     # and a cube in the basket is not pushed out through its wall
@@ -158,6 +160,82 @@ def test_bowl_and_basket_walls_stop_a_pushed_object_but_a_plate_does_not(fixture
     for _ in range(6):
         step_physics(s, act(1.0, grip=CLOSE))
     assert s.body("cube").support == "basket"
+
+
+def test_a_blocked_push_stops_the_paddle_and_never_moves_an_object_backwards():
+    s = scene(cube("a", x=-0.06), cube("b", color="blue"), gripper=(-0.11, 0.0, 0.02), finger=0.0)
+    xs = []
+    for _ in range(10):
+        step_physics(s, act(0.5, grip=CLOSE))
+        xs.append(s.body("a").pos[0])
+    a, b = s.body("a"), s.body("b")
+    assert np.all(np.diff(xs) >= 0)  # objects do not push objects: a stops at b, never jumps back
+    assert np.hypot(*(a.pos[:2] - b.pos[:2])) >= 0.05 and b.pos[0] == 0.0
+    assert a.pos[0] - s.gripper_pos[0] >= 0.025 + 0.014 - 1e-9  # the paddle did not pass into a
+
+
+def test_released_object_slides_off_a_rim_to_the_side_its_centre_is_on():
+    for at, inside, x in [(0.03, True, 0.03), (0.057, True, 0.058 - 0.025 - 1e-3), (0.059, False, 0.058 + 0.025 + 1e-3)]:
+        s = scene(Body("bowl", "bowl", "white", (0.0, 0.0, 0.0)), cube(x=0.15), goals=[Goal("place", "cube", "bowl")])
+        hold(s, "cube")
+        s.gripper_pos = np.array([at, 0.0, 0.1])
+        step_physics(s, act(grip=OPEN))
+        c = s.body("cube")
+        assert c.pos[0] == pytest.approx(x) and c.pos[2] == pytest.approx(0.008 if inside else 0.0)
+        assert success(s) == inside and c.support == ("bowl" if inside else "")
+
+
+def test_held_object_moved_sideways_into_a_taller_body_does_not_hop_onto_it():
+    s = scene(cube(), Body("cyl", "cylinder", "blue", (0.06, 0.0, 0.0)))
+    hold(s, "cube")
+    for _ in range(3):
+        before = s.gripper_pos.copy()
+        step_physics(s, act(1.0, grip=CLOSE))
+        assert np.linalg.norm(s.gripper_pos - before) == pytest.approx(MAX_DELTA)  # never more than one step
+    assert s.gripper_pos[2] == pytest.approx(0.025)
+
+
+def _resting_violations(s):
+    """Every resting object lies on what is under its centre, across no wall below a rim, and overlaps no other."""
+    out = []
+    rest = [b for b in s.bodies if b.spec.movable and b.name != s.held]
+    for b in rest:
+        sup = s.body(b.support) if b.support else None
+        z = sup.pos[2] + sup.spec.surface if sup else 0.0
+        if (sup and not sup.contains_xy(b.pos[0], b.pos[1])) or abs(b.pos[2] - z) > 1e-9:
+            out.append(("not on its support", b.name))
+        for c in s.bodies:  # b's disc vs the wall of a bowl (a circle) or a basket (a rectangle), below the rim
+            if c.kind in ("bowl", "basket") and b.pos[2] < c.top - 0.02:
+                r, (hx, hy), (dx, dy) = max(b.spec.half), c.spec.half, np.abs(b.pos[:2] - c.pos[:2])
+                if c.kind == "bowl":
+                    across = hx - r < np.hypot(dx, dy) < hx + r
+                else:
+                    across = not (dx <= hx - r and dy <= hy - r) and np.hypot(max(dx - hx, 0), max(dy - hy, 0)) < r
+                if across:
+                    out.append(("across a wall", b.name, c.name))
+    for i, a in enumerate(rest):
+        for c in rest[i + 1:]:
+            apart = np.hypot(*(a.pos[:2] - c.pos[:2])) >= max(a.spec.half) + max(c.spec.half) - 1e-6
+            stacked = a.pos[2] >= c.top - 1e-6 or c.pos[2] >= a.top - 1e-6
+            if not (apart or stacked):
+                out.append(("overlap", a.name, c.name))
+    return out
+
+
+def test_releases_anywhere_leave_no_object_floating_across_a_wall_or_inside_another():
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        fixture = ["tray", "plate", "bowl", "basket", "stove"][trial % 5]
+        bodies = [Body("f", fixture, "white", (0.0, 0.0, 0.0))]
+        bodies += [Body(f"o{k}", ["cube", "ball", "cylinder"][rng.integers(3)], "red", (1.0 + k, 1.0, 0.0)) for k in range(4)]
+        s = SceneState(bodies, np.array([0.0, 0.0, 0.2]))
+        for b in bodies[1:]:  # each waits off the table, then is released from above the scene
+            s.held, s.finger, s.grasp_offset = b.name, b.spec.half[0], 0.03
+            s.gripper_pos = np.array([*rng.uniform(-0.09, 0.09, 2), 0.2])
+            b.pos[:] = s.gripper_pos - (0.0, 0.0, 0.03)
+            for _ in range(3):
+                step_physics(s, act(grip=OPEN))
+            assert s.held == "" and _resting_violations(s) == [], (trial, fixture, _resting_violations(s))
 
 
 def test_closed_gripper_rests_on_objects_but_open_one_straddles_them():

@@ -102,6 +102,10 @@ def test_a_data_dir_the_user_named_is_never_replaced(tmp_path):
     gen = GenerateConfig(out_dir=own, suites=["goal"], task_ids=[0], demos_per_task=1)
     ensure_dataset(gen, log=lambda _m: None, owned=True)
     assert matches(own, gen) and not any(p.name.startswith(".") for p in (own / "goal").iterdir())
+    # demos recorded under other simulator rules are not reused
+    manifest = json.loads((own / MANIFEST).read_text())
+    (own / MANIFEST).write_text(json.dumps({**manifest, "physics_version": manifest["physics_version"] - 1}))
+    assert not matches(own, gen)
 
 
 @pytest.mark.parametrize("change, message", [

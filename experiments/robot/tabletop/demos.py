@@ -33,7 +33,7 @@ import numpy as np
 from experiments.robot.tabletop.bodies import SceneState
 from experiments.robot.tabletop.env import EEF_AXIS_ANGLE, TableTopEnv
 from experiments.robot.tabletop.expert import ScriptedExpert
-from experiments.robot.tabletop.physics import MAX_DELTA
+from experiments.robot.tabletop.physics import MAX_DELTA, PHYSICS_VERSION
 from experiments.robot.tabletop.suites import SEED_DOMAIN, SUITE_NAMES, demo_scene, get_task
 
 TABLETOP_VERSION = 1
@@ -173,6 +173,7 @@ def write_task_file(path: Path, suite: str, task_id: int, episodes: list[Episode
         data.attrs["total"] = int(sum(len(e.actions) for e in episodes))
         data.attrs["num_demos"] = len(episodes)
         data.attrs["tabletop_version"] = TABLETOP_VERSION
+        data.attrs["physics_version"] = PHYSICS_VERSION
         data.attrs["seed"] = seed
         data.attrs["noise"] = noise
         for k, ep in enumerate(episodes):

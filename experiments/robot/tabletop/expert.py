@@ -28,8 +28,12 @@ def _free_spot(s: SceneState, target: Body, obj: Body) -> tuple[float, float]:
     if target.spec.movable or not residents:
         return cx, cy
     hx, hy = target.spec.half
-    r = max(obj.spec.half)
-    spots = [(cx + fx * (hx - r), cy + fy * (hy - r)) for fx in (-1, 0, 1) for fy in (-1, 0, 1)]
+    r = max(obj.spec.half) + 0.004  # a margin for the noise, clear of the wall
+    if target.spec.round:  # the rim's circle shrunk by the object's radius, and the centre
+        angles = np.arange(8) * np.pi / 4
+        spots = [(cx, cy)] + [(cx + (hx - r) * np.cos(a), cy + (hx - r) * np.sin(a)) for a in angles]
+    else:
+        spots = [(cx + fx * (hx - r), cy + fy * (hy - r)) for fx in (-1, 0, 1) for fy in (-1, 0, 1)]
     return max(spots, key=lambda p: min(np.hypot(p[0] - b.pos[0], p[1] - b.pos[1]) for b in residents))
 
 

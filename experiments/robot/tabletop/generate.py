@@ -6,7 +6,9 @@
 Writes `<out_dir>/<suite>/<task_name>_demo.hdf5` (layout in demos.py), `<out_dir>/pretrain/
 tabletop4_pretrain.hdf5` (pretrain.py) and, last, `<out_dir>/tabletop4_manifest.json` (config, per-file sha256
 and expert statistics). Every file is written to a temporary name and renamed into place only once all jobs
-have succeeded. Refuses a non-empty `out_dir` unless `--overwrite true`. Same config → byte-identical files.
+have succeeded; a failed run leaves no directory it created. Refuses a non-empty `out_dir` unless `--overwrite
+true`, which replaces the dataset there whole (demo files of tasks not generated again are removed, since
+training reads every file of a suite's directory). Same config → byte-identical files.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from experiments.robot.tabletop.demos import TABLETOP_VERSION, _compression, generate_task, task_file, write_task_file
+from experiments.robot.tabletop.physics import PHYSICS_VERSION
 from experiments.robot.tabletop.pretrain import write_pretrain_pool
 from experiments.robot.tabletop.suites import SUITE_NAMES, get_suite
 from prismatic.cli import run_cli
@@ -90,7 +93,7 @@ def _pretrain_job(tmp: Path, cfg: GenerateConfig) -> dict:
 
 def main(cfg: GenerateConfig, log=print) -> dict:
     # prismatic.io imports torch; importing it here keeps worker processes (which re-import this module) light
-    from prismatic.io import atomic_path, sha256_file, write_json
+    from prismatic.io import write_json
 
     jobs = validate(cfg)
     out = Path(cfg.out_dir)
@@ -100,6 +103,48 @@ def main(cfg: GenerateConfig, log=print) -> dict:
         raise FileExistsError(f"out_dir {out} is not empty; refusing to write a dataset into it "
                               "(choose another --out_dir or pass --overwrite true)")
     t0 = time.perf_counter()
+    created = _missing_dirs(out, [task_file(out, s, i).parent for s, i in jobs]
+                            + ([(out / PRETRAIN_FILE).parent] if cfg.pretrain_scenes else []))
+    try:
+        stats = _generate(cfg, out, jobs, log)
+    except BaseException:
+        for d in created:  # deepest first; only if the failed run left them empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    if cfg.overwrite:
+        _remove_stale(out, stats)
+    elapsed = time.perf_counter() - t0
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    manifest = {"format": "tabletop4-dataset", "tabletop_version": TABLETOP_VERSION,
+                "physics_version": PHYSICS_VERSION, "config": config, "files": stats}
+    write_json(out / MANIFEST, manifest)  # timings stay out so that the manifest is reproducible too
+    demos = sum(st["demos"] for k, st in stats.items() if k != str(PRETRAIN_FILE))
+    steps = sum(st["env_steps"] for k, st in stats.items() if k != str(PRETRAIN_FILE))
+    log(f"[tabletop] wrote {demos} demos of {len(jobs)} tasks ({steps} expert env steps)"
+        f"{f' and {cfg.pretrain_scenes} pretraining scenes' if cfg.pretrain_scenes else ''} to {out} "
+        f"in {elapsed:.1f}s with {cfg.workers} worker(s)")
+    return manifest
+
+
+def _missing_dirs(out: Path, dirs: list[Path]) -> list[Path]:
+    """The directories (`out` and below) that writing into `dirs` will create, deepest first."""
+    missing = {p for d in dirs for p in (d, *d.parents) if (p == out or out in p.parents) and not p.exists()}
+    return sorted(missing, key=lambda p: -len(p.parts))
+
+
+def _remove_stale(out: Path, stats: dict[str, dict]) -> None:
+    """After an overwrite: remove the demo and pool files an earlier dataset left that this one does not list."""
+    keep = {out / f for f in stats}
+    stale = [f for s in SUITE_NAMES for f in (out / s).glob("*_demo.hdf5")] + [out / PRETRAIN_FILE]
+    for f in stale:
+        if f.is_file() and f not in keep:
+            f.unlink()
+
+
+def _generate(cfg: GenerateConfig, out: Path, jobs: list[tuple[str, int]], log) -> dict[str, dict]:
+    from prismatic.io import atomic_path, sha256_file
+
     stats: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:  # every file appears (renamed into place) only if all jobs succeed
         tmps = {(s, i): stack.enter_context(atomic_path(task_file(out, s, i))) for s, i in jobs}
@@ -124,17 +169,7 @@ def main(cfg: GenerateConfig, log=print) -> dict:
         if pool_tmp:
             stats[str(PRETRAIN_FILE)] = {**{k: v for k, v in pool_stats.items() if k != "seconds"},
                                          "sha256": sha256_file(pool_tmp)}
-    elapsed = time.perf_counter() - t0
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    manifest = {"format": "tabletop4-dataset", "tabletop_version": TABLETOP_VERSION, "config": config,
-                "files": stats}
-    write_json(out / MANIFEST, manifest)  # timings stay out so that the manifest is reproducible too
-    demos = sum(st["demos"] for k, st in stats.items() if k != str(PRETRAIN_FILE))
-    steps = sum(st["env_steps"] for k, st in stats.items() if k != str(PRETRAIN_FILE))
-    log(f"[tabletop] wrote {demos} demos of {len(jobs)} tasks ({steps} expert env steps)"
-        f"{f' and {cfg.pretrain_scenes} pretraining scenes' if cfg.pretrain_scenes else ''} to {out} "
-        f"in {elapsed:.1f}s with {cfg.workers} worker(s)")
-    return manifest
+    return stats
 
 
 def cli() -> int:

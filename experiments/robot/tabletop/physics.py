@@ -4,15 +4,18 @@ The robot is a Cartesian gantry: its fingertip centre moves by the commanded del
 fingers open and close over a few steps. Rules, in the order `step_physics` applies them:
 - the tip cannot go below the table or a fixture's surface; a closed, empty gripper is a solid paddle that
   also rests on top of objects it is lowered onto, while an open gripper straddles them;
-- the paddle pushes objects it moves into (radially, out of overlap), carrying what rests on them; the walls
-  of a bowl or basket stop a pushed or sliding object whose base is below their rim, in either direction;
+- the paddle pushes objects it moves into (radially, out of overlap), carrying what rests on them; an object
+  the paddle cannot move (a bowl's or basket's wall, below its rim, or another object in the way) stops the
+  paddle instead, so the paddle never passes through an object;
 - closing fingers grasp an object when they cross its width while the tip is centred on it (within
   GRASP_TOL) and between 4 mm above its base and 90 % of its height; a held object follows the tip;
 - opening releases it: it drops onto the highest support under its centre (a fixture's surface or the flat
-  top of a cube/cylinder, never a ball), then slides out of overlap with objects resting at the same place;
+  top of a cube/cylinder, never a ball), slides off a bowl's or basket's wall to the side its centre is on
+  (so "in the bowl" means its whole footprint is inside), then out of overlap with other objects;
 - pressing the stove's knob with the closed, empty gripper turns the stove on.
-There are no other collisions: an open gripper and a held object pass through bodies sideways, and objects
-are discs for pushing and separating (their footprints for supporting).
+There are no other collisions: an open gripper and a held object pass through bodies sideways (a held object
+is lifted onto a support only when it comes from above), and objects are discs for pushing, separating and
+walls (their footprints for supporting).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from experiments.robot.tabletop.bodies import KNOB_RADIUS, OPEN_FINGER, Body, Sc
 
 # Bumped whenever a rule changes so that an episode can end differently; part of the identity of cached
 # rollouts. 2: bowl and basket walls stop pushed objects (before, shoving one in counted as placing it).
-PHYSICS_VERSION = 2
+# 3: released objects slide off walls (one on a rim counted as in), separate from every object they overlap,
+# always end on what is under them; a blocked push stops the paddle; a held object no longer hops onto
+# taller bodies it is moved into sideways.
+PHYSICS_VERSION = 3
 MAX_DELTA = 0.03  # metres per step at |action| = 1
 WORKSPACE_LOW = np.array([-0.22, -0.22, 0.005])
 WORKSPACE_HIGH = np.array([0.22, 0.22, 0.25])
@@ -55,46 +61,125 @@ def support_under(s: SceneState, b: Body, max_z: float) -> tuple[str, float]:
 
 
 def settle(s: SceneState, b: Body) -> None:
-    """Drop `b` onto what is under it, slide it out of overlaps, and let what rested on it follow."""
-    for _ in range(4):
+    """Drop `b` onto what is under it, slide it off walls and out of overlaps, and let what rested on it follow."""
+    for _ in range(10):
         b.support, b.pos[2] = support_under(s, b, b.pos[2] + SUPPORT_TOL)
-        if not b.spec.movable or not _separate(s, b):
+        if not b.spec.movable:
             break
+        off_wall = _off_walls(s, b)
+        if not (off_wall or _separate(s, b)):
+            break
+    # the last pass may have moved it sideways: it always ends on what is under it
+    b.support, b.pos[2] = support_under(s, b, b.pos[2] + SUPPORT_TOL)
     for c in s.bodies:  # what rests on it follows it down (or falls off)
         if c.support == b.name:
             settle(s, c)
 
 
-def _through_wall(s: SceneState, b: Body, xy: np.ndarray) -> bool:
-    """Would moving `b`'s centre sideways to `xy` take it in or out of a bowl or basket below its rim?"""
+def _walled(c: Body) -> bool:
+    """Bowls and baskets: fixtures whose rim stands above their floor (plates, trays, stoves are flat)."""
+    return not c.spec.movable and c.spec.surface is not None and c.spec.height - c.spec.surface > SUPPORT_TOL
+
+
+def _wall_side(c: Body, xy, r: float) -> str:
+    """Where a disc of radius `r` centred at `xy` lies against `c`'s wall: "in", "out" or "wall" (across it)."""
+    dx, dy = xy[0] - c.pos[0], xy[1] - c.pos[1]
+    hx, hy = c.spec.half
+    if c.spec.round:
+        d = float(np.hypot(dx, dy))
+        return "in" if d <= hx - r else "out" if d >= hx + r else "wall"
+    if abs(dx) <= hx - r and abs(dy) <= hy - r:
+        return "in"
+    gap = np.hypot(max(abs(dx) - hx, 0.0), max(abs(dy) - hy, 0.0))  # distance to the rectangle
+    return "out" if gap >= r else "wall"
+
+
+def _below_rim(b: Body, c: Body) -> bool:
+    return b.pos[2] < c.top - SUPPORT_TOL
+
+
+def _off_walls(s: SceneState, b: Body) -> bool:
+    """Slide `b` off any wall it lies across (below the rim) to the side its centre is on; True if it moved."""
+    moved, r = False, _radius(b)
     for c in s.bodies:
-        if c.spec.movable or c.spec.surface is None or c.spec.height - c.spec.surface <= SUPPORT_TOL:
-            continue  # no wall: markings and flat supports (plate, tray, stove) can be slid onto
-        if b.pos[2] >= c.top - SUPPORT_TOL:
-            continue  # high enough to pass over the rim
-        if c.contains_xy(b.pos[0], b.pos[1]) != c.contains_xy(xy[0], xy[1]):
+        if not _walled(c) or not _below_rim(b, c) or _wall_side(c, b.pos, r) != "wall":
+            continue
+        dx, dy = b.pos[0] - c.pos[0], b.pos[1] - c.pos[1]
+        hx, hy = c.spec.half
+        if c.contains_xy(b.pos[0], b.pos[1]):  # inside: in by its radius (+1 mm, clear of the wall)
+            if c.spec.round:
+                d = float(np.hypot(dx, dy))
+                dx, dy = (dx, dy) if d < 1e-12 else (dx * (hx - r - 1e-3) / d, dy * (hx - r - 1e-3) / d)
+            else:
+                dx, dy = np.clip(dx, -(hx - r - 1e-3), hx - r - 1e-3), np.clip(dy, -(hy - r - 1e-3), hy - r - 1e-3)
+        elif c.spec.round:  # outside: out by its radius
+            d = float(np.hypot(dx, dy))
+            dx, dy = dx * (hx + r + 1e-3) / d, dy * (hx + r + 1e-3) / d
+        else:
+            nx, ny = np.clip(dx, -hx, hx), np.clip(dy, -hy, hy)  # nearest point of the rectangle
+            ox, oy = dx - nx, dy - ny
+            gap = float(np.hypot(ox, oy))
+            dx, dy = nx + ox * (r + 1e-3) / gap, ny + oy * (r + 1e-3) / gap
+        b.pos[:2] = np.clip((c.pos[0] + dx, c.pos[1] + dy), -TABLE_HALF, TABLE_HALF)
+        moved = True
+    return moved
+
+
+def _blocked_by_wall(s: SceneState, b: Body, xy: np.ndarray) -> bool:
+    """Would moving `b` sideways to `xy` take it into, out of or across a bowl's or basket's wall below the rim?"""
+    r = _radius(b)
+    for c in s.bodies:
+        if not _walled(c) or not _below_rim(b, c):
+            continue  # no wall, or high enough to pass over the rim
+        side = _wall_side(c, xy, r)
+        if side == "wall" or side != _wall_side(c, b.pos, r):
             return True
     return False
 
 
+def _overlapping(b: Body, c: Body, xy) -> bool:
+    """Do `b` (moved to `xy`) and `c` overlap, as discs, at heights that overlap?"""
+    if c is b or not c.spec.movable or c.support == b.name or b.support == c.name:
+        return False
+    if c.pos[2] >= b.top - 1e-6 or b.pos[2] >= c.top - 1e-6:
+        return False
+    return float(np.hypot(xy[0] - c.pos[0], xy[1] - c.pos[1])) < _radius(b) + _radius(c) - 1e-6
+
+
+_TURNS = np.deg2rad([0, 15, -15, 30, -30, 45, -45, 60, -60, 75, -75, 90, -90, 105, -105, 120, -120, 135, -135,
+                     150, -150, 165, -165, 180])
+
+
 def _separate(s: SceneState, b: Body) -> bool:
-    """Push `b` out of overlap with movable bodies resting at the same level; True if it moved."""
-    moved = False
-    for c in s.bodies:
-        if c is b or not c.spec.movable or c.name == s.held or c.support != b.support:
-            continue
-        if abs(c.pos[2] - b.pos[2]) > 0.01:
-            continue
-        d = b.pos[:2] - c.pos[:2]
-        dist = float(np.hypot(*d))
-        need = _radius(b) + _radius(c)
-        if dist < need:
-            u = d / dist if dist > 1e-9 else np.array([1.0, 0.0])
-            xy = np.clip(b.pos[:2] + u * (need - dist + 1e-3), -TABLE_HALF, TABLE_HALF)
-            if not _through_wall(s, b, xy):
+    """Slide `b` out of overlap by the shortest move to a free spot (clear of every object, not through a wall):
+    straight away from the object it overlaps first, then turning and going farther; with no room left in a
+    bowl or basket it spills over the rim. True if it moved."""
+    others = [c for c in s.bodies if c.name != s.held and c is not b]
+    hit = next((c for c in others if _overlapping(b, c, b.pos)), None)
+    if hit is None:
+        return False
+    d = b.pos[:2] - hit.pos[:2]
+    dist = float(np.hypot(*d))
+    need = _radius(b) + _radius(hit) + 1e-3
+    base = np.arctan2(d[1], d[0]) if dist > 1e-9 else 0.0
+    r = _radius(b)
+    for spill in (False, True):
+        for extra in np.arange(0.0, 0.2, 0.005):
+            for turn in _TURNS:
+                u = np.array([np.cos(base + turn), np.sin(base + turn)])
+                along = float(d @ u)  # the move along u that puts the centres `need` apart, plus `extra`
+                xy = np.clip(b.pos[:2] + u * (-along + np.sqrt(max(need**2 - (dist**2 - along**2), 0.0)) + extra),
+                             -TABLE_HALF, TABLE_HALF)
+                if any(_overlapping(b, c, xy) for c in others):
+                    continue
+                if spill:
+                    if any(_walled(c) and _below_rim(b, c) and _wall_side(c, xy, r) == "wall" for c in s.bodies):
+                        continue
+                elif _blocked_by_wall(s, b, xy):
+                    continue
                 b.pos[:2] = xy
-                moved = True
-    return moved
+                return True
+    return False
 
 
 def _tip_floor(s: SceneState, x: float, y: float, prev_z: float, paddle: bool) -> float:
@@ -109,14 +194,15 @@ def _tip_floor(s: SceneState, x: float, y: float, prev_z: float, paddle: bool) -
                 floor = max(floor, c.pos[2] + c.spec.surface)
         elif paddle and prev_z >= c.top - 1e-9 and np.hypot(x - c.pos[0], y - c.pos[1]) < _radius(c) + PADDLE_RADIUS:
             floor = max(floor, c.top)  # the paddle and objects meet as discs, as in _push
-    if held is not None:  # the held body's base stays above whatever is under it
+    if held is not None:  # the held body's base stays above what it comes onto from above (as a release lands)
         probe = Body("_probe", held.kind, held.color, (x, y, prev_z - s.grasp_offset))
-        _, z = support_under(s, probe, np.inf)
+        _, z = support_under(s, probe, prev_z - s.grasp_offset + SUPPORT_TOL)
         floor = max(floor, z + s.grasp_offset)
     return floor
 
 
-def _push(s: SceneState) -> None:
+def _push(s: SceneState) -> bool:
+    """Push what the paddle overlaps out of its way; False if something could not move (the paddle must stop)."""
     g = s.gripper_pos
     for b in s.bodies:
         if not b.spec.movable or b.name == s.held:
@@ -131,8 +217,8 @@ def _push(s: SceneState) -> None:
         u = d / dist if dist > 1e-9 else np.array([0.0, 1.0])
         shift = u * (need - dist + 1e-4)
         xy = np.clip(b.pos[:2] + shift, -TABLE_HALF, TABLE_HALF)
-        if _through_wall(s, b, xy):
-            continue  # the wall holds it; the paddle passes through (there are no other collisions)
+        if _blocked_by_wall(s, b, xy) or any(_overlapping(b, c, xy) for c in s.bodies if c.name != s.held):
+            return False  # a wall or another object holds it (objects do not push objects)
         riders = [c for c in s.bodies if c.support == b.name]
         b.pos[:2] = xy
         for c in riders:
@@ -140,6 +226,7 @@ def _push(s: SceneState) -> None:
         settle(s, b)
         for c in riders:
             settle(s, c)
+    return True
 
 
 def _grasp_candidate(s: SceneState, new_finger: float) -> Body | None:
@@ -202,8 +289,8 @@ def step_physics(s: SceneState, action: np.ndarray) -> None:
     paddle = not s.held and s.finger < CLOSED
     new[2] = max(new[2], _tip_floor(s, new[0], new[1], prev[2], paddle))
     s.gripper_pos = new
-    if paddle:
-        _push(s)
+    if paddle and not _push(s):  # blocked: the paddle stays where it was sideways (what it pushed this step stays pushed)
+        s.gripper_pos = np.array([prev[0], prev[1], new[2]])
     if s.held:
         s.body(s.held).pos[:] = new - (0.0, 0.0, s.grasp_offset)
     _update_fingers(s, bool(action[6] > 0))

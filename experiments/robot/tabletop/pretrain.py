@@ -25,6 +25,7 @@ import numpy as np
 from experiments.robot.tabletop.bodies import FIXTURE_COLORS, OBJECT_COLORS, OBJECT_KINDS, Body, SceneState
 from experiments.robot.tabletop.demos import attrs_dict, create_h5
 from experiments.robot.tabletop.language import scene_texts
+from experiments.robot.tabletop.physics import PHYSICS_VERSION
 from experiments.robot.tabletop.render import AgentView, WristView
 from experiments.robot.tabletop.scenes import PLACE_LIMIT, Spec, layout_clear, sample_scene
 from experiments.robot.tabletop.suites import SEED_DOMAIN, SPLIT_PRETRAIN
@@ -123,6 +124,7 @@ def write_pretrain_pool(path: Path, num_scenes: int, seed: int, image_size: int 
         f.create_dataset("scene", data=np.array(scene, np.int32), track_times=False)
         f.attrs["format"] = FORMAT
         f.attrs["tabletop_version"] = 1
+        f.attrs["physics_version"] = PHYSICS_VERSION  # the rules its scenes were laid out by
         f.attrs["num_scenes"] = num_scenes
         f.attrs["image_size"] = image_size
         f.attrs["supersample"] = supersample

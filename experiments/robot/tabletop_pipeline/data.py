@@ -14,8 +14,10 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from experiments.robot.tabletop.demos import TABLETOP_VERSION
 from experiments.robot.tabletop.generate import MANIFEST, PRETRAIN_FILE, GenerateConfig, validate
 from experiments.robot.tabletop.generate import main as generate
+from experiments.robot.tabletop.physics import PHYSICS_VERSION
 from experiments.robot.tabletop.suites import SUITE_NAMES
 
 JOINT_SUITE = "joint"
@@ -30,13 +32,15 @@ def generation_spec(gen: GenerateConfig) -> dict:
 
 
 def matches(data_dir: Path, gen: GenerateConfig) -> bool:
-    """Does `data_dir` hold a complete dataset generated with these settings?"""
+    """Does `data_dir` hold a complete dataset generated with these settings, by this simulator's rules?"""
     try:
         manifest = json.loads((Path(data_dir) / MANIFEST).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return False
     recorded = {k: v for k, v in manifest.get("config", {}).items() if k not in ("out_dir", "workers", "overwrite")}
-    return recorded == generation_spec(gen) and all((Path(data_dir) / f).is_file() for f in manifest.get("files", {}))
+    same_rules = (manifest.get("tabletop_version"), manifest.get("physics_version")) == (TABLETOP_VERSION,
+                                                                                          PHYSICS_VERSION)
+    return same_rules and recorded == generation_spec(gen) and all((Path(data_dir) / f).is_file() for f in manifest.get("files", {}))
 
 
 class DataDirError(ValueError):
