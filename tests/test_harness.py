@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from experiments.robot.harness import (
+    FT_METHOD,
     EpisodeSpec,
     HarnessError,
     Protocol,
     ResultsError,
     ResultsLog,
     plan_episodes,
+    read_many,
     read_rows,
     routing_confusions,
     run_episodes,
@@ -21,7 +23,7 @@ from experiments.robot.harness import (
 from experiments.robot.harness.fake import FakeEnvFactory, ScriptedPolicy
 from experiments.robot.harness.summarize import SummarizeConfig
 from experiments.robot.harness.summarize import main as summarize_main
-from experiments.robot.harness.summary import mixed_protocols, summary_markdown
+from experiments.robot.harness.summary import mixed_runs, summary_markdown
 
 QUIET = dict(log=lambda *_: None)
 
@@ -181,6 +183,42 @@ def test_env_failure_in_a_worker_is_reported_and_keeps_finished_rows(tmp_path):
     assert [r["key"] for r in read_rows(path)] == ["s/0/0"]
 
 
+def test_a_killed_worker_is_named_with_its_signal_and_the_run_resumes(tmp_path):
+    path = tmp_path / "r.jsonl"
+    with pytest.raises(HarnessError, match=r"worker 0 died \(killed by SIGKILL\); finished episodes are in the "
+                                           r"results file, rerun to resume\.$"):
+        run_episodes(FakeEnvFactory(kill_task=1), ScriptedPolicy(), plan_episodes("s", 2, 1, 20), path,
+                     num_workers=1, **QUIET)
+    assert [r["key"] for r in read_rows(path)] == ["s/0/0"]
+    rows = run_episodes(FakeEnvFactory(), ScriptedPolicy(), plan_episodes("s", 2, 1, 20), path, num_workers=1, **QUIET)
+    assert [r["key"] for r in rows] == ["s/0/0", "s/1/0"]
+
+
+def test_a_results_file_is_written_by_one_run_at_a_time(tmp_path):
+    import os
+
+    from experiments.robot.harness.results import exclusive
+
+    path = tmp_path / "r.jsonl"
+    with exclusive(path):  # another run holds it (flock is per open file, so this process stands in for it)
+        with pytest.raises(ResultsError, match=rf"results file {path} is being written by another run "
+                                               rf"\(pid {os.getpid()}\)"):
+            run_episodes(FakeEnvFactory(), ScriptedPolicy(), plan_episodes("s", 1, 1, 20), path, **QUIET)
+    assert not path.exists()
+    assert len(run_episodes(FakeEnvFactory(), ScriptedPolicy(), plan_episodes("s", 1, 1, 20), path, **QUIET)) == 1
+
+
+def test_a_factory_with_one_simulator_per_process_gets_a_process_per_episode(tmp_path):
+    class OnePerProcess(FakeEnvFactory):
+        one_env_per_process = True
+
+    eps = plan_episodes("s", 2, 1, 20)
+    with pytest.raises(ValueError, match="OnePerProcess keeps one simulator per process, so num_envs=2 episodes at "
+                                         "once need num_workers >= 2 worker processes, got 0"):
+        run_episodes(OnePerProcess(), ScriptedPolicy(), eps, tmp_path / "r.jsonl", num_envs=2, **QUIET)
+    assert len(run_episodes(OnePerProcess(), ScriptedPolicy(), eps, tmp_path / "r.jsonl", **QUIET)) == 2
+
+
 def test_bad_policy_output_is_an_error(tmp_path):
     class Wrong(ScriptedPolicy):
         def act(self, obs, instructions, episode_ids):
@@ -257,9 +295,36 @@ def test_a_row_mixing_protocols_is_flagged_in_the_summary():
     assert "mix evaluation protocols" not in summary_markdown(rows)
     rows = [dict(r, protocol=dict(full, fast_render=True)) if r["suite"] == "libero_object" and r["method"] == "TIES"
             else r for r in rows]
-    assert summary_markdown(rows).endswith("## Warning: rows that mix evaluation protocols\n\n"
+    assert summary_markdown(rows).endswith("## Warning: rows that mix evaluation protocols or checkpoints\n\n"
                                            "- TIES: 2 protocols among its episodes (they differ in fast_render)\n")
-    assert mixed_protocols(paper_rows()) == []  # rows without a protocol (TableTop-4's) are never flagged
+    assert mixed_runs(paper_rows()) == []  # rows without a protocol or checkpoint (TableTop-4's) are never flagged
+
+
+def test_a_row_mixing_checkpoints_is_flagged_but_the_ft_row_may_have_one_per_suite():
+    rows = [dict(r, checkpoint=f"/ckpt/{r['suite']}" if r["method"] == FT_METHOD else "/merged/ties")
+            for r in paper_rows()]
+    assert mixed_runs(rows) == []
+    rows = [dict(r, checkpoint="/merged/ties-v2") if r["method"] == "TIES" and r["suite"] == "libero_spatial" else r
+            for r in rows]
+    ft = next(r for r in rows if r["method"] == FT_METHOD and r["suite"] == "libero_object")
+    rows.append(dict(ft, key="libero_object/0/99", checkpoint="/ckpt/other"))  # same suite, another checkpoint
+    assert mixed_runs(rows) == [
+        f"{FT_METHOD}: its episodes on libero_object come from 2 checkpoints (/ckpt/libero_object, /ckpt/other)",
+        "TIES: its episodes come from 2 checkpoints (/merged/ties, /merged/ties-v2)",
+    ]
+    assert mixed_runs([{k: v for k, v in r.items() if k != "method"} for r in rows[:1]]) == []  # no label: "policy"
+
+
+def test_summary_input_must_be_countable_episodes(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"key": "goal/0/0", "suite": "goal", "success": True}) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"key": "goal/0/1", "suite": "goal", "success": "false"}) + "\n")
+    with pytest.raises(ResultsError, match=r"bad.jsonl, row 1 \(goal/0/1\): field 'success' must be true or false"):
+        read_many([good, bad])
+    bad.write_text(json.dumps({"key": "goal/0/1", "success": False}) + "\n")
+    with pytest.raises(ResultsError, match=r"bad.jsonl, row 1: field 'suite' is missing"):
+        read_many([good, bad])
 
 
 def test_summarize_cli_reads_a_results_dir(tmp_path, capsys):

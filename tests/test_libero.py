@@ -206,7 +206,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path, c
 
 
 @needs_libero
-def test_real_libero_episode_through_the_harness(tiny_checkpoint, tmp_path):
+def test_real_libero_episode_through_the_harness(tiny_checkpoint, tmp_path, capsys):
     # one episode, one 8-step chunk after the 10 no-ops; a random tiny model cannot succeed
     cfg = GenerateConfig(pretrained_checkpoint=tiny_checkpoint, task_suites=["libero_spatial"], task_ids=[0],
                          num_trials_per_task=1, max_steps=8, env_img_res=128, fast_render=True,
@@ -216,6 +216,9 @@ def test_real_libero_episode_through_the_harness(tiny_checkpoint, tmp_path):
     assert row["instruction"] == "pick up the black bowl between the plate and the ramekin and place it on the plate"
     assert (tmp_path / "runs" / "summary" / "results.csv").read_text() == "method,Spatial,avg\nFT experts,0.0,0.0\n"
     assert main(cfg) == [row]  # resumed: nothing re-run, same row back
+    main(dataclasses.replace(cfg, save_videos="libero_spatial/0/*", dry_run=True))  # a finished episode: said so
+    assert ("warning: 1 episode(s) named by --save_videos are already done and will not be re-run, so get no video "
+            "(e.g. libero_spatial/0/0)") in capsys.readouterr().out
     with pytest.raises(ResultsError, match="different run"):  # another protocol must not resume into this file
         main(dataclasses.replace(cfg, env_img_res=256, dry_run=True))
 

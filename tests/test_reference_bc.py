@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -92,6 +93,13 @@ def test_main_writes_rows_and_summary_and_resumes(data_root, tmp_path):
     assert main(cfg, log=logged.append) == summary  # every episode already done: nothing trained or rolled out
     assert not any("step" in line for line in logged)
     assert (tmp_path / "ref" / "goal.jsonl").read_bytes() == before
+    # fewer parallel envs roll out the same policy: still nothing to do
+    logged = []
+    assert main(dataclasses.replace(cfg, num_envs=2), log=logged.append)["suites"] == summary["suites"]
+    assert not any("step" in line for line in logged)
+    # other weights (another seed): the old rows are discarded, and it says so
+    main(dataclasses.replace(cfg, seed=1), log=logged.append)
+    assert any("discarding 10 episode(s) of other weights or settings" in line for line in logged)
 
 
 def test_bad_input_names_the_field(data_root, tmp_path):

@@ -56,10 +56,16 @@ class FakeEnvFactory:
     goal_base: int = 3
     fail_task: int | None = None  # building this task's env raises (tests of error handling)
     hang_task: int | None = None  # building this task's env never returns (tests of the worker timeout)
+    kill_task: int | None = None  # building this task's env kills its process (tests of a worker's death)
 
     def __call__(self, suite: str, task_id: int, init_state_id: int) -> FakeEnv:
         if task_id == self.fail_task:
             raise RuntimeError(f"fake env for task {task_id} is broken")
+        if task_id == self.kill_task:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         if task_id == self.hang_task:
             import time
 

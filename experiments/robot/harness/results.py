@@ -9,10 +9,12 @@ instead of silently mixing two runs in one table.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -55,11 +57,19 @@ def read_rows(path: Path | str, repair: bool = False) -> list[dict]:
 
 
 def read_many(paths: Iterable[Path | str]) -> list[dict]:
+    """The rows of several results files, each checked to be an episode a table can count."""
     rows: list[dict] = []
     for p in paths:
         if not Path(p).is_file():
             raise ResultsError(f"results file {p} does not exist")
-        rows.extend(read_rows(p))
+        for n, r in enumerate(read_rows(p), 1):
+            for k in ("key", "suite", "success"):
+                if k not in r:
+                    raise ResultsError(f"results file {p}, row {n}: field {k!r} is missing")
+            if not isinstance(r["success"], bool):  # bool("false") would count as a success
+                raise ResultsError(f"results file {p}, row {n} ({r['key']}): field 'success' must be true or "
+                                   f"false, got {r['success']!r}")
+            rows.append(r)
     return rows
 
 
@@ -92,6 +102,27 @@ def check_same_episodes(done: dict[str, dict], episodes: Iterable, path: Path | 
                     f"{path}: episode {e.key} was run with {k}={row.get(k)!r}, this run plans {k}={v!r}; "
                     "choose another results file or remove this one to start over"
                 )
+
+
+@contextmanager
+def exclusive(path: Path | str) -> Iterator[None]:
+    """Hold `path` for one run: a second run writing the same results file at once would do every episode twice
+    and leave duplicate rows. The lock (a hidden file beside it) is released when the process ends, however."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise ResultsError(f"results file {path} is being written by another run (pid {other}); wait for it "
+                               "to finish or choose another results file") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 class ResultsLog:

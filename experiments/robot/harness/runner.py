@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import multiprocessing as mp
 import random
+import signal
 import sys
 import time
 from collections import deque
@@ -23,9 +24,11 @@ import numpy as np
 
 from experiments.robot.harness.driver import EnvFactory, EpisodeDriver, FrameFn, Protocol, worker_main
 from experiments.robot.harness.episodes import EpisodeSpec
-from experiments.robot.harness.results import ResultsLog, check_same_episodes
+from experiments.robot.harness.results import ResultsLog, check_same_episodes, exclusive
 from experiments.robot.harness.summary import routed
 from experiments.robot.harness.video import wants_video
+
+_SIGNALS = {int(v) for v in signal.Signals}
 
 
 class HarnessError(RuntimeError):
@@ -89,8 +92,22 @@ class _Processes:
 
     def submit(self, cmd, slot, payload):
         w = slot % self.num_workers
-        self.conns[w].send((cmd, slot, payload))
+        try:
+            self.conns[w].send((cmd, slot, payload))
+        except OSError as e:  # BrokenPipeError: it died since its last reply (e.g. killed for memory)
+            raise self._died(w) from e
         self.outstanding[w] += 1
+
+    def _died(self, w: int) -> HarnessError:
+        p = self.procs[w]
+        p.join(timeout=5)
+        code = p.exitcode
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and -code in _SIGNALS
+               else f"exit code {code}")
+        hint = (" With the default 'spawn' start method a script must call run_episodes under "
+                "`if __name__ == \"__main__\":`." if code == 1 else "")
+        return HarnessError(f"worker {w} died ({how}); finished episodes are in the results file, rerun to "
+                            f"resume.{hint}")
 
     def collect(self, linger_s: float = 0.02):
         """At least one reply; then whatever else arrives within `linger_s` (bigger policy batches)."""
@@ -108,10 +125,7 @@ class _Processes:
                 try:
                     status, slot, reply = c.recv()
                 except (EOFError, OSError) as e:
-                    self.procs[w].join(timeout=5)
-                    raise HarnessError(
-                        f"worker {w} died (exit code {self.procs[w].exitcode}); with the default 'spawn' start "
-                        "method a script must call run_episodes under `if __name__ == \"__main__\":`") from e
+                    raise self._died(w) from e
                 self.outstanding[w] -= 1
                 if status == "error":
                     raise HarnessError(f"environment slot {slot} failed in worker {w}:\n{reply}")
@@ -181,25 +195,31 @@ def run_episodes(
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})
         raise ValueError(f"duplicate episodes in the plan: {dup[:5]}")
+    if getattr(env_factory, "one_env_per_process", False) and num_envs > 1 and num_workers < num_envs:
+        # slots are dealt round-robin over the processes: two in one process would reset each other's simulator
+        raise ValueError(f"{type(env_factory).__name__} keeps one simulator per process, so num_envs={num_envs} "
+                         f"episodes at once need num_workers >= {num_envs} worker processes, got {num_workers}")
     seed_everything(seed)
-    results = ResultsLog(results_path, {**(run_info or {}), "seed": seed})
-    check_same_episodes(results.done, episodes, results.path)
-    todo = deque((i, e) for i, e in enumerate(episodes) if e.key not in results.done)
-    skipped = len(episodes) - len(todo)
-    if skipped:
-        log(f"[harness] {results.path}: {skipped} of {len(episodes)} episodes already done, skipping them")
-    if todo:
-        num_slots = min(num_envs, len(todo))
-        backend = (
-            _Processes(num_slots, num_workers, env_factory, protocol, video_dir, frame_fn, seed, mp_context,
-                       worker_timeout_s)
-            if num_workers > 0
-            else _InProcess(num_slots, env_factory, protocol, video_dir, frame_fn)
-        )
-        try:
-            _loop(backend, num_slots, todo, policy, protocol, results, video_episodes, len(episodes), skipped, log)
-        finally:
-            backend.close()
+    with exclusive(results_path):
+        results = ResultsLog(results_path, {**(run_info or {}), "seed": seed})
+        check_same_episodes(results.done, episodes, results.path)
+        todo = deque((i, e) for i, e in enumerate(episodes) if e.key not in results.done)
+        skipped = len(episodes) - len(todo)
+        if skipped:
+            log(f"[harness] {results.path}: {skipped} of {len(episodes)} episodes already done, skipping them")
+        if todo:
+            num_slots = min(num_envs, len(todo))
+            backend = (
+                _Processes(num_slots, num_workers, env_factory, protocol, video_dir, frame_fn, seed, mp_context,
+                           worker_timeout_s)
+                if num_workers > 0
+                else _InProcess(num_slots, env_factory, protocol, video_dir, frame_fn)
+            )
+            try:
+                _loop(backend, num_slots, todo, policy, protocol, results, video_episodes, len(episodes), skipped,
+                      log)
+            finally:
+                backend.close()
     return [results.done[k] for k in keys]
 
 

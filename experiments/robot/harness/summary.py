@@ -159,21 +159,38 @@ def summary_markdown(rows: Sequence[dict]) -> str:
         parts.append("\n## Routing accuracy (first observation of each episode)\n")
         parts.append("| method | episodes | accuracy (%) |\n|---|---:|---:|\n")
         parts += [f"| {c.method} | {sum(map(sum, c.counts))} | {c.accuracy:.1f} |\n" for c in confusions]
-    mixed = mixed_protocols(rows)
+    mixed = mixed_runs(rows)
     if mixed:
-        parts.append("\n## Warning: rows that mix evaluation protocols\n\n")
+        parts.append("\n## Warning: rows that mix evaluation protocols or checkpoints\n\n")
         parts += [f"- {m}\n" for m in mixed]
     return "".join(parts)
 
 
-def mixed_protocols(rows: Sequence[dict], method_key: str = "method") -> list[str]:
-    """One line per table row whose episodes ran under more than one protocol (e.g. an old fast-render run of
-    one suite summarised beside a full run of another under the same label): its figures do not compare."""
+def _run_of(r: dict) -> str | None:
+    """The weights a row's episode ran (LIBERO: the checkpoint's hash or path; TableTop-4: the policy id)."""
+    v = r.get("checkpoint_sha256") or r.get("checkpoint") or r.get("policy_id")
+    return None if v is None else str(v)
+
+
+def mixed_runs(rows: Sequence[dict], method_key: str = "method") -> list[str]:
+    """One line per table row whose figures do not compare: its episodes ran under more than one protocol
+    (e.g. an old fast-render run of one suite beside a full run of another), or, outside the FT experts' row
+    (one checkpoint per suite), came from more than one checkpoint (e.g. a re-merge evaluated on some suites
+    beside the old merge on the others, both labelled by the algorithm)."""
     out = []
-    for method in sorted({str(r[method_key]) for r in rows}):
-        protocols = [r["protocol"] for r in rows if str(r[method_key]) == method and isinstance(r.get("protocol"), dict)]
+    for method in sorted({str(r.get(method_key, "policy")) for r in rows}):
+        mine = [r for r in rows if str(r.get(method_key, "policy")) == method]
+        protocols = [r["protocol"] for r in mine if isinstance(r.get("protocol"), dict)]
         distinct = {json.dumps(p, sort_keys=True) for p in protocols}
         if len(distinct) > 1:
             fields = sorted({k for p in protocols for k in p if len({json.dumps(q.get(k)) for q in protocols}) > 1})
             out.append(f"{method}: {len(distinct)} protocols among its episodes (they differ in {', '.join(fields)})")
+        groups: dict[str, set[str]] = {}
+        for r in mine:
+            if (run := _run_of(r)) is not None:
+                groups.setdefault(str(r.get("suite")) if method == FT_METHOD else "", set()).add(run)
+        for suite, runs in sorted(groups.items()):
+            if len(runs) > 1:
+                where = f" on {suite}" if suite else ""
+                out.append(f"{method}: its episodes{where} come from {len(runs)} checkpoints ({', '.join(sorted(runs))})")
     return out

@@ -14,6 +14,7 @@ import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -200,6 +201,8 @@ class LiberoEnvFactory:
     fast_render: bool = False
     mujoco_gl: str = "egl"
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # run_episodes reads this: every episode at once needs a process of its own
+    one_env_per_process: ClassVar[bool] = True
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_cache"}

@@ -21,6 +21,7 @@ from pathlib import Path
 from experiments.robot.harness import Protocol, ResultsError, plan_episodes, read_rows, run_episodes
 from experiments.robot.harness.report import write_summary
 from experiments.robot.harness.results import check_same_run, read_many
+from experiments.robot.harness.video import wants_video
 from experiments.robot.libero.env import LiberoEnvFactory, LiberoUnavailable, import_libero, suite_info
 from experiments.robot.libero.policies import (
     FT_KIND,
@@ -179,6 +180,11 @@ def main(cfg: GenerateConfig) -> list[dict]:
         print(f"  {info.name}: {info.num_tasks} tasks, {n} episodes ({n_done} already done), "
               f"max {info.max_steps} steps" + (" [LIBERO-Plus dimensions]" if info.categories else ""))
     print(f"images: centre crop at {crop_area:g} of the area" if crop_area < 1.0 else "images: no centre crop")
+    unrecorded = [e.key for e in episodes if e.key in done and wants_video(e.key, video_patterns(cfg.save_videos))]
+    if unrecorded:  # finished episodes are never re-run, so their videos cannot be recorded into this run
+        print(f"warning: {len(unrecorded)} episode(s) named by --save_videos are already done and will not be "
+              f"re-run, so get no video (e.g. {unrecorded[0]}); to record them, evaluate again with another "
+              "--run_name")
     if cfg.router_variant == "exemplar":
         from model_merging.exemplars import FrameView, view_mismatch
 

@@ -112,10 +112,12 @@ class OraclePolicy:
         return self.inner.act(obs, instructions, episode_ids)
 
 
-def results_of(path: Path, policy_id: str) -> Path:
-    """Discard a results file written by other weights (the demo owns its out_dir)."""
+def results_of(path: Path, policy_id: str, log=print) -> Path:
+    """Discard a results file written by other weights (the demo owns its out_dir), saying so."""
     rows = read_rows(path) if path.exists() else []
     if rows and any(r.get("policy_id") != policy_id for r in rows):
+        log(f"[eval] {path}: discarding {len(rows)} episode(s) of other weights or settings (policy "
+            f"{rows[0].get('policy_id')}, now {policy_id})")
         path.unlink()
     return path
 

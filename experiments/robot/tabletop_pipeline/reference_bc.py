@@ -206,11 +206,13 @@ def main(cfg: ReferenceBCConfig, log=print) -> dict:
     try:
         for suite in cfg.suites:
             ds = load_suite(cfg.data_root, suite)
-            # rows of another config or other demos are discarded, not mixed in
-            policy_id = hashlib.sha256(json.dumps([summary["config"], suite, ds.fingerprint], sort_keys=True)
+            # rows of another config or other demos are discarded, not mixed in; how many episodes run, in how
+            # many envs and where the files go do not change the policy (the threads do: float summation order)
+            trained_by = {k: v for k, v in summary["config"].items() if k not in ("num_envs", "out_dir", "trials_per_task")}
+            policy_id = hashlib.sha256(json.dumps([trained_by, suite, ds.fingerprint], sort_keys=True)
                                        .encode()).hexdigest()[:16]
             episodes = plan([suite], None, cfg.trials_per_task, cfg.first_init_state)
-            path = results_of(Path(cfg.out_dir) / f"{suite}.jsonl", policy_id)
+            path = results_of(Path(cfg.out_dir) / f"{suite}.jsonl", policy_id, log)
             done = {r["key"]: r for r in read_rows(path)} if path.exists() else {}
             if all(e.key in done for e in episodes):  # a rerun with nothing left to roll out: nothing to train
                 rows = [done[e.key] for e in episodes]
