@@ -45,13 +45,17 @@ UNJUDGED_SETTINGS = ("out_dir", "video_episodes", "plots")
 
 def cold_wall_s(out_dir: Path, timing: dict) -> tuple[float, dict[str, float], list[str]]:
     """Per-stage wall time of a cold run (cached stages count with the time they took when they ran), and the
-    stages whose recorded time is not a cold cost (they reused earlier work, or predate that record)."""
+    stages whose recorded time is not a cold cost (they reused earlier work, ran with another number of worker
+    processes than this run records, or predate those records)."""
     stages, warm = {}, []
+    workers = (timing.get("config") or {}).get("workers")
     for name, t in timing["stages"].items():
         rec = out_dir / name / "stage.json"
-        recorded = json.loads(rec.read_text()) if t["cached"] and rec.is_file() else t
+        cached = t["cached"] and rec.is_file()
+        recorded = json.loads(rec.read_text()) if cached else t
         stages[name] = recorded["wall_s"]
-        if recorded.get("fresh") is not True:
+        other_run = cached and (recorded.get("conditions") or {}).get("workers") != workers
+        if recorded.get("fresh") is not True or other_run:
             warm.append(name)
     return sum(stages.values()), stages, warm
 
@@ -87,8 +91,8 @@ def main(cfg: DemoTimeConfig) -> int:
         print(f"  {name:<8} {s:8.1f} s")
     ok_time = total <= TARGET_WALL_S[mode]
     if warm:
-        print(f"wall time {total:.0f} s, not judged: stage(s) {', '.join(warm)} reused earlier work, so their "
-              "time is not what a cold run costs (run into a new --out_dir)")
+        print(f"wall time {total:.0f} s, not judged: stage(s) {', '.join(warm)} reused earlier work or ran with "
+              "other settings, so their time is not what a cold run costs (run into a new --out_dir)")
     else:
         print(f"wall time (cold) {total:.0f} s = {total / 60:.1f} min; target ≤ {TARGET_WALL_S[mode] / 60:.0f} min: "
               f"{'met' if ok_time else 'MISSED'}")

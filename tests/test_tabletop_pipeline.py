@@ -114,6 +114,7 @@ def test_a_data_dir_the_user_named_is_never_replaced(tmp_path):
     ({"per_task_algorithms": ["magic"]}, "unknown merge algorithm"),
     ({"task_ids": [10]}, "task_ids"),
     ({"expert_steps": 0}, "expert_steps must be >= 1"),
+    ({"k_gate": 200}, "k_gate must be at most the tiny model's hidden width 128, got 200"),
     ({"router_variant": "query"}, "router_variant"),
     ({"router_exemplars": 1}, "router_exemplars must be 0 .* or >= 2"),
     ({"router_exemplars": -1}, "router_exemplars must be a finite number >= 0"),
@@ -218,8 +219,11 @@ def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
         assert pertask["rollouts"] == pertask["first_obs"]["exemplar"]
     assert "| exemplar (beyond the paper) |" in table.split("## Router variants")[1].splitlines()[2]
 
+    assert json.loads((out / "train" / "stage.json").read_text())["conditions"]["workers"] == 2
+    (out / "summary" / "routing_an_earlier_row.png").write_bytes(b"stale")  # a plot of rows this run lacks
     again = _demo(args, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert not (out / "summary" / "routing_an_earlier_row.png").exists()
     timing2 = json.loads((out / "timing.json").read_text())
     assert all(timing2["stages"][s]["cached"] for s in ("data", "base", "train", "merge", "eval"))
     def results_part(text):  # the header holds the run's start time; the tables must be the same
@@ -312,6 +316,17 @@ def test_demo_time_judges_fractions_against_the_targets(tmp_path, capsys):
     stages["eval"]["fresh"] = True
     code, out = judge(config={**config, "expert_steps": 3000})
     assert code == 2 and "other settings than the full demo's (expert_steps: 3000 → 1500)" in out.err
+    # a cached stage counts with the time it took when it ran: only if it ran as this run records it did
+    timing["config"] = config
+    (tmp_path / "train").mkdir()
+    record = {"wall_s": 1500.0, "fresh": True, "conditions": {"workers": 1, "cpus": 2}}
+    (tmp_path / "train" / "stage.json").write_text(json.dumps(record))
+    stages["train"]["cached"] = True
+    code, out = judge()
+    assert code == 2 and "not judged: stage(s) train reused earlier work or ran with other settings" in out.out
+    (tmp_path / "train" / "stage.json").write_text(json.dumps({**record, "conditions": {"workers": 2, "cpus": 2}}))
+    code, out = judge()
+    assert code == 1 and "wall time (cold) 1600 s = 26.7 min; target ≤ 20 min: MISSED" in out.out
 
 
 def test_ft_success_is_a_fraction_per_suite():

@@ -141,7 +141,9 @@ def main(cfg: DemoConfig) -> dict:
 
 
 def cli() -> int:
-    return run_cli("demo", DemoConfig, main, (PipelineError,))
+    from model_merging.errors import MergeError
+
+    return run_cli("demo", DemoConfig, main, (PipelineError, MergeError))
 
 
 if __name__ == "__main__":

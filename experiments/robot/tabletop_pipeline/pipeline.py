@@ -114,6 +114,9 @@ class PipelineConfig:
                      "num_envs", "k_gate"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
+        width = get_config("tiny").llm.hidden_size  # the router's subspaces live in the LLM's width
+        if self.k_gate > width:
+            raise PipelineError(f"k_gate must be at most the tiny model's hidden width {width}, got {self.k_gate}")
         for name in ("noop_steps", "first_init_state", "seed", "warmup_steps", "baseline_head_layers", "demo_noise",
                      "weight_decay", "mask_lambda", "router_exemplars"):
             if not 0 <= getattr(self, name) < math.inf:  # written so that NaN fails too
@@ -177,6 +180,11 @@ def _log_to(path: Path, log):
     return fn
 
 
+def conditions(cfg: PipelineConfig) -> dict:
+    """How a stage's work is done: not what it computes, but what its wall time depends on (benchmarks compare it)."""
+    return {"workers": cfg.workers, "cpus": os.cpu_count()}
+
+
 def stage_data(cfg: PipelineConfig, root: Path, log) -> dict:
     from experiments.robot.tabletop.generate import GenerateConfig
     from experiments.robot.tabletop_pipeline.data import (
@@ -205,7 +213,7 @@ def stage_data(cfg: PipelineConfig, root: Path, log) -> dict:
 
     # the dataset lives outside the stage directory (it may be shared): never clear it from here, and check it
     # still holds this dataset before trusting the cached record
-    return Stage(root, "data", spec, clear_stale=False).run(body, log, still_valid=lambda _out: matches(gen.out_dir, gen))
+    return Stage(root, "data", spec, clear_stale=False, conditions=conditions(cfg)).run(body, log, still_valid=lambda _out: matches(gen.out_dir, gen))
 
 
 def stage_base(cfg: PipelineConfig, root: Path, log) -> dict:
@@ -228,7 +236,7 @@ def stage_base(cfg: PipelineConfig, root: Path, log) -> dict:
             f"held-out answer accuracy {pre.get('final', {}).get('heldout_answer_acc')}")
         return {"base_dir": str(base.resolve()), "sha256": digest, "pretraining_final": pre.get("final")}
 
-    return Stage(root, "base", spec).run(body, log)
+    return Stage(root, "base", spec, conditions=conditions(cfg)).run(body, log)
 
 
 def stage_train(cfg: PipelineConfig, root: Path, data: dict, base: dict, log) -> dict:
@@ -246,7 +254,7 @@ def stage_train(cfg: PipelineConfig, root: Path, data: dict, base: dict, log) ->
         jobs.append(TrainJob("joint", "cross_attn", data["joint_suite"], cfg.joint_steps, str(d / "joint")))
     spec = {"settings": asdict(settings), "jobs": [asdict(j) for j in jobs], "data": data["fingerprint"],
             "base": base["sha256"]}
-    return Stage(root, "train", spec, clear_stale=False).run(lambda _d: run_jobs(jobs, settings, cfg.workers, log), log)
+    return Stage(root, "train", spec, clear_stale=False, conditions=conditions(cfg)).run(lambda _d: run_jobs(jobs, settings, cfg.workers, log), log)
 
 
 def merge_jobs(cfg: PipelineConfig, root: Path, data: dict, trained: dict) -> list:
@@ -290,7 +298,7 @@ def stage_merge(cfg: PipelineConfig, root: Path, data: dict, trained: dict, log)
 
     jobs = merge_jobs(cfg, root, data, trained)
     spec = {"jobs": [j.spec() | {"name": j.name} for j in jobs]}
-    return Stage(root, "merge", spec, clear_stale=False).run(lambda _d: run_merges(jobs, cfg.workers, log), log)
+    return Stage(root, "merge", spec, clear_stale=False, conditions=conditions(cfg)).run(lambda _d: run_merges(jobs, cfg.workers, log), log)
 
 
 def eval_crop_area(cfg: PipelineConfig) -> float:
@@ -341,7 +349,7 @@ def stage_eval(cfg: PipelineConfig, root: Path, data: dict, trained: dict, merge
                             crop_area=eval_crop_area(cfg), video_episodes=tuple(cfg.video_episodes), out_dir=str(d))
     jobs = eval_jobs(cfg, trained, merged, merge_jobs(cfg, root, data, trained))
     spec = {"settings": asdict(settings), "jobs": [asdict(j) for j in jobs]}
-    res = Stage(root, "eval", spec, clear_stale=False).run(lambda _d: run_evals(jobs, settings, cfg.workers, log), log)
+    res = Stage(root, "eval", spec, clear_stale=False, conditions=conditions(cfg)).run(lambda _d: run_evals(jobs, settings, cfg.workers, log), log)
     return res, settings, jobs
 
 

@@ -99,6 +99,10 @@ def write_report(cfg, report: dict, root: Path, log=print) -> None:
 
     text = render(cfg, report)
     paths = write_summary(report["rows"], root / "summary", plots=cfg.plots)
+    written = {Path(p).name for p in paths.values()}
+    for old in (root / "summary").glob("*"):  # tables and plots of an earlier run's rows would read as this run's
+        if old.is_file() and (old.suffix == ".png" or old.name.startswith("results.")) and old.name not in written:
+            old.unlink()
     write_text(root / "demo_table.md", text)
     write_json(root / "routing.json", {r["label"]: {"first_obs": r["first_obs_routing"],
                                                     "rollouts": r.get("rollout_routing")}

@@ -43,11 +43,13 @@ class StageResult:
 
 
 class Stage:
-    def __init__(self, root: Path, name: str, spec: dict, clear_stale: bool = True):
+    def __init__(self, root: Path, name: str, spec: dict, clear_stale: bool = True, conditions: dict | None = None):
         self.name = name
         self.clear_stale = clear_stale  # False: the stage's items check their own identity and are kept
         self.dir = Path(root) / name
         self.spec = jsonable(spec)
+        # how the work was done (processes, CPUs): recorded beside its wall time, not part of what it computes
+        self.conditions = jsonable(conditions or {})
 
     @property
     def stage_file(self) -> Path:
@@ -97,5 +99,6 @@ class Stage:
         wall = time.perf_counter() - t0
         fresh = fresh and not outputs.get("reused", False)
         write_json(self.stage_file, {"format": STAGE_FORMAT, "name": self.name, "spec": self.spec,
-                                     "outputs": outputs, "wall_s": round(wall, 2), "fresh": fresh})
+                                     "outputs": outputs, "wall_s": round(wall, 2), "fresh": fresh,
+                                     "conditions": self.conditions})
         return StageResult(self.name, outputs, wall, False, fresh)
