@@ -157,12 +157,16 @@ def _generate(cfg: GenerateConfig, out: Path, jobs: list[tuple[str, int]], log) 
                 pool_future = ex.submit(_pretrain_job, pool_tmp, cfg) if pool_tmp else None
                 futures = [ex.submit(_task_job, s, i, tmps[s, i], cfg) for s, i in jobs]
                 results = []
-                for f in futures:
-                    results.append(f.result())
-                    s, i, st = results[-1]
-                    log(f"[tabletop] {s:8s} task {i}: {st['demos']} demos ({st['failures']} expert failures), "
-                        f"mean length {st['mean_length']:.1f}, {st['seconds']:.1f}s")
-                pool_stats = pool_future.result() if pool_future else None
+                try:
+                    for f in futures:
+                        results.append(f.result())
+                        s, i, st = results[-1]
+                        log(f"[tabletop] {s:8s} task {i}: {st['demos']} demos ({st['failures']} expert failures), "
+                            f"mean length {st['mean_length']:.1f}, {st['seconds']:.1f}s")
+                    pool_stats = pool_future.result() if pool_future else None
+                except BaseException:
+                    ex.shutdown(cancel_futures=True)  # report the failure now, not after every queued job has run
+                    raise
         for s, i, st in results:
             rel = task_file(out, s, i).relative_to(out)
             stats[str(rel)] = {**{k: v for k, v in st.items() if k != "seconds"}, "sha256": sha256_file(tmps[s, i])}

@@ -22,10 +22,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from experiments.robot.tabletop.bodies import FIXTURE_COLORS, OBJECT_COLORS, OBJECT_KINDS, Body, SceneState
+from experiments.robot.tabletop.bodies import FIXTURE_COLORS, OBJECT_COLORS, OBJECT_KINDS, OPEN_FINGER, Body, SceneState
 from experiments.robot.tabletop.demos import attrs_dict, create_h5
 from experiments.robot.tabletop.language import scene_texts
-from experiments.robot.tabletop.physics import PHYSICS_VERSION
+from experiments.robot.tabletop.physics import PADDLE_RADIUS, PHYSICS_VERSION
 from experiments.robot.tabletop.render import AgentView, WristView
 from experiments.robot.tabletop.scenes import PLACE_LIMIT, Spec, layout_clear, sample_scene
 from experiments.robot.tabletop.suites import SEED_DOMAIN, SPLIT_PRETRAIN
@@ -67,6 +67,11 @@ def pretrain_scene(rng: np.random.Generator) -> SceneState:
             b.on = bool(rng.random() < 0.5)
     s.gripper_pos = np.array([*rng.uniform(-0.2, 0.2, 2), rng.uniform(0.03, 0.2)])
     s.finger = float(rng.choice([0.0, 0.02, 0.04]))
+    if s.finger < OPEN_FINGER:  # closed fingers cannot be inside an object: they rest on top of it
+        for b in s.bodies:
+            inside = np.hypot(*(s.gripper_pos[:2] - b.pos[:2])) < max(b.spec.half) + PADDLE_RADIUS
+            if b.spec.movable and inside and b.pos[2] <= s.gripper_pos[2] < b.top:
+                s.gripper_pos[2] = b.top
     loose = [b for b in s.bodies if b.spec.graspable and not any(c.support == b.name for c in s.bodies)]
     if loose and rng.random() < 0.25:  # holding something
         b = loose[int(rng.integers(len(loose)))]
