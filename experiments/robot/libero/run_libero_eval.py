@@ -180,7 +180,8 @@ def main(cfg: GenerateConfig) -> list[dict]:
         print(f"  {info.name}: {info.num_tasks} tasks, {n} episodes ({n_done} already done), "
               f"max {info.max_steps} steps" + (" [LIBERO-Plus dimensions]" if info.categories else ""))
     print(f"images: centre crop at {crop_area:g} of the area" if crop_area < 1.0 else "images: no centre crop")
-    unrecorded = [e.key for e in episodes if e.key in done and wants_video(e.key, video_patterns(cfg.save_videos))]
+    videos = video_patterns(cfg.save_videos)
+    unrecorded = [e.key for e in episodes if e.key in done and wants_video(e.key, videos)]
     if unrecorded:  # finished episodes are never re-run, so their videos cannot be recorded into this run
         print(f"warning: {len(unrecorded)} episode(s) named by --save_videos are already done and will not be "
               f"re-run, so get no video (e.g. {unrecorded[0]}); to record them, evaluate again with another "
@@ -217,7 +218,7 @@ def main(cfg: GenerateConfig) -> list[dict]:
         run_info=run_info,
         seed=cfg.seed,
         video_dir=cfg.results_dir / "videos" / run_name,
-        video_episodes=video_patterns(cfg.save_videos),
+        video_episodes=videos,
         frame_fn=upright_agentview,
     )
     paths = write_summary(read_many(sorted(cfg.results_dir.glob("*.jsonl"))), summary_dir)

@@ -66,8 +66,7 @@ def settle(s: SceneState, b: Body) -> None:
         b.support, b.pos[2] = support_under(s, b, b.pos[2] + SUPPORT_TOL)
         if not b.spec.movable:
             break
-        off_wall = _off_walls(s, b)
-        if not (off_wall or _separate(s, b)):
+        if not (_off_walls(s, b) or _separate(s, b)):
             break
     # the last pass may have moved it sideways: it always ends on what is under it
     b.support, b.pos[2] = support_under(s, b, b.pos[2] + SUPPORT_TOL)
@@ -125,14 +124,15 @@ def _off_walls(s: SceneState, b: Body) -> bool:
     return moved
 
 
-def _blocked_by_wall(s: SceneState, b: Body, xy: np.ndarray) -> bool:
-    """Would moving `b` sideways to `xy` take it into, out of or across a bowl's or basket's wall below the rim?"""
+def _blocked_by_wall(s: SceneState, b: Body, xy: np.ndarray, spill: bool = False) -> bool:
+    """Would moving `b` sideways to `xy` take it into, out of or across a bowl's or basket's wall below the rim?
+    With `spill` (over the rim: nothing else has room) only ending across a wall is blocked."""
     r = _radius(b)
     for c in s.bodies:
         if not _walled(c) or not _below_rim(b, c):
             continue  # no wall, or high enough to pass over the rim
         side = _wall_side(c, xy, r)
-        if side == "wall" or side != _wall_side(c, b.pos, r):
+        if side == "wall" or (not spill and side != _wall_side(c, b.pos, r)):
             return True
     return False
 
@@ -162,7 +162,6 @@ def _separate(s: SceneState, b: Body) -> bool:
     dist = float(np.hypot(*d))
     need = _radius(b) + _radius(hit) + 1e-3
     base = np.arctan2(d[1], d[0]) if dist > 1e-9 else 0.0
-    r = _radius(b)
     for spill in (False, True):
         for extra in np.arange(0.0, 0.2, 0.005):
             for turn in _TURNS:
@@ -170,12 +169,7 @@ def _separate(s: SceneState, b: Body) -> bool:
                 along = float(d @ u)  # the move along u that puts the centres `need` apart, plus `extra`
                 xy = np.clip(b.pos[:2] + u * (-along + np.sqrt(max(need**2 - (dist**2 - along**2), 0.0)) + extra),
                              -TABLE_HALF, TABLE_HALF)
-                if any(_overlapping(b, c, xy) for c in others):
-                    continue
-                if spill:
-                    if any(_walled(c) and _below_rim(b, c) and _wall_side(c, xy, r) == "wall" for c in s.bodies):
-                        continue
-                elif _blocked_by_wall(s, b, xy):
+                if any(_overlapping(b, c, xy) for c in others) or _blocked_by_wall(s, b, xy, spill):
                     continue
                 b.pos[:2] = xy
                 return True

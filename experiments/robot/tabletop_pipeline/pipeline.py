@@ -180,9 +180,10 @@ def _log_to(path: Path, log):
     return fn
 
 
-def conditions(cfg: PipelineConfig) -> dict:
-    """How a stage's work is done: not what it computes, but what its wall time depends on (benchmarks compare it)."""
-    return {"workers": cfg.workers, "cpus": os.cpu_count()}
+def _stage(cfg: PipelineConfig, root: Path, name: str, spec: dict, **kw) -> Stage:
+    """A stage that records how its work is done (not what it computes, but what its wall time depends on:
+    benchmarks/demo_time.py compares it)."""
+    return Stage(root, name, spec, conditions={"workers": cfg.workers, "cpus": os.cpu_count()}, **kw)
 
 
 def stage_data(cfg: PipelineConfig, root: Path, log) -> dict:
@@ -213,7 +214,7 @@ def stage_data(cfg: PipelineConfig, root: Path, log) -> dict:
 
     # the dataset lives outside the stage directory (it may be shared): never clear it from here, and check it
     # still holds this dataset before trusting the cached record
-    return Stage(root, "data", spec, clear_stale=False, conditions=conditions(cfg)).run(body, log, still_valid=lambda _out: matches(gen.out_dir, gen))
+    return _stage(cfg, root, "data", spec, clear_stale=False).run(body, log, still_valid=lambda _out: matches(gen.out_dir, gen))
 
 
 def stage_base(cfg: PipelineConfig, root: Path, log) -> dict:
@@ -236,7 +237,7 @@ def stage_base(cfg: PipelineConfig, root: Path, log) -> dict:
             f"held-out answer accuracy {pre.get('final', {}).get('heldout_answer_acc')}")
         return {"base_dir": str(base.resolve()), "sha256": digest, "pretraining_final": pre.get("final")}
 
-    return Stage(root, "base", spec, conditions=conditions(cfg)).run(body, log)
+    return _stage(cfg, root, "base", spec).run(body, log)
 
 
 def stage_train(cfg: PipelineConfig, root: Path, data: dict, base: dict, log) -> dict:
@@ -254,7 +255,7 @@ def stage_train(cfg: PipelineConfig, root: Path, data: dict, base: dict, log) ->
         jobs.append(TrainJob("joint", "cross_attn", data["joint_suite"], cfg.joint_steps, str(d / "joint")))
     spec = {"settings": asdict(settings), "jobs": [asdict(j) for j in jobs], "data": data["fingerprint"],
             "base": base["sha256"]}
-    return Stage(root, "train", spec, clear_stale=False, conditions=conditions(cfg)).run(lambda _d: run_jobs(jobs, settings, cfg.workers, log), log)
+    return _stage(cfg, root, "train", spec, clear_stale=False).run(lambda _d: run_jobs(jobs, settings, cfg.workers, log), log)
 
 
 def merge_jobs(cfg: PipelineConfig, root: Path, data: dict, trained: dict) -> list:
@@ -298,7 +299,7 @@ def stage_merge(cfg: PipelineConfig, root: Path, data: dict, trained: dict, log)
 
     jobs = merge_jobs(cfg, root, data, trained)
     spec = {"jobs": [j.spec() | {"name": j.name} for j in jobs]}
-    return Stage(root, "merge", spec, clear_stale=False, conditions=conditions(cfg)).run(lambda _d: run_merges(jobs, cfg.workers, log), log)
+    return _stage(cfg, root, "merge", spec, clear_stale=False).run(lambda _d: run_merges(jobs, cfg.workers, log), log)
 
 
 def eval_crop_area(cfg: PipelineConfig) -> float:
@@ -349,7 +350,7 @@ def stage_eval(cfg: PipelineConfig, root: Path, data: dict, trained: dict, merge
                             crop_area=eval_crop_area(cfg), video_episodes=tuple(cfg.video_episodes), out_dir=str(d))
     jobs = eval_jobs(cfg, trained, merged, merge_jobs(cfg, root, data, trained))
     spec = {"settings": asdict(settings), "jobs": [asdict(j) for j in jobs]}
-    res = Stage(root, "eval", spec, clear_stale=False, conditions=conditions(cfg)).run(lambda _d: run_evals(jobs, settings, cfg.workers, log), log)
+    res = _stage(cfg, root, "eval", spec, clear_stale=False).run(lambda _d: run_evals(jobs, settings, cfg.workers, log), log)
     return res, settings, jobs
 
 
