@@ -174,6 +174,22 @@ def test_a_blocked_push_stops_the_paddle_and_never_moves_an_object_backwards():
     assert a.pos[0] - s.gripper_pos[0] >= 0.025 + 0.014 - 1e-9  # the paddle did not pass into a
 
 
+def test_a_blocked_paddle_does_not_sink_into_what_it_stays_on():
+    # the paddle rests on cube a's edge (tip x 0.034, a's top 0.05) and moves +x and down; at x 0.064 nothing is
+    # under it, but the cylinder b (taller: pushed, not stood on) would be pushed into c, so the push is refused and
+    # the paddle stays at x 0.034, where a is under it: it may not go below a's top (before the fix it kept the
+    # 0.021 it was allowed at x 0.064, inside a)
+    def blocked(*under):
+        s = scene(*under, Body("b", "cylinder", "blue", (0.094, 0.0, 0.0)), cube("c", x=0.144, color="green"),
+                  gripper=(0.034, 0.0, 0.051), finger=0.0)
+        step_physics(s, act(1.0, dz=-1.0, grip=CLOSE))
+        assert s.body("b").pos[0] == 0.094 and s.body("c").pos[0] == 0.144
+        return s.gripper_pos
+
+    np.testing.assert_allclose(blocked(cube("a")), [0.034, 0.0, 0.05], atol=1e-12)
+    np.testing.assert_allclose(blocked(), [0.034, 0.0, 0.021], atol=1e-12)  # nothing under it: down as asked
+
+
 def test_released_object_slides_off_a_rim_to_the_side_its_centre_is_on():
     for at, inside, x in [(0.03, True, 0.03), (0.057, True, 0.058 - 0.025 - 1e-3), (0.059, False, 0.058 + 0.025 + 1e-3)]:
         s = scene(Body("bowl", "bowl", "white", (0.0, 0.0, 0.0)), cube(x=0.15), goals=[Goal("place", "cube", "bowl")])

@@ -119,3 +119,28 @@ def test_square_curriculum_teaches_the_colour_of_a_whole_image_square():
 def test_square_curriculum_sizes_must_fit_the_image(curriculum):
     with pytest.raises(PretrainError, match=r"square_curriculum is .*expected square sides in 1\.\.64"):
         PretrainConfig(square_curriculum=curriculum).validate()
+
+
+def test_a_pool_made_with_other_settings_or_rules_is_refused_and_left_as_it_is(tmp_path):
+    import h5py
+
+    from experiments.robot.tabletop.pretrain import POOL_VERSION, write_pretrain_pool
+    from experiments.robot.tabletop_pipeline.vlm_pretrain import ensure_pool
+
+    pool = tmp_path / "pool.hdf5"
+    write_pretrain_pool(pool, 4, seed=0, texts_per_scene=2)
+    cfg = PretrainConfig(pool=pool, pool_scenes=4, texts_per_scene=2)
+    assert ensure_pool(cfg) == pool  # made as this run would make it: reused
+    with pytest.raises(PretrainError, match=r"num_scenes: file has 4, expected 5.*delete it"):
+        ensure_pool(PretrainConfig(pool=pool, pool_scenes=5, texts_per_scene=2))
+    with pytest.raises(PretrainError, match="texts_per_scene: file has 2, expected 8"):
+        ensure_pool(PretrainConfig(pool=pool, pool_scenes=4))
+    with h5py.File(pool, "a") as f:  # as written before pools recorded their version and the physics rules
+        del f.attrs["pool_version"], f.attrs["physics_version"]
+    before = pool.read_bytes()
+    with pytest.raises(PretrainError, match=f"pool_version: file has 'nothing', expected {POOL_VERSION}; physics_version"):
+        ensure_pool(cfg)
+    assert pool.read_bytes() == before
+    pool.write_bytes(b"not hdf5")
+    with pytest.raises(PretrainError, match="not a readable HDF5 pretraining pool"):
+        ensure_pool(cfg)

@@ -28,8 +28,9 @@ from experiments.robot.tabletop.bodies import KNOB_RADIUS, OPEN_FINGER, Body, Sc
 # rollouts. 2: bowl and basket walls stop pushed objects (before, shoving one in counted as placing it).
 # 3: released objects slide off walls (one on a rim counted as in), separate from every object they overlap,
 # always end on what is under them; a blocked push stops the paddle; a held object no longer hops onto
-# taller bodies it is moved into sideways.
-PHYSICS_VERSION = 3
+# taller bodies it is moved into sideways. 4: a paddle whose push is refused keeps a height allowed where it
+# stays (it could sink into an object there).
+PHYSICS_VERSION = 4
 MAX_DELTA = 0.03  # metres per step at |action| = 1
 WORKSPACE_LOW = np.array([-0.22, -0.22, 0.005])
 WORKSPACE_HIGH = np.array([0.22, 0.22, 0.25])
@@ -281,10 +282,13 @@ def step_physics(s: SceneState, action: np.ndarray) -> None:
     prev = s.gripper_pos.copy()
     new = np.clip(prev + np.clip(action[:3], -1.0, 1.0) * MAX_DELTA, WORKSPACE_LOW, WORKSPACE_HIGH)
     paddle = not s.held and s.finger < CLOSED
-    new[2] = max(new[2], _tip_floor(s, new[0], new[1], prev[2], paddle))
+    wanted_z = new[2]
+    new[2] = max(wanted_z, _tip_floor(s, new[0], new[1], prev[2], paddle))
     s.gripper_pos = new
     if paddle and not _push(s):  # blocked: the paddle stays where it was sideways (what it pushed this step stays pushed)
-        s.gripper_pos = np.array([prev[0], prev[1], new[2]])
+        # and its height is floored where it stays, not where it was refused (it must not sink into what is under it)
+        new = np.array([prev[0], prev[1], max(wanted_z, _tip_floor(s, prev[0], prev[1], prev[2], paddle))])
+        s.gripper_pos = new
     if s.held:
         s.body(s.held).pos[:] = new - (0.0, 0.0, s.grasp_offset)
     _update_fingers(s, bool(action[6] > 0))

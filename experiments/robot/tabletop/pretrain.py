@@ -11,8 +11,8 @@ File format (one HDF5 file, default `<out_dir>/pretrain/tabletop4_pretrain.hdf5`
     targets     (M,) utf-8 strings      the answer / caption
     kinds       (M,) utf-8 strings      "qa" or "caption"
     scene       (M,) int32              the row of `images` each text is about
-    attrs: format = "tabletop4-pretrain", tabletop_version, num_scenes, image_size, supersample, seed,
-           cameras = ["agentview", "eye_in_hand"], mergevla_images_upright = True
+    attrs: format = "tabletop4-pretrain", tabletop_version, pool_version, physics_version, num_scenes, image_size,
+           supersample, seed, texts_per_scene, cameras = ["agentview", "eye_in_hand"], mergevla_images_upright = True
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from experiments.robot.tabletop.scenes import PLACE_LIMIT, Spec, layout_clear, s
 from experiments.robot.tabletop.suites import SEED_DOMAIN, SPLIT_PRETRAIN
 
 FORMAT = "tabletop4-pretrain"
+# Bumped whenever the scenes or texts drawn for a seed change. 2: closed fingers rest on an object, not inside
+# it (pools written before have no pool_version).
+POOL_VERSION = 2
 FIXTURE_CHOICES = ("bowl", "plate", "tray", "basket", "stove", "zone")
 ZONE_COLORS = ("green", "yellow", "blue", "red")
 CONTAINERS = ("bowl", "plate", "tray", "basket", "stove")
@@ -121,22 +124,34 @@ def write_pretrain_pool(path: Path, num_scenes: int, seed: int, image_size: int 
             targets.append(target)
             scene.append(i)
     text = h5py.string_dtype("utf-8")
+    identity = pool_identity(num_scenes, seed, image_size, supersample, texts_per_scene)
     with create_h5(path) as f:
         f.create_dataset("images", data=images, track_times=False, **(compression or {}))
         f.create_dataset("prompts", data=np.array(prompts, dtype=object), dtype=text, track_times=False)
         f.create_dataset("targets", data=np.array(targets, dtype=object), dtype=text, track_times=False)
         f.create_dataset("kinds", data=np.array(kinds, dtype=object), dtype=text, track_times=False)
         f.create_dataset("scene", data=np.array(scene, np.int32), track_times=False)
-        f.attrs["format"] = FORMAT
-        f.attrs["tabletop_version"] = 1
-        f.attrs["physics_version"] = PHYSICS_VERSION  # the rules its scenes were laid out by
-        f.attrs["num_scenes"] = num_scenes
-        f.attrs["image_size"] = image_size
-        f.attrs["supersample"] = supersample
-        f.attrs["seed"] = seed
+        for k, v in identity.items():
+            f.attrs[k] = v
         f.attrs["cameras"] = ["agentview", "eye_in_hand"]
         f.attrs["mergevla_images_upright"] = True
     return {"scenes": num_scenes, "texts": len(targets)}
+
+
+def pool_identity(num_scenes: int, seed: int, image_size: int = 64, supersample: int = 2,
+                  texts_per_scene: int = 8) -> dict:
+    """The attrs that decide a pool's contents; a pool file whose attrs differ holds other scenes or texts."""
+    return {"format": FORMAT, "tabletop_version": 1, "pool_version": POOL_VERSION,
+            "physics_version": PHYSICS_VERSION,  # the rules its scenes were laid out by
+            "num_scenes": num_scenes, "image_size": image_size, "supersample": supersample, "seed": seed,
+            "texts_per_scene": texts_per_scene}
+
+
+def pool_mismatches(path: Path | str, identity: dict) -> list[str]:
+    """'field: file has X, expected Y' for every identity attr of the pool at `path` that differs."""
+    with h5py.File(path, "r") as f:
+        have = attrs_dict(f.attrs)
+    return [f"{k}: file has {have.get(k, 'nothing')!r}, expected {v!r}" for k, v in identity.items() if have.get(k) != v]
 
 
 def read_pretrain_pool(path: Path | str) -> dict:

@@ -124,19 +124,32 @@ class PretrainConfig:
 
 
 def ensure_pool(cfg: PretrainConfig, log_fn=print) -> Path:
-    """The pool file: reused when it exists (it must be a pretraining pool), else rendered atomically."""
-    from experiments.robot.tabletop.pretrain import write_pretrain_pool
+    """The pool file: reused when it exists and was made with this run's settings and this code's rules, refused
+    when it was not (it is never replaced unasked), else rendered atomically."""
+    from experiments.robot.tabletop.pretrain import pool_identity, pool_mismatches, write_pretrain_pool
     from prismatic.io import atomic_path
 
     pool = Path(cfg.pool)
     if pool.exists():
+        try:
+            wrong = pool_mismatches(pool, pool_identity(cfg.pool_scenes, cfg.pool_seed, _image_size(cfg),
+                                                        texts_per_scene=cfg.texts_per_scene))
+        except OSError as e:
+            raise PretrainError(f"{pool}: not a readable HDF5 pretraining pool ({e})") from e
+        if wrong:
+            raise PretrainError(f"{pool} holds other scenes than this run would render ({'; '.join(wrong)}): "
+                                "delete it to have it rendered again, or pass --pool another path")
         return pool
     t0 = time.perf_counter()
     with atomic_path(pool) as tmp:
-        write_pretrain_pool(tmp, cfg.pool_scenes, cfg.pool_seed, image_size=get_config(cfg.config_name).image_size,
+        write_pretrain_pool(tmp, cfg.pool_scenes, cfg.pool_seed, image_size=_image_size(cfg),
                             texts_per_scene=cfg.texts_per_scene, compression={"compression": "gzip"})
     log_fn(f"[pretrain] rendered {cfg.pool_scenes} pretraining scenes to {pool} in {time.perf_counter() - t0:.1f}s")
     return pool
+
+
+def _image_size(cfg: PretrainConfig) -> int:
+    return get_config(cfg.config_name).image_size
 
 
 @dataclass
