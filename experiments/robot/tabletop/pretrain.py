@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from experiments.robot.tabletop.bodies import FIXTURE_COLORS, OBJECT_COLORS, OBJECT_KINDS, OPEN_FINGER, Body, SceneState
-from experiments.robot.tabletop.demos import attrs_dict, create_h5
+from experiments.robot.tabletop.demos import TABLETOP_VERSION, attrs_dict, create_h5
 from experiments.robot.tabletop.language import scene_texts
 from experiments.robot.tabletop.physics import PADDLE_RADIUS, PHYSICS_VERSION
 from experiments.robot.tabletop.render import AgentView, WristView
@@ -34,6 +34,7 @@ FORMAT = "tabletop4-pretrain"
 # Bumped whenever the scenes or texts drawn for a seed change. 2: closed fingers rest on an object, not inside
 # it (pools written before have no pool_version).
 POOL_VERSION = 2
+SUPERSAMPLE = 2  # pools render at this multiple and box-filter down (anti-aliasing)
 FIXTURE_CHOICES = ("bowl", "plate", "tray", "basket", "stove", "zone")
 ZONE_COLORS = ("green", "yellow", "blue", "red")
 CONTAINERS = ("bowl", "plate", "tray", "basket", "stove")
@@ -107,7 +108,7 @@ def pretrain_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([SEED_DOMAIN, SPLIT_PRETRAIN, seed, index]))
 
 
-def write_pretrain_pool(path: Path, num_scenes: int, seed: int, image_size: int = 64, supersample: int = 2,
+def write_pretrain_pool(path: Path, num_scenes: int, seed: int, image_size: int = 64, supersample: int = SUPERSAMPLE,
                         texts_per_scene: int = 8, compression: dict | None = None) -> dict:
     """Render `num_scenes` scenes and their texts into `path` (a temporary path; the caller renames it)."""
     agent, wrist = AgentView(image_size), WristView(image_size)
@@ -138,10 +139,10 @@ def write_pretrain_pool(path: Path, num_scenes: int, seed: int, image_size: int 
     return {"scenes": num_scenes, "texts": len(targets)}
 
 
-def pool_identity(num_scenes: int, seed: int, image_size: int = 64, supersample: int = 2,
+def pool_identity(num_scenes: int, seed: int, image_size: int = 64, supersample: int = SUPERSAMPLE,
                   texts_per_scene: int = 8) -> dict:
     """The attrs that decide a pool's contents; a pool file whose attrs differ holds other scenes or texts."""
-    return {"format": FORMAT, "tabletop_version": 1, "pool_version": POOL_VERSION,
+    return {"format": FORMAT, "tabletop_version": TABLETOP_VERSION, "pool_version": POOL_VERSION,
             "physics_version": PHYSICS_VERSION,  # the rules its scenes were laid out by
             "num_scenes": num_scenes, "image_size": image_size, "supersample": supersample, "seed": seed,
             "texts_per_scene": texts_per_scene}

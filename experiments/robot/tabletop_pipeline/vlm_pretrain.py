@@ -130,10 +130,12 @@ def ensure_pool(cfg: PretrainConfig, log_fn=print) -> Path:
     from prismatic.io import atomic_path
 
     pool = Path(cfg.pool)
+    # one set of settings for both: the identity checked is the one a rendered pool records
+    settings = {"num_scenes": cfg.pool_scenes, "seed": cfg.pool_seed,
+                "image_size": get_config(cfg.config_name).image_size, "texts_per_scene": cfg.texts_per_scene}
     if pool.exists():
         try:
-            wrong = pool_mismatches(pool, pool_identity(cfg.pool_scenes, cfg.pool_seed, _image_size(cfg),
-                                                        texts_per_scene=cfg.texts_per_scene))
+            wrong = pool_mismatches(pool, pool_identity(**settings))
         except OSError as e:
             raise PretrainError(f"{pool}: not a readable HDF5 pretraining pool ({e})") from e
         if wrong:
@@ -142,14 +144,9 @@ def ensure_pool(cfg: PretrainConfig, log_fn=print) -> Path:
         return pool
     t0 = time.perf_counter()
     with atomic_path(pool) as tmp:
-        write_pretrain_pool(tmp, cfg.pool_scenes, cfg.pool_seed, image_size=_image_size(cfg),
-                            texts_per_scene=cfg.texts_per_scene, compression={"compression": "gzip"})
+        write_pretrain_pool(tmp, **settings, compression={"compression": "gzip"})
     log_fn(f"[pretrain] rendered {cfg.pool_scenes} pretraining scenes to {pool} in {time.perf_counter() - t0:.1f}s")
     return pool
-
-
-def _image_size(cfg: PretrainConfig) -> int:
-    return get_config(cfg.config_name).image_size
 
 
 @dataclass
