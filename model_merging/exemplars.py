@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from model_merging.errors import MergeError
-from prismatic.io import atomic_path, sha256_file, write_json
+from prismatic.io import atomic_path, read_json_object, sha256_file, write_json
 
 if TYPE_CHECKING:
     from model_merging.merged_model import MergedModel
@@ -117,10 +117,7 @@ def read_exemplars(directory: Path, manifest: dict) -> Exemplars | None:
     mf = directory / EXEMPLAR_MANIFEST
     if not mf.is_file():
         return None
-    try:
-        meta = json.loads(mf.read_text())
-    except ValueError as e:
-        raise MergeError(f"{mf} is not valid JSON ({e})") from e
+    meta = read_json_object(mf, MergeError)
     if meta.get("format") != EXEMPLAR_FORMAT:
         raise MergeError(f"{mf}: format is {meta.get('format')!r}, expected {EXEMPLAR_FORMAT!r}")
     if meta.get("artifact_weights_sha256") != manifest["weights_sha256"] or meta.get("tasks") != manifest["task_names"]:

@@ -6,14 +6,13 @@ it is written last, so a directory without a manifest is an unfinished write, ne
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from prismatic.io import atomic_path, sha256_file, write_json
+from prismatic.io import atomic_path, read_json_object, sha256_file, write_json
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -51,13 +50,7 @@ def read_manifest_json(directory: Path | str, missing: str) -> dict:
         raise CheckpointError(f"checkpoint directory {d} does not exist")
     if not mf.is_file():
         raise CheckpointError(f"{mf} is missing: {d} {missing}")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{mf} is not valid JSON ({e})") from e
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"{mf} does not hold a JSON object")
-    return manifest
+    return read_json_object(mf, CheckpointError)
 
 
 def read_manifest(directory: Path | str, kind: str) -> dict:

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import draccus
+import yaml
+from draccus.utils import DraccusException
 
 C = TypeVar("C")
 
@@ -22,10 +24,15 @@ def run_cli(
 ) -> int:
     """Parse `config_class` from `args` (default: the command line) with draccus and call `run(cfg)`.
 
-    An exception in `user_errors` is bad input, not a bug: it prints `prog: error: message` (no traceback)
-    and returns USAGE_ERROR; anything else propagates. Returns 0 when `run` finishes.
+    A value draccus cannot parse (a flag or a `--config_path` file) and an exception in `user_errors` are bad
+    input, not bugs: they print `prog: error: message` (no traceback) and return USAGE_ERROR; anything else
+    propagates. Returns 0 when `run` finishes.
     """
-    cfg = draccus.parse(config_class=config_class, args=None if args is None else list(args))
+    try:
+        cfg = draccus.parse(config_class=config_class, args=None if args is None else list(args))
+    except (DraccusException, yaml.YAMLError, ValueError, TypeError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
     try:
         run(cfg)
     except user_errors as e:

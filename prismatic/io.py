@@ -58,6 +58,18 @@ def write_text(dest: Path | str, text: str) -> None:
         tmp.write_text(text)
 
 
+def read_json_object(path: Path | str, error: type[Exception] = ValueError) -> dict:
+    """A JSON file that must hold an object; anything else raises `error` naming the file and what is wrong."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise error(f"{path} does not hold a JSON object (found {type(obj).__name__})")
+    return obj
+
+
 def sha256_file(path: Path | str, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -40,6 +40,17 @@ def test_run_cli_rejects_an_unknown_flag_as_argparse_does():
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--n", "abc"], "`n`: Couldn't parse 'abc' into an int"),
+    (["--config_path", "missing.yaml"], "missing.yaml"),
+])
+def test_run_cli_reports_an_unparsable_value_without_traceback(capsys, tmp_path, monkeypatch, args, says):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("tool", _Config, _run, (ValueError,), args) == USAGE_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("tool: error: ") and says in err
+
+
 def test_check_counts_names_the_first_bad_field():
     from prismatic.cli import check_counts
 

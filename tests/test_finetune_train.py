@@ -159,6 +159,13 @@ def test_out_dir_with_foreign_files_is_refused(data_root, tmp_path):
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
 
 
+def test_a_run_file_that_is_not_an_object_is_named(data_root, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("[1, 2]")
+    with pytest.raises(RunDirError, match=r"run/run\.json does not hold a JSON object \(found list\)"):
+        train(tiny_config(data_root, tmp_path / "run", resume=True))
+
+
 def test_resume_on_changed_data_is_refused(tmp_path):
     root = hdf5_root(tmp_path / "d")
     train(tiny_config(root, tmp_path / "run", max_steps=1))

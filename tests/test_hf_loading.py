@@ -3,6 +3,7 @@ directory's weights must be the ones its base.json hashes; unreadable weight fil
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -108,4 +109,21 @@ def test_unreadable_weight_files_are_named(qwen_dir, tmp_path):
     save_base_dir(tmp_path / "base", CFG, random_base(CFG, 0), build_tiny_tokenizer().to_str())
     (tmp_path / "base" / "vlm.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(BaseModelError, match=r"base/vlm\.safetensors: cannot be read as the VLM weights"):
+        load_base_dir(tmp_path / "base", CFG)
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda meta: "{not json", r"base\.json is not valid JSON"),
+    (lambda meta: "[1, 2]", r"base\.json does not hold a JSON object \(found list\)"),
+    (lambda meta: json.dumps({k: v for k, v in meta.items() if k != "config"}), r"field 'config' is missing"),
+    (lambda meta: json.dumps({**meta, "config": {**meta["config"], "llm": {**meta["config"]["llm"], "bogus": 1}}}),
+     r"field 'config' is missing or invalid \(unknown LLMConfig fields \['bogus'\] in 'llm'"),
+    (lambda meta: json.dumps({**meta, "config": {**meta["config"], "llm": "x"}}),
+     r"VLAConfig field 'llm' is 'x', expected an object of LLMConfig fields"),
+])
+def test_a_damaged_base_json_is_named_with_what_is_wrong(tmp_path, damage, says):
+    save_base_dir(tmp_path / "base", CFG, random_base(CFG, 0), build_tiny_tokenizer().to_str())
+    meta_file = tmp_path / "base" / "base.json"
+    meta_file.write_text(damage(json.loads(meta_file.read_text())))
+    with pytest.raises(BaseModelError, match=says):
         load_base_dir(tmp_path / "base", CFG)

@@ -47,6 +47,9 @@ def test_real_size_parameter_counts_match_published_architecture():
     expected_expert = 2 * 7 * d + (7 * d * d + d) + 24 * block + 2 * d + (d * 7 + 7)
     assert n_params(model.action_expert) == expected_expert
     assert round(expected_expert / 1e6) == 160
+    # every linear layer of the VLM, listed before LoRA wraps any: all of them but the tied lm_head get LoRA
+    linears = [(n, m.in_features, m.out_features) for n, m in model.vlm.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert {n.split(".")[0] for n, _, _ in linears} == {"vision", "projector", "llm"}
     # LoRA r=64 on every LLM linear: q, k, v, o, gate, up, down per layer.
     with torch.device("meta"):
         apply_lora(model, cfg.lora)
@@ -54,8 +57,7 @@ def test_real_size_parameter_counts_match_published_architecture():
         (896, 896), (896, 128), (896, 128), (896, 896), (896, 4864), (896, 4864), (4864, 896)])
     assert n_params(model.vlm.llm, lambda n: "lora_" in n) == 24 * per_layer == 35_192_832
     # ... and on every other VLM linear; nothing else gets LoRA (lm_head is tied and excluded).
-    expected_lora = sum(linear_lora_count(m.base_layer.in_features, m.base_layer.out_features, 64)
-                        for _, m in model.vlm.named_modules() if hasattr(m, "base_layer"))
+    expected_lora = sum(linear_lora_count(i, o, 64) for n, i, o in linears if n != "llm.lm_head")
     assert n_params(model, lambda n: "lora_" in n) == expected_lora
     assert not hasattr(model.vlm.llm.lm_head, "base_layer")
 
@@ -213,7 +215,7 @@ def test_checkpoint_on_another_base_is_refused(tmp_path):
         from_pretrained(tmp_path / "ckpt", base=BaseModelConfig(random_seed=1))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "bad_json", "wrong_format"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "bad_json", "wrong_format", "no_base"])
 def test_corrupt_or_truncated_checkpoint_raises_a_clear_error(tmp_path, damage):
     model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
     d = save_pretrained(model, tmp_path / "ckpt")
@@ -232,6 +234,9 @@ def test_corrupt_or_truncated_checkpoint_raises_a_clear_error(tmp_path, damage):
     elif damage == "bad_json":
         m.write_text("{not json")
         match = "not valid JSON"
+    elif damage == "no_base":
+        m.write_text(json.dumps({k: v for k, v in json.loads(m.read_text()).items() if k != "base"}))
+        match = "field 'base' is None, expected the reference of the base"
     else:
         m.write_text(json.dumps({**json.loads(m.read_text()), "format": "something-else"}))
         match = "field 'format'"

@@ -15,7 +15,6 @@ See pretrained_models/README.md for where each file goes. Nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import draccus
 import torch
 
 from prismatic.cli import run_cli
+from prismatic.io import read_json_object
 from prismatic.models.configuration import get_config
 from prismatic.models.loading import PRETRAINED_README, BaseModelError, save_base_dir
 from prismatic.models.prismatic_weights import TIMM_NAMES, WeightsError, assemble_vlm_state
@@ -55,7 +55,7 @@ def _tokenizer_json(llm_path: Path, cfg_name: str, cfg) -> str:
         )
     conf = llm_path / "config.json"
     if conf.is_file():  # a wrong LLM directory is caught here rather than by a confusing tokenizer later
-        hf = json.loads(conf.read_text())
+        hf = read_json_object(conf, BaseModelError)
         for key, want in (("hidden_size", cfg.llm.hidden_size), ("vocab_size", cfg.llm.vocab_size)):
             if hf.get(key) != want:
                 raise BaseModelError(f"{conf}: {key} is {hf.get(key)}, config {cfg_name!r} expects {want}")

@@ -113,8 +113,14 @@ class VLAConfig:
             raise ValueError(f"unknown VLAConfig fields {sorted(unknown)}; expected a subset of {sorted(known)}")
         sub = {"dino": VisionTowerConfig, "siglip": VisionTowerConfig, "llm": LLMConfig, "lora": LoRAConfig}
         for k, typ in sub.items():
-            if k in d and isinstance(d[k], dict):
+            if k in d:
+                if not isinstance(d[k], dict):
+                    raise ValueError(f"VLAConfig field {k!r} is {d[k]!r}, expected an object of {typ.__name__} fields")
                 v = dict(d[k])
+                known = {f.name for f in dataclasses.fields(typ)}
+                if unknown := set(v) - known:
+                    raise ValueError(f"unknown {typ.__name__} fields {sorted(unknown)} in {k!r}; expected a subset "
+                                     f"of {sorted(known)}")
                 for t in ("mean", "std"):
                     if t in v:
                         v[t] = tuple(v[t])

@@ -12,7 +12,6 @@ Three sources, in order of preference:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from prismatic.io import atomic_path, state_dict_sha256, write_json
+from prismatic.io import atomic_path, read_json_object, state_dict_sha256, write_json
 from prismatic.models.configuration import VLAConfig
 from prismatic.models.modeling import PrismaticVLM
 
@@ -104,10 +103,13 @@ def load_base_dir(directory: Path | str, cfg: VLAConfig, verify: bool = True
     meta_file = d / "base.json"
     if not meta_file.is_file():
         raise BaseModelError(f"{meta_file} not found: {d} is not a mergevla base directory (see {PRETRAINED_README})")
-    meta = json.loads(meta_file.read_text())
+    meta = read_json_object(meta_file, BaseModelError)
     if meta.get("format") != BASE_FORMAT:
         raise BaseModelError(f"{meta_file}: field 'format' is {meta.get('format')!r}, expected {BASE_FORMAT!r}")
-    saved = VLAConfig.from_dict(meta["config"])
+    try:
+        saved = VLAConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BaseModelError(f"{meta_file}: field 'config' is missing or invalid ({e})") from e
     for field in ("image_size", "dino", "siglip", "llm"):
         if getattr(saved, field) != getattr(cfg, field):
             raise BaseModelError(
@@ -144,7 +146,7 @@ def load_qwen_hf(path: Path | str, cfg: VLAConfig) -> dict[str, torch.Tensor]:
             f"no Qwen2.5-0.5B weights at {p}: put the Hugging Face-format directory (config.json, "
             f"model.safetensors, tokenizer.json) there; see {PRETRAINED_README}"
         )
-    hf = json.loads((p / "config.json").read_text())
+    hf = read_json_object(p / "config.json", BaseModelError)
     want = {"hidden_size": cfg.llm.hidden_size, "num_hidden_layers": cfg.llm.num_layers,
             "num_attention_heads": cfg.llm.num_heads, "num_key_value_heads": cfg.llm.num_kv_heads,
             "intermediate_size": cfg.llm.intermediate_size, "vocab_size": cfg.llm.vocab_size}

@@ -65,6 +65,9 @@ def from_pretrained(directory: Path | str, base: BaseModelConfig | None = None) 
         cfg = VLAConfig.from_dict(manifest["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{directory}/manifest.json: field 'config' is invalid ({e})") from e
+    if not isinstance(manifest.get("base"), dict) or "sha256" not in manifest["base"]:
+        raise CheckpointError(f"{directory}/manifest.json: field 'base' is {manifest.get('base')!r}, expected the "
+                              "reference of the base it was trained on (an object with its sha256)")
     base = base or base_config_from_ref(manifest["base"])
     model = build_vla(cfg, base, seed=manifest.get("init_seed") or 0)
     if model.base_ref["sha256"] != manifest["base"]["sha256"]:

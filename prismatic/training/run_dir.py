@@ -11,14 +11,13 @@ with a manifest is complete. It holds plain tensors and numbers only (`torch.loa
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from prismatic.checkpoint import MANIFEST_FILE
-from prismatic.io import atomic_path, file_on_path, write_json
+from prismatic.io import atomic_path, file_on_path, read_json_object, write_json
 from prismatic.training.config import FinetuneConfig, run_identity
 
 RUN_FILE = "run.json"
@@ -66,10 +65,7 @@ def check_run_dir(cfg: FinetuneConfig) -> dict | None:
             raise RunDirError(f"out_dir {run} is not empty and holds no {RUN_FILE}: it is not a mergevla run; "
                               "refusing to write into it (choose another --out_dir)")
         return None
-    try:
-        recorded = json.loads(rf.read_text())
-    except json.JSONDecodeError as e:
-        raise RunDirError(f"{rf} is not valid JSON ({e})") from e
+    recorded = read_json_object(rf, RunDirError)
     if recorded.get("format") != RUN_FORMAT:
         raise RunDirError(f"{rf}: field 'format' is {recorded.get('format')!r}, expected {RUN_FORMAT!r}")
     if not cfg.resume:
