@@ -192,7 +192,7 @@ class DareParams:
     p: float = 0.5  # probability of dropping each entry; survivors are scaled by 1/(1 - p)
     then: Combine = "task_arithmetic"  # how the dropped vectors are combined: plain sum, or TIES's sign election
     k: float = 100.0  # with then=ties: percent kept by magnitude after dropping
-    merge_func: MergeFunc = "sum"  # with then=ties: disjoint mean or sum
+    merge_func: MergeFunc = "mean"  # with then=ties: disjoint mean (TIES as specified) or sum (mergekit's dare_ties)
     scale: float = 1.0  # α applied to the merged vector
 
 
@@ -486,10 +486,6 @@ def check_params(name: str, params: Any, where: str = "") -> None:
 # -------------------------------------------------------------------------------------------- entry points
 
 
-def default_params(name: str) -> Any:
-    return get_method(name).params()
-
-
 def merge_tensors(name: str, taus: Sequence[Tensor], params: Any = None, ctx: MergeContext | None = None) -> Merged:
     """Merge one parameter's task vectors with method `name` (params default to the method's defaults)."""
     method = get_method(name)
@@ -521,6 +517,3 @@ def merge_task_vectors(
         for k in keys
     }
 
-
-def params_fields(params_cls: type) -> dict[str, Any]:
-    return {f.name: f for f in fields(params_cls)}

@@ -9,7 +9,7 @@ LoRA included, stays the target's own. Groups (with L_h = --expert_head_layers b
     action_queries   the learnable action queries
     proprio_proj     the proprio projector
     expert_input     the action expert's input layers (before the blocks)
-    shared_blocks    action-expert blocks 0 .. L − L_h − 1
+    shared_blocks    action-expert blocks 0 .. L − L_h − 1 (with L_h = 0: every block, the final norm and head)
 """
 
 from __future__ import annotations

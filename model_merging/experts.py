@@ -7,6 +7,7 @@ layout the config implies. NaN/inf are caught as each tensor is read, naming the
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from model_merging.tensor_files import SafetensorsReader
 from prismatic.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, CheckpointError, checked_weights_file, read_manifest
 from prismatic.models.configuration import VLAConfig
 from prismatic.models.pretrained import CHECKPOINT_KIND
+from prismatic.vla.augmentation import trained_crop_area
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -76,6 +78,23 @@ def _open_expert(name: str, directory: Path, verify_hash: bool) -> Expert:
         if not isinstance(value, kinds) or isinstance(value, bool):
             raise MergeError(f"expert {name!r}: {directory / MANIFEST_FILE} field '{field}.{key}' is {value!r}, "
                              f"expected a {what}")
+    lora = manifest["lora"]
+    if not (0 < lora["scale"] < math.inf and lora["r"] >= 1) or (
+            "alpha" in lora and not math.isclose(lora["scale"], lora["alpha"] / lora["r"])):
+        raise MergeError(f"expert {name!r}: {directory / MANIFEST_FILE} field 'lora' is {lora}: expected r >= 1 and "
+                         "a finite scale > 0 equal to alpha / r")
+    seed, digest = manifest.get("init_seed"), manifest.get("weights_sha256")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise MergeError(f"expert {name!r}: {directory / MANIFEST_FILE} field 'init_seed' is {seed!r}, "
+                         "expected an integer (or null)")
+    if not isinstance(digest, str):
+        raise MergeError(f"expert {name!r}: {directory / MANIFEST_FILE} field 'weights_sha256' is {digest!r}, "
+                         "expected a string")
+    try:  # what the merge records as the expert's training crop
+        trained_crop_area(manifest.get("train_config"))
+    except (AttributeError, TypeError, ValueError) as e:
+        raise MergeError(f"expert {name!r}: {directory / MANIFEST_FILE} field 'train_config' is invalid: its "
+                         f"image_aug / aug.crop_area cannot be read ({e})") from e
     return Expert(name, directory, manifest, reader)
 
 

@@ -24,17 +24,17 @@ LORA_B = ".lora_B.default.weight"
 _BLOCK_RE = re.compile(r"^action_expert\.blocks\.(\d+)\.")
 _FINAL_RE = re.compile(r"^action_expert\.(out_norm|out_proj)\.")
 # Groups of from-scratch parameters outside the kept head, which a merge may also keep per task (`per_task_parts`)
-# instead of averaging them; "shared_blocks" are the action-expert blocks before the last L_h.
+# instead of averaging them; "shared_blocks" are the action-expert blocks before the last L_h (and, when L_h is 0
+# and so every block is shared, the final norm and head after them).
 PART_GROUPS = ("action_queries", "proprio_proj", "expert_input", "shared_blocks")
 _HEAD_MODULE_RE = re.compile(r"^(action_queries$|proprio_proj\.|action_expert\.(in_norm|in_proj)\.)")
 
 
-def part_group(name: str) -> str | None:
-    """The PART_GROUPS group of a from-scratch parameter; None for the final norm and head (they follow L_h)."""
-    if _BLOCK_RE.match(name):
+def part_group(name: str) -> str:
+    """The PART_GROUPS group of a from-scratch parameter. The final norm and head go with the blocks: kept per
+    task with the last L_h blocks when L_h >= 1, shared (or kept) with the blocks when L_h is 0."""
+    if _BLOCK_RE.match(name) or _FINAL_RE.match(name):
         return "shared_blocks"
-    if _FINAL_RE.match(name):
-        return None
     if name.startswith("action_expert."):
         return "expert_input"
     return name.split(".")[0]

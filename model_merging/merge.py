@@ -74,7 +74,8 @@ class MergeOptions:
     verify_hashes: bool = True
 
 
-def _resolve(opts: MergeOptions, experts: ExpertSet) -> tuple[Any, list, int, int]:
+def _check_options(opts: MergeOptions) -> tuple[Any, list]:
+    """(params, rules): the checks that need no expert, run before any expert file is read or hashed."""
     method = get_method(opts.algorithm)
     params = method.params() if opts.params is None else opts.params
     if not isinstance(params, method.params):
@@ -84,10 +85,17 @@ def _resolve(opts: MergeOptions, experts: ExpertSet) -> tuple[Any, list, int, in
     for r in rules:
         check_params(opts.algorithm, dataclasses.replace(params, **dict(r.overrides)), f" in rule {r.as_text()!r}")
     _check_device(opts.device)
+    check_part_groups(opts.per_task_parts, "per_task_parts")
+    if not 0 <= opts.mask_lambda < math.inf:  # NaN would set no mask: every task would run θ0
+        raise MergeError(f"mask lambda must be a finite number >= 0, got {opts.mask_lambda}")
+    return params, rules
+
+
+def _resolve(opts: MergeOptions, experts: ExpertSet, params, rules: list) -> tuple[int, int]:
+    """(router block, router layer), after the checks that need the experts' layout."""
     n_blocks, hidden = experts.layout.num_blocks, experts.layout.hidden
     if not 0 <= opts.expert_head_layers <= n_blocks:
         raise MergeError(f"expert_head_layers must be in [0, {n_blocks}], got {opts.expert_head_layers}")
-    check_part_groups(opts.per_task_parts, "per_task_parts")
     # rules act on the task vectors, and for RETAIN on the shared parts trained from scratch too (the kept heads
     # are copied): a rule matching none of those (a typo'd group, or action_expert under another algorithm)
     # would silently change nothing
@@ -110,8 +118,6 @@ def _resolve(opts: MergeOptions, experts: ExpertSet) -> tuple[Any, list, int, in
         raise MergeError(f"router_layer must be in [0, {n_blocks}] or -1, got {opts.router_layer}")
     if not 1 <= opts.k_gate <= hidden:
         raise MergeError(f"k_gate must be in [1, {hidden}], got {opts.k_gate}")
-    if not 0 <= opts.mask_lambda < math.inf:  # NaN would set no mask: every task would run θ0
-        raise MergeError(f"mask lambda must be a finite number >= 0, got {opts.mask_lambda}")
     convex_weights(opts.scratch_weights, len(experts))  # validates the count and signs
     if opts.algorithm == "retain" and opts.scratch_weights is not None:
         raise MergeError("retain interpolates the parts trained from scratch with its own alphas "
@@ -119,7 +125,7 @@ def _resolve(opts: MergeOptions, experts: ExpertSet) -> tuple[Any, list, int, in
     if opts.algorithm == "retain" and experts.init_seed is None:
         raise MergeError("retain interpolates the parts trained from scratch from the experts' shared "
                          "initialisation, but their manifests record no init_seed")
-    return params, rules, block, layer
+    return block, layer
 
 
 def _check_device(device: str) -> None:
@@ -296,9 +302,10 @@ def merge_experts(
     blocker = file_on_path(out)
     if blocker is not None:
         raise MergeError(f"output directory {out} cannot be created: {blocker} is a file, not a directory")
+    params, rules = _check_options(opts)
     if not isinstance(experts, ExpertSet):
         experts = ExpertSet.open(experts, verify_hashes=opts.verify_hashes)
-    params, rules, block, layer = _resolve(opts, experts)
+    block, layer = _resolve(opts, experts, params, rules)
     manifest = build_manifest(experts, opts, params, block, layer)
     created = [p for p in reversed(out.parents) if not p.exists()]  # removed again if the merge fails
     out.parent.mkdir(parents=True, exist_ok=True)

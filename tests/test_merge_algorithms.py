@@ -171,8 +171,12 @@ def test_dare_drops_and_rescales_reproducibly():
 
 def test_dare_then_ties_elects_signs_after_dropping():
     t1, t2 = torch.tensor([1.0, -1.0]), torch.tensor([-3.0, -1.0])
-    out = merged("dare", [t1, t2], DareParams(p=0.0, then="ties", merge_func="mean"))
+    out = merged("dare", [t1, t2], DareParams(p=0.0, then="ties"))  # TIES's disjoint mean by default
     assert torch.equal(out, torch.tensor([-3.0, -1.0]))
+    t3 = torch.tensor([3.0, -1.0])
+    assert torch.equal(merged("dare", [t1, t3], DareParams(p=0.0, then="ties")), torch.tensor([2.0, -1.0]))
+    assert torch.equal(merged("dare", [t1, t3], DareParams(p=0.0, then="ties", merge_func="sum")),
+                       torch.tensor([4.0, -2.0]))
 
 
 def test_retain_sequential_and_per_group_alpha():

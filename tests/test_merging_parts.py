@@ -183,8 +183,9 @@ def test_layout_heads_and_initial_state(tiny_vla):
     heads_q = lay.head_names(1, ("action_queries", "proprio_proj"))
     assert set(heads_q) - set(heads1) == {n for n in lay.scratch if n.startswith(("action_queries", "proprio_proj."))}
     assert lay.shared_names(1, PART_GROUPS) == [] and set(lay.head_names(1, PART_GROUPS)) == set(lay.scratch)
+    assert lay.shared_names(0, PART_GROUPS) == []  # with L_h = 0 too: the final norm and head go with the blocks
     assert {part_group(n) for n in lay.shared_names(1)} == set(PART_GROUPS)
-    assert part_group("action_expert.in_proj.weight") == "expert_input" and part_group("action_expert.out_proj.bias") is None
+    assert part_group("action_expert.in_proj.weight") == "expert_input" and part_group("action_expert.out_proj.bias") == "shared_blocks"
     assert lay.head_module("proprio_proj.2.weight") == "proprio_proj" and lay.head_module("action_queries") == "action_queries"
     assert lay.head_module("action_expert.in_norm.bias") == "action_expert.in_norm"
     with pytest.raises(ValueError, match=r"per_task_parts \['lora'\]: expected a subset of"):

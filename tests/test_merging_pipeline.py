@@ -366,6 +366,21 @@ def test_experts_from_different_bases_or_lora_configs_or_inits(experts, tmp_path
         broken = copy_expert(experts[1][1], tmp_path / f"no-{key}", edit_manifest=lambda m, f=field, k=key: m[f].pop(k))
         with pytest.raises(MergeError, match=f"expert 'broken': .*manifest.json field '{field}.{key}' is None, expected a"):
             merge_experts([experts[0], ("broken", broken)], tmp_path / "out", log=quiet)
+    # fields the merge reads later are checked before anything is merged, each named
+    for n, (edit, says) in enumerate([
+        (lambda m: m["lora"].update(scale=float("nan")), r"field 'lora' is .*a finite scale > 0 equal to alpha / r"),
+        (lambda m: m["lora"].update(scale=m["lora"]["scale"] * 3), r"field 'lora' is .*equal to alpha / r"),
+        (lambda m: m.update(init_seed="abc"), r"field 'init_seed' is 'abc', expected an integer"),
+        (None, r"field 'weights_sha256' is None, expected a string"),
+        (lambda m: m.update(train_config={"image_aug": True, "aug": None}), r"field 'train_config' is invalid"),
+    ]):
+        broken = copy_expert(experts[1][1], tmp_path / f"bad-{n}", edit_manifest=edit)
+        if edit is None:  # save_checkpoint records the hash: take it out of the written manifest
+            mf = broken / "manifest.json"
+            mf.write_text(json.dumps({k: v for k, v in json.loads(mf.read_text()).items() if k != "weights_sha256"}))
+        with pytest.raises(MergeError, match=f"expert 'broken': .*manifest.json {says}"):
+            merge_experts([experts[0], ("broken", broken)], tmp_path / "out", MergeOptions(verify_hashes=False),
+                          log=quiet)
     assert not (tmp_path / "out").exists()
 
 
@@ -495,6 +510,12 @@ def test_average_parts_replaces_only_the_named_groups(experts, tmp_path, capsys)
             assert torch.equal(v, own["goal"][k]), k
     assert averaged > 4 and manifest["averaged_parts"]["parts"] == ["proprio_proj", "shared_blocks"]
     assert from_pretrained(out).norm_stats == from_pretrained(dict(experts)["goal"]).norm_stats
+    # with no block kept per task the merge shares the final norm and head too, and so does the average
+    out0 = tmp_path / "goal-avg-lh0"
+    assert average_main([*argv[:-1], str(out0), "--expert_head_layers", "0"]) == 0
+    got0, _ = load_checkpoint(out0, CHECKPOINT_KIND)
+    for k in ("action_expert.out_proj.weight", "action_expert.out_norm.weight", f"action_expert.blocks.{last}.gate"):
+        torch.testing.assert_close(got0[k], sum(own[n][k] for n in NAMES) / 4, rtol=1e-6, atol=1e-7)
     # the output is never overwritten unasked; bad input names the field and writes nothing
     assert average_main(argv) == 2 and "refusing to overwrite" in capsys.readouterr().err
     bad = ["--experts", *[f"{n}={d}" for n, d in experts], "--out", str(tmp_path / "x")]
@@ -525,3 +546,15 @@ def test_scratch_weights_are_a_convex_combination(experts, tmp_path):
     a, b = (load_checkpoint(d, CHECKPOINT_KIND)[0][name] for _, d in experts[:2])
     shared = load_merged(out).for_task(0).state_dict()[name]
     torch.testing.assert_close(shared, 0.25 * a + 0.75 * b, atol=1e-6, rtol=0)
+
+
+def test_bad_options_are_refused_before_any_expert_is_read(tmp_path):
+    from model_merging.algorithms import TiesParams
+
+    missing = [("a", tmp_path / "nowhere-a"), ("b", tmp_path / "nowhere-b")]  # reading them would fail otherwise
+    with pytest.raises(MergeError, match=r"--ties\.k"):
+        merge_experts(missing, tmp_path / "out", MergeOptions(algorithm="ties", params=TiesParams(k=150.0)), log=quiet)
+    with pytest.raises(MergeError, match="mask lambda must be a finite number >= 0, got nan"):
+        merge_experts(missing, tmp_path / "out", MergeOptions(mask_lambda=float("nan")), log=quiet)
+    with pytest.raises(MergeError, match="checkpoint directory .*nowhere-a does not exist"):  # good options: then the experts
+        merge_experts(missing, tmp_path / "out", MergeOptions(), log=quiet)
