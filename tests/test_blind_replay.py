@@ -84,14 +84,16 @@ def test_cli_exits_2_on_a_bad_setting_and_writes_nothing(tmp_path):
     assert r.returncode == 2 and "blind_replay: error: source_demos" in r.stderr and not (tmp_path / "out").exists()
 
 
-def test_replay_policy_in_the_harness_scores_what_replay_scores(tmp_path):
-    from experiments.robot.harness import run_episodes
+@pytest.mark.parametrize("open_loop", [8, 3])  # 3: each call's chunk is only partly executed
+def test_replay_policy_in_the_harness_scores_what_replay_scores(tmp_path, open_loop):
+    from experiments.robot.harness import Protocol, run_episodes
     from experiments.robot.tabletop_pipeline.blind_replay import ReplayPolicy
     from experiments.robot.tabletop_pipeline.evaluation import TableTopEnvFactory, plan
 
     episodes = plan(["goal"], [0, 5, 6], trials_per_task=3, first_init_state=2)
-    rows = run_episodes(TableTopEnvFactory(), ReplayPolicy("goal", seed=1), episodes, tmp_path / "r.jsonl",
-                        num_envs=4, log=lambda _m: None)
+    rows = run_episodes(TableTopEnvFactory(), ReplayPolicy("goal", seed=1, open_loop_steps=open_loop), episodes,
+                        tmp_path / "r.jsonl", num_envs=4, protocol=Protocol(num_open_loop_steps=open_loop),
+                        log=lambda _m: None)
     for e, r in zip(episodes, rows):
         first_demo = source_trajectories("goal", e.task_id, 1, seed=1, noise=0.1)[0]
         assert bool(r["success"]) == replay("goal", e.task_id, e.init_state_id, first_demo), e.key

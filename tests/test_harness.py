@@ -123,6 +123,9 @@ def test_malformed_line_in_the_middle_is_an_error(tmp_path):
     path.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
     with pytest.raises(ResultsError, match=r"r.jsonl, line 2: not a JSON object"):
         read_rows(path)
+    path.write_bytes(b'{"key": "a"}\n\xff\n')
+    with pytest.raises(ResultsError, match=r"r.jsonl is not a results file \(not UTF-8 text"):
+        read_rows(path)
 
 
 def test_resume_into_another_runs_file_is_refused(tmp_path):

@@ -132,6 +132,7 @@ def test_a_data_dir_the_user_named_is_never_replaced(tmp_path):
     ({"trials_per_task": 49, "first_init_state": 2}, "50 init states"),
     ({"video_episodes": ["goal/*/0", "kitchen/*/*"]}, r"video_episodes \['kitchen/\*/\*'\] match no episode"),
     ({"task_ids": [0, 1], "video_episodes": ["goal/5/0"]}, "match no episode"),
+    ({"task_ids": [0, 0]}, r"task_ids must be a non-empty list of distinct task ids in 0..9, got \[0, 0\]"),
 ])
 def test_pipeline_config_names_the_bad_field(change, message):
     cfg = PipelineConfig(**change)
@@ -229,6 +230,14 @@ def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
     def results_part(text):  # the header holds the run's start time; the tables must be the same
         return text.split("## Success rate")[1].split("## Training")[0]
 
+    assert results_part((out / "demo_table.md").read_text()) == results_part(table)
+
+    # a row's results file deleted (to redo that row): the cached eval stage is not trusted, the row is rolled
+    # out again and the table comes out whole, not silently without the row
+    (out / "eval" / "joint.jsonl").unlink()
+    redo = _demo(args, tmp_path)
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    assert not json.loads((out / "timing.json").read_text())["stages"]["eval"]["cached"]
     assert results_part((out / "demo_table.md").read_text()) == results_part(table)
 
     # videos on request: only the eval stage reruns; its rollouts are skipped, the chosen episode is recorded

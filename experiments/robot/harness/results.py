@@ -32,7 +32,10 @@ def read_rows(path: Path | str, repair: bool = False) -> list[dict]:
     p = Path(path)
     if not p.exists():
         return []
-    text = p.read_text()
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError as e:
+        raise ResultsError(f"{p} is not a results file (not UTF-8 text: {e})") from e
     lines = text.split("\n")
     rows: list[dict] = []
     for i, line in enumerate(lines):

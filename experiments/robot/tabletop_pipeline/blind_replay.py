@@ -96,10 +96,12 @@ def source_trajectories(suite: str, task_id: int, count: int, seed: int, noise: 
 
 class ReplayPolicy:
     """The harness's policy interface over blind replay: every episode of a task gets its first demo's actions, one
-    chunk per call, whatever it observes; once they run out, it holds still (zero motion, the last gripper command)."""
+    chunk per call, whatever it observes; once they run out, it holds still (zero motion, the last gripper command).
+    `open_loop_steps` is the protocol's actions executed per call: the next call goes on from there."""
 
-    def __init__(self, suite: str, seed: int = 0, noise: float = 0.1, chunk_len: int = 8):
+    def __init__(self, suite: str, seed: int = 0, noise: float = 0.1, chunk_len: int = 8, open_loop_steps: int = 8):
         self.suite, self.seed, self.noise, self.chunk_len = suite, seed, noise, chunk_len
+        self.advance = min(chunk_len, open_loop_steps)
         self.task_of = {t.instruction: t.task_id for t in get_suite(suite)}
         self.sources: dict[int, np.ndarray] = {}
         self.position: dict[int, tuple[int, int]] = {}  # episode id -> (task id, next action)
@@ -127,7 +129,7 @@ class ReplayPolicy:
             chunk[:, -1] = actions[-1, -1]
             part = actions[start: start + self.chunk_len]
             chunk[: len(part)] = part
-            self.position[eid] = (task_id, start + self.chunk_len)
+            self.position[eid] = (task_id, start + self.advance)
             chunks.append(chunk)
         return np.stack(chunks)
 

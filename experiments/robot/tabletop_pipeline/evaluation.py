@@ -203,7 +203,8 @@ def run_eval(job: EvalJob, settings: EvalSettings) -> dict:
         from experiments.robot.tabletop_pipeline.blind_replay import ReplayPolicy
 
         for s in settings.suites:
-            calls.append((ReplayPolicy(s, *job.demos), by_suite[s], out / job.name / f"{s}.jsonl"))
+            calls.append((ReplayPolicy(s, *job.demos, open_loop_steps=settings.protocol().num_open_loop_steps),
+                          by_suite[s], out / job.name / f"{s}.jsonl"))
     else:
         raise ValueError(f"unknown evaluation kind {job.kind!r}")
     rows, files = [], []
@@ -271,6 +272,12 @@ def run_evals(jobs: list[EvalJob], settings: EvalSettings, workers: int, log=pri
             for f in as_completed([ex.submit(run_eval, j, settings) for j in order]):
                 report(f.result())
     return {j.name: out[j.name] for j in jobs}
+
+
+def results_complete(results: dict[str, dict]) -> bool:
+    """Whether every job's results files still hold all the episodes it recorded (a file deleted or cut short
+    since then sends the stage back to roll out what is missing, instead of a table silently short of rows)."""
+    return all(sum(len(read_rows(f)) for f in r["files"]) == r["episodes"] for r in results.values())
 
 
 def load_rows(results: dict[str, dict]) -> list[dict]:

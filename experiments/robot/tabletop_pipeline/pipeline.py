@@ -108,8 +108,9 @@ class PipelineConfig:
         unknown = [s for s in self.suites if s not in SUITES]
         if not self.suites or unknown or len(set(self.suites)) != len(self.suites):
             raise PipelineError(f"suites must be distinct TableTop-4 suites {list(SUITES)}, got {self.suites}")
-        if self.task_ids is not None and (not self.task_ids or any(not 0 <= t < 10 for t in self.task_ids)):
-            raise PipelineError(f"task_ids must be a non-empty list of task ids in 0..9, got {self.task_ids}")
+        if self.task_ids is not None and (not self.task_ids or any(not 0 <= t < 10 for t in self.task_ids)
+                                          or len(set(self.task_ids)) != len(self.task_ids)):
+            raise PipelineError(f"task_ids must be a non-empty list of distinct task ids in 0..9, got {self.task_ids}")
         for name in ("workers", "demos_per_task", "expert_steps", "joint_steps", "batch_size", "trials_per_task",
                      "num_envs", "k_gate"):
             if getattr(self, name) < 1:
@@ -341,7 +342,7 @@ def eval_jobs(cfg: PipelineConfig, trained: dict, merged: dict, merge_job_list: 
 
 def stage_eval(cfg: PipelineConfig, root: Path, data: dict, trained: dict, merged: dict, log
                ) -> tuple[dict, object, list]:
-    from experiments.robot.tabletop_pipeline.evaluation import EvalSettings, run_evals
+    from experiments.robot.tabletop_pipeline.evaluation import EvalSettings, results_complete, run_evals
 
     d = root / "eval"
     settings = EvalSettings(suites=tuple(cfg.suites), task_ids=tuple(cfg.task_ids) if cfg.task_ids else None,
@@ -350,7 +351,8 @@ def stage_eval(cfg: PipelineConfig, root: Path, data: dict, trained: dict, merge
                             crop_area=eval_crop_area(cfg), video_episodes=tuple(cfg.video_episodes), out_dir=str(d))
     jobs = eval_jobs(cfg, trained, merged, merge_jobs(cfg, root, data, trained))
     spec = {"settings": asdict(settings), "jobs": [asdict(j) for j in jobs]}
-    res = _stage(cfg, root, "eval", spec, clear_stale=False).run(lambda _d: run_evals(jobs, settings, cfg.workers, log), log)
+    res = _stage(cfg, root, "eval", spec, clear_stale=False).run(lambda _d: run_evals(jobs, settings, cfg.workers, log),
+                                                                  log, still_valid=results_complete)
     return res, settings, jobs
 
 
