@@ -91,7 +91,7 @@ def _check_options(opts: MergeOptions) -> tuple[Any, list]:
     return params, rules
 
 
-def _resolve(opts: MergeOptions, experts: ExpertSet, params, rules: list) -> tuple[int, int]:
+def _resolve(opts: MergeOptions, experts: ExpertSet, rules: list) -> tuple[int, int]:
     """(router block, router layer), after the checks that need the experts' layout."""
     n_blocks, hidden = experts.layout.num_blocks, experts.layout.hidden
     if not 0 <= opts.expert_head_layers <= n_blocks:
@@ -305,7 +305,7 @@ def merge_experts(
     params, rules = _check_options(opts)
     if not isinstance(experts, ExpertSet):
         experts = ExpertSet.open(experts, verify_hashes=opts.verify_hashes)
-    block, layer = _resolve(opts, experts, params, rules)
+    block, layer = _resolve(opts, experts, rules)
     manifest = build_manifest(experts, opts, params, block, layer)
     created = [p for p in reversed(out.parents) if not p.exists()]  # removed again if the merge fails
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ Every result is checked name by name and shape by shape against the module it wi
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from transformers import Dinov2WithRegistersModel, SiglipVisionModel
 from transformers.utils import logging as hf_logging
 
+from prismatic.io import read_json_object
 from prismatic.models.configuration import VisionTowerConfig, VLAConfig
 from prismatic.models.loading import PRETRAINED_README, BaseModelError, read_safetensors
 from prismatic.models.modeling import PrismaticVLM, dino_hf_config, siglip_hf_config
@@ -331,7 +331,7 @@ def load_vision_tower(path: Path | str, kind: TowerKind, cfg: VLAConfig) -> dict
         raise _missing(p, what)
     if p.is_dir():
         conf = p / "config.json"
-        if conf.is_file() and "model_type" in json.loads(conf.read_text()):
+        if conf.is_file() and "model_type" in read_json_object(conf, BaseModelError):
             sd = hf_tower_to_ours(p, kind, tower, cfg.image_size)
             return {f"vision.{kind}.{k}": v for k, v in sd.items()}
         files = [p / f for f in TIMM_DIR_FILES if (p / f).is_file()]
