@@ -7,6 +7,7 @@ mapped and loaded into the transformers towers, whose second-to-last-block patch
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -25,7 +26,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from prismatic.models.configuration import get_config
+from prismatic.models.configuration import VLAConfig, get_config
 from prismatic.models.loading import BaseModelError
 from prismatic.models.modeling import PrismaticVLM, Qwen2ForCausalLM, make_projector, qwen2_hf_config
 from prismatic.models.prismatic_weights import (
@@ -74,9 +75,10 @@ def random_timm_sd(kind: str, src_grid: int, seed: int, extra_head: bool = True)
     return sd
 
 
-def timm_reference(sd: dict, x: torch.Tensor, kind: str) -> torch.Tensor:
-    """Patch features after block num_layers-2 (the second-to-last), timm semantics, no prefix tokens."""
-    t = getattr(CFG, kind)
+def timm_reference(sd: dict, x: torch.Tensor, kind: str, tower=None) -> torch.Tensor:
+    """Patch features after block num_layers-2 (the second-to-last), timm semantics, no prefix tokens; the MLP's
+    GELU in the form the tower config names (timm's own towers: exact)."""
+    t = tower or getattr(CFG, kind)
     d, heads = t.hidden_size, t.num_heads
     hd = d // heads
     h = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=t.patch_size)
@@ -102,15 +104,15 @@ def timm_reference(sd: dict, x: torch.Tensor, kind: str) -> torch.Tensor:
         y = F.linear(a.transpose(1, 2).reshape(b, n, d), w["attn.proj.weight"], w["attn.proj.bias"])
         h = h + (y * w["ls1.gamma"] if kind == "dino" else y)
         y = F.layer_norm(h, (d,), w["norm2.weight"], w["norm2.bias"], eps=t.layer_norm_eps)
-        y = F.gelu(F.linear(y, w["mlp.fc1.weight"], w["mlp.fc1.bias"]), approximate="none" if kind == "dino" else "tanh")
+        y = F.gelu(F.linear(y, w["mlp.fc1.weight"], w["mlp.fc1.bias"]), approximate="none" if t.hidden_act == "gelu" else "tanh")
         y = F.linear(y, w["mlp.fc2.weight"], w["mlp.fc2.bias"])
         h = h + (y * w["ls2.gamma"] if kind == "dino" else y)
     return h[:, prefix:]
 
 
-def our_tower(kind: str, sd: dict) -> torch.nn.Module:
+def our_tower(kind: str, sd: dict, tower=None) -> torch.nn.Module:
     cls = Dinov2WithRegistersModel if kind == "dino" else SiglipVisionModel
-    m = cls(tower_hf_config(kind, getattr(CFG, kind), CFG.image_size)).eval()
+    m = cls(tower_hf_config(kind, tower or getattr(CFG, kind), CFG.image_size)).eval()
     m.load_state_dict(sd, strict=True)
     return m
 
@@ -128,17 +130,39 @@ def images(seed: int = 0, n: int = 2) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ timm → HF
 
 
-@pytest.mark.parametrize("kind,src_grid", [("dino", GRID), ("dino", 12), ("siglip", GRID)])
-def test_timm_tower_matches_reference_forward(kind, src_grid):
+@pytest.mark.parametrize("kind,src_grid,act", [("dino", GRID, None), ("dino", 12, None), ("siglip", GRID, None),
+                                              ("siglip", GRID, "gelu")])
+def test_timm_tower_matches_reference_forward(kind, src_grid, act):
+    tower = getattr(CFG, kind) if act is None else dataclasses.replace(getattr(CFG, kind), hidden_act=act)
     sd = random_timm_sd(kind, src_grid, seed=1)
-    mapped = timm_vit_to_hf(sd, kind, getattr(CFG, kind), CFG.image_size)
+    mapped = timm_vit_to_hf(sd, kind, tower, CFG.image_size)
     x = images()
-    ref = timm_reference(sd, x, kind)
-    got = tower_features(our_tower(kind, mapped), kind, x)
+    ref = timm_reference(sd, x, kind, tower)
+    got = tower_features(our_tower(kind, mapped, tower), kind, x)
     assert got.shape == (2, GRID * GRID, getattr(CFG, kind).hidden_size)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     if kind == "dino":  # the cls slot of the transformers table is zero: timm adds no position to the cls token
         assert torch.all(mapped["embeddings.position_embeddings"][0, 0] == 0)
+
+
+def test_the_real_towers_run_timms_exact_gelu_and_older_files_load_as_built():
+    """The Prismatic VLM ran both towers in timm, whose DINOv2 and SigLIP so400m use exact GELU; the tanh form
+    (transformers' SigLIP default) gives other features, so it matters which one runs."""
+    real = get_config("qwen25-dinosiglip-224px")
+    assert real.dino.hidden_act == real.siglip.hidden_act == "gelu"
+    sd = random_timm_sd("siglip", GRID, seed=1)
+    x = images()
+    exact = dataclasses.replace(CFG.siglip, hidden_act="gelu")
+    tanh = dataclasses.replace(CFG.siglip, hidden_act="gelu_pytorch_tanh")
+    ref = timm_reference(sd, x, "siglip", exact)
+    got = tower_features(our_tower("siglip", timm_vit_to_hf(sd, "siglip", tanh, CFG.image_size), tanh), "siglip", x)
+    assert (got - ref).abs().max() > 1e-4
+    # a config recorded before the field (the shipped tiny base, older checkpoints) loads with the tanh form it
+    # was built with; one recorded now keeps what it says
+    old = CFG.to_dict()
+    del old["siglip"]["hidden_act"], old["dino"]["hidden_act"]
+    assert VLAConfig.from_dict(old) == CFG and CFG.siglip.hidden_act == "gelu_pytorch_tanh"
+    assert VLAConfig.from_dict(real.to_dict()) == real
 
 
 def test_resample_keeps_row_major_grid_layout():
@@ -416,6 +440,13 @@ def test_hf_tower_directories_match_hf_forward(tmp_path):
             hidden_size=32, num_layers=3, num_heads=4, intermediate_size=128, patch_size=8)))
     with pytest.raises(BaseModelError, match=r"no dino tower weights .* at .*missing: put it there"):
         load_vision_tower(tmp_path / "missing", "dino", CFG)
+    # SigLIP's weights as published say the tanh GELU; a config that runs them with exact GELU (as the Prismatic
+    # VLM did, in timm) takes them as they are, a config with another activation does not
+    exact = get_config("tiny", siglip=dataclasses.replace(CFG.siglip, hidden_act="gelu"))
+    assert all(torch.equal(v, sd[k]) for k, v in load_vision_tower(tmp_path / "siglip_full", "siglip", exact).items())
+    with pytest.raises(WeightsError, match=r"hidden_act is 'gelu_pytorch_tanh', but the siglip tower .* expects 'relu'"):
+        load_vision_tower(tmp_path / "siglip", "siglip", get_config("tiny", siglip=dataclasses.replace(
+            CFG.siglip, hidden_act="relu")))
 
 
 # ------------------------------------------------------------------------------------------ converter

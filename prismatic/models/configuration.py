@@ -26,6 +26,13 @@ class VisionTowerConfig:
     layer_norm_eps: float = 1e-6
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # the MLP activation as the VLM's training ran the tower: the Prismatic VLM ran both towers in timm, whose
+    # DINOv2 and SigLIP so400m use exact GELU (transformers' SigLIP config says the tanh approximation)
+    hidden_act: str = "gelu"
+
+
+# what every SigLIP config recorded before `hidden_act` existed was built with (transformers' SigLIP default)
+LEGACY_SIGLIP_ACT = "gelu_pytorch_tanh"
 
 
 @dataclass
@@ -118,6 +125,8 @@ class VLAConfig:
                     raise ValueError(f"VLAConfig field {k!r} is {d[k]!r}, expected an object of {typ.__name__} fields")
                 v = dict(d[k])
                 known = {f.name for f in dataclasses.fields(typ)}
+                if k == "siglip":  # a file from before the field: load it as it was built, unchanged
+                    v.setdefault("hidden_act", LEGACY_SIGLIP_ACT)
                 if unknown := set(v) - known:
                     raise ValueError(f"unknown {typ.__name__} fields {sorted(unknown)} in {k!r}; expected a subset "
                                      f"of {sorted(known)}")
@@ -138,7 +147,9 @@ def _tiny() -> VLAConfig:
             hidden_size=64, num_layers=3, num_heads=4, intermediate_size=128, patch_size=16,
             num_register_tokens=4, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         ),
-        siglip=VisionTowerConfig(hidden_size=64, num_layers=3, num_heads=4, intermediate_size=128, patch_size=16),
+        # the shipped tiny base was pretrained with transformers' SigLIP activation
+        siglip=VisionTowerConfig(hidden_size=64, num_layers=3, num_heads=4, intermediate_size=128, patch_size=16,
+                                 hidden_act=LEGACY_SIGLIP_ACT),
         llm=LLMConfig(
             hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
             vocab_size=512, rope_theta=10_000.0, max_position_embeddings=1024,

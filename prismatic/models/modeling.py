@@ -40,7 +40,7 @@ def dino_hf_config(t: VisionTowerConfig, image_size: int, num_layers: int) -> Di
         hidden_size=t.hidden_size, num_hidden_layers=num_layers, num_attention_heads=t.num_heads,
         mlp_ratio=t.intermediate_size // t.hidden_size, image_size=image_size, patch_size=t.patch_size,
         num_register_tokens=t.num_register_tokens, layer_norm_eps=t.layer_norm_eps, layerscale_value=1e-5,
-        hidden_act="gelu", qkv_bias=True,
+        hidden_act=t.hidden_act, qkv_bias=True,
     )
 
 
@@ -48,7 +48,7 @@ def siglip_hf_config(t: VisionTowerConfig, image_size: int, num_layers: int) -> 
     return SiglipVisionConfig(
         hidden_size=t.hidden_size, num_hidden_layers=num_layers, num_attention_heads=t.num_heads,
         intermediate_size=t.intermediate_size, image_size=image_size, patch_size=t.patch_size,
-        layer_norm_eps=t.layer_norm_eps, hidden_act="gelu_pytorch_tanh", vision_use_head=False,
+        layer_norm_eps=t.layer_norm_eps, hidden_act=t.hidden_act, vision_use_head=False,
     )
 
 

@@ -270,6 +270,15 @@ _HF_FIELDS = {
 }
 
 
+_GELU_FORMS = {"gelu", "gelu_new", "gelu_pytorch_tanh"}  # exact and tanh-approximated: one function, same weights
+
+
+def _comparable(field: str, value):
+    """A config value as far as the weights care: which form of GELU runs is the config's choice (the Prismatic VLM
+    ran SigLIP's weights, published with the tanh form, in timm's exact GELU), any other activation must match."""
+    return "gelu" if field == "hidden_act" and value in _GELU_FORMS else value
+
+
 def hf_tower_to_ours(directory: Path, kind: TowerKind, tower: VisionTowerConfig, image_size: int
                      ) -> dict[str, torch.Tensor]:
     """A Hugging Face-format tower directory → our tower's state dict (last block dropped, DINOv2's table resampled).
@@ -283,7 +292,7 @@ def hf_tower_to_ours(directory: Path, kind: TowerKind, tower: VisionTowerConfig,
         raise WeightsError(f"{directory}: weights missing for {sorted(info['missing_keys'])[:8]}")
     ours = tower_hf_config(kind, tower, image_size)
     for f in _HF_FIELDS[kind]:
-        if getattr(model.config, f, None) != getattr(ours, f):
+        if _comparable(f, getattr(model.config, f, None)) != _comparable(f, getattr(ours, f)):
             raise WeightsError(
                 f"{directory / 'config.json'}: {f} is {getattr(model.config, f, None)!r}, but the {kind} tower of "
                 f"the config expects {getattr(ours, f)!r}"
