@@ -21,7 +21,6 @@ merged model is evaluated.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from model_merging.errors import MergeError
 from model_merging.exemplars import EXEMPLAR_MANIFEST, SIDES, Exemplars, FrameView, write_exemplars
 from model_merging.router import nearest_neighbour_scale
 from prismatic.checkpoint import MANIFEST_FILE
+from prismatic.io import read_json_object
 
 if TYPE_CHECKING:
     from model_merging.merged_model import MergedModel
@@ -123,10 +123,14 @@ def recorded_sources(merged: MergedModel, data_root: Path | None = None, suites:
 
 
 def _recorded_dataset(checkpoint: Path) -> dict | None:
-    try:
-        return json.loads((checkpoint / MANIFEST_FILE).read_text()).get("dataset")
-    except (OSError, ValueError):
+    """The dataset an expert's manifest records; None when the checkpoint is gone (--data_root can stand in)."""
+    mf = checkpoint / MANIFEST_FILE
+    if not mf.is_file():
         return None
+    dataset = read_json_object(mf, MergeError).get("dataset")
+    if dataset is not None and not isinstance(dataset, dict):
+        raise MergeError(f"{mf}: field 'dataset' must be an object, found {type(dataset).__name__}")
+    return dataset
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -1,6 +1,7 @@
 """Exemplar router: scores by hand, calibration from demos on disk, the files tied to the artifact's weights."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -211,3 +212,26 @@ def test_a_view_other_than_the_exemplars_is_warned_about(fresh, data_root):
     assert "computed from frames shown with a view the file does not record" in view_mismatch(fresh, libero)
     with pytest.raises(ValueError, match=r"crop area \(--crop_area\) is 0.0"):
         FrameView("crop", 0.0)
+
+
+def test_an_expert_manifest_that_is_damaged_is_named_not_a_traceback(tmp_path):
+    from types import SimpleNamespace
+
+    from model_merging.exemplar_router import recorded_sources
+    from prismatic.checkpoint import MANIFEST_FILE
+
+    ckpt = tmp_path / "expert"
+    ckpt.mkdir()
+    merged = SimpleNamespace(task_names=["goal"], directory=tmp_path / "m",
+                             manifest={"experts": [{"name": "goal", "path": str(ckpt)}]})
+    # a checkpoint that is gone records nothing: --data_root stands in for it
+    assert recorded_sources(merged, data_root=tmp_path)["goal"].suite == "goal"
+    for text, message in [("[1, 2]", "does not hold a JSON object (found list)"),
+                          ('{"dataset": "goal"}', "field 'dataset' must be an object, found str")]:
+        (ckpt / MANIFEST_FILE).write_text(text)
+        with pytest.raises(MergeError, match=re.escape(message)) as e:
+            recorded_sources(merged, data_root=tmp_path)
+        assert str(ckpt / MANIFEST_FILE) in str(e.value)
+    (ckpt / MANIFEST_FILE).write_text('{"dataset": {"format": "hdf5", "path": "%s", "suite": "goal"}}' % (tmp_path / "goal"))
+    source = recorded_sources(merged)["goal"]
+    assert (source.data_root, source.suite, source.dataset_format) == (tmp_path, "goal", "hdf5")
