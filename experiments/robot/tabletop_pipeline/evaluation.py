@@ -23,7 +23,7 @@ import json
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -84,7 +84,6 @@ class EvalSettings:
     video_fps: int = 10  # one frame per env step
     video_scale: int = 4  # frames upscaled (nearest) so a 64-px camera is watchable
     out_dir: str = "."
-    protocol_extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def protocol(self) -> Protocol:
         return Protocol(num_noop_steps=self.noop_steps, video_fps=self.video_fps)
