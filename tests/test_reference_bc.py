@@ -97,8 +97,12 @@ def test_main_writes_rows_and_summary_and_resumes(data_root, tmp_path):
     logged = []
     assert main(dataclasses.replace(cfg, num_envs=2), log=logged.append)["suites"] == summary["suites"]
     assert not any("step" in line for line in logged)
-    # other weights (another seed): the old rows are discarded, and it says so
-    main(dataclasses.replace(cfg, seed=1), log=logged.append)
+    # other weights (another seed): refused, the rows kept, unless asked to replace them; then it says so
+    with pytest.raises(ReferenceBCError, match="goal.jsonl holds 10 episode.s. of other settings or demos .*"
+                                               "pass --overwrite true"):
+        main(dataclasses.replace(cfg, seed=1), log=logged.append)
+    assert (tmp_path / "ref" / "goal.jsonl").read_bytes() == before
+    main(dataclasses.replace(cfg, seed=1, overwrite=True), log=logged.append)
     assert any("discarding 10 episode(s) of other weights or settings" in line for line in logged)
 
 

@@ -52,6 +52,7 @@ class ReferenceBCConfig:
     first_init_state: int = 0
     num_envs: int = 16
     out_dir: Path = Path("runs/reference_bc")  # <suite>.jsonl per episode (resumable) and summary.json
+    overwrite: bool = False  # replace a <suite>.jsonl holding episodes of other settings or demos
     cpu_threads: int = 1
     head: str = "flatten"  # flatten (an MLP) | action_expert (the tiny VLA's action expert over the same features)
 
@@ -206,13 +207,22 @@ def main(cfg: ReferenceBCConfig, log=print) -> dict:
     try:
         for suite in cfg.suites:
             ds = load_suite(cfg.data_root, suite)
-            # rows of another config or other demos are discarded, not mixed in; how many episodes run, in how
-            # many envs and where the files go do not change the policy (the threads do: float summation order)
-            trained_by = {k: v for k, v in summary["config"].items() if k not in ("num_envs", "out_dir", "trials_per_task")}
+            # rows of another config or other demos are refused (replaced with --overwrite), never mixed in; how
+            # many episodes run, in how many envs and where the files go do not change the policy (the threads
+            # do: float summation order)
+            trained_by = {k: v for k, v in summary["config"].items()
+                          if k not in ("num_envs", "out_dir", "trials_per_task", "overwrite")}
             policy_id = hashlib.sha256(json.dumps([trained_by, suite, ds.fingerprint], sort_keys=True)
                                        .encode()).hexdigest()[:16]
             episodes = plan([suite], None, cfg.trials_per_task, cfg.first_init_state)
-            path = results_of(Path(cfg.out_dir) / f"{suite}.jsonl", policy_id, log)
+            path = Path(cfg.out_dir) / f"{suite}.jsonl"
+            rows = read_rows(path) if path.exists() else []
+            if not cfg.overwrite and any(r.get("policy_id") != policy_id for r in rows):
+                raise ReferenceBCError(
+                    f"{path} holds {len(rows)} episode(s) of other settings or demos (policy "
+                    f"{rows[0].get('policy_id')}, this run {policy_id}): pass --overwrite true to replace them, "
+                    "or choose another --out_dir")
+            path = results_of(path, policy_id, log)
             done = {r["key"]: r for r in read_rows(path)} if path.exists() else {}
             if all(e.key in done for e in episodes):  # a rerun with nothing left to roll out: nothing to train
                 rows = [done[e.key] for e in episodes]
@@ -232,9 +242,11 @@ def main(cfg: ReferenceBCConfig, log=print) -> dict:
 
 
 def cli() -> int:
+    from experiments.robot.harness import ResultsError
     from prismatic.vla.datasets import DatasetError
 
-    return run_cli("reference_bc", ReferenceBCConfig, main, (ReferenceBCError, DatasetError, FileNotFoundError))
+    return run_cli("reference_bc", ReferenceBCConfig, main,
+                   (ReferenceBCError, DatasetError, ResultsError, FileNotFoundError))
 
 
 if __name__ == "__main__":
