@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +49,7 @@ from model_merging.rules import group_of, params_for, parse_rules
 from model_merging.tensor_files import SafetensorsStreamWriter
 from prismatic import __version__
 from prismatic.checkpoint import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE
-from prismatic.io import file_on_path, write_json
+from prismatic.io import atomic_dir, file_on_path, write_json
 from prismatic.vla.augmentation import trained_crop_area
 
 
@@ -308,40 +306,32 @@ def merge_experts(
     block, layer = _resolve(opts, experts, rules)
     manifest = build_manifest(experts, opts, params, block, layer)
     created = [p for p in reversed(out.parents) if not p.exists()]  # removed again if the merge fails
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     writer = None
     try:
-        writer = SafetensorsStreamWriter(tmp / WEIGHTS_FILE, plan_specs(manifest), {"format": MERGED_KIND})
-        stats = MaskStats()
-        with torch.no_grad():
-            if log:
-                log(f"merging {len(experts)} experts {experts.names} with {opts.algorithm} "
-                    f"({len(manifest['lora_params'])} LoRA-touched weights)")
-            rescalers = _write_lora_params(writer, experts, opts, params, rules, stats, log)
-            _write_scratch(writer, experts, opts, params, rules, manifest)
-            _write_router(writer, experts, manifest)
-        manifest["weights_sha256"] = writer.close()
-        writer = None
-        if opts.masks:
-            manifest["masks"]["stats"] = stats.as_dict()
-            manifest["masks"]["density"] = dict(zip(experts.names, stats.density()))
-            if rescalers is not None:  # EMR's, as stored: the range over weights (one value with rescale=model)
-                manifest["masks"]["rescalers"] = {t: [min(v), max(v)] for t, v in rescalers.items()}
-            if log:
-                log(f"selfish ratio {stats.selfish_ratio:.3f} of all entries "
-                    f"({stats.selfish_ratio_active:.3f} of entries used by any task)")
-        write_json(tmp / MANIFEST_FILE, manifest)
-        if out.exists():
-            raise MergeError(f"output directory {out} appeared while merging; the result was not moved there")
-        os.rename(tmp, out)
+        with atomic_dir(out) as tmp:
+            writer = SafetensorsStreamWriter(tmp / WEIGHTS_FILE, plan_specs(manifest), {"format": MERGED_KIND})
+            stats = MaskStats()
+            with torch.no_grad():
+                if log:
+                    log(f"merging {len(experts)} experts {experts.names} with {opts.algorithm} "
+                        f"({len(manifest['lora_params'])} LoRA-touched weights)")
+                rescalers = _write_lora_params(writer, experts, opts, params, rules, stats, log)
+                _write_scratch(writer, experts, opts, params, rules, manifest)
+                _write_router(writer, experts, manifest)
+            manifest["weights_sha256"] = writer.close()
+            writer = None
+            if opts.masks:
+                manifest["masks"]["stats"] = stats.as_dict()
+                manifest["masks"]["density"] = dict(zip(experts.names, stats.density()))
+                if rescalers is not None:  # EMR's, as stored: the range over weights (one value with rescale=model)
+                    manifest["masks"]["rescalers"] = {t: [min(v), max(v)] for t, v in rescalers.items()}
+                if log:
+                    log(f"selfish ratio {stats.selfish_ratio:.3f} of all entries "
+                        f"({stats.selfish_ratio_active:.3f} of entries used by any task)")
+            write_json(tmp / MANIFEST_FILE, manifest)
     except BaseException:
         if writer is not None:
             writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
         for p in reversed(created):
             with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
                 p.rmdir()

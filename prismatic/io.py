@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,34 @@ def atomic_path(dest: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_dir(dest: Path | str, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty directory beside `dest`; on success move it to `dest`, on error remove it.
+
+    So a crash never leaves a `dest` that looks finished. An existing `dest` is refused unless `replace`, which
+    swaps the old one out only once the new one is whole.
+    """
+    dest = Path(dest)
+    if dest.exists() and not replace:
+        raise FileExistsError(f"{dest} already exists; refusing to overwrite it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        if not dest.exists():
+            os.rename(tmp, dest)
+        elif not replace:
+            raise FileExistsError(f"{dest} appeared while it was being written; it was left as it is")
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.rename(dest, old / dest.name)
+            os.rename(tmp, dest)
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def file_on_path(path: Path | str) -> Path | None:

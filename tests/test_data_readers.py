@@ -179,3 +179,23 @@ def test_frame_sizes_that_cannot_be_batched_are_named(tmp_path):
     with pytest.raises(DatasetError, match=r"data/demo_0: the cameras' frames differ in size \(agentview_rgb \(16, 16\), "
                                            r"eye_in_hand_rgb \(8, 8\)\)"):
         load_suite(root, SUITE)
+
+
+def test_a_suite_written_halfway_is_not_left_to_load(tmp_path, monkeypatch):
+    import prismatic.vla.datasets.synthetic as synthetic
+
+    real, written = synthetic._write_task_file, []
+
+    def dies_on_the_second(path, task, upright):
+        if written:
+            raise KeyboardInterrupt
+        real(path, task, upright)
+        written.append(path)
+
+    monkeypatch.setattr(synthetic, "_write_task_file", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        write_hdf5_suite(tmp_path, SUITE, small_tasks())
+    assert len(written) == 1 and not any(tmp_path.iterdir())
+    monkeypatch.undo()
+    write_hdf5_suite(tmp_path, SUITE, small_tasks())  # a rerun is not blocked by the dead one
+    assert len(set(load_suite(tmp_path, SUITE).instructions)) == len(small_tasks())

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from prismatic.io import atomic_path, write_json
+from prismatic.io import atomic_dir, atomic_path, write_json
 
 
 def test_written_file_has_ordinary_permissions(tmp_path):
@@ -27,6 +27,32 @@ def test_failed_write_leaves_neither_file_nor_temp(tmp_path):
         raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.json"]
     assert (tmp_path / "keep.json").read_text() == "old"
+
+
+def test_a_directory_appears_whole_or_not_at_all(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "a" / "suite") as tmp:
+            assert tmp.parent == tmp_path / "a" and not (tmp_path / "a" / "suite").exists()
+            (tmp / "one").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a" / "suite" / "one").read_text() == "1"
+    assert stat.S_IMODE((tmp_path / "a" / "suite").stat().st_mode) == 0o755
+    with pytest.raises(FileExistsError, match="suite already exists; refusing to overwrite it"):
+        with atomic_dir(tmp_path / "a" / "suite"):
+            pass
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "a" / "suite", replace=True) as tmp:
+        (tmp / "two").write_text("half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in (tmp_path / "a").rglob("*")) == ["one", "suite"]  # the old one, no leftovers
+    with atomic_dir(tmp_path / "a" / "suite", replace=True) as tmp:
+        (tmp / "two").write_text("2")
+    assert sorted(p.name for p in (tmp_path / "a").rglob("*")) == ["suite", "two"]
+    with pytest.raises(FileExistsError, match="appeared while it was being written"):
+        with atomic_dir(tmp_path / "b") as tmp:
+            (tmp_path / "b").mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
 def test_checkpoint_never_replaces_a_users_weights_file_and_an_overwrite_drops_the_old_manifest_first(tmp_path):

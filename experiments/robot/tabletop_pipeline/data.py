@@ -19,6 +19,7 @@ from experiments.robot.tabletop.generate import MANIFEST, PRETRAIN_FILE, Generat
 from experiments.robot.tabletop.generate import main as generate
 from experiments.robot.tabletop.physics import PHYSICS_VERSION
 from experiments.robot.tabletop.suites import SUITE_NAMES
+from prismatic.io import atomic_dir
 
 JOINT_SUITE = "joint"
 
@@ -81,17 +82,11 @@ def make_joint_suite(data_root: Path, suites: list[str], name: str = JOINT_SUITE
     if name in suites:
         raise ValueError(f"the joint suite's name {name!r} collides with a suite")
     target = data_root / name
-    tmp = data_root / f".{name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    count = 0
-    for s in suites:
-        files = sorted((data_root / s).glob("*.hdf5"))
-        if not files:
-            raise FileNotFoundError(f"suite directory {data_root / s} holds no *.hdf5 files")
-        for f in files:
-            os.symlink(os.path.relpath(f, tmp), tmp / f"{s}__{f.name}")
-            count += 1
-    shutil.rmtree(target, ignore_errors=True)
-    os.rename(tmp, target)
+    with atomic_dir(target, replace=True) as tmp:
+        for s in suites:
+            files = sorted((data_root / s).glob("*.hdf5"))
+            if not files:
+                raise FileNotFoundError(f"suite directory {data_root / s} holds no *.hdf5 files")
+            for f in files:
+                os.symlink(os.path.relpath(f, tmp), tmp / f"{s}__{f.name}")
     return target

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from prismatic.io import atomic_dir
 from prismatic.models.configuration import CONFIGS, VLAConfig, get_config
 from prismatic.models.loading import BaseModelError, load_base_dir, load_vlm_weights, save_base_dir
 from prismatic.models.modeling import PrismaticVLM
@@ -400,24 +399,8 @@ def square_warmup(vlm: PrismaticVLM, params, cfg: PretrainConfig, model_cfg: VLA
 def _write_base(cfg: PretrainConfig, model_cfg: VLAConfig, vlm: PrismaticVLM, tokenizer_json: str,
                 extra: dict) -> str:
     """Write the base directory next to out_dir, then move it into place (replacing it only with overwrite)."""
-    out = Path(cfg.out_dir)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        digest = save_base_dir(tmp, model_cfg, vlm.state_dict(), tokenizer_json, extra)
-        if out.exists():
-            if not cfg.overwrite:
-                raise FileExistsError(f"{out} appeared while pretraining; it was left as it is")
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return digest
+    with atomic_dir(cfg.out_dir, replace=cfg.overwrite) as tmp:
+        return save_base_dir(tmp, model_cfg, vlm.state_dict(), tokenizer_json, extra)
 
 
 def pretrain(cfg: PretrainConfig, log_fn=print) -> dict:

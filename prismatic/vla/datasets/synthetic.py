@@ -18,7 +18,7 @@ import draccus
 import h5py
 import numpy as np
 
-from prismatic.io import atomic_path
+from prismatic.io import atomic_dir
 from prismatic.vla.datasets.episodes import noop_keep_mask
 
 INSTRUCTIONS = (
@@ -89,28 +89,31 @@ def task_file_name(instruction: str) -> str:
 def write_hdf5_suite(root: Path, suite: str, tasks: list[Task], upright: bool = False) -> Path:
     """`<root>/<suite>/<task>_demo.hdf5`, LIBERO's raw layout; images stored upside down unless `upright`."""
     d = Path(root) / suite
-    if d.exists():
-        raise FileExistsError(f"{d} already exists; refusing to overwrite it")
-    for task in tasks:
-        with atomic_path(d / task_file_name(task.instruction)) as tmp, h5py.File(tmp, "w") as f:
-            data = f.create_group("data")
-            data.attrs["problem_info"] = json.dumps(
-                {"problem_name": "synthetic", "domain_name": "synthetic", "language_instruction": task.instruction}
-            )
-            if upright:
-                data.attrs["mergevla_images_upright"] = True
-            for k, demo in enumerate(task.demos):
-                g = data.create_group(f"demo_{k}")
-                g.create_dataset("actions", data=demo.actions)
-                obs = g.create_group("obs")
-                flip = (lambda x: x) if upright else (lambda x: np.ascontiguousarray(x[:, ::-1, ::-1]))
-                obs.create_dataset("agentview_rgb", data=flip(demo.agentview))
-                obs.create_dataset("eye_in_hand_rgb", data=flip(demo.wrist))
-                obs.create_dataset("ee_states", data=demo.ee_states)
-                obs.create_dataset("gripper_states", data=demo.gripper_states)
-                obs.create_dataset("joint_states", data=np.zeros((len(demo.actions), 7)))
-                g.attrs["num_samples"] = len(demo.actions)
+    with atomic_dir(d) as tmp_dir:  # a crash must not leave a suite that loads with some of its tasks
+        for task in tasks:
+            _write_task_file(tmp_dir / task_file_name(task.instruction), task, upright)
     return d
+
+
+def _write_task_file(path: Path, task: Task, upright: bool) -> None:
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["problem_info"] = json.dumps(
+            {"problem_name": "synthetic", "domain_name": "synthetic", "language_instruction": task.instruction}
+        )
+        if upright:
+            data.attrs["mergevla_images_upright"] = True
+        for k, demo in enumerate(task.demos):
+            g = data.create_group(f"demo_{k}")
+            g.create_dataset("actions", data=demo.actions)
+            obs = g.create_group("obs")
+            flip = (lambda x: x) if upright else (lambda x: np.ascontiguousarray(x[:, ::-1, ::-1]))
+            obs.create_dataset("agentview_rgb", data=flip(demo.agentview))
+            obs.create_dataset("eye_in_hand_rgb", data=flip(demo.wrist))
+            obs.create_dataset("ee_states", data=demo.ee_states)
+            obs.create_dataset("gripper_states", data=demo.gripper_states)
+            obs.create_dataset("joint_states", data=np.zeros((len(demo.actions), 7)))
+            g.attrs["num_samples"] = len(demo.actions)
 
 
 def write_rlds_suite(root: Path, suite: str, tasks: list[Task], encoding: str = "png") -> Path:
