@@ -135,6 +135,11 @@ def test_a_failed_generation_leaves_nothing_and_can_be_rerun(tmp_path, monkeypat
     monkeypatch.undo()
     manifest = main(small(out, pretrain_scenes=0), log=lambda *_: None)
     assert len(manifest["files"]) == 2
+    # an overwrite that dies halfway: the old manifest must not vouch for files it may no longer describe
+    monkeypatch.setattr(generate, "generate_task", fail)
+    with pytest.raises(RuntimeError, match="expert failed"):
+        main(small(out, pretrain_scenes=0, seed=3, overwrite=True), log=lambda *_: None)
+    assert not (out / MANIFEST).exists()
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -103,6 +103,8 @@ def main(cfg: GenerateConfig, log=print) -> dict:
         raise FileExistsError(f"out_dir {out} is not empty; refusing to write a dataset into it "
                               "(choose another --out_dir or pass --overwrite true)")
     t0 = time.perf_counter()
+    if cfg.overwrite:  # the old manifest must not describe the new files if this run dies halfway
+        (out / MANIFEST).unlink(missing_ok=True)
     created = _missing_dirs(out, [task_file(out, s, i).parent for s, i in jobs]
                             + ([(out / PRETRAIN_FILE).parent] if cfg.pretrain_scenes else []))
     try:
