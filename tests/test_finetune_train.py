@@ -205,3 +205,14 @@ def test_wandb_runs_offline_by_default(data_root, tmp_path, monkeypatch):
     assert calls["init"]["mode"] == "offline" and calls["log"] == [1] and calls["finished"]
     with pytest.raises(ConfigError, match="no WANDB_API_KEY"):
         train(tiny_config(data_root, tmp_path / "w2", wandb=True, wandb_mode="online"))
+
+
+def test_metrics_readers_skip_a_line_torn_by_a_kill(tmp_path):
+    from prismatic.training.metrics import read_metrics, truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n[3]\n{"step": 3, "lo')
+    assert read_metrics(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
+    assert read_metrics(tmp_path / "none.jsonl") == []
+    truncate_metrics(path, after_step=1)
+    assert path.read_text() == '{"step": 1, "loss": 0.5}\n'

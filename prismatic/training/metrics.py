@@ -10,17 +10,28 @@ from prismatic.io import write_text
 from prismatic.training.config import ConfigError, FinetuneConfig
 
 
+def _row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:  # a line torn by a kill
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The logged rows; a torn line (a longer run's, which a resume does not truncate when it stops early) is
+    skipped."""
+    if not path.is_file():
+        return []
+    return [r for line in path.read_text().splitlines() if (r := _row(line)) is not None]
+
+
 def truncate_metrics(path: Path, after_step: int) -> None:
     """On resume, drop lines logged after the checkpoint (those steps are trained again)."""
     if not path.is_file():
         return
-    def step_of(line: str) -> int | None:
-        try:
-            return json.loads(line).get("step")
-        except json.JSONDecodeError:  # a line torn by a kill
-            return None
-
-    kept = [ln for ln in path.read_text().splitlines() if (s := step_of(ln)) is not None and s <= after_step]
+    kept = [ln for ln in path.read_text().splitlines()
+            if (r := _row(ln)) is not None and isinstance(r.get("step"), int) and r["step"] <= after_step]
     write_text(path, "".join(ln + "\n" for ln in kept))
 
 

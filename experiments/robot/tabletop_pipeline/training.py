@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+from prismatic.training.metrics import read_metrics
+from prismatic.training.run_dir import METRICS_FILE
+
 ARCHS = {"mergevla": "cross_attn", "baseline": "self_attn"}
 # checkpoint (with optimizer state) this often, so an interrupted job resumes near where it stopped
 SAVE_EVERY = 500
@@ -82,7 +85,7 @@ def run_job(job: TrainJob, s: TrainSettings) -> dict:
         shutil.rmtree(cfg.run_dir())
         final = train(cfg)
     wall = time.perf_counter() - t0
-    metrics = _read_metrics(cfg.run_dir() / "metrics.jsonl")
+    metrics = read_metrics(cfg.run_dir() / METRICS_FILE)
     last = metrics[-1] if metrics else {}
     manifest = json.loads((final / "manifest.json").read_text())
     rates = [m["steps_per_s"] for m in metrics if "steps_per_s" in m]
@@ -90,12 +93,6 @@ def run_job(job: TrainJob, s: TrainSettings) -> dict:
             "steps": job.steps, "final_loss": last.get("loss"), "wall_s": round(wall, 1),
             "steps_per_s": round(sum(rates) / len(rates), 2) if rates else None,
             "num_steps_in_data": manifest.get("dataset", {}).get("num_steps")}
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_jobs(jobs: list[TrainJob], settings: TrainSettings, workers: int, log=print) -> dict[str, dict]:
