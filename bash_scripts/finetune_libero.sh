@@ -31,7 +31,7 @@ case "$SUITE" in
   libero_goal)    STEPS=30000 ;;
   libero_10)      STEPS=50000 ;;
   *)
-    if [[ " $* " != *" --max_steps "* ]]; then
+    if [[ " $* " != *" --max_steps "* && " $* " != *" --max_steps="* ]]; then
       echo "error: no default step count for suite '$SUITE' (known: libero_spatial libero_object libero_goal libero_10); pass --max_steps N" >&2
       exit 2
     fi
@@ -54,6 +54,7 @@ GIVEN_BASE=0
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   if [[ "${args[$i]}" == "--config_name" && $((i + 1)) -lt ${#args[@]} ]]; then CONFIG_NAME="${args[$((i + 1))]}"; fi
+  if [[ "${args[$i]}" == --config_name=* ]]; then CONFIG_NAME="${args[$i]#--config_name=}"; fi
   if [[ "${args[$i]}" == --base.* ]]; then GIVEN_BASE=1; fi
 done
 

@@ -28,17 +28,39 @@ def run_cli(
     input, not bugs: they print `prog: error: message` (no traceback) and return USAGE_ERROR; anything else
     propagates. Returns 0 when `run` finishes.
     """
+    args = sys.argv[1:] if args is None else list(args)
     try:
-        cfg = draccus.parse(config_class=config_class, args=None if args is None else list(args))
+        _check_config_file(args)
+        cfg = draccus.parse(config_class=config_class, args=args)
     except (DraccusException, yaml.YAMLError, ValueError, TypeError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     try:
         run(cfg)
-    except user_errors as e:
+    # an output path under a file, or a file where a directory is wanted: the message names the path
+    except (*user_errors, FileExistsError, NotADirectoryError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     return 0
+
+
+def _check_config_file(args: list[str]) -> None:
+    """A --config_path file must hold a mapping of fields (draccus fails on anything else with a riddle)."""
+    for i, a in enumerate(args):
+        if a.startswith("--config_path="):
+            path = a.split("=", 1)[1]
+        elif a == "--config_path" and i + 1 < len(args):
+            path = args[i + 1]
+        else:
+            continue
+        try:
+            with open(path) as f:
+                content = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config_path {path} is not valid YAML or JSON ({e})") from e
+        if not isinstance(content, dict):
+            raise ValueError(f"--config_path {path} must hold a mapping of config fields, found "
+                             f"{'nothing' if content is None else type(content).__name__}")
 
 
 def check_counts(cfg: object, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:

@@ -51,6 +51,35 @@ def test_run_cli_reports_an_unparsable_value_without_traceback(capsys, tmp_path,
     assert err.startswith("tool: error: ") and says in err
 
 
+@pytest.mark.parametrize("text, says", [
+    ("- 1\n- 2\n", "must hold a mapping of config fields, found list"),
+    ("", "must hold a mapping of config fields, found nothing"),
+    ("n: [1\n", "is not valid YAML or JSON"),
+])
+def test_a_config_file_that_is_not_a_mapping_is_named(capsys, tmp_path, text, says):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    for args in (["--config_path", str(path)], [f"--config_path={path}"]):
+        assert run_cli("tool", _Config, _run, (ValueError,), args) == USAGE_ERROR
+        err = capsys.readouterr().err
+        assert err.startswith(f"tool: error: --config_path {path} ") and says in err
+    path.write_text("n: 4\n")
+    assert run_cli("tool", _Config, _run, (ValueError,), ["--config_path", str(path)]) == 0
+    assert capsys.readouterr().out == "ran with n=4\n"
+
+
+def test_an_output_path_under_a_file_is_named_without_traceback(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+
+    def writes(_cfg):
+        (blocker / "out").mkdir(parents=True)
+
+    assert run_cli("tool", _Config, writes, (KeyError,), []) == USAGE_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("tool: error: ") and str(blocker) in err and blocker.read_text() == "mine"
+
+
 def test_check_counts_names_the_first_bad_field():
     from prismatic.cli import check_counts
 

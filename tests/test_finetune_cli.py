@@ -57,6 +57,7 @@ def test_refusals_come_before_anything_is_written(data_root, tmp_path):
     torch.save({"model": {"projector": {"4.weight": torch.zeros(3, 3)}, "llm_backbone": llm}}, bad_ckpt)
     cases = [
         (["--lr", "nan"], "error: lr is nan, expected a finite number"),
+        (["--seed", "-1"], "error: seed is -1, expected >= 0"),
         (["--attn_implementation", "flash_attention_2"], "error: attn_implementation flash_attention_2 needs a CUDA device"),
         (["--base.random_seed", "0", "--base.llm_path", str(tmp_path / "no_qwen"), "--config_name", "qwen25-dinosiglip-224px"],
          f"error: no tokenizer.json at {tmp_path / 'no_qwen'}"),
@@ -124,6 +125,18 @@ def test_bash_script_sets_each_suites_step_count(tmp_path, suite, steps):
 def test_bash_script_needs_steps_for_other_suites():
     r = _run(["bash", str(BASH), "libero_90"], PYTHON=sys.executable, NPROC="1")
     assert r.returncode == 2 and "no default step count for suite 'libero_90'" in r.stderr
+
+
+def test_bash_script_reads_flags_given_as_flag_equals_value(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    r = _run(["bash", str(BASH), "libero_90", "--max_steps=2", "--config_name=tiny"], PYTHON=str(fake), NPROC="1",
+             OUT_ROOT="out")
+    argv = r.stdout.split("\n")
+    assert r.returncode == 0, r.stderr
+    assert "--max_steps" not in argv and "--base.base_dir" not in argv  # tiny trains on a random base
+    assert argv[argv.index("--out_dir") + 1] == "out/libero_90-tiny"
 
 
 @pytest.mark.slow

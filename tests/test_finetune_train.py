@@ -216,3 +216,14 @@ def test_metrics_readers_skip_a_line_torn_by_a_kill(tmp_path):
     assert read_metrics(tmp_path / "none.jsonl") == []
     truncate_metrics(path, after_step=1)
     assert path.read_text() == '{"step": 1, "loss": 0.5}\n'
+
+
+def test_a_loss_that_stops_being_a_number_stops_training_before_a_checkpoint_of_it(data_root, tmp_path):
+    from prismatic.training import TrainingDiverged
+
+    cfg = tiny_config(data_root, tmp_path / "run", max_steps=6, save_every=2, lr=1e30)
+    with pytest.raises(TrainingDiverged, match=r"the training loss became nan at step \d .*lower --lr"):
+        train(cfg)
+    for ck in (tmp_path / "run" / "checkpoints").glob("step_*"):  # whatever was saved still holds numbers
+        tensors, _ = load_checkpoint(ck, "mergevla-checkpoint")
+        assert all(torch.isfinite(t).all() for t in tensors.values())

@@ -17,12 +17,12 @@ from prismatic.checkpoint import CheckpointError
 from prismatic.cli import run_cli
 from prismatic.models.loading import BaseModelError
 from prismatic.models.prismatic_weights import WeightsError
-from prismatic.training import ConfigError, FinetuneConfig, RunDirError, train
+from prismatic.training import ConfigError, FinetuneConfig, RunDirError, TrainingDiverged, train
 from prismatic.vla.datasets import DatasetError
 
 # FileNotFoundError: e.g. a base directory without the Qwen tokenizer.json (BaseModelError is one too)
-USER_ERRORS = (ConfigError, DatasetError, RunDirError, CheckpointError, BaseModelError, WeightsError, FileExistsError,
-               FileNotFoundError)
+USER_ERRORS = (ConfigError, DatasetError, RunDirError, CheckpointError, BaseModelError, WeightsError, TrainingDiverged,
+               FileExistsError, FileNotFoundError)
 
 
 def run(cfg: FinetuneConfig) -> None:

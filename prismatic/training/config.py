@@ -88,7 +88,7 @@ class FinetuneConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} is {getattr(self, name)}, expected a positive integer")
-        for name in ("warmup_steps", "num_workers", "cpu_threads"):
+        for name in ("warmup_steps", "num_workers", "cpu_threads", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} is {getattr(self, name)}, expected >= 0")
         for name in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio"):  # nan passes every comparison

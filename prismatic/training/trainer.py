@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import importlib.util
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,10 @@ from prismatic.vla.normalization import normalize
 log = logging.getLogger(__name__)
 StepCallback = Callable[[int, dict], None]
 
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a number: the settings (usually the learning rate) must change."""
 
 def micro_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, np.uint64)[0] >> 1)
@@ -222,6 +227,10 @@ def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -
                         loss = net(**batch, action_loss=cfg.action_loss).loss
                     (loss / cfg.grad_accumulation_steps).backward()
                 loss_sum += loss.item()
+            if not math.isfinite(env.mean(loss_sum)):  # every process stops, before the weights turn NaN
+                raise TrainingDiverged(
+                    f"the training loss became {loss_sum / cfg.grad_accumulation_steps} at step {step + 1} (lr "
+                    f"{lr:.3g}): lower --lr (or set --max_grad_norm); no checkpoint was written at this step")
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
