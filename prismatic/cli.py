@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -69,3 +70,10 @@ def check_counts(cfg: object, positive: tuple[str, ...] = (), non_negative: tupl
         for name in names:
             if getattr(cfg, name) < low:
                 raise ValueError(f"--{name} is {getattr(cfg, name)}, expected >= {low}")
+
+
+def check_finite(cfg: object, names: tuple[str, ...], error: type[Exception] = ValueError) -> None:
+    """`error` naming the first float field of `cfg` that is nan or infinite (nan passes every comparison)."""
+    for name in names:
+        if not math.isfinite(getattr(cfg, name)):
+            raise error(f"{name} is {getattr(cfg, name)}, expected a finite number")

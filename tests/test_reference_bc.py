@@ -113,6 +113,12 @@ def test_bad_input_names_the_field(data_root, tmp_path):
         ReferenceBCConfig(steps=0).validate()
     with pytest.raises(ReferenceBCError, match="head is 'transformer'"):
         ReferenceBCConfig(head="transformer").validate()
+    with pytest.raises(ReferenceBCError, match="lr is nan, expected a finite number"):
+        ReferenceBCConfig(lr=float("nan")).validate()
+    with pytest.raises(ReferenceBCError, match=r"must lie within the 50 init states, got 0 \+ 60"):
+        ReferenceBCConfig(trials_per_task=60).validate()
+    with pytest.raises(ReferenceBCError, match="seed is -1, expected >= 0"):
+        ReferenceBCConfig(seed=-1).validate()
     with pytest.raises(ReferenceBCError, match="instructions not in the spatial suite"):
         train_reference(load_suite(data_root, "goal"), "spatial", ReferenceBCConfig(steps=1))
     r = subprocess.run([sys.executable, "-m", "experiments.robot.tabletop_pipeline.reference_bc", "--data_root",

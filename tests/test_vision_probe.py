@@ -35,6 +35,8 @@ def test_a_whole_image_of_one_colour_is_learned_in_a_few_dozen_steps():
     ("square_size", 65, "square_size is 65, expected 1..64"),
     ("steps", 0, "steps is 0, expected a positive integer"),
     ("init", "xavier", "init is 'xavier'"),
+    ("lr", float("nan"), "lr is nan, expected a finite number"),
+    ("seed", -1, "seed is -1, expected >= 0"),
 ])
 def test_bad_settings_name_the_field(field, value, message):
     with pytest.raises(VisionProbeError, match=message):

@@ -81,6 +81,10 @@ def test_fan_in_init_scales_weights_for_the_tiny_widths():
         init_vlm(cfg, 0, "xavier")
     with pytest.raises(PretrainError, match="init is 'xavier'"):
         PretrainConfig(init="xavier").validate()
+    with pytest.raises(PretrainError, match="llm_init_std is nan, expected a finite number"):
+        PretrainConfig(llm_init_std=float("nan")).validate()
+    with pytest.raises(PretrainError, match="max_grad_norm is inf, expected a finite number"):
+        PretrainConfig(max_grad_norm=float("inf")).validate()
 
 
 def test_frozen_embeddings_stay_at_their_init(tmp_path):

@@ -7,13 +7,13 @@ Batch size is per process: the global batch is batch_size × processes × grad_a
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 
+from prismatic.cli import check_finite
 from prismatic.models import BaseModelConfig
 from prismatic.models.configuration import CONFIGS, ExpertArch
 from prismatic.models.modeling import ACTION_LOSSES
@@ -91,9 +91,7 @@ class FinetuneConfig:
         for name in ("warmup_steps", "num_workers", "cpu_threads", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} is {getattr(self, name)}, expected >= 0")
-        for name in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio"):  # nan passes every comparison
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"{name} is {getattr(self, name)}, expected a finite number")
+        check_finite(self, ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio"), ConfigError)
         if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("need lr > 0, weight_decay >= 0, max_grad_norm >= 0 and min_lr_ratio in [0, 1]")
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from experiments.robot.tabletop.suites import SUITE_NAMES, get_suite
-from prismatic.cli import run_cli
+from experiments.robot.tabletop.suites import NUM_INIT_STATES, SUITE_NAMES, get_suite
+from prismatic.cli import check_finite, run_cli
 
 
 class ReferenceBCError(ValueError):
@@ -64,6 +64,12 @@ class ReferenceBCConfig:
             if getattr(self, name) < 1:
                 raise ReferenceBCError(f"{name} is {getattr(self, name)}, expected a positive integer")
         check_head(self.head)
+        check_finite(self, ("lr", "min_lr_ratio", "max_grad_norm", "weight_decay"), ReferenceBCError)
+        if self.first_init_state < 0 or self.first_init_state + self.trials_per_task > NUM_INIT_STATES:
+            raise ReferenceBCError(f"first_init_state + trials_per_task must lie within the {NUM_INIT_STATES} "
+                                   f"init states, got {self.first_init_state} + {self.trials_per_task}")
+        if self.seed < 0:
+            raise ReferenceBCError(f"seed is {self.seed}, expected >= 0")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ReferenceBCError("need lr > 0, weight_decay >= 0 and min_lr_ratio in [0, 1]")
         if not 0 <= self.warmup_steps < self.steps or self.max_grad_norm < 0:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from experiments.robot.tabletop.bodies import OBJECT_COLORS, PALETTE
-from prismatic.cli import run_cli
+from prismatic.cli import check_finite, run_cli
 
 QUESTION = "what color is the object ?"
 
@@ -63,6 +63,9 @@ class VisionProbeConfig:
         for name in ("steps", "batch_size", "eval_every", "eval_images", "cpu_threads"):
             if getattr(self, name) < 1:
                 raise VisionProbeError(f"{name} is {getattr(self, name)}, expected a positive integer")
+        check_finite(self, ("lr", "weight_decay", "max_grad_norm"), VisionProbeError)
+        if self.seed < 0:
+            raise VisionProbeError(f"seed is {self.seed}, expected >= 0")
         if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise VisionProbeError(f"need lr > 0, weight_decay >= 0 and max_grad_norm > 0, got {self.lr}, "
                                    f"{self.weight_decay} and {self.max_grad_norm}")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from prismatic.cli import check_finite
 from prismatic.io import atomic_dir
 from prismatic.models.configuration import CONFIGS, VLAConfig, get_config
 from prismatic.models.loading import BaseModelError, load_base_dir, load_vlm_weights, save_base_dir
@@ -102,6 +103,7 @@ class PretrainConfig:
                 raise PretrainError(f"{name} is {getattr(self, name)}, expected >= 0")
         if self.init not in INIT_SCHEMES:
             raise PretrainError(f"init is {self.init!r}, expected one of {list(INIT_SCHEMES)}")
+        check_finite(self, ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio", "llm_init_std"), PretrainError)
         if self.llm_init_std <= 0:
             raise PretrainError(f"llm_init_std is {self.llm_init_std}, expected > 0")
         if self.warmup_steps >= self.steps:
