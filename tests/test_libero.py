@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -176,6 +177,33 @@ def tiny_checkpoint(tmp_path_factory):
     model.norm_stats = {"action": {"q01": [-1.0] * 6 + [0.0], "q99": [1.0] * 7, "mask": [True] * 6 + [False]},
                         "proprio": {"q01": [-1.0] * 8, "q99": [1.0] * 8, "mask": [True] * 8}}
     return save_pretrained(model, tmp_path_factory.mktemp("ckpt") / "tiny-spatial")
+
+
+@pytest.mark.parametrize("flags, says", [
+    ({"num_open_loop_steps": 0}, "--num_open_loop_steps is 0, expected >= 1"),
+    ({"env_img_res": 0}, "--env_img_res is 0, expected >= 1"),
+    ({"resize_size": -1}, "--resize_size is -1, expected >= 1"),
+    ({"num_steps_wait": -1}, "--num_steps_wait is -1, expected >= 0"),
+    ({"max_steps": 0}, "--max_steps is 0, expected >= 1 (or unset"),
+    ({"worker_timeout_s": float("nan")}, "--worker_timeout_s is nan, expected a finite number"),
+    ({"mujoco_gl": "foo"}, "--mujoco_gl is 'foo', expected one of ['egl', 'osmesa', 'glfw']"),
+    ({"router_variant": "foo"}, "router variant 'foo': expected one of"),
+])
+def test_settings_no_run_can_use_are_refused_before_anything_is_read(tmp_path, flags, says):
+    # the checkpoint does not exist: the settings are checked first, dry runs included, LIBERO installed or not
+    cfg = GenerateConfig(pretrained_checkpoint=tmp_path / "none", results_dir=tmp_path / "runs", dry_run=True,
+                         **flags)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        main(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_device_that_is_not_one_is_named():
+    from experiments.robot.policy import resolve_device
+
+    with pytest.raises(ValueError, match="device 'tpu' is not a torch device"):
+        resolve_device("tpu")
+    assert resolve_device("cpu") == "cpu"
 
 
 @needs_libero

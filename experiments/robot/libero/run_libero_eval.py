@@ -33,7 +33,7 @@ from experiments.robot.libero.policies import (
 from experiments.robot.libero.preprocess import LiberoImageTransform, upright_agentview
 from experiments.robot.policy import resolve_device
 from prismatic.checkpoint import CheckpointError
-from prismatic.cli import run_cli
+from prismatic.cli import check_counts, run_cli
 
 
 @dataclass
@@ -142,11 +142,31 @@ def plan(cfg: GenerateConfig, infos) -> list:
     ]
 
 
-def main(cfg: GenerateConfig) -> list[dict]:
+MUJOCO_GL_BACKENDS = ("egl", "osmesa", "glfw")
+
+
+def validate(cfg: GenerateConfig) -> None:
+    """Refuse settings no run can use, before anything is read or written (dry runs included)."""
     if cfg.pretrained_checkpoint is None:
         raise ValueError("--pretrained_checkpoint is required (a fine-tuned checkpoint or merged artifact dir)")
-    if cfg.num_trials_per_task < 1 or cfg.num_envs < 1:
-        raise ValueError("num_trials_per_task and num_envs must be at least 1")
+    check_counts(cfg, positive=("num_trials_per_task", "num_envs", "num_open_loop_steps", "env_img_res",
+                                "resize_size"), non_negative=("num_steps_wait", "seed", "env_seed"))
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"--max_steps is {cfg.max_steps}, expected >= 1 (or unset: the suite's default)")
+    if cfg.torch_threads is not None and cfg.torch_threads < 1:
+        raise ValueError(f"--torch_threads is {cfg.torch_threads}, expected >= 1 (or unset)")
+    if not 0 < cfg.worker_timeout_s < float("inf"):
+        raise ValueError(f"--worker_timeout_s is {cfg.worker_timeout_s}, expected a finite number of seconds > 0")
+    if cfg.mujoco_gl not in MUJOCO_GL_BACKENDS:
+        raise ValueError(f"--mujoco_gl is {cfg.mujoco_gl!r}, expected one of {list(MUJOCO_GL_BACKENDS)}")
+    if cfg.router_variant is not None:
+        from model_merging.router import check_variant  # torch: only when a variant is named
+
+        check_variant(cfg.router_variant)
+
+
+def main(cfg: GenerateConfig) -> list[dict]:
+    validate(cfg)
     manifest = read_checkpoint_manifest(cfg.pretrained_checkpoint)
     method = cfg.method or default_method(manifest, cfg.router_variant)
     run_name = cfg.run_name or slug(f"{method}--{cfg.pretrained_checkpoint.resolve().name}")
