@@ -49,7 +49,8 @@ def test_demo_actions_is_none_where_the_expert_fails(monkeypatch):
     monkeypatch.setattr("experiments.robot.tabletop_pipeline.blind_replay.ScriptedExpert.act",
                         lambda self, s: np.zeros(7))
     assert demo_actions("goal", 0, 0) is None
-    with pytest.raises(BlindReplayError, match="goal task 0: the scripted expert failed too often"):
+    with pytest.raises(BlindReplayError, match="goal task 0: the scripted expert failed too often .* with action "
+                                               "noise 0.1: lower the demo noise"):
         source_trajectories("goal", 0, 1, seed=0, noise=0.1)
 
 
@@ -72,6 +73,7 @@ def test_main_reports_the_mean_of_the_replays(tmp_path):
     ({"source_demos": 0}, "positive integers"),
     ({"first_init_state": 45, "trials_per_task": 10}, "within the 50 init states"),
     ({"noise": -0.1}, "noise must be >= 0"),
+    ({"noise": float("nan")}, "noise must be >= 0, got seed=0, noise=nan"),
 ])
 def test_bad_settings_are_named(kw, match):
     with pytest.raises(BlindReplayError, match=match):

@@ -148,6 +148,7 @@ def test_a_failed_generation_leaves_nothing_and_can_be_rerun(tmp_path, monkeypat
     ("demos_per_task", 0, "demos_per_task must be >= 1"),
     ("task_ids", [10], r"task_ids \[10\] out of range"),
     ("compression", "zip", "compression must be gzip, lzf or none"),
+    ("noise", float("nan"), "noise must be a finite number >= 0, got nan"),
 ])
 def test_bad_config_fails_before_writing(tmp_path, field, value, match):
     cfg = small(tmp_path / "x", **{field: value})

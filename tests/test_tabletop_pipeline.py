@@ -92,7 +92,7 @@ def test_a_data_dir_the_user_named_is_never_replaced(tmp_path):
     (mine / MANIFEST).write_text("{}")
     with pytest.raises(DataDirError, match="holds a TableTop-4 dataset generated with other settings"):
         ensure_dataset(gen, log=lambda _m: None, owned=False)
-    with pytest.raises(ValueError, match="noise must be >= 0"):  # bad settings: checked before deleting
+    with pytest.raises(ValueError, match="noise must be a finite number >= 0"):  # checked before deleting
         ensure_dataset(GenerateConfig(out_dir=mine, suites=["goal"], noise=-1.0), log=lambda _m: None, owned=True)
     assert sorted(p.name for p in mine.iterdir()) == sorted([MANIFEST, "notes.txt"])
     # the pipeline's own directory after a killed generation (suite files, no manifest) is generated again

@@ -141,9 +141,10 @@ def main(cfg: DemoConfig) -> dict:
 
 
 def cli() -> int:
+    from experiments.robot.tabletop.demos import DemoFailure
     from model_merging.errors import MergeError
 
-    return run_cli("demo", DemoConfig, main, (PipelineError, MergeError))
+    return run_cli("demo", DemoConfig, main, (PipelineError, MergeError, DemoFailure))
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ class DemoFailure(RuntimeError):
     """The scripted expert failed on more than MAX_FAILURES demo scenes of a task."""
 
 
-def first_successes(suite: str, task_id: int, count: int, attempt: Callable[[int], T | None]) -> list[tuple[int, T]]:
+def first_successes(suite: str, task_id: int, count: int, attempt: Callable[[int], T | None],
+                    noise: float) -> list[tuple[int, T]]:
     """`attempt(index)` on demo scenes 0, 1, … until `count` of them return a result (None: the expert failed
     there, the scene is skipped); [(scene index, result)] in scene order. The generator and anything that must
     find the same demos (blind replay) go through here, so they skip the same scenes."""
@@ -99,7 +100,8 @@ def first_successes(suite: str, task_id: int, count: int, attempt: Callable[[int
         index += 1
         if index - len(out) > MAX_FAILURES:
             raise DemoFailure(f"{suite} task {task_id}: the scripted expert failed too often ({index - len(out)} "
-                              f"times, after {len(out)} successes); the task or the expert is broken")
+                              f"times, after {len(out)} successes) with action noise {noise}: lower the demo noise "
+                              "(at the default 0.1 this means the task or the expert is broken)")
     return out
 
 
@@ -115,7 +117,7 @@ def generate_task(suite: str, task_id: int, num_demos: int, seed: int, image_siz
         steps.append(n)
         return ep
 
-    found = first_successes(suite, task_id, num_demos, attempt)
+    found = first_successes(suite, task_id, num_demos, attempt, noise)
     for index, ep in found:
         ep.scene_index = index
     episodes = [ep for _, ep in found]

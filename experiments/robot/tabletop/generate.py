@@ -14,6 +14,7 @@ training reads every file of a suite's directory). Same config → byte-identica
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -21,7 +22,14 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from experiments.robot.tabletop.demos import TABLETOP_VERSION, _compression, generate_task, task_file, write_task_file
+from experiments.robot.tabletop.demos import (
+    TABLETOP_VERSION,
+    DemoFailure,
+    _compression,
+    generate_task,
+    task_file,
+    write_task_file,
+)
 from experiments.robot.tabletop.physics import PHYSICS_VERSION
 from experiments.robot.tabletop.pretrain import write_pretrain_pool
 from experiments.robot.tabletop.suites import SUITE_NAMES, get_suite
@@ -61,8 +69,8 @@ def validate(cfg: GenerateConfig) -> list[tuple[str, int]]:
                      ("pretrain_scenes", 0), ("texts_per_scene", 1), ("seed", 0)):
         if getattr(cfg, name) < lo:
             raise ValueError(f"{name} must be >= {lo}, got {getattr(cfg, name)}")
-    if cfg.noise < 0:
-        raise ValueError(f"noise must be >= 0, got {cfg.noise}")
+    if not 0 <= cfg.noise < math.inf:  # written so that NaN fails too
+        raise ValueError(f"noise must be a finite number >= 0, got {cfg.noise}")
     _compression(cfg.compression)
     jobs = []
     for s in cfg.suites:
@@ -179,7 +187,8 @@ def _generate(cfg: GenerateConfig, out: Path, jobs: list[tuple[str, int]], log) 
 
 
 def cli() -> int:
-    return run_cli("tabletop generate", GenerateConfig, main, (ValueError, FileExistsError, NotADirectoryError))
+    return run_cli("tabletop generate", GenerateConfig, main, (ValueError, DemoFailure, FileExistsError,
+                                                                NotADirectoryError))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ beyond it, it owes to what it sees. Prints a table (success % per suite and per 
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ class BlindReplayConfig:
         if self.first_init_state < 0 or self.first_init_state + self.trials_per_task > NUM_INIT_STATES:
             raise BlindReplayError(f"first_init_state + trials_per_task must lie within the {NUM_INIT_STATES} "
                                    f"init states, got {self.first_init_state} + {self.trials_per_task}")
-        if self.seed < 0 or self.noise < 0:
+        if self.seed < 0 or not 0 <= self.noise < math.inf:  # written so that NaN fails too
             raise BlindReplayError(f"seed and noise must be >= 0, got seed={self.seed}, noise={self.noise}")
 
 
@@ -88,7 +89,8 @@ def replay(suite: str, task_id: int, init_state_id: int, actions: np.ndarray) ->
 def source_trajectories(suite: str, task_id: int, count: int, seed: int, noise: float) -> list[np.ndarray]:
     """The first `count` successful demos of a task, in scene order (the scenes the dataset holds)."""
     try:
-        found = first_successes(suite, task_id, count, lambda index: demo_actions(suite, task_id, index, seed, noise))
+        found = first_successes(suite, task_id, count, lambda index: demo_actions(suite, task_id, index, seed, noise),
+                                noise)
     except DemoFailure as e:
         raise BlindReplayError(str(e)) from e
     return [actions for _, actions in found]
