@@ -490,3 +490,15 @@ def test_convert_base_writes_a_loadable_base_dir(tmp_path):
     missing = conv.parse_args([*args[:-1], str(tmp_path / "other"), "--prismatic_checkpoint", str(tmp_path / "x.pt")])
     with pytest.raises(BaseModelError, match=r"missing inputs.*\n  --prismatic_checkpoint .*x\.pt: the Prismatic VLM"):
         conv.convert(missing)
+    other = tmp_path / "other"
+    with pytest.raises(BaseModelError, match="config_name is 'bogus'; expected one of"):
+        conv.convert(conv.parse_args([*args[:-1], str(other), "--config_name", "bogus"]))
+    (llm_dir / "tokenizer.json").write_text('{"model": 1}')
+    with pytest.raises(BaseModelError, match=r"qwen/tokenizer\.json is not a tokenizer file"):
+        conv.convert(conv.parse_args([*args[:-1], str(other)]))
+    assert not other.exists()
+    # an empty directory made for the base is filled; one that dies halfway leaves it empty, so a rerun goes on
+    other.mkdir()
+    (llm_dir / "tokenizer.json").write_text(build_tiny_tokenizer().to_str())
+    conv.convert(conv.parse_args([*args[:-1], str(other)]))
+    assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in out.iterdir())

@@ -23,10 +23,11 @@ from typing import Literal, Optional
 
 import draccus
 import torch
+from tokenizers import Tokenizer
 
 from prismatic.cli import run_cli
-from prismatic.io import read_json_object
-from prismatic.models.configuration import get_config
+from prismatic.io import atomic_dir, read_json_object
+from prismatic.models.configuration import CONFIGS, get_config
 from prismatic.models.loading import PRETRAINED_README, BaseModelError, save_base_dir
 from prismatic.models.prismatic_weights import TIMM_NAMES, WeightsError, assemble_vlm_state
 
@@ -59,7 +60,12 @@ def _tokenizer_json(llm_path: Path, cfg_name: str, cfg) -> str:
         for key, want in (("hidden_size", cfg.llm.hidden_size), ("vocab_size", cfg.llm.vocab_size)):
             if hf.get(key) != want:
                 raise BaseModelError(f"{conf}: {key} is {hf.get(key)}, config {cfg_name!r} expects {want}")
-    return tok.read_text()
+    text = tok.read_text()
+    try:  # a damaged file would otherwise be copied into the base and fail at fine-tuning, far from here
+        Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise BaseModelError(f"{tok} is not a tokenizer file the tokenizers library can read ({e})") from e
+    return text
 
 
 def check_inputs(c: ConvertConfig) -> None:
@@ -83,10 +89,12 @@ def check_inputs(c: ConvertConfig) -> None:
 def convert(c: ConvertConfig) -> str:
     """Write the base directory; returns the sha256 of its weights."""
     out = Path(c.out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; refusing to overwrite it (choose another --out_dir)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} is not an empty directory; refusing to overwrite it (choose another --out_dir)")
     if c.dtype not in (*DTYPES, "keep"):
-        raise ValueError(f"dtype is {c.dtype!r}; expected one of {[*DTYPES, 'keep']}")
+        raise BaseModelError(f"dtype is {c.dtype!r}; expected one of {[*DTYPES, 'keep']}")
+    if c.config_name not in CONFIGS:
+        raise BaseModelError(f"config_name is {c.config_name!r}; expected one of {sorted(CONFIGS)}")
     check_inputs(c)
     cfg = get_config(c.config_name)
     tokenizer_json = _tokenizer_json(Path(c.llm_path), c.config_name, cfg)
@@ -95,8 +103,9 @@ def convert(c: ConvertConfig) -> str:
         cast: dict[int, torch.Tensor] = {}  # by identity, so tied tensors (lm_head = embed_tokens) stay one tensor
         sd = {k: cast.setdefault(id(v), v.to(DTYPES[c.dtype]) if v.is_floating_point() else v) for k, v in sd.items()}
     sources["tokenizer"] = str(Path(c.llm_path) / "tokenizer.json")
-    digest = save_base_dir(out, cfg, sd, tokenizer_json,
-                           extra={"sources": sources, "dtype": c.dtype, "converted_by": "vla-scripts/convert_base.py"})
+    with atomic_dir(out, replace=out.exists()) as tmp:  # replaces only the empty directory checked above
+        digest = save_base_dir(tmp, cfg, sd, tokenizer_json, extra={"sources": sources, "dtype": c.dtype,
+                                                                    "converted_by": "vla-scripts/convert_base.py"})
     for part, src in sources.items():
         print(f"  {part:10s} ← {src}")
     print(f"wrote {out} (sha256 {digest[:12]}…)")
