@@ -199,3 +199,15 @@ def test_a_suite_written_halfway_is_not_left_to_load(tmp_path, monkeypatch):
     monkeypatch.undo()
     write_hdf5_suite(tmp_path, SUITE, small_tasks())  # a rerun is not blocked by the dead one
     assert len(set(load_suite(tmp_path, SUITE).instructions)) == len(small_tasks())
+
+
+def test_the_synthetic_data_cli_refuses_before_it_writes(tmp_path):
+    from prismatic.vla.datasets.synthetic import SyntheticConfig, main
+
+    with pytest.raises(ValueError, match="--steps is 0, expected >= 1"):
+        main(SyntheticConfig(out_dir=tmp_path, steps=0))
+    assert not any(tmp_path.iterdir())
+    main(SyntheticConfig(out_dir=tmp_path, suite=SUITE, image_size=16))
+    with pytest.raises(FileExistsError, match=f"{SUITE} already exists; refusing to overwrite it"):
+        main(SyntheticConfig(out_dir=tmp_path, suite=SUITE, rlds=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SUITE]

@@ -11,13 +11,14 @@ demos has them flipped and filtered, like OpenVLA's release, so both read to the
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import draccus
 import h5py
 import numpy as np
 
+from prismatic.cli import check_counts, run_cli
 from prismatic.io import atomic_dir
 from prismatic.vla.datasets.episodes import noop_keep_mask
 
@@ -177,11 +178,20 @@ class SyntheticConfig:
 
 
 def main(cfg: SyntheticConfig) -> None:
+    check_counts(cfg, positive=("num_tasks", "demos_per_task", "steps", "image_size"), non_negative=("seed",))
+    targets = [Path(cfg.out_dir) / cfg.suite] + ([Path(cfg.out_dir) / f"{cfg.suite}_no_noops"] if cfg.rlds else [])
+    for t in targets:  # both checked before either is written, so a refusal leaves nothing behind
+        if t.exists():
+            raise FileExistsError(f"{t} already exists; refusing to overwrite it")
+    if cfg.rlds:
+        from prismatic.vla.datasets.rlds import import_tfds
+
+        import_tfds()  # without the extra, say so before writing the HDF5 copy
     tasks = make_tasks(cfg.num_tasks, cfg.demos_per_task, cfg.steps, cfg.image_size, cfg.seed)
     print(f"wrote {write_hdf5_suite(cfg.out_dir, cfg.suite, tasks)}")
     if cfg.rlds:
         print(f"wrote {write_rlds_suite(cfg.out_dir, cfg.suite, tasks)}")
 
 
-if __name__ == "__main__":
-    main(draccus.parse(SyntheticConfig))
+if __name__ == "__main__":  # DatasetError (no rlds extra) is a ValueError
+    sys.exit(run_cli("synthetic", SyntheticConfig, main, (ValueError, FileExistsError)))
