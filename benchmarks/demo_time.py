@@ -26,6 +26,7 @@ from experiments.robot.demo import DemoConfig
 from experiments.robot.demo import main as run_demo
 from experiments.robot.tabletop_pipeline.pipeline import SUITES
 from experiments.robot.tabletop_pipeline.stages import jsonable
+from prismatic.io import read_json_object
 
 TARGET_WALL_S = {"full": 20 * 60, "quick": 5 * 60}
 TARGET_FT_SUCCESS = 0.90  # per suite, full mode
@@ -76,7 +77,15 @@ def main(cfg: DemoTimeConfig) -> int:
     if not timing_file.is_file():
         print(f"error: {timing_file} not found; run the demo first (or --run true)", file=sys.stderr)
         return 2
-    timing = json.loads(timing_file.read_text())
+    try:
+        timing = read_json_object(timing_file)
+    except ValueError as e:
+        print(f"error: {e}; run the demo again", file=sys.stderr)
+        return 2
+    missing = [k for k in ("config", "stages", "machine_start", "ft_success") if k not in timing]
+    if missing:
+        print(f"error: {timing_file} lacks {missing}: not a demo's timing record; run the demo again", file=sys.stderr)
+        return 2
     mode = "quick" if cfg.quick else "full"
     differ = settings_differences(timing, demo)
     if differ:

@@ -336,6 +336,11 @@ def test_demo_time_judges_fractions_against_the_targets(tmp_path, capsys):
     (tmp_path / "train" / "stage.json").write_text(json.dumps({**record, "conditions": {"workers": 2, "cpus": 2}}))
     code, out = judge()
     assert code == 1 and "wall time (cold) 1600 s = 26.7 min; target ≤ 20 min: MISSED" in out.out
+    for text, says in [("[1]", "does not hold a JSON object"), ("{", "is not valid JSON"),
+                       ('{"stages": {}}', "lacks ['config', 'machine_start', 'ft_success']")]:
+        (tmp_path / "timing.json").write_text(text)
+        assert main(DemoTimeConfig(run=False, out_dir=tmp_path)) == 2
+        assert says in capsys.readouterr().err
 
 
 def test_ft_success_is_a_fraction_per_suite():
