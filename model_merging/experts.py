@@ -22,6 +22,7 @@ from prismatic.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, CheckpointError, c
 from prismatic.models.configuration import VLAConfig
 from prismatic.models.pretrained import CHECKPOINT_KIND
 from prismatic.vla.augmentation import trained_crop_area
+from prismatic.vla.normalization import check_norm_stats
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -109,6 +110,13 @@ class ExpertSet:
             self.config = VLAConfig.from_dict(first.manifest["config"])
         except (TypeError, ValueError) as e:
             raise MergeError(f"expert {first.name!r}: manifest field 'config' is invalid ({e})") from e
+        for e in experts:  # what a merged policy (un)normalises with: wrong stats would only fail in rollouts
+            if e.manifest.get("norm_stats") is not None:
+                try:
+                    check_norm_stats(e.manifest["norm_stats"], {"action": self.config.action_dim,
+                                                                "proprio": self.config.proprio_dim})
+                except ValueError as err:
+                    raise MergeError(f"expert {e.name!r}: {e.directory / MANIFEST_FILE} field {err}") from err
         self._check_consistent()
         self.layout: ModelLayout = model_layout(self.config)
         self.lora_scale = float(first.manifest["lora"]["scale"])

@@ -373,6 +373,9 @@ def test_experts_from_different_bases_or_lora_configs_or_inits(experts, tmp_path
         (lambda m: m.update(init_seed="abc"), r"field 'init_seed' is 'abc', expected an integer"),
         (None, r"field 'weights_sha256' is None, expected a string"),
         (lambda m: m.update(train_config={"image_aug": True, "aug": None}), r"field 'train_config' is invalid"),
+        (lambda m: m.update(norm_stats="q01"), r"field norm_stats is a str, expected an object"),
+        (lambda m: m["norm_stats"]["action"].update(q99=[1.0] * 6), r"field norm_stats.action.q99 is .*a list of 7 finite"),
+        (lambda m: m["norm_stats"]["proprio"].update(mask=[1] * 8), r"field norm_stats.proprio.mask is .*8 booleans"),
     ]):
         broken = copy_expert(experts[1][1], tmp_path / f"bad-{n}", edit_manifest=edit)
         if edit is None:  # save_checkpoint records the hash: take it out of the written manifest

@@ -215,7 +215,8 @@ def test_checkpoint_on_another_base_is_refused(tmp_path):
         from_pretrained(tmp_path / "ckpt", base=BaseModelConfig(random_seed=1))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "bad_json", "wrong_format", "no_base"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "bad_json", "wrong_format", "no_base",
+                                    "bad_norm_stats"])
 def test_corrupt_or_truncated_checkpoint_raises_a_clear_error(tmp_path, damage):
     model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
     d = save_pretrained(model, tmp_path / "ckpt")
@@ -237,6 +238,9 @@ def test_corrupt_or_truncated_checkpoint_raises_a_clear_error(tmp_path, damage):
     elif damage == "no_base":
         m.write_text(json.dumps({k: v for k, v in json.loads(m.read_text()).items() if k != "base"}))
         match = "field 'base' is None, expected the reference of the base"
+    elif damage == "bad_norm_stats":
+        m.write_text(json.dumps({**json.loads(m.read_text()), "norm_stats": {"action": {}}}))
+        match = r"manifest.json field norm_stats.action.q01 is None, expected a list of 7"
     else:
         m.write_text(json.dumps({**json.loads(m.read_text()), "format": "something-else"}))
         match = "field 'format'"

@@ -7,13 +7,14 @@ from pathlib import Path
 import torch
 
 from prismatic import __version__
-from prismatic.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from prismatic.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from prismatic.io import state_dict_sha256
 from prismatic.models.configuration import VLAConfig, get_config
 from prismatic.models.loading import BaseModelConfig, base_config_from_ref, load_vlm_weights, resolve_base
 from prismatic.models.lora import apply_lora, init_trainable
 from prismatic.models.modeling import MergeVLA, is_trainable_name
 from prismatic.models.processing import VLAProcessor, load_tokenizer
+from prismatic.vla.normalization import check_norm_stats
 
 CHECKPOINT_KIND = "mergevla-checkpoint"
 
@@ -82,6 +83,11 @@ def from_pretrained(directory: Path | str, base: BaseModelConfig | None = None) 
             f"(missing {sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]})"
         )
     model.load_state_dict(tensors, strict=False)
+    if manifest.get("norm_stats") is not None:
+        try:
+            check_norm_stats(manifest["norm_stats"], {"action": cfg.action_dim, "proprio": cfg.proprio_dim})
+        except ValueError as e:
+            raise CheckpointError(f"{directory}/{MANIFEST_FILE} field {e}") from e
     model.norm_stats = manifest.get("norm_stats")
     model.manifest = manifest
     return model

@@ -8,6 +8,8 @@ Dimensions whose mask is False (the gripper action) pass through unchanged.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 EPS = 1e-8
@@ -23,6 +25,23 @@ def compute_stats(x: np.ndarray, mask: list[bool] | None = None) -> dict:
         "q99": np.quantile(x, 0.99, axis=0).tolist(),
         "mask": [bool(m) for m in mask],
     }
+
+
+def check_norm_stats(stats: object, dims: dict[str, int]) -> None:
+    """ValueError naming the first part of `stats` that does not follow the layout above (`dims`: part → width)."""
+    if not isinstance(stats, dict):
+        raise ValueError(f"norm_stats is a {type(stats).__name__}, expected an object with {sorted(dims)}")
+    for part, dim in dims.items():
+        if not isinstance(stats.get(part), dict):
+            raise ValueError(f"norm_stats.{part} is {stats.get(part)!r}, expected an object with q01, q99 and mask")
+        for key in ("q01", "q99", "mask"):
+            v = stats[part].get(key)
+            kind = bool if key == "mask" else (int, float)
+            if (not isinstance(v, list) or len(v) != dim
+                    or not all(isinstance(x, kind) and (key == "mask" or not isinstance(x, bool)) for x in v)
+                    or (key != "mask" and not all(math.isfinite(x) for x in v))):
+                what = "booleans" if key == "mask" else "finite numbers"
+                raise ValueError(f"norm_stats.{part}.{key} is {str(v)[:80]}, expected a list of {dim} {what}")
 
 
 def normalize(x: np.ndarray, stats: dict) -> np.ndarray:
