@@ -47,7 +47,8 @@ def read_manifest_json(directory: Path | str, missing: str) -> dict:
     d = Path(directory)
     mf = d / MANIFEST_FILE
     if not d.is_dir():
-        raise CheckpointError(f"checkpoint directory {d} does not exist")
+        raise CheckpointError(f"checkpoint directory {d} " + ("is a file, not a directory" if d.exists()
+                                                               else "does not exist"))
     if not mf.is_file():
         raise CheckpointError(f"{mf} is missing: {d} {missing}")
     return read_json_object(mf, CheckpointError)

@@ -71,6 +71,16 @@ def file_on_path(path: Path | str) -> Path | None:
     return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
 
 
+def check_output_dir(path: Path | str, flag: str) -> None:
+    """NotADirectoryError naming `flag` when `path` is a file or lies under one (checked before any work)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{flag} {path} is a file, not a directory")
+    blocker = file_on_path(path)
+    if blocker is not None:
+        raise NotADirectoryError(f"{flag} {path} cannot be created: {blocker} is a file, not a directory")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -116,3 +116,12 @@ def test_replay_policy_holds_still_after_the_demo_and_names_foreign_instructions
     assert (played[len(demo):, 6] == demo[-1, 6]).all()
     with pytest.raises(BlindReplayError, match="not a task of the goal suite"):
         policy.start_episodes([{}], ["pick up the red cube and place it in the basket"], [8])
+
+
+def test_an_out_dir_that_is_a_file_is_named_before_any_rollout(tmp_path, monkeypatch):
+    from experiments.robot.tabletop_pipeline import blind_replay
+
+    monkeypatch.setattr(blind_replay, "source_trajectories", lambda *a: pytest.fail("rolled out first"))
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(NotADirectoryError, match="--out_dir .*f is a file, not a directory"):
+        blind_replay.main(BlindReplayConfig(suites=["goal"], out_dir=tmp_path / "f"), log=lambda *_: None)

@@ -164,6 +164,11 @@ def test_a_run_file_that_is_not_an_object_is_named(data_root, tmp_path):
     (tmp_path / "run" / "run.json").write_text("[1, 2]")
     with pytest.raises(RunDirError, match=r"run/run\.json does not hold a JSON object \(found list\)"):
         train(tiny_config(data_root, tmp_path / "run", resume=True))
+    from prismatic.training.run_dir import RUN_FORMAT
+
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"format": RUN_FORMAT, "config": 3}))
+    with pytest.raises(RunDirError, match=r"run/run\.json: field 'config' is 3, expected an object"):
+        train(tiny_config(data_root, tmp_path / "run", resume=True))
 
 
 def test_resume_on_changed_data_is_refused(tmp_path):

@@ -91,3 +91,15 @@ def test_state_dict_hash_takes_zero_dim_tensors():
 
     a = state_dict_sha256({"s": torch.tensor(1.5), "v": torch.arange(3.0)})
     assert a != state_dict_sha256({"s": torch.tensor(2.5), "v": torch.arange(3.0)})
+
+
+def test_an_output_dir_that_is_or_lies_under_a_file_is_named(tmp_path):
+    from prismatic.io import check_output_dir
+
+    (tmp_path / "f").write_text("mine")
+    check_output_dir(tmp_path / "new" / "deeper", "--out_dir")  # may be created: fine
+    with pytest.raises(NotADirectoryError, match=r"--out_dir .*f is a file, not a directory"):
+        check_output_dir(tmp_path / "f", "--out_dir")
+    with pytest.raises(NotADirectoryError, match=r"--out .*f/x cannot be created: .*f is a file"):
+        check_output_dir(tmp_path / "f" / "x", "--out")
+    assert not (tmp_path / "new").exists()

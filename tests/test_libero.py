@@ -198,6 +198,15 @@ def test_settings_no_run_can_use_are_refused_before_anything_is_read(tmp_path, f
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_results_dir_that_is_a_file_is_named_before_anything_runs(tmp_path):
+    (tmp_path / "f").write_text("mine")
+    for d, says in ((tmp_path / "f", "--results_dir {} is a file, not a directory"),
+                    (tmp_path / "f" / "runs", "--results_dir {} cannot be created")):
+        with pytest.raises(NotADirectoryError, match=re.escape(says.format(d))):
+            main(GenerateConfig(pretrained_checkpoint=tmp_path / "none", results_dir=d, dry_run=True))
+    assert (tmp_path / "f").read_text() == "mine"
+
+
 def test_a_device_that_is_not_one_is_named():
     from experiments.robot.policy import resolve_device
 

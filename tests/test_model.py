@@ -215,6 +215,14 @@ def test_checkpoint_on_another_base_is_refused(tmp_path):
         from_pretrained(tmp_path / "ckpt", base=BaseModelConfig(random_seed=1))
 
 
+def test_a_checkpoint_path_that_is_a_file_is_named_as_one(tmp_path):
+    (tmp_path / "ckpt").write_text("")
+    with pytest.raises(CheckpointError, match="checkpoint directory .*ckpt is a file, not a directory"):
+        from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="checkpoint directory .*none does not exist"):
+        from_pretrained(tmp_path / "none")
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "bad_json", "wrong_format", "no_base",
                                     "bad_norm_stats"])
 def test_corrupt_or_truncated_checkpoint_raises_a_clear_error(tmp_path, damage):

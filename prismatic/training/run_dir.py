@@ -71,7 +71,9 @@ def check_run_dir(cfg: FinetuneConfig) -> dict | None:
     if not cfg.resume:
         raise RunDirError(f"out_dir {run} already holds a run; pass --resume true to continue it, "
                           "or choose another --out_dir (nothing was overwritten)")
-    old, new = run_identity(recorded.get("config", {})), run_identity(cfg.to_dict())
+    if not isinstance(recorded.get("config"), dict):
+        raise RunDirError(f"{rf}: field 'config' is {recorded.get('config')!r}, expected an object")
+    old, new = run_identity(recorded["config"]), run_identity(cfg.to_dict())
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         detail = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff)

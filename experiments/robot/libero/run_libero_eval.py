@@ -34,6 +34,7 @@ from experiments.robot.libero.preprocess import LiberoImageTransform, upright_ag
 from experiments.robot.policy import resolve_device
 from prismatic.checkpoint import CheckpointError
 from prismatic.cli import check_counts, run_cli
+from prismatic.io import check_output_dir
 
 
 @dataclass
@@ -159,6 +160,9 @@ def validate(cfg: GenerateConfig) -> None:
         raise ValueError(f"--worker_timeout_s is {cfg.worker_timeout_s}, expected a finite number of seconds > 0")
     if cfg.mujoco_gl not in MUJOCO_GL_BACKENDS:
         raise ValueError(f"--mujoco_gl is {cfg.mujoco_gl!r}, expected one of {list(MUJOCO_GL_BACKENDS)}")
+    for flag, d in (("--results_dir", cfg.results_dir), ("--summary_dir", cfg.summary_dir)):
+        if d is not None:
+            check_output_dir(d, flag)
     if cfg.router_variant is not None:
         from model_merging.router import check_variant  # torch: only when a variant is named
 

@@ -137,9 +137,10 @@ class ReplayPolicy:
 
 
 def main(cfg: BlindReplayConfig, log=print) -> dict:
-    from prismatic.io import write_json
+    from prismatic.io import check_output_dir, write_json
 
     cfg.validate()
+    check_output_dir(cfg.out_dir, "--out_dir")  # before the rollouts, not after them
     trials = range(cfg.first_init_state, cfg.first_init_state + cfg.trials_per_task)
     result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "suites": {}}
     log("| suite | success % | per task |")
@@ -158,7 +159,7 @@ def main(cfg: BlindReplayConfig, log=print) -> dict:
 
 
 def cli() -> int:
-    return run_cli("blind_replay", BlindReplayConfig, main, (BlindReplayError,))
+    return run_cli("blind_replay", BlindReplayConfig, main, (BlindReplayError, NotADirectoryError))
 
 
 if __name__ == "__main__":

@@ -203,10 +203,11 @@ class ReferencePolicy:
 def main(cfg: ReferenceBCConfig, log=print) -> dict:
     from experiments.robot.harness import Protocol, read_rows, run_episodes
     from experiments.robot.tabletop_pipeline.evaluation import TableTopEnvFactory, plan, results_of
-    from prismatic.io import write_json
+    from prismatic.io import check_output_dir, write_json
     from prismatic.vla.datasets import load_suite
 
     cfg.validate()
+    check_output_dir(cfg.out_dir, "--out_dir")  # before any training, not after it
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.cpu_threads)
     summary = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}, "suites": {}}
