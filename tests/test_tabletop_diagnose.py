@@ -70,12 +70,14 @@ def test_main_reports_both_swaps(tmp_path, capsys):
     assert out["grasps"]["summary"]["episodes"] == len(out["grasps"]["episodes"]) > 0
     assert out["sensitivity"]["instruction_swap"]["scripted_expert"] > 0  # ten goals, ten directions
     assert "instruction_swap: first-chunk displacement spread" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="init_states must be >= 2"):
+    with pytest.raises(ValueError, match=r"init_states must be in 2\.\.50 .*got 1"):
         main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", init_states=1))
-    with pytest.raises(ValueError, match="agreement_states must be >= 0"):
+    with pytest.raises(ValueError, match=r"init_states must be in 2\.\.50 .*got 999"):
+        main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", init_states=999))
+    with pytest.raises(ValueError, match=r"agreement_states must be in 0\.\.50, got -1"):
         main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", agreement_states=-1))
-    with pytest.raises(ValueError, match="grasp_states must be >= 0"):
-        main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", grasp_states=-1))
+    with pytest.raises(ValueError, match=r"grasp_states must be in 0\.\.50, got 51"):
+        main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", grasp_states=51))
     with pytest.raises(ValueError, match="fit_steps must be >= 0"):
         main(DiagnoseConfig(checkpoint=tmp_path / "ckpt", fit_steps=-1))
     with pytest.raises(ValueError, match="names no training data_root; pass --data_root"):

@@ -40,6 +40,7 @@ from experiments.robot.policy import CenterCrop, VLAPolicy
 from experiments.robot.tabletop import get_suite, make_env
 from experiments.robot.tabletop.expert import ScriptedExpert
 from experiments.robot.tabletop.physics import GRASP_TOL
+from experiments.robot.tabletop.suites import NUM_INIT_STATES
 from prismatic.cli import run_cli
 
 
@@ -229,11 +230,14 @@ def training_crop_area(checkpoint: Path) -> float:
 def main(cfg: DiagnoseConfig) -> dict:
     from prismatic.models import from_pretrained
 
-    if cfg.init_states < 2:
-        raise ValueError(f"init_states must be >= 2 (a spread needs two scenes), got {cfg.init_states}")
-    for name in ("agreement_states", "grasp_states", "fit_steps"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 2 <= cfg.init_states <= NUM_INIT_STATES:
+        raise ValueError(f"init_states must be in 2..{NUM_INIT_STATES} (a spread needs two scenes; each task has "
+                         f"{NUM_INIT_STATES} init states), got {cfg.init_states}")
+    for name in ("agreement_states", "grasp_states"):
+        if not 0 <= getattr(cfg, name) <= NUM_INIT_STATES:
+            raise ValueError(f"{name} must be in 0..{NUM_INIT_STATES}, got {getattr(cfg, name)}")
+    if cfg.fit_steps < 0:
+        raise ValueError(f"fit_steps must be >= 0, got {cfg.fit_steps}")
     model = from_pretrained(cfg.checkpoint).eval()
     crop = training_crop_area(cfg.checkpoint) if cfg.crop_area is None else cfg.crop_area
     env = make_env(cfg.suite, cfg.task_id, 0, image_size=cfg.image_size)
