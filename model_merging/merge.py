@@ -49,7 +49,7 @@ from model_merging.rules import group_of, params_for, parse_rules
 from model_merging.tensor_files import SafetensorsStreamWriter
 from prismatic import __version__
 from prismatic.checkpoint import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE
-from prismatic.io import atomic_dir, file_on_path, write_json
+from prismatic.io import atomic_dir, check_output_dir, write_json
 from prismatic.vla.augmentation import trained_crop_area
 
 
@@ -297,9 +297,10 @@ def merge_experts(
     out = Path(out_dir)
     if out.exists():
         raise MergeError(f"output directory {out} already exists; choose a new --out (nothing was written)")
-    blocker = file_on_path(out)
-    if blocker is not None:
-        raise MergeError(f"output directory {out} cannot be created: {blocker} is a file, not a directory")
+    try:
+        check_output_dir(out, "output directory")
+    except NotADirectoryError as e:
+        raise MergeError(str(e)) from e
     params, rules = _check_options(opts)
     if not isinstance(experts, ExpertSet):
         experts = ExpertSet.open(experts, verify_hashes=opts.verify_hashes)

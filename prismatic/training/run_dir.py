@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from prismatic.checkpoint import MANIFEST_FILE
-from prismatic.io import atomic_path, file_on_path, read_json_object, write_json
+from prismatic.io import atomic_path, check_output_dir, read_json_object, write_json
 from prismatic.training.config import FinetuneConfig, run_identity
 
 RUN_FILE = "run.json"
@@ -52,13 +52,12 @@ def complete_checkpoints(run: Path) -> list[tuple[int, Path]]:
 def check_run_dir(cfg: FinetuneConfig) -> dict | None:
     """Refuse an out_dir that holds another run (or this one without --resume). Returns its run.json."""
     run = cfg.run_dir()
+    try:
+        check_output_dir(run, "out_dir")
+    except NotADirectoryError as e:
+        raise RunDirError(str(e)) from e
     if not run.exists():
-        blocker = file_on_path(run)
-        if blocker is not None:
-            raise RunDirError(f"out_dir {run} cannot be created: {blocker} is a file, not a directory")
         return None
-    if not run.is_dir():
-        raise RunDirError(f"out_dir {run} exists and is not a directory")
     rf = run / RUN_FILE
     if not rf.is_file():
         if any(run.iterdir()):

@@ -101,12 +101,11 @@ def _pretrain_job(tmp: Path, cfg: GenerateConfig) -> dict:
 
 def main(cfg: GenerateConfig, log=print) -> dict:
     # prismatic.io imports torch; importing it here keeps worker processes (which re-import this module) light
-    from prismatic.io import write_json
+    from prismatic.io import check_output_dir, write_json
 
     jobs = validate(cfg)
     out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"out_dir {out} exists and is not a directory")
+    check_output_dir(out, "out_dir")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"out_dir {out} is not empty; refusing to write a dataset into it "
                               "(choose another --out_dir or pass --overwrite true)")
