@@ -135,7 +135,7 @@ class MergedModel:
                 f"{self.config.name!r} (missing {sorted(missing - expected)[:3]}, extra {sorted(expected - missing)[:3]})"
             )
         model.load_state_dict(self.shared_state(), strict=False)
-        model.processor = VLAProcessor(load_tokenizer(self.config.tokenizer, self._tokenizer_dir),
+        model.processor = VLAProcessor(load_tokenizer(self.config.tokenizer, self._tokenizer_dir, MergeError),
                                        self.config.image_size, self.config.llm.vocab_size)
         model.base_ref = self.base_ref
         model.eval()

@@ -127,3 +127,11 @@ def test_a_damaged_base_json_is_named_with_what_is_wrong(tmp_path, damage, says)
     meta_file.write_text(damage(json.loads(meta_file.read_text())))
     with pytest.raises(BaseModelError, match=says):
         load_base_dir(tmp_path / "base", CFG)
+
+
+def test_a_damaged_tokenizer_in_a_base_dir_is_named(tmp_path):
+    save_base_dir(tmp_path / "base", CFG, random_base(CFG, 0), build_tiny_tokenizer().to_str())
+    (tmp_path / "base" / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(BaseModelError, match=r"base/tokenizer\.json is not a tokenizer file the tokenizers library "
+                                             r"can read \(EOF while parsing"):
+        build_vla(CFG, BaseModelConfig(base_dir=tmp_path / "base"))

@@ -23,13 +23,13 @@ from typing import Literal, Optional
 
 import draccus
 import torch
-from tokenizers import Tokenizer
 
 from prismatic.cli import run_cli
 from prismatic.io import atomic_dir, read_json_object
 from prismatic.models.configuration import CONFIGS, get_config
 from prismatic.models.loading import PRETRAINED_README, BaseModelError, save_base_dir
 from prismatic.models.prismatic_weights import TIMM_NAMES, WeightsError, assemble_vlm_state
+from prismatic.models.processing import load_tokenizer
 
 PRETRAINED = Path("pretrained_models")
 PRISM_CKPT = PRETRAINED / "prism-qwen25-extra-dinosiglip-224px-0_5b" / "checkpoints" / "latest-checkpoint.pt"
@@ -60,12 +60,9 @@ def _tokenizer_json(llm_path: Path, cfg_name: str, cfg) -> str:
         for key, want in (("hidden_size", cfg.llm.hidden_size), ("vocab_size", cfg.llm.vocab_size)):
             if hf.get(key) != want:
                 raise BaseModelError(f"{conf}: {key} is {hf.get(key)}, config {cfg_name!r} expects {want}")
-    text = tok.read_text()
-    try:  # a damaged file would otherwise be copied into the base and fail at fine-tuning, far from here
-        Tokenizer.from_str(text)
-    except Exception as e:  # tokenizers raises a bare Exception
-        raise BaseModelError(f"{tok} is not a tokenizer file the tokenizers library can read ({e})") from e
-    return text
+    # a damaged file would otherwise be copied into the base and fail at fine-tuning, far from here
+    load_tokenizer(cfg.tokenizer, tok, BaseModelError)
+    return tok.read_text()
 
 
 def check_inputs(c: ConvertConfig) -> None:

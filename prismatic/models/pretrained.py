@@ -10,7 +10,13 @@ from prismatic import __version__
 from prismatic.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from prismatic.io import state_dict_sha256
 from prismatic.models.configuration import VLAConfig, get_config
-from prismatic.models.loading import BaseModelConfig, base_config_from_ref, load_vlm_weights, resolve_base
+from prismatic.models.loading import (
+    BaseModelConfig,
+    BaseModelError,
+    base_config_from_ref,
+    load_vlm_weights,
+    resolve_base,
+)
 from prismatic.models.lora import apply_lora, init_trainable
 from prismatic.models.modeling import MergeVLA, is_trainable_name
 from prismatic.models.processing import VLAProcessor, load_tokenizer
@@ -27,7 +33,7 @@ def build_vla(cfg: VLAConfig | str, base: BaseModelConfig, seed: int = 0) -> Mer
     """
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
     # a missing tokenizer is found before the (for the full model, slow) weights are read
-    tokenizer = load_tokenizer(cfg.tokenizer, base.tokenizer_dir())
+    tokenizer = load_tokenizer(cfg.tokenizer, base.tokenizer_dir(), BaseModelError)
     base_sd, base_ref, _ = resolve_base(cfg, base)
     model = MergeVLA(cfg)
     load_vlm_weights(model.vlm, base_sd, base.describe(), cfg.name)

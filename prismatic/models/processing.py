@@ -48,13 +48,19 @@ def build_tiny_tokenizer(vocab_file: Path = TINY_VOCAB_FILE) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(kind: str, path: Path | None = None) -> Tokenizer:
-    """`path`: a directory or file holding tokenizer.json (Qwen's or a base model's own)."""
+def load_tokenizer(kind: str, path: Path | None = None, error: type[Exception] = ValueError) -> Tokenizer:
+    """`path`: a directory or file holding tokenizer.json (Qwen's or a base model's own).
+
+    A file the tokenizers library cannot read raises `error` naming it.
+    """
     if path is not None:
         p = Path(path)
         f = p / "tokenizer.json" if p.is_dir() else p
         if f.is_file():
-            return Tokenizer.from_file(str(f))
+            try:
+                return Tokenizer.from_file(str(f))
+            except Exception as e:  # tokenizers raises a bare Exception
+                raise error(f"{f} is not a tokenizer file the tokenizers library can read ({e})") from e
         if kind != "tiny":
             raise FileNotFoundError(
                 f"no tokenizer.json at {f}: put the Qwen2.5-0.5B Hugging Face directory there "
