@@ -78,8 +78,8 @@ def test_missing_qwen_dir_says_where_to_put_it(tmp_path):
 def test_missing_base_dir_points_at_the_converter(tmp_path):
     """finetune_libero.sh's default base before convert_base.py has run: named as a base directory, not as Qwen's."""
     where = tmp_path / "pretrained_models" / "mergevla-base-qwen25-dinosiglip-224px"
-    with pytest.raises(FileNotFoundError, match=r"no tokenizer\.json at .*mergevla-base-qwen25-dinosiglip-224px: not a "
-                                                r"mergevla base directory: write one with python vla-scripts/convert_base\.py"):
+    with pytest.raises(BaseModelError, match=r"base\.json not found: .*mergevla-base-qwen25-dinosiglip-224px is not a "
+                                             r"mergevla base directory \(write one with python vla-scripts/convert_base\.py"):
         build_vla("qwen25-dinosiglip-224px", BaseModelConfig(base_dir=where))
 
 

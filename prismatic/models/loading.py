@@ -45,12 +45,24 @@ class BaseModelConfig:
     def tokenizer_dir(self) -> Path | None:
         """Where this base's tokenizer.json lives (None: a random base, which uses the built-in vocabulary)."""
         if self.base_dir is not None:
+            base_json(self.base_dir)  # a directory that is not a base is named as such, not as a missing tokenizer
             return Path(self.base_dir)
         return Path(self.llm_path) if self.llm_path is not None else None
 
 
 class BaseModelError(FileNotFoundError):
     pass
+
+
+def base_json(directory: Path | str) -> Path:
+    """`directory`/base.json, or BaseModelError saying the directory is not a mergevla base and what writes one."""
+    meta_file = Path(directory) / "base.json"
+    if not meta_file.is_file():
+        raise BaseModelError(
+            f"{meta_file} not found: {directory} is not a mergevla base directory (write one with python "
+            f"vla-scripts/convert_base.py, or vla-scripts/pretrain_tabletop.py for TableTop-4; see {PRETRAINED_README})"
+        )
+    return meta_file
 
 
 def read_safetensors(path: Path | str, what: str, error: type[Exception] = BaseModelError) -> dict[str, torch.Tensor]:
@@ -99,10 +111,8 @@ def save_base_dir(directory: Path | str, cfg: VLAConfig, vlm_state: dict[str, to
 def load_base_dir(directory: Path | str, cfg: VLAConfig, verify: bool = True
                   ) -> tuple[dict[str, torch.Tensor], dict]:
     """(VLM state dict, base.json); with `verify`, the weights must hash to base.json's sha256."""
-    d = Path(directory)
-    meta_file = d / "base.json"
-    if not meta_file.is_file():
-        raise BaseModelError(f"{meta_file} not found: {d} is not a mergevla base directory (see {PRETRAINED_README})")
+    meta_file = base_json(directory)
+    d = meta_file.parent
     meta = read_json_object(meta_file, BaseModelError)
     if meta.get("format") != BASE_FORMAT:
         raise BaseModelError(f"{meta_file}: field 'format' is {meta.get('format')!r}, expected {BASE_FORMAT!r}")

@@ -33,8 +33,7 @@ def build_vla(cfg: VLAConfig | str, base: BaseModelConfig, seed: int = 0) -> Mer
     """
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
     # a missing tokenizer is found before the (for the full model, slow) weights are read
-    tokenizer = load_tokenizer(cfg.tokenizer, base.tokenizer_dir(), BaseModelError,
-                               base_dir=base.base_dir is not None)
+    tokenizer = load_tokenizer(cfg.tokenizer, base.tokenizer_dir(), BaseModelError)
     base_sd, base_ref, _ = resolve_base(cfg, base)
     model = MergeVLA(cfg)
     load_vlm_weights(model.vlm, base_sd, base.describe(), cfg.name)

@@ -48,9 +48,8 @@ def build_tiny_tokenizer(vocab_file: Path = TINY_VOCAB_FILE) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(kind: str, path: Path | None = None, error: type[Exception] = ValueError,
-                   base_dir: bool = False) -> Tokenizer:
-    """`path`: a directory or file holding tokenizer.json (Qwen's, or a base directory's own when `base_dir`).
+def load_tokenizer(kind: str, path: Path | None = None, error: type[Exception] = ValueError) -> Tokenizer:
+    """`path`: a directory or file holding tokenizer.json (Qwen's or a base model's own).
 
     A file the tokenizers library cannot read raises `error` naming it.
     """
@@ -63,9 +62,10 @@ def load_tokenizer(kind: str, path: Path | None = None, error: type[Exception] =
             except Exception as e:  # tokenizers raises a bare Exception
                 raise error(f"{f} is not a tokenizer file the tokenizers library can read ({e})") from e
         if kind != "tiny":
-            fix = ("not a mergevla base directory: write one with python vla-scripts/convert_base.py" if base_dir
-                   else "put the Qwen2.5-0.5B Hugging Face directory there")
-            raise FileNotFoundError(f"no tokenizer.json at {f}: {fix} (see pretrained_models/README.md)")
+            raise FileNotFoundError(
+                f"no tokenizer.json at {f}: put the Qwen2.5-0.5B Hugging Face directory there "
+                "(see pretrained_models/README.md)"
+            )
     if kind == "tiny":
         return build_tiny_tokenizer()
     raise FileNotFoundError("the qwen tokenizer needs a local directory with tokenizer.json (--llm_path)")
