@@ -85,8 +85,9 @@ def test_main_writes_rows_and_summary_and_resumes(data_root, tmp_path):
                             out_dir=tmp_path / "ref")
     summary = main(cfg, log=lambda *_: None)
     rows = [json.loads(line) for line in open(tmp_path / "ref" / "goal.jsonl")]
-    assert len(rows) == summary["suites"]["goal"]["episodes"] == 10
-    assert summary["suites"]["goal"]["success"] == sum(r["success"] for r in rows) / 10
+    # the demos cover tasks 0 and 1 of the goal suite: only those are rolled out
+    assert sorted(r["task_id"] for r in rows) == [0, 1] and summary["suites"]["goal"]["episodes"] == 2
+    assert summary["suites"]["goal"]["success"] == sum(r["success"] for r in rows) / 2
     assert json.loads((tmp_path / "ref" / "summary.json").read_text()) == summary
     before = (tmp_path / "ref" / "goal.jsonl").read_bytes()
     logged = []
@@ -98,12 +99,12 @@ def test_main_writes_rows_and_summary_and_resumes(data_root, tmp_path):
     assert main(dataclasses.replace(cfg, num_envs=2), log=logged.append)["suites"] == summary["suites"]
     assert not any("step" in line for line in logged)
     # other weights (another seed): refused, the rows kept, unless asked to replace them; then it says so
-    with pytest.raises(ReferenceBCError, match="goal.jsonl holds 10 episode.s. of other settings or demos .*"
+    with pytest.raises(ReferenceBCError, match="goal.jsonl holds 2 episode.s. of other settings or demos .*"
                                                "pass --overwrite true"):
         main(dataclasses.replace(cfg, seed=1), log=logged.append)
     assert (tmp_path / "ref" / "goal.jsonl").read_bytes() == before
     main(dataclasses.replace(cfg, seed=1, overwrite=True), log=logged.append)
-    assert any("discarding 10 episode(s) of other weights or settings" in line for line in logged)
+    assert any("discarding 2 episode(s) of other weights or settings" in line for line in logged)
 
 
 def test_bad_input_names_the_field(data_root, tmp_path):

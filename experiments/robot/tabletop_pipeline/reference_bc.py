@@ -221,7 +221,9 @@ def main(cfg: ReferenceBCConfig, log=print) -> dict:
                           if k not in ("num_envs", "out_dir", "trials_per_task", "overwrite")}
             policy_id = hashlib.sha256(json.dumps([trained_by, suite, ds.fingerprint], sort_keys=True)
                                        .encode()).hexdigest()[:16]
-            episodes = plan([suite], None, cfg.trials_per_task, cfg.first_init_state)
+            # only the tasks the demos cover: a task the reference never saw would only dilute its score
+            trained_tasks = sorted({task_index(suite)[i] for i in ds.instructions})
+            episodes = plan([suite], trained_tasks, cfg.trials_per_task, cfg.first_init_state)
             path = Path(cfg.out_dir) / f"{suite}.jsonl"
             rows = read_rows(path) if path.exists() else []
             if not cfg.overwrite and any(r.get("policy_id") != policy_id for r in rows):
