@@ -67,7 +67,10 @@ def test_killed_and_resumed_run_ends_with_identical_weights(data_root, tmp_path)
 
     with pytest.raises(Crash):
         train(tiny_config(data_root, tmp_path / "b", **kw), on_step=crash_after_three)
-    resumed = train(tiny_config(data_root, tmp_path / "b", resume=True, **kw))
+    trained = []
+    resumed = train(tiny_config(data_root, tmp_path / "b", resume=True, **kw),
+                    on_step=lambda step, rec: trained.append(step))
+    assert trained == [3, 4]  # from the step-2 checkpoint: a restart from scratch would end with the same weights
 
     a, _ = load_checkpoint(straight, "mergevla-checkpoint")
     b, _ = load_checkpoint(resumed, "mergevla-checkpoint")
@@ -91,8 +94,10 @@ def test_loader_workers_feed_the_same_batches(data_root, tmp_path):
 
 def test_resume_extends_a_finished_run(data_root, tmp_path):
     train(tiny_config(data_root, tmp_path / "r", max_steps=2))
-    final = train(tiny_config(data_root, tmp_path / "r", max_steps=3, resume=True))
-    assert final.name == "step_000003" and (tmp_path / "r" / "checkpoints" / "step_000002").is_dir()
+    trained = []
+    final = train(tiny_config(data_root, tmp_path / "r", max_steps=3, resume=True),
+                  on_step=lambda step, rec: trained.append(step))
+    assert trained == [3] and final.name == "step_000003" and (tmp_path / "r" / "checkpoints" / "step_000002").is_dir()
 
 
 
