@@ -66,18 +66,25 @@ def test_action_expert_head_reads_the_same_inputs_and_fits(data_root):
     assert full_batch_mse(model, ds) < 0.5 * untrained_mse
 
 
-def test_policy_maps_instructions_to_task_indices_and_env_actions(data_root):
-    ds = load_suite(data_root, "goal")
+def test_policy_maps_instructions_to_task_indices_and_env_actions():
     model = TaskConditionedCNN(10).eval()
-    seen = []
+    seen, calls = [], []
     model.task.register_forward_hook(lambda _m, args, _o: seen.append(args[0].tolist()))
+    model.register_forward_hook(lambda _m, args, out: calls.append((args[2].numpy(), out.numpy())))
     obs = {"agentview_image": np.zeros((64, 64, 3), np.uint8), "robot0_eye_in_hand_image": np.zeros((64, 64, 3), np.uint8),
            "robot0_eef_pos": np.zeros(3), "robot0_eef_quat": np.array([1.0, 0, 0, 0]),
            "robot0_gripper_qpos": np.array([0.04, -0.04])}
-    acts = ReferencePolicy(model, "goal", ds.norm_stats).act(
-        [obs, obs], ["turn on the stove", "put the red cube in the bowl"], [0, 1])
+    stats = {"action": {"q01": [-2.0] * 6 + [0.0], "q99": [2.0] * 6 + [1.0], "mask": [True] * 6 + [False]},
+             "proprio": {"q01": [0.0] * 8, "q99": [2.0] * 8, "mask": [True] * 8}}
+    acts = ReferencePolicy(model, "goal", stats).act([obs, obs], ["turn on the stove", "put the red cube in the bowl"],
+                                                     [0, 1])
     assert seen == [[6, 0]]
-    assert acts.shape == (2, 8, 7) and np.isfinite(acts).all() and set(np.unique(acts[..., 6])) <= {-1.0, 1.0}
+    (proprio, pred), = calls
+    # raw [0, 0, 0, π, 0, 0, .04, -.04] (180° about x) mapped from [0, 2] to [-1, 1]: x - 1, clipped
+    np.testing.assert_allclose(proprio, [[-1, -1, -1, 1, -1, -1, -0.96, -1]] * 2, atol=1e-6)
+    assert acts.shape == (2, 8, 7)
+    np.testing.assert_allclose(acts[..., :6], 2 * pred[..., :6], atol=1e-6)  # [-1, 1] → [-2, 2]
+    np.testing.assert_array_equal(acts[..., 6], np.where(pred[..., 6] > 0.5, -1.0, 1.0))  # 1 open → -1
 
 
 def test_main_writes_rows_and_summary_and_resumes(data_root, tmp_path):
