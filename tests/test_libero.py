@@ -15,6 +15,7 @@ from experiments.robot.libero.policies import load_policy
 from experiments.robot.libero.preprocess import LiberoImageTransform, center_crop_resize, rotate_180
 from experiments.robot.libero.run_libero_eval import GenerateConfig, eval_crop_area, main, video_patterns
 from experiments.robot.policy import CenterCrop, VLAPolicy, to_env_actions
+from model_merging.errors import MergeError
 from prismatic.checkpoint import CheckpointError
 
 HAVE_LIBERO, WHY_NOT = libero_available()
@@ -113,9 +114,8 @@ def test_checkpoint_kind_errors(tmp_path):
         load_policy(tmp_path / "nope", None)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "manifest.json").write_text(json.dumps({"format": "something-else"}))
-    # not an expert checkpoint → handed to the merged loader, which names the format it expected (or, before
-    # model_merging has its routed policy, the error says that)
-    with pytest.raises((CheckpointError, ValueError), match="'something-else'"):
+    # not an expert checkpoint → handed to the merged loader, which names the format it expected
+    with pytest.raises(MergeError, match=r"manifest\.json: field 'format' is 'something-else', expected 'mergevla-merged'"):
         load_policy(tmp_path / "m", None)
     (tmp_path / "m" / "manifest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="manifest.json is not valid JSON"):
@@ -260,14 +260,6 @@ def test_real_libero_episode_through_the_harness(tiny_checkpoint, tmp_path, caps
         main(dataclasses.replace(cfg, env_img_res=256, dry_run=True))
 
 
-def routed_policy_loader():
-    try:
-        from model_merging import load_routed_policy  # noqa: F401
-    except ImportError as e:
-        return f"model_merging.load_routed_policy is not available yet ({e})"
-    return ""
-
-
 def tiny_merged(tmp_path, suites: list[str]):
     """A TIES merge of tiny experts named after `suites`, each its own random move from one shared init."""
     from model_merging.merge import MergeOptions, merge_experts
@@ -289,16 +281,12 @@ def tiny_merged(tmp_path, suites: list[str]):
 
 @needs_libero
 def test_merged_artifact_is_routed_per_episode_on_real_libero(tmp_path):
-    why = routed_policy_loader()
-    if why:
-        pytest.skip(why)
     merged = tiny_merged(tmp_path, ["libero_spatial", "libero_object"])
     cfg = GenerateConfig(pretrained_checkpoint=merged, task_suites=["libero_spatial"], task_ids=[0],
                          num_trials_per_task=1, max_steps=8, env_img_res=128, fast_render=True,
                          results_dir=tmp_path / "runs", device="cpu")
     (row,) = main(cfg)
-    routed_to = row.get("routed_expert", row.get("routed_task"))
-    assert row["method"] == "TIES" and routed_to in ("libero_spatial", "libero_object") and row["steps"] == 8
+    assert row["method"] == "TIES" and row["routed_expert"] in ("libero_spatial", "libero_object") and row["steps"] == 8
     assert "Routing accuracy" in (tmp_path / "runs" / "summary" / "results.md").read_text()
     main(dataclasses.replace(cfg, router_variant="value"))  # naming the default router is the same run: it resumes
     assert len((tmp_path / "runs" / "TIES--merged-ties.jsonl").read_text().splitlines()) == 1
