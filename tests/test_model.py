@@ -266,7 +266,8 @@ def test_missing_base_gives_a_clear_error(tmp_path):
 
 
 def test_unknown_config_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match="expected one of"):
+    with pytest.raises(ValueError, match=r"unknown config_name 'huge'; "
+                                         r"expected one of \['qwen25-dinosiglip-224px', 'tiny'\]"):
         get_config("huge")
 
 
@@ -278,7 +279,8 @@ def test_base_dir_round_trip(tmp_path):
     digest = save_base_dir(tmp_path / "base", cfg, random_base(cfg, 5), tok.to_str())
     model = build_vla(cfg, BaseModelConfig(base_dir=tmp_path / "base"))
     assert model.base_ref["sha256"] == digest == build_vla(cfg, BaseModelConfig(random_seed=5)).base_ref["sha256"]
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match=r"base already holds base\.json, vlm\.safetensors, tokenizer\.json; "
+                                              "refusing to overwrite it"):
         save_base_dir(tmp_path / "base", cfg, random_base(cfg, 5), tok.to_str())
 
 
