@@ -255,8 +255,14 @@ def test_merge_task_vectors_over_named_tensors_and_shape_errors():
     tv1 = {"vlm.llm.a.weight": T1, "vlm.vision.b.weight": T1 * 2}
     tv2 = {"vlm.llm.a.weight": T2, "vlm.vision.b.weight": T2 * 2}
     out = merge_task_vectors("task_arithmetic", [tv1, tv2])
-    assert torch.equal(out["vlm.vision.b.weight"], 2 * (T1 + T2))
-    with pytest.raises(MergeError, match="shape"):
+    assert torch.equal(out["vlm.vision.b.weight"], 2 * (T1 + T2)) and torch.equal(out["vlm.llm.a.weight"], T1 + T2)
+    # each name's group picks its RETAIN α: (1 − α)·α·τ1 + α·τ2 with α = 0.5 (vision), 0.25 (llm)
+    out = merge_task_vectors("retain", [tv1, tv2], RetainParams(alpha_vision=0.5, alpha_llm=0.25))
+    assert torch.allclose(out["vlm.vision.b.weight"], 2 * (0.25 * T1 + 0.5 * T2))
+    assert torch.allclose(out["vlm.llm.a.weight"], 0.1875 * T1 + 0.25 * T2)
+    with pytest.raises(MergeError, match=r"task vector 1 has parameters \['vlm.vision.b.weight'\] that task 0 lacks"):
+        merge_task_vectors("task_arithmetic", [tv1, {"vlm.llm.a.weight": T2}])
+    with pytest.raises(MergeError, match=r"task vector 1 has shape \(3,\), task 0 has \(4,\)"):
         merge_tensors("task_arithmetic", [T1, torch.zeros(3)])
     with pytest.raises(MergeError, match="unknown merge algorithm 'nope'"):
         merge_tensors("nope", [T1])
