@@ -72,10 +72,10 @@ def test_joint_suite_links_every_suite_file(tmp_path):
     assert got == {"spatial__t0_demo.hdf5": b"spatialt0", "spatial__t1_demo.hdf5": b"spatialt1",
                    "goal__t0_demo.hdf5": b"goalt0"}
     assert all(p.is_symlink() for p in joint.iterdir())
-    with pytest.raises(ValueError, match="collides"):
+    with pytest.raises(ValueError, match="the joint suite's name 'joint' collides with a suite"):
         make_joint_suite(tmp_path, ["spatial", "joint"])
     (tmp_path / "object").mkdir()
-    with pytest.raises(FileNotFoundError, match="object"):
+    with pytest.raises(FileNotFoundError, match=r"suite directory .*object holds no \*\.hdf5 files"):
         make_joint_suite(tmp_path, ["object"])
 
 
