@@ -271,6 +271,10 @@ def test_each_training_job_gets_the_pipelines_knobs(tmp_path):
     assert (c.seed, c.suite, c.max_steps, c.save_every, c.lr_schedule, c.image_aug, c.action_loss) == (
         3, "goal", 30, 30, "cosine", False, "mse")
     assert (c.expert_arch, c.grad_accumulation_steps, c.log_every, c.resume) == ("cross_attn", 1, 30, True)
+    # every knob differs from FinetuneConfig's default, so a knob that is not passed on shows
+    assert (c.batch_size, c.lr, c.warmup_steps, c.min_lr_ratio, c.weight_decay, c.max_grad_norm) == (
+        4, 1e-3, 2, 0.1, 0.0, 1.0)
+    assert (c.data_root, c.base.base_dir, c.out_dir) == (tmp_path, DEFAULT_BASE_DIR, tmp_path / "run")
     c.validate()
     long_job = finetune_config(TrainJob("mergevla/goal", "cross_attn", "goal", 1500, str(tmp_path / "run")), s)
     assert long_job.save_every == 500  # an interrupted job resumes from its last 500-step checkpoint
