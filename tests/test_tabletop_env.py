@@ -1,6 +1,7 @@
 """TableTop-4 simulator: physics rules and success predicates on hand-built states, the LIBERO-shaped env,
 suites, fixed init states, and the scripted expert (solves every task) vs a random policy (does not)."""
 
+import json
 import pickle
 
 import numpy as np
@@ -376,8 +377,14 @@ def test_env_pickles_for_worker_processes():
 
 def test_scene_state_round_trips_through_dict():
     s = init_state("long", 1, 3)
-    t = SceneState.from_dict(s.to_dict())
-    assert t.to_dict() == s.to_dict()
+    hold(s, "red_cube")  # mid-episode: held body, finger and grasp offset all differ from a fresh scene's
+    s.body("stove").on, s.body("yellow_cylinder").support = True, "bowl"
+    t = SceneState.from_dict(json.loads(json.dumps(s.to_dict())))
+    # compared field by field: to_dict on both sides would miss a field that to_dict itself drops
+    assert (t.held, t.finger, t.grasp_offset, t.goals) == ("red_cube", 0.025, s.grasp_offset, s.goals)
+    assert s.grasp_offset != 0.0
+    assert [(b.name, b.kind, b.color, b.support, b.on) for b in t.bodies] == [
+        (b.name, b.kind, b.color, b.support, b.on) for b in s.bodies]
     np.testing.assert_array_equal(t.vector(), s.vector())
 
 
