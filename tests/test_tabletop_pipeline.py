@@ -1,5 +1,6 @@
 """The TableTop-4 pipeline behind `make demo`: stage caching, the joint suite, config checks, quick mode end to end."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -278,6 +279,27 @@ def test_each_training_job_gets_the_pipelines_knobs(tmp_path):
     c.validate()
     long_job = finetune_config(TrainJob("mergevla/goal", "cross_attn", "goal", 1500, str(tmp_path / "run")), s)
     assert long_job.save_every == 500  # an interrupted job resumes from its last 500-step checkpoint
+
+
+def test_a_merge_job_merges_with_its_own_knobs_and_is_redone_when_they_change(tmp_path):
+    from experiments.robot.tabletop_pipeline.merging import MergeJob, run_merge
+    from model_merging.synthetic import save_perturbed_experts
+    from prismatic.models import BaseModelConfig, build_vla
+
+    experts = save_perturbed_experts(build_vla("tiny", BaseModelConfig(random_seed=0), seed=0), tmp_path / "experts",
+                                     ["goal", "long"], noise=0.05, seed=1)
+    # every knob off MergeOptions' default, so one that is not passed on shows in the manifest
+    job = MergeJob("m", "mergevla", "dare", True, 2, tuple((n, str(d)) for n, d in experts), ("a", "b"),
+                   str(tmp_path / "m"), mask_lambda=0.3, k_gate=4, seed=5, per_task_parts=("action_queries",),
+                   params={"p": 0.2})
+    assert run_merge(job)["cached"] is False
+    m = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert (m["algorithm"], m["expert_head_layers"], m["masks"]["lambda"], m["router"]["k_gate"], m["seed"],
+            m["per_task_parts"], m["params"]["p"]) == ("dare", 2, 0.3, 4, 5, ["action_queries"], 0.2)
+    assert run_merge(job)["cached"] is True
+    redone = run_merge(dataclasses.replace(job, k_gate=6))
+    assert redone["cached"] is False and json.loads((tmp_path / "m" / "manifest.json").read_text())["router"][
+        "k_gate"] == 6
 
 
 def test_eval_shows_the_training_crop_and_new_crops_are_new_results():
