@@ -127,6 +127,20 @@ def test_action_loss_is_l1_or_mse_of_the_predicted_chunk(tiny_vla):
         tiny_vla(**batch, action_loss="huber")
 
 
+def test_expert_input_noise_is_drawn_in_training_only():
+    model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
+    batch = smooth_batch(model)
+
+    def actions(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return model(**batch).actions
+
+    assert model.training and torch.equal(actions(0), actions(0)) and not torch.allclose(actions(0), actions(1))
+    model.eval()
+    assert torch.equal(actions(0), actions(1))
+
+
 def test_gradients_reach_only_lora_queries_proprio_and_expert():
     model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
     model(**smooth_batch(model)).loss.backward()
