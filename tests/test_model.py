@@ -104,11 +104,14 @@ def test_sequence_layout_puts_vision_after_first_token_and_queries_after_text(ti
 def test_padding_does_not_change_predictions(tiny_vla):
     model = tiny_vla.eval()
     batch = smooth_batch(model)
-    both = model(**batch).actions
-    alone = model(**{k: v[1:2] if k != "input_ids" else v[1:2, : int(batch["text_lens"][1])]
-                     for k, v in batch.items()}).actions
-    short = model(**{k: v[0:1] if k != "input_ids" else v[0:1, : int(batch["text_lens"][0])]
-                     for k, v in batch.items()}).actions
+    try:
+        both = model(**batch).actions
+        alone = model(**{k: v[1:2] if k != "input_ids" else v[1:2, : int(batch["text_lens"][1])]
+                         for k, v in batch.items()}).actions
+        short = model(**{k: v[0:1] if k != "input_ids" else v[0:1, : int(batch["text_lens"][0])]
+                         for k, v in batch.items()}).actions
+    finally:
+        model.train()  # the session model is shared: later tests expect it as built
     torch.testing.assert_close(both[1:2], alone, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(both[0:1], short, atol=1e-5, rtol=1e-4)
 
