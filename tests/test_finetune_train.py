@@ -237,3 +237,21 @@ def test_a_loss_that_stops_being_a_number_stops_training_before_a_checkpoint_of_
     for ck in (tmp_path / "run" / "checkpoints").glob("step_*"):  # whatever was saved still holds numbers
         tensors, _ = load_checkpoint(ck, "mergevla-checkpoint")
         assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_max_grad_norm_clips_the_gradient_every_trainable_part_sees(data_root, tmp_path):
+    """AdamW's first step moves each weight by lr·g/(|g| + 1e-8): about lr for an unclipped gradient, at most
+    lr·1e-4 once the whole gradient is clipped to norm 1e-12."""
+    from prismatic.models import build_vla
+
+    def first_step(max_grad_norm, name):
+        cfg = tiny_config(data_root, tmp_path / name, max_steps=1, save_every=1, weight_decay=0.0,
+                          max_grad_norm=max_grad_norm)
+        tensors, _ = load_checkpoint(train(cfg), "mergevla-checkpoint")
+        init = build_vla(cfg.config_name, cfg.base_model(), seed=cfg.seed).trainable_state_dict()
+        return {k: (tensors[k] - init[k]).abs().max().item() for k in init}
+
+    free, clipped = first_step(0.0, "free"), first_step(1e-12, "clipped")
+    assert max(free.values()) == pytest.approx(2e-4, rel=0.01)
+    assert max(clipped.values()) <= 2e-4 * 1e-4
+    assert max(clipped.values()) > 0  # the step was taken, only scaled down
