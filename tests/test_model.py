@@ -31,7 +31,7 @@ def test_real_size_parameter_counts_match_published_architecture():
         full_siglip = SiglipVisionModel(siglip_cfg)
     # Qwen2.5-0.5B, tied embeddings: the published 494,032,768.
     assert n_params(model.vlm.llm) == 494_032_768
-    # The published towers (FACTS.md: 303.2M and 427.7M); we build all but the last block (and no head).
+    # The published towers (303.2M and 427.7M parameters); we build all but the last block (and no head).
     assert round(n_params(full_dino) / 1e6, 1) == 303.2
     assert round(n_params(full_siglip) / 1e6, 1) == 427.7
     dino_block = n_params(full_dino.encoder.layer[-1])
