@@ -76,7 +76,7 @@ def run(cfg: AveragePartsConfig) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = normalize_argv(list(sys.argv[1:] if argv is None else argv), ("--experts", "--parts", "--weights"))
     return run_cli("average_parts", AveragePartsConfig, lambda cfg: print(f"wrote {run(cfg)}"),
-                   (MergeError, CheckpointError, FileExistsError), args)
+                   (MergeError, CheckpointError), args)
 
 
 if __name__ == "__main__":

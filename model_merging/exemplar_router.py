@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     from prismatic.vla.datasets.episodes import DatasetError
 
     args = normalize_argv(list(sys.argv[1:] if argv is None else argv), ("--suites",))
-    return run_cli("exemplar_router", ExemplarConfig, run, (MergeError, DatasetError, FileExistsError, ValueError), args)
+    return run_cli("exemplar_router", ExemplarConfig, run, (MergeError, DatasetError, ValueError), args)
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def run(cfg: MergyConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = normalize_argv(list(sys.argv[1:] if argv is None else argv))
-    return run_cli("mergy", MergyConfig, run, (MergeError, CheckpointError, FileExistsError), args)
+    return run_cli("mergy", MergyConfig, run, (MergeError, CheckpointError), args)
 
 
 if __name__ == "__main__":

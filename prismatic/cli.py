@@ -25,9 +25,9 @@ def run_cli(
 ) -> int:
     """Parse `config_class` from `args` (default: the command line) with draccus and call `run(cfg)`.
 
-    A value draccus cannot parse (a flag or a `--config_path` file) and an exception in `user_errors` are bad
-    input, not bugs: they print `prog: error: message` (no traceback) and return USAGE_ERROR; anything else
-    propagates. Returns 0 when `run` finishes.
+    A value draccus cannot parse (a flag or a `--config_path` file) and an exception in `user_errors` (or a
+    FileExistsError / NotADirectoryError, for every CLI) are bad input, not bugs: they print `prog: error: message`
+    (no traceback) and return USAGE_ERROR; anything else propagates. Returns 0 when `run` finishes.
     """
     args = sys.argv[1:] if args is None else list(args)
     try:

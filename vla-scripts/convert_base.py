@@ -114,4 +114,4 @@ def parse_args(args: Sequence[str] | None = None) -> ConvertConfig:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli("convert_base", ConvertConfig, convert, (BaseModelError, WeightsError, FileExistsError)))
+    sys.exit(run_cli("convert_base", ConvertConfig, convert, (BaseModelError, WeightsError)))

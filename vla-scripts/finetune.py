@@ -22,7 +22,7 @@ from prismatic.vla.datasets import DatasetError
 
 # FileNotFoundError: e.g. a base directory without the Qwen tokenizer.json (BaseModelError is one too)
 USER_ERRORS = (ConfigError, DatasetError, RunDirError, CheckpointError, BaseModelError, WeightsError, TrainingDiverged,
-               FileExistsError, FileNotFoundError)
+               FileNotFoundError)
 
 
 def run(cfg: FinetuneConfig) -> None:

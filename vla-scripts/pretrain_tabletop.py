@@ -25,8 +25,7 @@ def run(cfg: PretrainConfig) -> None:
 
 def main() -> int:
     # FileNotFoundError: no base to evaluate
-    return run_cli("pretrain_tabletop", PretrainConfig, run, (PretrainError, FloatingPointError, FileExistsError,
-                                                              FileNotFoundError))
+    return run_cli("pretrain_tabletop", PretrainConfig, run, (PretrainError, FloatingPointError, FileNotFoundError))
 
 
 if __name__ == "__main__":

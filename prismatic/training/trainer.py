@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[int, dict], None]
 
 
-
 class TrainingDiverged(RuntimeError):
     """The loss stopped being a number: the settings (usually the learning rate) must change."""
+
 
 def micro_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, np.uint64)[0] >> 1)

@@ -186,8 +186,7 @@ def _generate(cfg: GenerateConfig, out: Path, jobs: list[tuple[str, int]], log) 
 
 
 def cli() -> int:
-    return run_cli("tabletop generate", GenerateConfig, main, (ValueError, DemoFailure, FileExistsError,
-                                                                NotADirectoryError))
+    return run_cli("tabletop generate", GenerateConfig, main, (ValueError, DemoFailure))
 
 
 if __name__ == "__main__":

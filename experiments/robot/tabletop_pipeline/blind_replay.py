@@ -159,7 +159,7 @@ def main(cfg: BlindReplayConfig, log=print) -> dict:
 
 
 def cli() -> int:
-    return run_cli("blind_replay", BlindReplayConfig, main, (BlindReplayError, NotADirectoryError))
+    return run_cli("blind_replay", BlindReplayConfig, main, (BlindReplayError,))
 
 
 if __name__ == "__main__":

@@ -194,4 +194,4 @@ def main(cfg: SyntheticConfig) -> None:
 
 
 if __name__ == "__main__":  # DatasetError (no rlds extra) is a ValueError
-    sys.exit(run_cli("synthetic", SyntheticConfig, main, (ValueError, FileExistsError)))
+    sys.exit(run_cli("synthetic", SyntheticConfig, main, (ValueError,)))
