@@ -1,6 +1,7 @@
 """The shared evaluation harness on a fake env: protocol, batching, resume, workers, tables, plots, videos."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -365,7 +366,10 @@ def test_mp4_of_odd_sized_frames_is_padded_and_a_failed_write_leaves_nothing(tmp
     frames = [np.full((9, 7, 3), 100 * k, np.uint8) for k in range(3)]
     out = write_mp4(tmp_path / "odd.mp4", frames, fps=5)
     assert out.stat().st_size > 0 and imageio.get_reader(out).get_data(0).shape == (10, 8, 3)
-    with pytest.raises(ValueError):
-        write_mp4(tmp_path / "bad.mp4", [frames[0], np.zeros((4, 4, 3), np.uint8)], fps=5)  # size changes mid-way
+    bad = tmp_path / "bad.mp4"
+    with pytest.raises(ValueError, match=re.escape(f"cannot write {bad}: frame 1 has shape (4, 4, 3), frame 0 (9, 7, 3)")):
+        write_mp4(bad, [frames[0], np.zeros((4, 4, 3), np.uint8)], fps=5)  # size changes mid-way
+    with pytest.raises(ValueError, match=r"frame 0 has shape \(9, 7\), frame 0 \(9, 7\)"):
+        write_mp4(bad, [np.zeros((9, 7), np.uint8)], fps=5)  # grey frames: not (H, W, 3)
     gc.collect()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.mp4"]

@@ -112,7 +112,7 @@ def test_value_update_subspace_is_that_of_the_learned_update():
     q[2, 2] = q[3, 3] = 1.0
     for side in ("act", "vis"):
         assert torch.allclose(projector(out[("value_update", side)]), q, atol=1e-5)
-    with pytest.raises(Exception, match="needs the experts' initial weights"):
+    with pytest.raises(MergeError, match="router variant 'value_update' needs the experts' initial weights"):
         router_subspaces(w, k, ["value_update"])
 
 
@@ -230,5 +230,5 @@ def test_forced_task_and_loader_entry_point(merged):
     infos = policy.start_episodes([fake_obs(2)], ["open the drawer"])
     assert infos == [{"routed_expert": "goal", "routed_index": 2, "route_forced": True}]
     assert policy.act([fake_obs(3)], ["open the drawer"], [0]).shape == (1, 8, 7)
-    with pytest.raises(Exception, match="unknown task 'nope'"):
+    with pytest.raises(MergeError, match="unknown task 'nope'; this merged model has"):
         RoutedPolicy(merged, force_task="nope")
