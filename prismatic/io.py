@@ -21,7 +21,9 @@ def atomic_path(dest: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temp path beside `dest`; on success rename it over `dest`, on error remove it.
 
     `suffix` is for writers that choose the format from the extension (ffmpeg). The file gets the usual
-    permissions (0666 less the umask), not mkstemp's 0600: results and checkpoints are ordinary files.
+    permissions (0666 less the umask), not mkstemp's 0600: results and checkpoints are ordinary files. The data
+    reach the disk before the rename, and the rename before this returns, so a power cut leaves the old file or
+    the whole new one, never an empty one under `dest`'s name.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +34,9 @@ def atomic_path(dest: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
         yield tmp
         if tmp.exists():  # a writer may have replaced or removed it; os.replace then reports that
             os.chmod(tmp, 0o666 & ~_umask())
+            _fsync(tmp)
         os.replace(tmp, dest)
+        _fsync(dest.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -79,6 +83,14 @@ def check_output_dir(path: Path | str, flag: str) -> None:
     blocker = file_on_path(path)
     if blocker is not None:
         raise NotADirectoryError(f"{flag} {path} cannot be created: {blocker} is a file, not a directory")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

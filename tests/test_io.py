@@ -19,6 +19,19 @@ def test_written_file_has_ordinary_permissions(tmp_path):
     assert (tmp_path / "r.json").read_text() == '{\n  "a": 1\n}\n'
 
 
+def test_the_data_reach_the_disk_before_the_rename_and_the_rename_before_returning(tmp_path, monkeypatch):
+    import prismatic.io as io
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(io.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                     real_fsync(fd)))
+    monkeypatch.setattr(io.os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b)))
+    with atomic_path(tmp_path / "r.json") as tmp:
+        tmp.write_text("{}")
+    assert events == [("fsync", str(tmp)), ("replace", str(tmp)), ("fsync", str(tmp_path))]
+
+
 def test_failed_write_leaves_neither_file_nor_temp(tmp_path):
     (tmp_path / "keep.json").write_text("old")
     with pytest.raises(RuntimeError), atomic_path(tmp_path / "keep.json", suffix=".mp4") as tmp:
