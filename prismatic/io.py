@@ -47,7 +47,8 @@ def atomic_dir(dest: Path | str, replace: bool = False) -> Iterator[Path]:
     """Yield an empty directory beside `dest`; on success move it to `dest`, on error remove it.
 
     So a crash never leaves a `dest` that looks finished. An existing `dest` is refused unless `replace`, which
-    swaps the old one out only once the new one is whole.
+    swaps the old one out only once the new one is whole. The rename reaches the disk before this returns (files
+    written inside through `atomic_path` are on it already).
     """
     dest = Path(dest)
     if dest.exists() and not replace:
@@ -66,6 +67,7 @@ def atomic_dir(dest: Path | str, replace: bool = False) -> Iterator[Path]:
             os.rename(dest, old / dest.name)
             os.rename(tmp, dest)
             shutil.rmtree(old)
+        _fsync(dest.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -30,6 +30,10 @@ def test_the_data_reach_the_disk_before_the_rename_and_the_rename_before_returni
     with atomic_path(tmp_path / "r.json") as tmp:
         tmp.write_text("{}")
     assert events == [("fsync", str(tmp)), ("replace", str(tmp)), ("fsync", str(tmp_path))]
+    events.clear()
+    with atomic_dir(tmp_path / "ckpt") as d:
+        (d / "w").write_text("1")
+    assert events == [("fsync", str(tmp_path))] and (tmp_path / "ckpt" / "w").read_text() == "1"
 
 
 def test_failed_write_leaves_neither_file_nor_temp(tmp_path):
