@@ -27,11 +27,14 @@ def write_mp4(path: Path | str, frames: Sequence[np.ndarray], fps: int = 30) -> 
     if not frames:
         raise ValueError(f"no frames to write to {path}")
     path = Path(path)
-    first = np.shape(frames[0])
-    for i, f in enumerate(frames):  # checked before ffmpeg starts: imageio's own message names neither frame nor file
-        if np.shape(f) != first or len(first) != 3 or first[2] != 3:
-            raise ValueError(f"cannot write {path}: frame {i} has shape {np.shape(f)}, frame 0 {first}; every frame "
-                             "must be (H, W, 3) of one size")
+    # checked before ffmpeg starts: imageio's own messages name neither the frame nor the file
+    shape = np.shape(frames[0])
+    if len(shape) != 3 or shape[2] != 3:
+        raise ValueError(f"cannot write {path}: frame 0 has shape {shape}; frames must be (H, W, 3)")
+    for i, f in enumerate(frames[1:], 1):
+        if np.shape(f) != shape:
+            raise ValueError(f"cannot write {path}: frame {i} has shape {np.shape(f)}, frame 0 {shape}; every frame "
+                             "must have one size")
     # ffmpeg picks the container from the extension, so the temp file must end in .mp4 too
     with atomic_path(path, suffix=".mp4") as tmp:
         # macro_block_size=1 keeps the frame size; yuv420p needs even sides, so an odd side gets one black row or
