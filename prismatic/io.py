@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +29,8 @@ def atomic_path(dest: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    _remove_stale_temps(dest)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest, "tmp"), suffix=suffix, dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -54,7 +57,8 @@ def atomic_dir(dest: Path | str, replace: bool = False) -> Iterator[Path]:
     if dest.exists() and not replace:
         raise FileExistsError(f"{dest} already exists; refusing to overwrite it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    _remove_stale_temps(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest, "partial"), dir=dest.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
@@ -63,13 +67,44 @@ def atomic_dir(dest: Path | str, replace: bool = False) -> Iterator[Path]:
         elif not replace:
             raise FileExistsError(f"{dest} appeared while it was being written; it was left as it is")
         else:
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest, "old"), dir=dest.parent))
             os.rename(dest, old / dest.name)
             os.rename(tmp, dest)
             shutil.rmtree(old)
         _fsync(dest.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Temps are named `.<dest name>.<kind>-<host>-<pid>-<random>`, so that the next write to the same `dest` can
+# remove what a killed writer (SIGKILL, a pre-empted job) left: a real-size checkpoint's temp is gigabytes.
+def _temp_prefix(dest: Path, kind: str) -> str:
+    return f".{dest.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_stale_temps(dest: Path) -> None:
+    """Remove `dest`'s unfinished temps whose writer ran on this host and is gone. Another host's temps (a shared
+    filesystem) and a live process's are left alone, and so is an `old` one: a writer killed between its two
+    renames leaves the only whole copy there."""
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.(?:tmp|partial)-{re.escape(socket.gethostname())}-(\d+)-")
+    for p in dest.parent.iterdir():
+        m = pattern.match(p.name)
+        if not m or _alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def file_on_path(path: Path | str) -> Path | None:

@@ -72,6 +72,32 @@ def test_a_directory_appears_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
+def test_a_killed_writers_temps_go_at_the_next_write_to_the_same_name(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process (barring reuse within milliseconds)
+    host, me = socket.gethostname(), os.getpid()
+    stale_file = tmp_path / f".r.json.tmp-{host}-{dead.pid}-ab12"
+    stale_dir = tmp_path / f".ckpt.partial-{host}-{dead.pid}-cd34"
+    kept = [tmp_path / f".r.json.tmp-{host}-{me}-ef56",  # a live writer's (here: this process)
+            tmp_path / f".r.json.tmp-otherhost-{dead.pid}-gh78",  # another host's, on a shared filesystem
+            tmp_path / f".q.json.tmp-{host}-{dead.pid}-ij90",  # another file's: left to its own next write
+            tmp_path / f".ckpt.old-{host}-{dead.pid}-kl12"]  # may hold the only whole copy
+    for p in [stale_file, *kept]:
+        p.write_text("half")
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_text("half")
+    write_json(tmp_path / "r.json", {"a": 1})
+    assert not stale_file.exists() and stale_dir.exists()
+    with atomic_dir(tmp_path / "ckpt") as d:
+        assert d.name.startswith(f".ckpt.partial-{host}-{me}-")
+    assert not stale_dir.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.json", "ckpt", *(p.name for p in kept)])
+
+
 def test_checkpoint_never_replaces_a_users_weights_file_and_an_overwrite_drops_the_old_manifest_first(tmp_path):
     import torch
 
