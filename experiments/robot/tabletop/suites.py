@@ -282,6 +282,14 @@ def _rng(split: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([SEED_DOMAIN, split, *keys]))
 
 
+def check_trial_range(first_init_state: int, trials_per_task: int, error: type[Exception] = ValueError) -> None:
+    """`error` unless trials k = 0 .. trials_per_task − 1, which start from init state first_init_state + k, all
+    have one."""
+    if first_init_state < 0 or first_init_state + trials_per_task > NUM_INIT_STATES:
+        raise error(f"first_init_state + trials_per_task must lie within the {NUM_INIT_STATES} init states, got "
+                    f"{first_init_state} + {trials_per_task}")
+
+
 def init_state(suite: str, task_id: int, index: int) -> SceneState:
     """The `index`-th fixed evaluation initial state of a task (like LIBERO's init states)."""
     task = get_task(suite, task_id)

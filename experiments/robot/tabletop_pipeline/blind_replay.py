@@ -26,8 +26,8 @@ from experiments.robot.tabletop.demos import DemoFailure, first_successes, noise
 from experiments.robot.tabletop.env import TableTopEnv
 from experiments.robot.tabletop.expert import ScriptedExpert
 from experiments.robot.tabletop.suites import (
-    NUM_INIT_STATES,
     SUITE_NAMES,
+    check_trial_range,
     demo_scene,
     get_suite,
     get_task,
@@ -56,9 +56,7 @@ class BlindReplayConfig:
             raise BlindReplayError(f"suites is {self.suites}, expected a non-empty subset of {list(SUITE_NAMES)}")
         if self.source_demos < 1 or self.trials_per_task < 1:
             raise BlindReplayError("source_demos and trials_per_task must be positive integers")
-        if self.first_init_state < 0 or self.first_init_state + self.trials_per_task > NUM_INIT_STATES:
-            raise BlindReplayError(f"first_init_state + trials_per_task must lie within the {NUM_INIT_STATES} "
-                                   f"init states, got {self.first_init_state} + {self.trials_per_task}")
+        check_trial_range(self.first_init_state, self.trials_per_task, BlindReplayError)
         if self.seed < 0 or not 0 <= self.noise < math.inf:  # written so that NaN fails too
             raise BlindReplayError(f"seed and noise must be >= 0, got seed={self.seed}, noise={self.noise}")
 

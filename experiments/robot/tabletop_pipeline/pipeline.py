@@ -99,6 +99,7 @@ class PipelineConfig:
         return Path(self.data_dir) if self.data_dir is not None else Path(self.out_dir) / "tabletop4"
 
     def validate(self) -> None:
+        from experiments.robot.tabletop.suites import check_trial_range
         from model_merging import METHODS
         from model_merging.router import ALL_VARIANTS, EXEMPLAR
         from prismatic.models import get_config
@@ -141,8 +142,7 @@ class PipelineConfig:
         if self.lr_schedule != "constant" and self.warmup_steps >= min(self.expert_steps, self.joint_steps):
             raise PipelineError(f"warmup_steps ({self.warmup_steps}) must be below expert_steps and joint_steps "
                                 f"({self.expert_steps}, {self.joint_steps})")
-        if self.first_init_state + self.trials_per_task > 50:
-            raise PipelineError("first_init_state + trials_per_task must be <= 50 (TableTop-4 has 50 init states)")
+        check_trial_range(self.first_init_state, self.trials_per_task, PipelineError)
         bad = [a for a in [*self.algorithms, *self.unmasked_algorithms, *self.per_task_algorithms,
                            *self.baseline_algorithms] if a not in METHODS]
         if bad:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from experiments.robot.tabletop.suites import NUM_INIT_STATES, SUITE_NAMES, get_suite
+from experiments.robot.tabletop.suites import SUITE_NAMES, check_trial_range, get_suite
 from prismatic.cli import check_finite, run_cli
 
 
@@ -65,9 +65,7 @@ class ReferenceBCConfig:
                 raise ReferenceBCError(f"{name} is {getattr(self, name)}, expected a positive integer")
         check_head(self.head)
         check_finite(self, ("lr", "min_lr_ratio", "max_grad_norm", "weight_decay"), ReferenceBCError)
-        if self.first_init_state < 0 or self.first_init_state + self.trials_per_task > NUM_INIT_STATES:
-            raise ReferenceBCError(f"first_init_state + trials_per_task must lie within the {NUM_INIT_STATES} "
-                                   f"init states, got {self.first_init_state} + {self.trials_per_task}")
+        check_trial_range(self.first_init_state, self.trials_per_task, ReferenceBCError)
         if self.seed < 0:
             raise ReferenceBCError(f"seed is {self.seed}, expected >= 0")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
