@@ -64,18 +64,22 @@ def test_refusals_come_before_anything_is_written(data_root, tmp_path):
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "error: device is 'cuda' but no CUDA device is available"))
-    for flags, msg in cases:
-        out = tmp_path / "run"
-        r = _run([sys.executable, str(SCRIPT), *TINY, "--data_root", str(data_root), "--out_dir", str(out), "--max_steps", "1",
-                  *flags])
-        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr[-2000:])
+    cases += [
+        ([], f"{tmp_path / 'afile'} is a file, not a directory", tmp_path / "afile" / "run"),
+        (["--base.llm_path", str(tmp_path / "qwen"), "--base.random_seed", "0", "--base.prismatic_checkpoint",
+          str(bad_ckpt)], "does not fit config 'tiny'"),
+    ]
+    runs = []  # each run spends seconds importing torch; they run side by side
+    for i, (flags, msg, *out) in enumerate(cases):
+        out = out[0] if out else tmp_path / f"run{i}"
+        cmd = [sys.executable, str(SCRIPT), *TINY, "--data_root", str(data_root), "--out_dir", str(out), "--max_steps",
+               "1", *flags]
+        runs.append((flags, msg, out, subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                                                       stderr=subprocess.PIPE, text=True)))
+    for flags, msg, out, proc in runs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 2 and msg in err and "Traceback" not in err, (flags, err[-2000:])
         assert not out.exists(), flags
-    r = _run([sys.executable, str(SCRIPT), *TINY, "--data_root", str(data_root), "--out_dir", str(tmp_path / "afile" / "run")])
-    assert r.returncode == 2 and f"{tmp_path / 'afile'} is a file, not a directory" in r.stderr, r.stderr[-2000:]
-    r = _run([sys.executable, str(SCRIPT), *TINY, "--data_root", str(data_root), "--out_dir", str(tmp_path / "out"),
-              "--max_steps", "1", "--base.llm_path", str(tmp_path / "qwen"), "--base.random_seed", "0",
-              "--base.prismatic_checkpoint", str(bad_ckpt)])
-    assert r.returncode == 2 and "does not fit config 'tiny'" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 def test_two_process_gloo_ddp_run(data_root, tmp_path):
