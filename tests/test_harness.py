@@ -293,6 +293,31 @@ def test_summary_files_and_plots(tmp_path):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_success_by_task_per_suite_in_the_summary_and_csv(tmp_path):
+    names = {0: "open the drawer", 2: "close it", 10: "push the plate"}
+    rows = [{"key": f"{suite}/{t}/{k}", "method": m, "suite": suite, "task_id": t, "task": names[t], "success": bool(s)}
+            for m, suite, t, results in [("FT experts", "libero_goal", 10, [1, 1]), ("FT experts", "libero_goal", 2, [1, 0]),
+                                         ("FT experts", "libero_goal", 0, [0, 0]), ("TIES", "libero_goal", 0, [1, 0]),
+                                         ("TIES", "libero_10", 0, [1, 1])]
+            for k, s in enumerate(results)]
+    paths = write_summary(rows, tmp_path / "sum", plots=False)
+    md = paths["markdown"].read_text()
+    # task ids in numeric order (2 before 10); avg = the mean over the tasks the method ran
+    assert ("## Goal: success rate (%) by task\n\n| method | 0 | 2 | 10 | avg |\n|---|---:|---:|---:|---:|\n"
+            "| FT experts | 0.0 | 50.0 | 100.0 | 50.0 |\n| TIES | 50.0 | – | – | – |\n\n"
+            "- task 0: open the drawer\n- task 2: close it\n- task 10: push the plate\n") in md
+    assert "## Long: success rate (%) by task\n\n| method | 0 | avg |\n|---|---:|---:|\n| TIES | 100.0 | 100.0 |\n" in md
+    assert paths["csv_by_task"].read_text() == (
+        "method,suite,task_id,task,successes,episodes,success_rate\n"
+        "FT experts,libero_goal,0,open the drawer,0,2,0.0\nFT experts,libero_goal,2,close it,1,2,50.0\n"
+        "FT experts,libero_goal,10,push the plate,2,2,100.0\nTIES,libero_goal,0,open the drawer,1,2,50.0\n"
+        "TIES,libero_10,0,open the drawer,2,2,100.0\n")
+    many = [{"key": f"libero_goal/{t}/0", "method": "TIES", "suite": "libero_goal", "task_id": t, "success": True}
+            for t in range(21)]
+    assert "## Goal: success rate (%) by task\n\n21 tasks: see results_by_task.csv\n" in summary_markdown(many)
+    assert "csv_by_task" not in write_summary(paper_rows(), tmp_path / "old", plots=False)  # rows without task ids
+
+
 def test_a_row_mixing_protocols_is_flagged_in_the_summary():
     full = {"env_img_res": 256, "fast_render": False, "seed": 7}
     rows = [dict(r, protocol=full) for r in paper_rows()]

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from experiments.robot.harness.results import ResultsError
-from experiments.robot.harness.summary import routing_confusions, success_table, summary_markdown
+from experiments.robot.harness.summary import routing_confusions, success_table, summary_markdown, task_csv
 
 
 def write_summary(rows: Sequence[dict], out_dir: Path | str, plots: bool = True) -> dict[str, Path]:
-    """results.md, results.csv (paper layout), results_by_category.csv (LIBERO-Plus), success_bars.png,
-    routing_<method>.png. Returns the paths written."""
+    """results.md, results.csv (paper layout), results_by_task.csv, results_by_category.csv (LIBERO-Plus),
+    success_bars.png, routing_<method>.png. Returns the paths written."""
     from prismatic.io import write_text  # imports torch: keep it out of worker start-up
 
     if not rows:
@@ -22,6 +22,9 @@ def write_summary(rows: Sequence[dict], out_dir: Path | str, plots: bool = True)
     paths = {"markdown": out / "results.md", "csv": out / "results.csv"}
     write_text(paths["markdown"], summary_markdown(rows))
     write_text(paths["csv"], table.to_csv())
+    if by_task := task_csv(rows):
+        paths["csv_by_task"] = out / "results_by_task.csv"
+        write_text(paths["csv_by_task"], by_task)
     cat_rows = [r for r in rows if "category" in r]
     if cat_rows:
         paths["csv_by_category"] = out / "results_by_category.csv"

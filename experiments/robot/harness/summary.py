@@ -28,6 +28,7 @@ SUITE_LABELS = {
 }
 FT_METHOD = "FT experts"  # the method label of per-suite fine-tuned checkpoints: listed first
 ROUTED_KEYS = ("routed_expert", "routed_task")  # the routed policy's per-episode info field (either name)
+MAX_TASK_COLUMNS = 20  # a suite with more tasks gets its per-task figures in the CSV only
 
 
 def routed(row: dict):
@@ -112,6 +113,39 @@ def success_table(rows: Sequence[dict], column_key: str = "suite", method_key: s
     return Table(title, methods, columns, {k: (v[0], v[1]) for k, v in counts.items()})
 
 
+def task_tables(rows: Sequence[dict]) -> dict[str, Table]:
+    """Per suite, success by task: one row per method, one column per task id (in numeric order). Empty when
+    some row lacks a task id (rows written before it was logged)."""
+    if not rows or any("task_id" not in r for r in rows):
+        return {}
+    out = {}
+    for suite in _ordered([str(r["suite"]) for r in rows], list(SUITE_LABELS)):
+        table = success_table([r for r in rows if str(r["suite"]) == suite], column_key="task_id",
+                              title=f"{SUITE_LABELS.get(suite, suite)}: success rate (%) by task")
+        table.columns.sort(key=int)
+        out[suite] = table
+    return out
+
+
+def task_csv(rows: Sequence[dict]) -> str:
+    """One line per (method, suite, task): successes, episodes, rate in percent, and the task's name. Empty
+    when `task_tables` is."""
+    tables = task_tables(rows)
+    if not tables:
+        return ""
+    names = {(str(r["suite"]), str(r["task_id"])): r.get("task", "") for r in rows}
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", "suite", "task_id", "task", "successes", "episodes", "success_rate"])
+    for suite, table in tables.items():
+        for m in table.methods:
+            for c in table.columns:
+                if (m, c) in table.counts:
+                    k, n = table.counts[(m, c)]
+                    w.writerow([m, suite, c, names[(suite, c)], k, n, _fmt(table.rate(m, c))])
+    return buf.getvalue()
+
+
 @dataclass
 class Confusion:
     method: str
@@ -154,6 +188,15 @@ def summary_markdown(rows: Sequence[dict]) -> str:
     if any("category" in r for r in rows):
         by_cat = success_table([r for r in rows if "category" in r], column_key="category")
         parts += ["\n## Success rate (%) by perturbation dimension (LIBERO-Plus)\n", by_cat.to_markdown()]
+    for suite, table in task_tables(rows).items():
+        parts.append(f"\n## {table.title}\n\n")
+        if len(table.columns) > MAX_TASK_COLUMNS:  # LIBERO-Plus: thousands of perturbed tasks, one episode each
+            parts.append(f"{len(table.columns)} tasks: see results_by_task.csv\n")
+            continue
+        parts.append(table.to_markdown())
+        named = {str(r["task_id"]): r.get("task") for r in rows if str(r["suite"]) == suite and r.get("task")}
+        if named:
+            parts.append("\n" + "".join(f"- task {c}: {named[c]}\n" for c in table.columns if c in named))
     confusions = routing_confusions(rows)
     if confusions:
         parts.append("\n## Routing accuracy (first observation of each episode)\n")
