@@ -321,6 +321,28 @@ def test_prismatic_pt_checkpoint_loads_strictly(tmp_path):
     check_vlm(loaded_vlm(sd), parts)
 
 
+def test_a_base_wholly_from_files_builds_no_random_vlm_and_reads_only_the_tokenizer_from_llm_path(tmp_path, monkeypatch):
+    import prismatic.models.loading as loading
+    from prismatic.models import BaseModelConfig
+    from prismatic.models.processing import build_tiny_tokenizer
+
+    parts = prismatic_parts()
+    f = tmp_path / "latest-checkpoint.pt"
+    torch.save({"model": parts}, f)
+    llm_dir = tmp_path / "qwen"  # the tokenizer only: the checkpoint's LLM is the one used
+    llm_dir.mkdir()
+    (llm_dir / "tokenizer.json").write_text(build_tiny_tokenizer().to_str())
+
+    def unused(*_a, **_k):
+        raise AssertionError("built or read weights that the checkpoint replaces")
+
+    monkeypatch.setattr(loading, "random_base", unused)
+    monkeypatch.setattr(loading, "load_qwen_hf", unused)
+    sd, ref, tok = loading.resolve_base(CFG, BaseModelConfig(llm_path=llm_dir, prismatic_checkpoint=f))
+    check_vlm(loaded_vlm(sd), parts)
+    assert tok == llm_dir and ref["kind"] == "files" and ref["random_seed"] is None
+
+
 def test_prismatic_safetensors_variant_matches_pt(tmp_path):
     parts = prismatic_parts()
     flat = {f"projector.{k}": v for k, v in parts["projector"].items()}  # → projector.projector.0.weight

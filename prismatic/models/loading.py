@@ -186,21 +186,24 @@ def resolve_base(cfg: VLAConfig, base: BaseModelConfig, verify: bool = True
         ref = {"kind": "dir", "path": str(Path(base.base_dir).resolve()), "sha256": meta["sha256"]}
         return sd, ref, base.tokenizer_dir()
     if base.llm_path is not None:
-        llm = load_qwen_hf(base.llm_path, cfg)
+        from prismatic.models import prismatic_weights as pw
+
         towers_given = base.dino_path is not None or base.siglip_path is not None
+        # every part from a file, the LLM from the checkpoint (the one VLM training tuned): neither a random VLM
+        # nor llm_path's weights would survive (at real size ~30 s and GBs), so only its tokenizer is read
+        from_files = base.prismatic_checkpoint is not None and (base.random_seed is None or towers_given)
+        llm = None if from_files else load_qwen_hf(base.llm_path, cfg)
         if base.random_seed is None and base.prismatic_checkpoint is None:
             raise BaseModelError(
                 "llm_path alone leaves the vision towers and projector unset: add prismatic_checkpoint "
                 f"(+ dino_path / siglip_path), or random_seed to make them random on purpose; see {PRETRAINED_README}"
             )
-        sd = random_base(cfg, base.random_seed or 0)
-        sd.update(llm)
-        if base.prismatic_checkpoint is not None:
-            from prismatic.models import prismatic_weights as pw
-
-            if base.random_seed is None or towers_given:  # every part must come from a file
-                sd.update(pw.assemble_vlm_state(cfg, base.prismatic_checkpoint, base.dino_path, base.siglip_path)[0])
-            else:
+        if from_files:
+            sd = pw.assemble_vlm_state(cfg, base.prismatic_checkpoint, base.dino_path, base.siglip_path)[0]
+        else:
+            sd = random_base(cfg, base.random_seed)
+            sd.update(llm)
+            if base.prismatic_checkpoint is not None:
                 sd.update(pw.load_prismatic_checkpoint(base.prismatic_checkpoint, cfg))
         as_str = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
         ref = {"kind": "files", "llm_path": as_str(base.llm_path),
