@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -89,6 +90,21 @@ def test_qwen_dir_of_another_size_is_refused(qwen_dir, tmp_path):
         build_vla(get_config("tiny", llm=type(CFG.llm)(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
                                                           intermediate_size=384, vocab_size=512)),
                   BaseModelConfig(llm_path=d))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rope_theta", 1e6, "rope_theta is 1000000.0, config 'tiny' expects 10000.0"),  # the older, flat form
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 5e5}, "rope_theta is 500000.0, config 'tiny' expects"),
+    ("rms_norm_eps", 1e-5, "rms_norm_eps is 1e-05, config 'tiny' expects 1e-06"),
+    ("tie_word_embeddings", False, "tie_word_embeddings is False, config 'tiny' expects True"),
+])
+def test_qwen_dir_whose_config_states_other_settings_is_refused(qwen_dir, tmp_path, key, value, message):
+    d = tmp_path / "qwen"
+    shutil.copytree(qwen_dir[0], d)
+    hf = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**hf, key: value}))
+    with pytest.raises(BaseModelError, match=re.escape(message)):
+        build_vla(CFG, BaseModelConfig(llm_path=d, random_seed=0))
 
 
 def test_tampered_base_dir_is_refused(tmp_path):

@@ -163,6 +163,12 @@ def load_qwen_hf(path: Path | str, cfg: VLAConfig) -> dict[str, torch.Tensor]:
     for k, v in want.items():
         if hf.get(k) != v:
             raise BaseModelError(f"{p / 'config.json'}: {k} is {hf.get(k)}, config {cfg.name!r} expects {v}")
+    # the model is built from `cfg`, not from this file: a value the file states otherwise would be ignored
+    stated = {"rope_theta": hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta")),
+              "rms_norm_eps": hf.get("rms_norm_eps"), "tie_word_embeddings": hf.get("tie_word_embeddings")}
+    for k, v in stated.items():
+        if v is not None and v != getattr(cfg.llm, k):
+            raise BaseModelError(f"{p / 'config.json'}: {k} is {v}, config {cfg.name!r} expects {getattr(cfg.llm, k)}")
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise BaseModelError(f"no *.safetensors weights in {p} (only safetensors are read, never pickles)")
