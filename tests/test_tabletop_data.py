@@ -48,7 +48,7 @@ def test_demo_file_layout(dataset):
             data = f["data"]
             info = json.loads(data.attrs["problem_info"])
             assert info["language_instruction"] == get_task(suite, task_id).instruction
-            assert bool(data.attrs["mergevla_images_upright"]) is True
+            assert bool(data.attrs["mergevla_images_upright"]) is True and bool(data.attrs["mergevla_keep_noops"]) is True
             assert sorted(data) == ["demo_0", "demo_1", "demo_2"]
             assert data.attrs["total"] == sum(data[d].attrs["num_samples"] for d in data)
             for d in data.values():
@@ -85,6 +85,28 @@ def test_recorded_episodes_replay_exactly(dataset):
                 np.testing.assert_array_equal(env.state.vector(), d["states"][i])
                 obs, _, done, _ = env.step(a)
                 assert done is (i == t - 1)
+
+
+def test_noise_free_demos_keep_the_steps_that_wait_for_the_fingers(tmp_path):
+    """A scripted grasp holds still while the fingers close; the release's no-op filter, meant for teleoperators'
+    idle steps, would drop that step and leave a demo whose replay lets go of the object."""
+    from prismatic.vla.datasets.episodes import noop_keep_mask
+    from prismatic.vla.datasets.hdf5 import KEEP_NOOPS_ATTR, read_hdf5_file
+
+    main(small(tmp_path / "d", suites=["goal"], task_ids=[0], noise=0.0, pretrain_scenes=0), log=lambda *_: None)
+    path = task_file(tmp_path / "d", "goal", 0)
+    demos = read_task_file(path)["demos"]
+    assert all(not noop_keep_mask(d["actions"]).all() for d in demos)  # each has a step the filter would drop
+    episodes = read_hdf5_file(path, filter_noops=True, preload=True)
+    assert [len(e.actions) for e in episodes] == [len(d["actions"]) for d in demos]
+    for d in demos:  # and the kept actions are what solves the task
+        env = TableTopEnv(get_task("goal", 0), SceneState.from_dict(json.loads(d["attrs"]["init_state"])))
+        env.reset()
+        assert [env.step(a)[2] for a in d["actions"]][-1] is True
+    with h5py.File(path, "r+") as f:  # a file without the mark (LIBERO's own) is filtered as the release did
+        del f["data"].attrs[KEEP_NOOPS_ATTR]
+    lengths = [len(e.actions) for e in read_hdf5_file(path, filter_noops=True, preload=True)]
+    assert lengths == [int(noop_keep_mask(d["actions"]).sum()) for d in demos]
 
 
 def test_manifest_hashes_and_byte_identical_regeneration(dataset, tmp_path):

@@ -35,6 +35,7 @@ from experiments.robot.tabletop.env import EEF_AXIS_ANGLE, TableTopEnv
 from experiments.robot.tabletop.expert import ScriptedExpert
 from experiments.robot.tabletop.physics import MAX_DELTA, PHYSICS_VERSION
 from experiments.robot.tabletop.suites import SEED_DOMAIN, SUITE_NAMES, demo_scene, get_task
+from prismatic.vla.datasets.hdf5 import KEEP_NOOPS_ATTR, UPRIGHT_ATTR
 
 TABLETOP_VERSION = 1
 # seed stream of the expert's action noise. suites.py's SPLIT_LAYOUT is 3 too, but its seed lists are 3 long and
@@ -171,7 +172,8 @@ def write_task_file(path: Path, suite: str, task_id: int, episodes: list[Episode
             "env_name": "TableTop4", "suite": suite, "task_id": task_id, "image_size": image_size,
             "supersample": supersample, "max_steps": task.max_steps, "action_scale_m": MAX_DELTA,
         })
-        data.attrs["mergevla_images_upright"] = True
+        data.attrs[UPRIGHT_ATTR] = True
+        data.attrs[KEEP_NOOPS_ATTR] = True
         data.attrs["total"] = int(sum(len(e.actions) for e in episodes))
         data.attrs["num_demos"] = len(episodes)
         data.attrs["tabletop_version"] = TABLETOP_VERSION

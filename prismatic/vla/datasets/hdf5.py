@@ -1,7 +1,8 @@
 """Raw LIBERO demo files (`<suite>/<task>_demo.hdf5`), read directly: no conversion step.
 
 What the RLDS release did to these files, done here on the fly: images rotated 180° (unless the file says
-`mergevla_images_upright`, as TableTop-4 files do), no-op actions dropped, proprio = ee_states (6) +
+`mergevla_images_upright`, as TableTop-4 files do), no-op actions dropped (unless the file says
+`mergevla_keep_noops`, as TableTop-4's scripted demos do), proprio = ee_states (6) +
 gripper_states (2), the instruction taken from `problem_info`. (The release also re-rendered every demo at
 256 px and dropped the demos that failed on replay; that needs the simulator and is not done here.)
 """
@@ -21,6 +22,9 @@ from prismatic.vla.normalization import gripper_to_train
 
 CAMERAS = ("agentview_rgb", "eye_in_hand_rgb")
 UPRIGHT_ATTR = "mergevla_images_upright"
+# set by scripted demos (TableTop-4), which never idle: a step without motion waits for the fingers to close, and
+# dropping it as the release dropped teleoperators' idle steps would teach a grasp that lets go
+KEEP_NOOPS_ATTR = "mergevla_keep_noops"
 
 
 def _demo_order(name: str) -> tuple[int, str]:
@@ -100,6 +104,7 @@ def read_hdf5_file(path: Path, filter_noops: bool, preload: bool) -> list[Episod
             data = f["data"]
             instruction = read_instruction(path, data)
             flip = not bool(data.attrs.get(UPRIGHT_ATTR, False))
+            filter_file = filter_noops and not bool(data.attrs.get(KEEP_NOOPS_ATTR, False))
             for demo in sorted(data.keys(), key=_demo_order):
                 g = data[demo]
                 if not isinstance(g, h5py.Group) or "obs" not in g:
@@ -119,7 +124,7 @@ def read_hdf5_file(path: Path, filter_noops: bool, preload: bool) -> list[Episod
                 lengths = {len(ee), len(grip), *(len(c) for c in cams)}
                 if lengths != {t}:
                     raise DatasetError(f"{path}: data/{demo} arrays disagree on the number of steps ({lengths | {t}})")
-                keep = noop_keep_mask(actions) if filter_noops else np.ones(t, dtype=bool)
+                keep = noop_keep_mask(actions) if filter_file else np.ones(t, dtype=bool)
                 steps = np.flatnonzero(keep)
                 if len(steps) == 0:
                     continue
