@@ -255,7 +255,7 @@ def test_real_libero_episode_through_the_harness(tiny_checkpoint, tmp_path, caps
     assert main(cfg) == [row]  # resumed: nothing re-run, same row back
     main(dataclasses.replace(cfg, save_videos="libero_spatial/0/*", dry_run=True))  # a finished episode: said so
     assert ("warning: 1 episode(s) named by --save_videos are already done and will not be re-run, so get no video "
-            "(e.g. libero_spatial/0/0)") in capsys.readouterr().out
+            "(e.g. libero_spatial/0/0); to record them, evaluate again into another --results_dir") in capsys.readouterr().out
     with pytest.raises(ResultsError, match="different run"):  # another protocol must not resume into this file
         main(dataclasses.replace(cfg, env_img_res=256, dry_run=True))
 

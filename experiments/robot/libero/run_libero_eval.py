@@ -208,8 +208,8 @@ def main(cfg: GenerateConfig) -> list[dict]:
     unrecorded = [e.key for e in episodes if e.key in done and wants_video(e.key, videos)]
     if unrecorded:  # finished episodes are never re-run, so their videos cannot be recorded into this run
         print(f"warning: {len(unrecorded)} episode(s) named by --save_videos are already done and will not be "
-              f"re-run, so get no video (e.g. {unrecorded[0]}); to record them, evaluate again with another "
-              "--run_name")
+              f"re-run, so get no video (e.g. {unrecorded[0]}); to record them, evaluate again into another "
+              "--results_dir (another --run_name here would count those episodes twice in the summary)")
     if cfg.router_variant == "exemplar":
         from model_merging.exemplars import FrameView, view_mismatch
 
