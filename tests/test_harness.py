@@ -187,6 +187,16 @@ def test_env_failure_in_a_worker_is_reported_and_keeps_finished_rows(tmp_path):
     assert [r["key"] for r in read_rows(path)] == ["s/0/0"]
 
 
+def test_an_env_failure_keeps_the_episode_that_finished_in_the_same_round(tmp_path):
+    # slot 0: task 0 finishes in its first chunk, then task 2's env fails to build; slot 1: task 9 needs two
+    # chunks, the second of which runs in the round where task 2 fails
+    path = tmp_path / "r.jsonl"
+    eps = [EpisodeSpec("s", t, 0, 0, 50) for t in (0, 9, 2)]
+    with pytest.raises(RuntimeError, match="fake env for task 2 is broken"):  # in-process: the env's own error
+        run_episodes(FakeEnvFactory(fail_task=2), ScriptedPolicy(), eps, path, num_envs=2, **QUIET)
+    assert [(r["key"], r["success"], r["steps"]) for r in read_rows(path)] == [("s/0/0", True, 3), ("s/9/0", True, 12)]
+
+
 def test_a_killed_worker_is_named_with_its_signal_and_the_run_resumes(tmp_path):
     path = tmp_path / "r.jsonl"
     with pytest.raises(HarnessError, match=r"worker 0 died \(killed by SIGKILL\); finished episodes are in the "
@@ -221,6 +231,16 @@ def test_a_factory_with_one_simulator_per_process_gets_a_process_per_episode(tmp
                                          "once need num_workers >= 2 worker processes, got 0"):
         run_episodes(OnePerProcess(), ScriptedPolicy(), eps, tmp_path / "r.jsonl", num_envs=2, **QUIET)
     assert len(run_episodes(OnePerProcess(), ScriptedPolicy(), eps, tmp_path / "r.jsonl", **QUIET)) == 2
+
+
+def test_policy_info_may_not_overwrite_an_episodes_fields(tmp_path):
+    class Claims(ScriptedPolicy):
+        def start_episodes(self, observations, instructions):
+            return [{"success": False, "routed_expert": "s"} for _ in observations]
+
+    with pytest.raises(HarnessError, match=r"info fields \['success'\] that would overwrite the episode's own"):
+        run_episodes(FakeEnvFactory(), Claims(), plan_episodes("s", 1, 1, 20), tmp_path / "r.jsonl", **QUIET)
+    assert read_rows(tmp_path / "r.jsonl") == []
 
 
 def test_bad_policy_output_is_an_error(tmp_path):

@@ -48,7 +48,8 @@ class _Slot:
 
 
 class _InProcess:
-    """Slots in this process; `collect` runs whatever was submitted."""
+    """Slots in this process; `collect` runs whatever was submitted. A slot whose env raised replies with the
+    exception (raised by `_loop` once the other replies are written)."""
 
     def __init__(self, num_slots, env_factory, protocol, video_dir, frame_fn):
         self.drivers = [EpisodeDriver(env_factory, protocol, video_dir, frame_fn) for _ in range(num_slots)]
@@ -62,7 +63,10 @@ class _InProcess:
         out = []
         for cmd, slot, payload in queue:
             d = self.drivers[slot]
-            out.append((slot, d.start(*payload) if cmd == "start" else d.run_chunk(payload)))
+            try:
+                out.append((slot, d.start(*payload) if cmd == "start" else d.run_chunk(payload)))
+            except Exception as e:  # the other slots' episodes still run and finish
+                out.append((slot, e))
         return out
 
     def close(self):
@@ -110,7 +114,8 @@ class _Processes:
                             f"resume.{hint}")
 
     def collect(self, linger_s: float = 0.02):
-        """At least one reply; then whatever else arrives within `linger_s` (bigger policy batches)."""
+        """At least one reply; then whatever else arrives within `linger_s` (bigger policy batches). A slot whose
+        env raised replies with a HarnessError (raised by `_loop` once the other replies are written)."""
         out: list = []
         busy = [c for c, n in zip(self.conns, self.outstanding) if n]
         ready = wait(busy, timeout=self.reply_timeout_s)
@@ -128,7 +133,7 @@ class _Processes:
                     raise self._died(w) from e
                 self.outstanding[w] -= 1
                 if status == "error":
-                    raise HarnessError(f"environment slot {slot} failed in worker {w}:\n{reply}")
+                    reply = HarnessError(f"environment slot {slot} failed in worker {w}:\n{reply}")
                 out.append((slot, reply))
             busy = [c for c, n in zip(self.conns, self.outstanding) if n]
             ready = wait(busy, timeout=linger_s) if busy else []
@@ -234,7 +239,10 @@ def _loop(backend, num_slots, todo, policy, protocol, results, video_episodes, t
                 active[slot] = _Slot(spec, eid, time.perf_counter())
                 backend.submit("start", slot, (spec, wants_video(spec.key, video_episodes)))
         new, waiting = [], []
-        for slot, reply in backend.collect():
+        replies = backend.collect()
+        for slot, reply in replies:
+            if isinstance(reply, Exception):
+                continue
             st = active[slot]
             if not st.started:
                 st.instruction, st.env_setup_s = reply["instruction"], reply["env_setup_s"]
@@ -248,6 +256,9 @@ def _loop(backend, num_slots, todo, policy, protocol, results, video_episodes, t
                 continue
             st.obs = reply["obs"]
             (waiting if st.started else new).append(slot)
+        failed = [reply for _, reply in replies if isinstance(reply, Exception)]
+        if failed:  # after the episodes that finished alongside it are in the results file
+            raise failed[0]
         if new:
             args = ([active[s].obs for s in new], [active[s].instruction for s in new])
             kw = {"episode_ids": [active[s].episode_id for s in new]} if pass_ids else {}
@@ -279,8 +290,11 @@ def _row(st: _Slot, reply: dict) -> dict:
         "steps": reply["steps"],
         "wall_time_s": round(time.perf_counter() - st.t0, 3),
         "env_setup_s": round(st.env_setup_s, 3),
-        **st.info,
     }
+    if clash := sorted(set(st.info) & {*row, "video"}):
+        raise HarnessError(f"policy.start_episodes returned info fields {clash} that would overwrite the episode's "
+                           "own; name them otherwise")
+    row.update(st.info)
     if "video" in reply:
         row["video"] = reply["video"]
     return row
