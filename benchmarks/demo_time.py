@@ -20,12 +20,11 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import draccus
-
-from experiments.robot.demo import DemoConfig
+from experiments.robot.demo import DEMO_USER_ERRORS, DemoConfig
 from experiments.robot.demo import main as run_demo
 from experiments.robot.tabletop_pipeline.pipeline import SUITES
 from experiments.robot.tabletop_pipeline.stages import jsonable
+from prismatic.cli import run_cli
 from prismatic.io import read_json_object
 
 TARGET_WALL_S = {"full": 20 * 60, "quick": 5 * 60}
@@ -119,5 +118,13 @@ def main(cfg: DemoTimeConfig) -> int:
     return 2 if warm else 0
 
 
+def cli() -> int:
+    """Bad flags and bad input the demo refuses exit 2 with one line, as every entry point does; otherwise the
+    verdict (0 met, 1 missed, 2 not judged)."""
+    verdict = []
+    code = run_cli("demo_time", DemoTimeConfig, lambda cfg: verdict.append(main(cfg)), DEMO_USER_ERRORS)
+    return verdict[0] if verdict else code
+
+
 if __name__ == "__main__":
-    sys.exit(main(draccus.parse(DemoTimeConfig)))  # returns its own verdict code (0 met, 1 missed, 2 not judged)
+    sys.exit(cli())

@@ -14,6 +14,7 @@ from draccus.utils import DraccusException
 C = TypeVar("C")
 
 USAGE_ERROR = 2  # bad input the user can fix, as argparse exits on a bad flag
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def run_cli(
@@ -27,7 +28,8 @@ def run_cli(
 
     A value draccus cannot parse (a flag or a `--config_path` file) and an exception in `user_errors` (or a
     FileExistsError / NotADirectoryError, for every CLI) are bad input, not bugs: they print `prog: error: message`
-    (no traceback) and return USAGE_ERROR; anything else propagates. Returns 0 when `run` finishes.
+    (no traceback) and return USAGE_ERROR; Ctrl-C returns INTERRUPTED; anything else propagates. Returns 0 when
+    `run` finishes.
     """
     args = sys.argv[1:] if args is None else list(args)
     try:
@@ -42,6 +44,9 @@ def run_cli(
     except (*user_errors, FileExistsError, NotADirectoryError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt:  # Ctrl-C: what was finished is on disk whole (atomic writes); no traceback
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

@@ -9,7 +9,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -120,6 +120,25 @@ def check_output_dir(path: Path | str, flag: str) -> None:
     blocker = file_on_path(path)
     if blocker is not None:
         raise NotADirectoryError(f"{flag} {path} cannot be created: {blocker} is a file, not a directory")
+
+
+def claim_output_dir(path: Path | str, flag: str, marker: str, ours: Callable[[str], bool]) -> Path:
+    """Make `path` this tool's output directory, or confirm that it is one, before writing into it.
+
+    A new or empty directory is claimed (`marker` is written into it); one holding `marker`, or only entries
+    `ours` accepts (written before markers existed), is taken as it is; any other is someone's own and is
+    refused with a FileExistsError naming `flag`, so no file of theirs is replaced or added to.
+    """
+    check_output_dir(path, flag)
+    path = Path(path)
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if entries and marker not in entries and not all(ours(n) for n in entries):
+        others = [n for n in entries if not ours(n)]
+        raise FileExistsError(f"{flag} {path} holds files this tool did not write ({', '.join(others[:3])}"
+                              f"{', …' if len(others) > 3 else ''}); refusing to write into it: choose another {flag}")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / marker).touch()
+    return path
 
 
 def _fsync(path: Path) -> None:

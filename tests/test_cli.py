@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from prismatic.cli import USAGE_ERROR, run_cli
+from prismatic.cli import INTERRUPTED, USAGE_ERROR, run_cli
 
 
 @dataclass
@@ -32,6 +32,14 @@ def test_run_cli_reports_a_user_error_without_traceback(capsys):
 def test_run_cli_lets_other_errors_propagate():
     with pytest.raises(KeyError):
         run_cli("tool", _Config, _run, (ValueError,), ["--n", "0"])
+
+
+def test_run_cli_reports_ctrl_c_in_one_line_and_exits_130(capsys):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    assert run_cli("tool", _Config, interrupted, (ValueError,), []) == INTERRUPTED == 130
+    assert capsys.readouterr().err == "tool: interrupted\n"
 
 
 def test_run_cli_rejects_an_unknown_flag_as_argparse_does():

@@ -384,6 +384,16 @@ def test_summarize_cli_reads_a_results_dir(tmp_path, capsys):
     assert (tmp_path / "out" / "results.csv").read_text() == "method,Goal,avg\nTA,50.0,50.0\n"
     with pytest.raises(ResultsError, match="no results files given"):
         summarize_main(SummarizeConfig(out_dir=tmp_path / "out"))
+    summarize_main(SummarizeConfig(results_dir=tmp_path / "runs", out_dir=tmp_path / "out", plots=False))  # again
+    mine = tmp_path / "mine"  # a user's own directory: nothing in it is replaced or added to
+    mine.mkdir()
+    (mine / "results.md").write_text("my notes")
+    (mine / "paper.tex").write_text("draft")
+    with pytest.raises(FileExistsError, match=r"out_dir .*mine holds files this tool did not write \(paper\.tex\); "
+                                              r"refusing to write into it: choose another out_dir"):
+        summarize_main(SummarizeConfig(results_dir=tmp_path / "runs", out_dir=mine, plots=False))
+    assert sorted(p.name for p in mine.iterdir()) == ["paper.tex", "results.md"]
+    assert (mine / "results.md").read_text() == "my notes"
 
 
 def test_videos_only_for_requested_episodes(tmp_path):

@@ -136,6 +136,31 @@ def test_state_dict_hash_takes_zero_dim_tensors():
     assert a != state_dict_sha256({"s": torch.tensor(2.5), "v": torch.arange(3.0)})
 
 
+def test_an_output_dir_is_claimed_by_a_marker_and_a_users_own_is_refused(tmp_path):
+    from prismatic.io import claim_output_dir
+
+    ours = {"table.md", "data"}.__contains__
+    new = claim_output_dir(tmp_path / "new" / "run", "--out", ".tool", ours)  # created and marked
+    assert sorted(p.name for p in new.iterdir()) == [".tool"]
+    (new / "notes.txt").write_text("written into a claimed directory later")
+    assert claim_output_dir(new, "--out", ".tool", ours) == new  # marked: taken as it is
+    old = tmp_path / "old"  # a run from before markers: only entries the tool writes
+    (old / "data").mkdir(parents=True)
+    (old / "table.md").write_text("|")
+    claim_output_dir(old, "--out", ".tool", ours)
+    assert (old / ".tool").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("table.md", "a.txt", "b.txt", "c.txt", "d.txt"):
+        (mine / name).write_text("mine")
+    with pytest.raises(FileExistsError, match=r"^--out .*mine holds files this tool did not write \(a\.txt, b\.txt, "
+                                              r"c\.txt, …\); refusing to write into it: choose another --out$"):
+        claim_output_dir(mine, "--out", ".tool", ours)
+    assert sorted(p.name for p in mine.iterdir()) == ["a.txt", "b.txt", "c.txt", "d.txt", "table.md"]
+    with pytest.raises(NotADirectoryError, match="--out .*a.txt is a file"):
+        claim_output_dir(mine / "a.txt", "--out", ".tool", ours)
+
+
 def test_an_output_dir_that_is_or_lies_under_a_file_is_named(tmp_path):
     from prismatic.io import check_output_dir
 

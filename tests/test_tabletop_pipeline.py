@@ -185,6 +185,20 @@ def test_demo_cli_refuses_a_missing_base_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_demo_cli_refuses_a_users_directory_and_a_file_as_out_dir(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "pipeline.log").write_text("my log")
+    (mine / "thesis.pdf").write_text("mine")
+    r = _demo(["--quick", "true", "--out_dir", str(mine)], REPO)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"demo: error: out_dir {mine} holds files this tool did not write (thesis.pdf); refusing" in r.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["pipeline.log", "thesis.pdf"]
+    assert (mine / "pipeline.log").read_text() == "my log"
+    r = _demo(["--quick", "true", "--out_dir", str(mine / "thesis.pdf")], REPO)
+    assert r.returncode == 2 and f"demo: error: out_dir {mine / 'thesis.pdf'} is a file, not a directory" in r.stderr
+
+
 def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
     """`make demo QUICK=1`: every stage runs, the table has every row, and a second run only reads the cache."""
     out = tmp_path / "demo"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from experiments.robot.tabletop.demos import DemoFailure
 from experiments.robot.tabletop_pipeline.pipeline import (
     DEFAULT_BASE_DIR,
     DEMO_ALGORITHMS,
@@ -31,7 +32,10 @@ from experiments.robot.tabletop_pipeline.pipeline import (
     PipelineError,
     run_pipeline,
 )
+from model_merging.errors import MergeError
 from prismatic.cli import run_cli
+
+DEMO_USER_ERRORS = (PipelineError, MergeError, DemoFailure)  # bad input or a run that cannot go on: one line, exit 2
 
 # Presets of the size knobs. Sized from measured throughput on 2 CPU cores (see the README's demo section).
 FULL = {"task_ids": None, "demos_per_task": 50, "expert_steps": 1500, "joint_steps": 3000, "trials_per_task": 4}
@@ -141,10 +145,7 @@ def main(cfg: DemoConfig) -> dict:
 
 
 def cli() -> int:
-    from experiments.robot.tabletop.demos import DemoFailure
-    from model_merging.errors import MergeError
-
-    return run_cli("demo", DemoConfig, main, (PipelineError, MergeError, DemoFailure))
+    return run_cli("demo", DemoConfig, main, DEMO_USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ class FinetuneConfig:
     data_root: Path = Path("data/libero")
     suite: str = "libero_spatial"  # a directory under data_root (libero_spatial|object|goal|10|90, or TableTop-4's)
     dataset_format: Literal["hdf5", "rlds"] = "hdf5"
-    filter_noops: bool = True  # drop no-op steps from raw HDF5 demos, as the RLDS release did (files marked
-    # mergevla_keep_noops, TableTop-4's scripted demos, keep theirs: they wait for the fingers)
+    # files marked mergevla_keep_noops (TableTop-4's scripted demos) keep theirs: their still steps wait for the fingers
+    filter_noops: bool = True  # drop no-op steps from raw HDF5 demos, as the RLDS release did
     preload_images_gb: float = 4.0  # load HDF5 images into memory when they fit in this many GB
     cache_stats: bool = True  # cache norm stats + fingerprint next to the data
     num_workers: int = 0  # data-loader processes (0: load in the training process)

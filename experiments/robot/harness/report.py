@@ -9,15 +9,20 @@ from pathlib import Path
 from experiments.robot.harness.results import ResultsError
 from experiments.robot.harness.summary import routing_confusions, success_table, summary_markdown, task_csv
 
+SUMMARY_MARKER = ".mergevla-summary"
+SUMMARY_FILE = re.compile(r"\.?(results(_by_\w+)?\.(md|csv)|success_bars\.png|routing_.*\.png)(\..*)?")
 
-def write_summary(rows: Sequence[dict], out_dir: Path | str, plots: bool = True) -> dict[str, Path]:
+
+def write_summary(rows: Sequence[dict], out_dir: Path | str, plots: bool = True,
+                  flag: str = "summary directory") -> dict[str, Path]:
     """results.md, results.csv (paper layout), results_by_task.csv, results_by_category.csv (LIBERO-Plus),
-    success_bars.png, routing_<method>.png. Returns the paths written."""
-    from prismatic.io import write_text  # imports torch: keep it out of worker start-up
+    success_bars.png, routing_<method>.png. Returns the paths written. A directory holding other files (not an
+    earlier summary's) is refused: FileExistsError naming `flag`."""
+    from prismatic.io import claim_output_dir, write_text  # imports torch: keep it out of worker start-up
 
     if not rows:
         raise ResultsError("no finished episodes to summarise")
-    out = Path(out_dir)
+    out = claim_output_dir(out_dir, flag, SUMMARY_MARKER, SUMMARY_FILE.fullmatch)
     table = success_table(rows)
     paths = {"markdown": out / "results.md", "csv": out / "results.csv"}
     write_text(paths["markdown"], summary_markdown(rows))

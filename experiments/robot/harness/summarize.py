@@ -32,7 +32,7 @@ def main(cfg: SummarizeConfig) -> dict[str, Path]:
         files += sorted(cfg.results_dir.glob("*.jsonl"))
     if not files:
         raise ResultsError("no results files given: set --results '[a.jsonl,...]' or --results_dir DIR")
-    paths = write_summary(read_many(files), cfg.out_dir, cfg.plots)
+    paths = write_summary(read_many(files), cfg.out_dir, cfg.plots, flag="out_dir")
     print(Path(paths["markdown"]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return paths

@@ -368,14 +368,24 @@ def machine_info() -> dict:
             "loadavg_1m": load[0]}
 
 
+RUN_MARKER = ".mergevla-demo-run"  # what makes an out_dir a run's, so a rerun resumes and a user's dir is refused
+RUN_ENTRIES = ("data", "base", "train", "merge", "eval", "summary", "tabletop4", "pipeline.log", "timing.json",
+               "timing_history.jsonl", "demo_table.md", "routing.json")
+
+
+def _written_by_a_run(name: str) -> bool:
+    """An entry of a run's out_dir (or an atomic write's temp of one), for runs from before RUN_MARKER."""
+    return name in RUN_ENTRIES or any(name.startswith(f".{e}.") for e in RUN_ENTRIES)
+
+
 def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     """Run (or resume) every stage; write and return the report (see report.py)."""
     from experiments.robot.tabletop_pipeline.evaluation import plan
     from experiments.robot.tabletop_pipeline.report import build_report, write_report
+    from prismatic.io import claim_output_dir
 
     cfg.validate()
-    root = Path(cfg.out_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    root = claim_output_dir(cfg.out_dir, "out_dir", RUN_MARKER, _written_by_a_run)
     log = _log_to(root / "pipeline.log", log)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
