@@ -114,6 +114,8 @@ def _child(name: str, cfg: ThroughputConfig, q) -> None:
 
 def main(cfg: ThroughputConfig) -> None:
     check_counts(cfg, positive=("batch_size", "steps"), non_negative=("warmup_steps", "cpu_threads"))
+    for name in cfg.configs:  # before any child runs: get_config names the known ones
+        get_config(name)
     ctx = mp.get_context("spawn")
     print(f"forward+backward, batch {cfg.batch_size}, random weights, median of {cfg.steps} timed steps")
     for name in cfg.configs:

@@ -1,6 +1,6 @@
 """Pretrain the tiny VLM on the TableTop-4 pretraining pool and write a mergevla base directory.
 
-    python vla-scripts/pretrain_tabletop.py                      # regenerates pretrained_models/tabletop4-tiny-base
+    python vla-scripts/pretrain_tabletop.py --overwrite true     # regenerates pretrained_models/tabletop4-tiny-base
     python vla-scripts/pretrain_tabletop.py --steps 200 --out_dir runs/base-smoke
     python vla-scripts/pretrain_tabletop.py --evaluate_only true  # held-out accuracy of the shipped base
 

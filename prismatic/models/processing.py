@@ -68,7 +68,8 @@ def load_tokenizer(kind: str, path: Path | None = None, error: type[Exception] =
             )
     if kind == "tiny":
         return build_tiny_tokenizer()
-    raise FileNotFoundError("the qwen tokenizer needs a local directory with tokenizer.json (--llm_path)")
+    raise FileNotFoundError("the qwen tokenizer needs a local directory with tokenizer.json: set the base's llm_path "
+                            "(finetune.py: --base.llm_path) or base_dir")
 
 
 class VLAProcessor:
