@@ -316,6 +316,9 @@ def merge_experts(
                 if log:
                     log(f"merging {len(experts)} experts {experts.names} with {opts.algorithm} "
                         f"({len(manifest['lora_params'])} LoRA-touched weights)")
+                    if get_method(opts.algorithm).own_masks and not opts.masks:
+                        log(f"note: {opts.algorithm} without masks gives every task its unified vector, with neither "
+                            "its per-task masks nor its rescalers: an ablation, not the method as published")
                 rescalers = _write_lora_params(writer, experts, opts, params, rules, stats, log)
                 _write_scratch(writer, experts, opts, params, rules, manifest)
                 _write_router(writer, experts, manifest)

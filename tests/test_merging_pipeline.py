@@ -230,6 +230,16 @@ def test_every_algorithm_produces_a_loadable_artifact(experts, batch, tmp_path):
         assert torch.isfinite(pred).all(), name
 
 
+def test_emr_without_masks_says_it_is_an_ablation(experts, tmp_path):
+    said = []
+    merge_experts(experts[:2], tmp_path / "m", MergeOptions(algorithm="emr", masks=False), log=said.append)
+    assert ("note: emr without masks gives every task its unified vector, with neither its per-task masks nor its "
+            "rescalers: an ablation, not the method as published") in said
+    said.clear()
+    merge_experts(experts[:2], tmp_path / "t", MergeOptions(algorithm="ties", masks=False), log=said.append)
+    assert not any(line.startswith("note:") for line in said)
+
+
 def test_expert_head_layers_and_no_masks(experts, tmp_path):
     out = merge_experts(experts[:2], tmp_path / "m",
                         MergeOptions(algorithm="ties", masks=False, expert_head_layers=2, k_gate=4), log=quiet)
