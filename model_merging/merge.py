@@ -161,6 +161,8 @@ def build_manifest(experts: ExpertSet, opts: MergeOptions, params: Any, block: i
         "norm_stats": {e.name: e.manifest.get("norm_stats") for e in experts.experts},
         # what evaluation should centre-crop to, per expert (None: not recorded)
         "trained_crop_area": {e.name: trained_crop_area(e.manifest.get("train_config")) for e in experts.experts},
+        # the size of the frames each expert trained on (None: not recorded), for evaluation to compare
+        "trained_frame_size": {e.name: (e.manifest.get("dataset") or {}).get("frame_size") for e in experts.experts},
         "base": experts.base_ref,
         "config_name": experts.config.name,
         "config": experts.experts[0].manifest["config"],

@@ -86,6 +86,7 @@ def test_upright_files_are_not_flipped(tmp_path):
 def test_no_filter_keeps_every_step(tmp_path):
     ds = load_suite(hdf5_root(tmp_path), SUITE, filter_noops=False)
     assert len(ds) == 4 * 20
+    assert ds.info["frame_size"] == [16, 16]  # as recorded (what evaluation compares its renders with)
 
 
 def test_instruction_comes_from_problem_info(tmp_path):

@@ -13,7 +13,13 @@ from experiments.robot.harness import ResultsError
 from experiments.robot.libero.env import LiberoEnvFactory, import_libero, libero_available, suite_info, task_categories
 from experiments.robot.libero.policies import load_policy
 from experiments.robot.libero.preprocess import LiberoImageTransform, center_crop_resize, rotate_180
-from experiments.robot.libero.run_libero_eval import GenerateConfig, eval_crop_area, main, video_patterns
+from experiments.robot.libero.run_libero_eval import (
+    GenerateConfig,
+    eval_crop_area,
+    frame_size_warning,
+    main,
+    video_patterns,
+)
 from experiments.robot.policy import CenterCrop, VLAPolicy, to_env_actions
 from model_merging.errors import MergeError
 from prismatic.checkpoint import CheckpointError
@@ -160,6 +166,21 @@ def test_centre_crop_follows_the_checkpoints_training_unless_the_flags_say():
     with pytest.raises(ValueError, match="different random crops .* set --crop_area"):
         eval_crop_area(cfg, merged({"a": 0.81, "b": 1.0}))
     assert eval_crop_area(GenerateConfig(crop_area=0.9), merged({"a": 0.81, "b": 1.0})) == 0.9
+
+
+def test_frames_of_another_size_than_the_renders_are_warned_about():
+    ft = {"format": "mergevla-checkpoint", "dataset": {"frame_size": [128, 128]}}
+    assert frame_size_warning(ft, 256) == (
+        "warning: trained on frames of another size than the 256-px renders evaluated here (the checkpoint 128×128): "
+        "raw LIBERO HDF5 demos are 128 px, which is why the RLDS release re-rendered them at 256; expect lower success "
+        "than on the data the published numbers used (OpenVLA's RLDS, --dataset_format rlds), or evaluate with "
+        "--env_img_res at the training size")
+    assert frame_size_warning(ft, 128) is None
+    assert frame_size_warning({"format": "mergevla-checkpoint", "dataset": {}}, 256) is None  # not recorded
+    merged = {"format": "mergevla-merged", "trained_frame_size": {"libero_goal": [256, 256], "libero_10": [128, 128],
+                                                                  "libero_object": None}}
+    assert "(libero_10 128×128)" in frame_size_warning(merged, 256)
+    assert frame_size_warning({"format": "mergevla-merged"}, 256) is None  # an artifact from before the field
 
 
 def test_env_factory_pickles_without_its_simulator():

@@ -217,6 +217,9 @@ def test_quick_demo_end_to_end_then_resumes_from_cache(tmp_path):
     assert rows == expected  # the paper's layout: FT experts first, then each merge
     assert "MSE action loss" in table and "| run | steps | final MSE loss |" in table  # the demo's default loss
     assert (out / "summary" / "results.csv").is_file() and (out / "summary" / "success_bars.png").is_file()
+    merged = [json.loads(f.read_text()) for f in (out / "merge").rglob("manifest.json")]
+    merged = [m for m in merged if m.get("format") == "mergevla-merged"]
+    assert merged and all(list(m["trained_frame_size"].values()) == [[64, 64]] * 4 for m in merged)  # as recorded
     timing = json.loads((out / "timing.json").read_text())
     assert set(timing["stages"]) == {"data", "base", "train", "merge", "eval", "report"}
     assert not any(s["cached"] for s in timing["stages"].values())

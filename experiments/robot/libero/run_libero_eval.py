@@ -121,6 +121,22 @@ def eval_crop_area(cfg: GenerateConfig, manifest: dict) -> float:
     return area
 
 
+def frame_size_warning(manifest: dict, env_img_res: int) -> str | None:
+    """A warning when the checkpoint trained on frames of another size than the renders it is evaluated on."""
+    if manifest["format"] == FT_KIND:
+        trained = {"the checkpoint": (manifest.get("dataset") or {}).get("frame_size")}
+    else:
+        trained = dict(manifest.get("trained_frame_size") or {})
+    other = {name: size for name, size in trained.items() if size and list(size) != [env_img_res, env_img_res]}
+    if not other:
+        return None
+    sizes = ", ".join(f"{name} {'×'.join(map(str, size))}" for name, size in sorted(other.items()))
+    return (f"warning: trained on frames of another size than the {env_img_res}-px renders evaluated here ({sizes}): "
+            "raw LIBERO HDF5 demos are 128 px, which is why the RLDS release re-rendered them at 256; expect lower "
+            "success than on the data the published numbers used (OpenVLA's RLDS, --dataset_format rlds), or "
+            "evaluate with --env_img_res at the training size")
+
+
 def protocol_info(cfg: GenerateConfig, crop_area: float) -> dict:
     keys = ("max_steps", "num_steps_wait", "num_open_loop_steps", "env_img_res", "resize_size", "jpeg_resize",
             "env_seed", "fast_render")
@@ -204,6 +220,8 @@ def main(cfg: GenerateConfig) -> list[dict]:
         print(f"  {info.name}: {info.num_tasks} tasks, {n} episodes ({n_done} already done), "
               f"max {info.max_steps} steps" + (" [LIBERO-Plus dimensions]" if info.categories else ""))
     print(f"images: centre crop at {crop_area:g} of the area" if crop_area < 1.0 else "images: no centre crop")
+    if warning := frame_size_warning(manifest, cfg.env_img_res):
+        print(warning)
     videos = video_patterns(cfg.save_videos)
     unrecorded = [e.key for e in episodes if e.key in done and wants_video(e.key, videos)]
     if unrecorded:  # finished episodes are never re-run, so their videos cannot be recorded into this run

@@ -160,5 +160,8 @@ def load_suite(
     if fp is None:  # caching off: still fingerprint the content
         fp = fingerprint(file_table(suite_dir, files), reader)
     ds.norm_stats, ds.fingerprint = stats, fp
-    ds.info = {"suite": suite, "format": dataset_format, "path": str(suite_dir.resolve()), **counts, **reader}
+    # the recorded frames' size, for evaluation to compare with its renders (raw LIBERO HDF5: 128 px, RLDS: 256)
+    frame_size = list(ds.episodes[0].images.get(np.array([0])).shape[2:4])
+    ds.info = {"suite": suite, "format": dataset_format, "path": str(suite_dir.resolve()), **counts, **reader,
+               "frame_size": frame_size}
     return ds
