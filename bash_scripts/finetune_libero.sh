@@ -47,6 +47,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 NPROC="${NPROC:-1}"
+if [[ ! "$NPROC" =~ ^[1-9][0-9]*$ ]]; then echo "error: NPROC is '$NPROC', expected a positive integer" >&2; exit 2; fi
 
 # The run name follows the model config, so a tiny smoke run never lands in a real run's directory.
 CONFIG_NAME="qwen25-dinosiglip-224px"
@@ -56,6 +57,10 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   if [[ "${args[$i]}" == "--config_name" && $((i + 1)) -lt ${#args[@]} ]]; then CONFIG_NAME="${args[$((i + 1))]}"; fi
   if [[ "${args[$i]}" == --config_name=* ]]; then CONFIG_NAME="${args[$i]#--config_name=}"; fi
   if [[ "${args[$i]}" == --base.* ]]; then GIVEN_BASE=1; fi
+  if [[ "${args[$i]}" == --suite || "${args[$i]}" == --suite=* ]]; then  # the run directory and steps follow SUITE
+    echo "error: give the suite as the first argument (bash $0 SUITE [flags...]), not as --suite" >&2
+    exit 2
+  fi
 done
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -97,6 +97,17 @@ def test_two_process_gloo_ddp_run(data_root, tmp_path):
     # train() checks at the end that both processes hold the same weights; it would have exited non-zero
 
 
+@pytest.mark.parametrize("env, flags, says", [
+    ({}, ["--suite", "libero_object"], "error: give the suite as the first argument"),
+    ({}, ["--suite=libero_object"], "error: give the suite as the first argument"),
+    ({"NPROC": "abc"}, [], "error: NPROC is 'abc', expected a positive integer"),
+    ({"NPROC": "0"}, [], "error: NPROC is '0', expected a positive integer"),
+])
+def test_bash_script_refuses_a_suite_flag_and_a_bad_nproc(tmp_path, env, flags, says):
+    r = _run(["bash", str(BASH), *flags], OUT_ROOT=str(tmp_path / "runs"), PYTHON=sys.executable, **env)
+    assert r.returncode == 2 and says in r.stderr and not (tmp_path / "runs").exists(), r.stderr
+
+
 def test_bash_script_trains_checkpoints_and_resumes(data_root, tmp_path):
     env = {"DATA_ROOT": str(data_root), "OUT_ROOT": str(tmp_path / "runs"), "PYTHON": sys.executable, "NPROC": "1"}
     first = _run(["bash", str(BASH), SUITE, *TINY, "--max_steps", "2", "--save_every", "1"], **env)

@@ -370,6 +370,20 @@ def test_eval_scripts_refuse_missing_checkpoints(script, var, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("script", ["eval.sh", "eval_merged.sh"])
+def test_eval_scripts_stop_on_a_missing_interpreter_even_in_a_dry_run(script, tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": str(tmp_path / "no-python"), "DRY_RUN": "1", "SUITES": "libero_goal",
+           "RESULTS_DIR": str(tmp_path / "runs")}
+    done = subprocess.run(["bash", str(repo / "bash_scripts" / script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr == f"error: PYTHON={tmp_path / 'no-python'} is not an executable (run 'make install' first)\n"
+
+
 def test_eval_script_defaults_to_each_suites_newest_finished_checkpoint(tmp_path):
     import os
     import subprocess
