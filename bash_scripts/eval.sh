@@ -9,9 +9,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+source bash_scripts/python.sh
 # Default checkpoints: the newest finished one that finetune_libero.sh wrote for each suite
 # (OUT_ROOT/<suite>-<config>/checkpoints/step_N, finished = holding its manifest.json).
 OUT_ROOT="${OUT_ROOT:-runs}"
@@ -56,8 +54,6 @@ checkpoint_var() {
 }
 
 problems=0
-# nothing runs without an interpreter, not even a dry run's plan
-command -v "$PYTHON" >/dev/null || { echo "error: PYTHON=$PYTHON is not an executable (run 'make install' first)" >&2; exit 2; }
 ready=()
 for suite in $SUITES; do
   var="$(checkpoint_var "$suite")"

@@ -10,9 +10,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+source bash_scripts/python.sh
 MERGED_CKPT="${MERGED_CKPT:-runs/merged/ties}"
 METHOD="${METHOD:-}"                # table row label; empty: the merge method recorded in the artifact
 SUITES="${SUITES:-libero_spatial libero_object libero_goal libero_10}"
@@ -39,8 +37,6 @@ if [[ "$QUICK" == 1 ]]; then
 fi
 
 problems=0
-# nothing runs without an interpreter, not even a dry run's plan
-command -v "$PYTHON" >/dev/null || { echo "error: PYTHON=$PYTHON is not an executable (run 'make install' first)" >&2; exit 2; }
 [[ -f "$MERGED_CKPT/manifest.json" ]] || {
   echo "error: MERGED_CKPT=$MERGED_CKPT has no manifest.json (expected a merged artifact directory)" >&2; problems=1; }
 (( problems == 0 )) || exit 2  # (a dry run of a missing artifact has no plan to print)

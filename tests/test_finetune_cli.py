@@ -102,9 +102,10 @@ def test_two_process_gloo_ddp_run(data_root, tmp_path):
     ({}, ["--suite=libero_object"], "error: give the suite as the first argument"),
     ({"NPROC": "abc"}, [], "error: NPROC is 'abc', expected a positive integer"),
     ({"NPROC": "0"}, [], "error: NPROC is '0', expected a positive integer"),
+    ({"PYTHON": "/nonexistent/python"}, [], "error: PYTHON=/nonexistent/python is not an executable"),
 ])
-def test_bash_script_refuses_a_suite_flag_and_a_bad_nproc(tmp_path, env, flags, says):
-    r = _run(["bash", str(BASH), *flags], OUT_ROOT=str(tmp_path / "runs"), PYTHON=sys.executable, **env)
+def test_bash_script_refuses_a_suite_flag_a_bad_nproc_and_no_interpreter(tmp_path, env, flags, says):
+    r = _run(["bash", str(BASH), *flags], **{"OUT_ROOT": str(tmp_path / "runs"), "PYTHON": sys.executable, **env})
     assert r.returncode == 2 and says in r.stderr and not (tmp_path / "runs").exists(), r.stderr
 
 
