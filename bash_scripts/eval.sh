@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Evaluate one fine-tuned expert checkpoint per LIBERO suite: the "FT experts" row of the paper's table.
+# Evaluate one fine-tuned expert checkpoint per LIBERO suite: the "FT experts" row of the paper's table
+# (EXPERT_ARCH=self_attn: the baseline's row, "Baseline FT experts (self-attn)").
 # Protocol: docs/DESIGN.md §5 (50 trials per task, seed 7). Every path and knob is a variable below; override any
 # from the environment, e.g.
 #   CKPT_SPATIAL=runs/ckpt/spatial SUITES="libero_spatial" bash bash_scripts/eval.sh
@@ -11,11 +12,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 source bash_scripts/python.sh
 # Default checkpoints: the newest finished one that finetune_libero.sh wrote for each suite
-# (OUT_ROOT/<suite>-<config>/checkpoints/step_N, finished = holding its manifest.json).
+# (OUT_ROOT/<suite>-<config>-<expert_arch>-seed<train seed>/checkpoints/step_N, finished = holding its manifest.json).
 OUT_ROOT="${OUT_ROOT:-runs}"
 CONFIG_NAME="${CONFIG_NAME:-qwen25-dinosiglip-224px}"
+EXPERT_ARCH="${EXPERT_ARCH:-cross_attn}"  # self_attn: the baseline's runs
+TRAIN_SEED="${TRAIN_SEED:-7}"             # the seed the experts trained with (SEED below is the evaluation's)
 newest_checkpoint() {
-  local run="$OUT_ROOT/$1-$CONFIG_NAME" found
+  local run="$OUT_ROOT/$1-$CONFIG_NAME-$EXPERT_ARCH-seed$TRAIN_SEED" found
   found=$(ls -d "$run"/checkpoints/step_*/manifest.json 2>/dev/null | sort | tail -n 1)
   if [[ -n "$found" ]]; then dirname "$found"; else echo "$run/checkpoints/step_<none finished>"; fi
 }
@@ -78,12 +81,15 @@ common=(--results_dir "$RESULTS_DIR" --summary_dir "$SUMMARY_DIR" --num_trials_p
 [[ -n "$SAVE_VIDEOS" ]] && common+=(--save_videos "$SAVE_VIDEOS")
 [[ "$DRY_RUN" == 1 ]] && common+=(--dry_run true)
 
+# the baseline's runs get files of their own (its rows are labelled by the checkpoint's architecture)
+run_prefix="ft"
+[[ "$EXPERT_ARCH" == cross_attn ]] || run_prefix="ft-$EXPERT_ARCH"
 for suite in "${ready[@]}"; do
   var="$(checkpoint_var "$suite")"
   ckpt="${!var}"
   echo "== $suite: $ckpt"
   HF_HUB_OFFLINE=1 "$PYTHON" -m experiments.robot.libero.run_libero_eval --pretrained_checkpoint "$ckpt" \
-    --task_suites "[$suite]" --run_name "ft--$suite" "${common[@]}"
+    --task_suites "[$suite]" --run_name "$run_prefix--$suite" "${common[@]}"
 done
 [[ "$DRY_RUN" == 1 ]] && exit $(( problems ? 2 : 0 ))
 echo "results table: $SUMMARY_DIR/results.md"

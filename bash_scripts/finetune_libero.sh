@@ -10,7 +10,8 @@
 # Environment:
 #   DATA_ROOT  directory holding <suite>/ (HDF5) or <suite>_no_noops/ (RLDS)   [data/libero]
 #   FORMAT     hdf5 | rlds                                                       [hdf5]
-#   OUT_ROOT   runs go to OUT_ROOT/<suite>-<config>; re-running resumes there    [runs]
+#   OUT_ROOT   runs go to OUT_ROOT/<suite>-<config>-<expert_arch>-seed<seed> (finetune.py's own default name),
+#              so another seed or the self-attention baseline gets a run of its own; re-running resumes there [runs]
 #   BASE_DIR   the converted base (vla-scripts/convert_base.py); not used for the tiny config, which
 #              trains on a random base, nor when a --base.* flag is given
 #                                                  [pretrained_models/mergevla-base-qwen25-dinosiglip-224px]
@@ -47,13 +48,22 @@ source bash_scripts/python.sh
 NPROC="${NPROC:-1}"
 if [[ ! "$NPROC" =~ ^[1-9][0-9]*$ ]]; then echo "error: NPROC is '$NPROC', expected a positive integer" >&2; exit 2; fi
 
-# The run name follows the model config, so a tiny smoke run never lands in a real run's directory.
+# The run name follows the model config, the architecture and the seed (flags given override the defaults), so a
+# tiny smoke run, the baseline or a second seed never lands in another run's directory.
 CONFIG_NAME="qwen25-dinosiglip-224px"
+EXPERT_ARCH="cross_attn"
 GIVEN_BASE=0
 args=("$@")
+flag_value() {  # the value of flag $1 at args[$2] (as "--flag VALUE" or "--flag=VALUE"); fails when it is not there
+  local i=$2
+  if [[ "${args[$i]}" == "$1" && $((i + 1)) -lt ${#args[@]} ]]; then echo "${args[$((i + 1))]}"; return 0; fi
+  if [[ "${args[$i]}" == "$1"=* ]]; then echo "${args[$i]#"$1"=}"; return 0; fi
+  return 1
+}
 for ((i = 0; i < ${#args[@]}; i++)); do
-  if [[ "${args[$i]}" == "--config_name" && $((i + 1)) -lt ${#args[@]} ]]; then CONFIG_NAME="${args[$((i + 1))]}"; fi
-  if [[ "${args[$i]}" == --config_name=* ]]; then CONFIG_NAME="${args[$i]#--config_name=}"; fi
+  CONFIG_NAME="$(flag_value --config_name "$i" || echo "$CONFIG_NAME")"
+  EXPERT_ARCH="$(flag_value --expert_arch "$i" || echo "$EXPERT_ARCH")"
+  SEED="$(flag_value --seed "$i" || echo "$SEED")"
   if [[ "${args[$i]}" == --base.* ]]; then GIVEN_BASE=1; fi
   if [[ "${args[$i]}" == --suite || "${args[$i]}" == --suite=* ]]; then  # the run directory and steps follow SUITE
     echo "error: give the suite as the first argument (bash $0 SUITE [flags...]), not as --suite" >&2
@@ -65,7 +75,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 defaults=(
   --suite "$SUITE" --data_root "$DATA_ROOT" --dataset_format "$FORMAT" --seed "$SEED"
-  --config_name "$CONFIG_NAME" --out_dir "$OUT_ROOT/$SUITE-$CONFIG_NAME" --resume true
+  --config_name "$CONFIG_NAME" --out_dir "$OUT_ROOT/$SUITE-$CONFIG_NAME-$EXPERT_ARCH-seed$SEED" --resume true
 )
 if [[ "$CONFIG_NAME" != tiny && "$GIVEN_BASE" == 0 ]]; then defaults+=(--base.base_dir "$BASE_DIR"); fi
 if [[ -n "$STEPS" ]]; then defaults+=(--max_steps "$STEPS"); fi

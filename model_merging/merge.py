@@ -48,7 +48,7 @@ from model_merging.masks import MaskStats, packed_task_masks
 from model_merging.rules import group_of, params_for, parse_rules
 from model_merging.tensor_files import SafetensorsStreamWriter
 from prismatic import __version__
-from prismatic.checkpoint import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE
+from prismatic.checkpoint import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, training_steps, unfinished_warning
 from prismatic.io import atomic_dir, check_output_dir, write_json
 from prismatic.vla.augmentation import trained_crop_area
 
@@ -156,7 +156,8 @@ def build_manifest(experts: ExpertSet, opts: MergeOptions, params: Any, block: i
         "seed": opts.seed,
         "task_names": tasks,
         "experts": [{"name": e.name, "path": str(e.directory.resolve()), "weights_sha256": e.manifest["weights_sha256"],
-                     "init_seed": e.manifest.get("init_seed"), "step": e.manifest.get("step")}
+                     "init_seed": e.manifest.get("init_seed"), "step": training_steps(e.manifest)[0],
+                     "max_steps": training_steps(e.manifest)[1]}
                     for e in experts.experts],
         "norm_stats": {e.name: e.manifest.get("norm_stats") for e in experts.experts},
         # what evaluation should centre-crop to, per expert (None: not recorded)
@@ -318,6 +319,8 @@ def merge_experts(
                 if log:
                     log(f"merging {len(experts)} experts {experts.names} with {opts.algorithm} "
                         f"({len(manifest['lora_params'])} LoRA-touched weights)")
+                    if warning := unfinished_warning(manifest):
+                        log(warning)
                     if get_method(opts.algorithm).own_masks and not opts.masks:
                         log(f"note: {opts.algorithm} without masks gives every task its unified vector, with neither "
                             "its per-task masks nor its rescalers: an ablation, not the method as published")

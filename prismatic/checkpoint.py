@@ -50,8 +50,40 @@ def read_manifest_json(directory: Path | str, missing: str) -> dict:
         raise CheckpointError(f"checkpoint directory {d} " + ("is a file, not a directory" if d.exists()
                                                                else "does not exist"))
     if not mf.is_file():
-        raise CheckpointError(f"{mf} is missing: {d} {missing}")
+        raise CheckpointError(f"{mf} is missing: {d} {missing}{_run_dir_hint(d)}")
     return read_json_object(mf, CheckpointError)
+
+
+def _run_dir_hint(d: Path) -> str:
+    """What to give instead when `d` is a training run (its checkpoints are `checkpoints/step_N/`)."""
+    if not (d / "checkpoints").is_dir():
+        return ""
+    finished = sorted(c for c in (d / "checkpoints").glob("step_*") if (c / MANIFEST_FILE).is_file())
+    if not finished:
+        return "; it is a training run directory with no finished checkpoint yet"
+    return f"; it is a training run directory: give one of its checkpoints, e.g. the newest, {finished[-1]}"
+
+
+def training_steps(manifest: dict) -> tuple[int | None, int | None]:
+    """(the step a fine-tuned checkpoint was saved at, the steps its run was set to train); None where not recorded."""
+    step, planned = manifest.get("step"), (manifest.get("train_config") or {}).get("max_steps")
+    return tuple(v if isinstance(v, int) and not isinstance(v, bool) else None for v in (step, planned))
+
+
+def unfinished_warning(manifest: dict) -> str | None:
+    """A warning when a fine-tuned checkpoint, or an expert of a merged one (its `experts` list), was saved before
+    its run reached max_steps: an intermediate checkpoint, or a run that stopped early."""
+    if isinstance(manifest.get("experts"), list):
+        saved = [(f"expert {e.get('name')!r}", e.get("step"), e.get("max_steps")) for e in manifest["experts"]
+                 if isinstance(e, dict)]
+    else:
+        saved = [("the checkpoint", *training_steps(manifest))]
+    early = [f"{what} at step {step} of {planned}" for what, step, planned in saved
+             if isinstance(step, int) and isinstance(planned, int) and step < planned]
+    if not early:
+        return None
+    return (f"warning: saved before training finished ({', '.join(early)}): an intermediate checkpoint or a run that "
+            "stopped early; its figures are not the finished expert's")
 
 
 def read_manifest(directory: Path | str, kind: str) -> dict:

@@ -113,7 +113,7 @@ def test_bash_script_trains_checkpoints_and_resumes(data_root, tmp_path):
     env = {"DATA_ROOT": str(data_root), "OUT_ROOT": str(tmp_path / "runs"), "PYTHON": sys.executable, "NPROC": "1"}
     first = _run(["bash", str(BASH), SUITE, *TINY, "--max_steps", "2", "--save_every", "1"], **env)
     assert first.returncode == 0, first.stderr[-3000:]
-    run = tmp_path / "runs" / f"{SUITE}-tiny"
+    run = tmp_path / "runs" / f"{SUITE}-tiny-cross_attn-seed0"  # TINY trains seed 0
     again = _run(["bash", str(BASH), SUITE, *TINY, "--max_steps", "3", "--save_every", "1", "--resume", "true"], **env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming" in again.stderr and "from step 2" in again.stderr
@@ -143,16 +143,23 @@ def test_bash_script_needs_steps_for_other_suites():
     assert r.returncode == 2 and "no default step count for suite 'libero_90'" in r.stderr
 
 
-def test_bash_script_reads_flags_given_as_flag_equals_value(tmp_path):
+@pytest.mark.parametrize("flags, env, run", [
+    ([], {}, "libero_90-tiny-cross_attn-seed7"),
+    (["--seed=3", "--expert_arch", "self_attn"], {}, "libero_90-tiny-self_attn-seed3"),
+    (["--expert_arch=self_attn"], {"SEED": "5"}, "libero_90-tiny-self_attn-seed5"),
+    (["--seed", "1"], {"SEED": "5"}, "libero_90-tiny-cross_attn-seed1"),  # the flag comes last, so it wins
+])
+def test_bash_script_names_the_run_by_config_architecture_and_seed(tmp_path, flags, env, run):
+    """As finetune.py names its default run, so a second seed or the baseline gets a directory of its own."""
     fake = tmp_path / "python"
     fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     fake.chmod(0o755)
-    r = _run(["bash", str(BASH), "libero_90", "--max_steps=2", "--config_name=tiny"], PYTHON=str(fake), NPROC="1",
-             OUT_ROOT="out")
+    r = _run(["bash", str(BASH), "libero_90", "--max_steps=2", "--config_name=tiny", *flags], PYTHON=str(fake),
+             NPROC="1", OUT_ROOT="out", **env)
     argv = r.stdout.split("\n")
     assert r.returncode == 0, r.stderr
     assert "--max_steps" not in argv and "--base.base_dir" not in argv  # tiny trains on a random base
-    assert argv[argv.index("--out_dir") + 1] == "out/libero_90-tiny"
+    assert argv[argv.index("--out_dir") + 1] == f"out/{run}"
 
 
 @pytest.mark.slow

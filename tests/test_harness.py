@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments.robot.harness import (
+    BASELINE_FT_METHOD,
     FT_METHOD,
     EpisodeSpec,
     HarnessError,
@@ -362,6 +363,25 @@ def test_a_row_mixing_checkpoints_is_flagged_but_the_ft_row_may_have_one_per_sui
         "TIES: its episodes come from 2 checkpoints (/merged/ties, /merged/ties-v2)",
     ]
     assert mixed_runs([{k: v for k, v in r.items() if k != "method"} for r in rows[:1]]) == []  # no label: "policy"
+
+
+def test_the_baseline_ft_row_is_second_and_may_have_one_checkpoint_per_suite():
+    from experiments.robot.libero.policies import default_method
+    from prismatic.models.pretrained import CHECKPOINT_KIND
+
+    ft = [r for r in paper_rows() if r["method"] == FT_METHOD]
+    baseline = [dict(r, method=BASELINE_FT_METHOD, checkpoint=f"/base/{r['suite']}") for r in ft]
+    rows = [r for r in paper_rows() if r["method"] != FT_METHOD] + baseline + [
+        dict(r, checkpoint=f"/ckpt/{r['suite']}") for r in ft]
+    assert success_table(rows).methods[:2] == [FT_METHOD, BASELINE_FT_METHOD]
+    assert mixed_runs(rows) == []
+    suite = baseline[0]["suite"]
+    rows.append(dict(baseline[0], key=f"{suite}/0/99", checkpoint="/base/zz"))
+    assert mixed_runs(rows) == [f"{BASELINE_FT_METHOD}: its episodes on {suite} come from 2 checkpoints "
+                                f"(/base/{suite}, /base/zz)"]
+    # a LIBERO checkpoint's row label follows its architecture
+    assert default_method({"format": CHECKPOINT_KIND, "config": {"expert_arch": "cross_attn"}}) == FT_METHOD
+    assert default_method({"format": CHECKPOINT_KIND, "config": {"expert_arch": "self_attn"}}) == BASELINE_FT_METHOD
 
 
 def test_summary_input_must_be_countable_episodes(tmp_path):

@@ -384,16 +384,20 @@ def test_eval_scripts_stop_on_a_missing_interpreter_even_in_a_dry_run(script, tm
     assert done.stderr == f"error: PYTHON={tmp_path / 'no-python'} is not an executable (run 'make install' first)\n"
 
 
-def test_eval_script_defaults_to_each_suites_newest_finished_checkpoint(tmp_path):
+@pytest.mark.parametrize("env, run_dir", [({}, "libero_goal-qwen25-dinosiglip-224px-cross_attn-seed7"),
+                                          ({"EXPERT_ARCH": "self_attn", "TRAIN_SEED": "3"},
+                                           "libero_goal-qwen25-dinosiglip-224px-self_attn-seed3")])
+def test_eval_script_defaults_to_each_suites_newest_finished_checkpoint(tmp_path, env, run_dir):
+    """In the run directory finetune_libero.sh names (config, architecture, training seed)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    run = tmp_path / "runs" / "libero_goal-qwen25-dinosiglip-224px" / "checkpoints"
+    run = tmp_path / "runs" / run_dir / "checkpoints"
     env = {**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", "SUITES": "libero_goal",
-           "OUT_ROOT": str(tmp_path / "runs"), "RESULTS_DIR": str(tmp_path / "results")}
+           "OUT_ROOT": str(tmp_path / "runs"), "RESULTS_DIR": str(tmp_path / "results"), **env}
 
     def stderr():
         return subprocess.run(["bash", str(repo / "bash_scripts" / "eval.sh")], env=env, capture_output=True,

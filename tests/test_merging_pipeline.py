@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -53,19 +54,32 @@ def quiet(*_):
 
 
 # ------------------------------------------------------------------------------------------ round trip
-def test_the_artifact_records_each_experts_training_crop(experts, tmp_path):
+def test_the_artifact_records_each_experts_training_crop_and_steps(experts, tmp_path):
     import shutil
 
-    train_configs = [{"image_aug": True, "aug": {"crop_area": 0.81}}, {"image_aug": False}]
+    from prismatic.checkpoint import unfinished_warning
+
+    train_configs = [{"image_aug": True, "aug": {"crop_area": 0.81}, "max_steps": 30},
+                     {"image_aug": False, "max_steps": 20}]
     copies = []
-    for (name, d), train in zip(experts[:2], train_configs):
+    for (name, d), train, step in zip(experts[:2], train_configs, (10, 20)):
         shutil.copytree(d, tmp_path / name)
         mf = tmp_path / name / "manifest.json"
-        mf.write_text(json.dumps({**json.loads(mf.read_text()), "train_config": train}))
+        mf.write_text(json.dumps({**json.loads(mf.read_text()), "train_config": train, "step": step}))
         copies.append((name, tmp_path / name))
-    out = merge_experts(copies, tmp_path / "m", MergeOptions(algorithm="task_arithmetic"), log=quiet)
+    said = []
+    out = merge_experts(copies, tmp_path / "m", MergeOptions(algorithm="task_arithmetic"), log=said.append)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["trained_crop_area"] == {NAMES[0]: 0.81, NAMES[1]: 1.0}
+    assert [(e["step"], e["max_steps"]) for e in manifest["experts"]] == [(10, 30), (20, 20)]
+    # the first expert is an intermediate checkpoint: said when merging, and again by evaluation (run_libero_eval)
+    warning = (f"warning: saved before training finished (expert {NAMES[0]!r} at step 10 of 30): an intermediate "
+               "checkpoint or a run that stopped early; its figures are not the finished expert's")
+    assert warning in said and unfinished_warning(manifest) == warning
+    ft = json.loads((tmp_path / NAMES[0] / "manifest.json").read_text())
+    assert unfinished_warning(ft) == warning.replace(f"expert {NAMES[0]!r}", "the checkpoint")
+    assert unfinished_warning(json.loads((tmp_path / NAMES[1] / "manifest.json").read_text())) is None
+    assert unfinished_warning({"format": "mergevla-checkpoint", "step": 5}) is None  # no max_steps recorded
 
 
 
@@ -459,6 +473,19 @@ def test_duplicate_names_existing_output_and_bad_options(experts, tmp_path):
         merge_experts(experts[:2], tmp_path / "afile" / "out", log=quiet)
     with pytest.raises(MergeError, match="manifest.json is missing"):
         merge_experts([("x", tmp_path / "exists")], tmp_path / "out", log=quiet)
+    run = tmp_path / "run"  # a training run given where one of its checkpoints belongs
+    (run / "checkpoints" / "step_000010").mkdir(parents=True)
+    with pytest.raises(MergeError, match="it is a training run directory with no finished checkpoint yet"):
+        merge_experts([("x", run)], tmp_path / "out", log=quiet)
+    for step in (5, 20):  # step 10 is still being written
+        (run / "checkpoints" / f"step_{step:06d}").mkdir()
+        (run / "checkpoints" / f"step_{step:06d}" / "manifest.json").write_text("{}")
+    with pytest.raises(MergeError, match=re.escape(f"{run}/manifest.json is missing: {run} is not a finished "
+                                                   f"mergevla-checkpoint checkpoint; it is a training run directory: "
+                                                   f"give one of its checkpoints, e.g. the newest, "
+                                                   f"{run}/checkpoints/step_000020")):
+        merge_experts([("x", run)], tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out").exists()
 
 
 def test_loader_is_strict(experts, tmp_path):

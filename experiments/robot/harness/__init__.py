@@ -13,10 +13,10 @@ from experiments.robot.harness.episodes import EpisodeSpec, episode_key, plan_ep
 from experiments.robot.harness.report import write_summary
 from experiments.robot.harness.results import ResultsError, ResultsLog, read_many, read_rows
 from experiments.robot.harness.runner import HarnessError, run_episodes
-from experiments.robot.harness.summary import FT_METHOD, Table, routing_confusions, success_table
+from experiments.robot.harness.summary import BASELINE_FT_METHOD, FT_METHOD, Table, routing_confusions, success_table
 
 __all__ = [
-    "EpisodeSpec", "FT_METHOD", "HarnessError", "Protocol", "ResultsError", "ResultsLog", "Table", "episode_key",
-    "plan_episodes", "read_many", "read_rows", "routing_confusions", "run_episodes", "success_table",
+    "BASELINE_FT_METHOD", "EpisodeSpec", "FT_METHOD", "HarnessError", "Protocol", "ResultsError", "ResultsLog", "Table",
+    "episode_key", "plan_episodes", "read_many", "read_rows", "routing_confusions", "run_episodes", "success_table",
     "write_summary",
 ]

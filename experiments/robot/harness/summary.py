@@ -27,6 +27,8 @@ SUITE_LABELS = {
     "long": "Long",
 }
 FT_METHOD = "FT experts"  # the method label of per-suite fine-tuned checkpoints: listed first
+BASELINE_FT_METHOD = "Baseline FT experts (self-attn)"  # the same for the self-attention baseline: listed second
+FT_METHODS = (FT_METHOD, BASELINE_FT_METHOD)  # rows made of one checkpoint per suite
 ROUTED_KEYS = ("routed_expert", "routed_task")  # the routed policy's per-episode info field (either name)
 MAX_TASK_COLUMNS = 20  # a suite with more tasks gets its per-task figures in the CSV only
 
@@ -108,7 +110,7 @@ def success_table(rows: Sequence[dict], column_key: str = "suite", method_key: s
         cell = counts.setdefault((method, str(r[column_key])), [0, 0])
         cell[0] += bool(r["success"])
         cell[1] += 1
-    methods = _ordered([m for m, _ in counts], [FT_METHOD])
+    methods = _ordered([m for m, _ in counts], FT_METHODS)
     columns = _ordered([c for _, c in counts], list(SUITE_LABELS))
     return Table(title, methods, columns, {k: (v[0], v[1]) for k, v in counts.items()})
 
@@ -217,7 +219,7 @@ def _run_of(r: dict) -> str | None:
 
 def mixed_runs(rows: Sequence[dict], method_key: str = "method") -> list[str]:
     """One line per table row whose figures do not compare: its episodes ran under more than one protocol
-    (e.g. an old fast-render run of one suite beside a full run of another), or, outside the FT experts' row
+    (e.g. an old fast-render run of one suite beside a full run of another), or, outside the FT experts' rows
     (one checkpoint per suite), came from more than one checkpoint (e.g. a re-merge evaluated on some suites
     beside the old merge on the others, both labelled by the algorithm)."""
     out = []
@@ -231,7 +233,7 @@ def mixed_runs(rows: Sequence[dict], method_key: str = "method") -> list[str]:
         groups: dict[str, set[str]] = {}
         for r in mine:
             if (run := _run_of(r)) is not None:
-                groups.setdefault(str(r.get("suite")) if method == FT_METHOD else "", set()).add(run)
+                groups.setdefault(str(r.get("suite")) if method in FT_METHODS else "", set()).add(run)
         for suite, runs in sorted(groups.items()):
             if len(runs) > 1:
                 where = f" on {suite}" if suite else ""

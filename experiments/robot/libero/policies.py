@@ -53,9 +53,10 @@ def default_method(manifest: dict, router_variant: str | None = None) -> str:
     """Row label in the results table: the FT experts' row, or the merge algorithm of a merged artifact (and the
     router variant, unless it is the artifact's default, so that two routers of one merge are two rows)."""
     if manifest["format"] == FT_KIND:
-        from experiments.robot.harness import FT_METHOD
+        from experiments.robot.harness import BASELINE_FT_METHOD, FT_METHOD
 
-        return FT_METHOD
+        arch = (manifest.get("config") or {}).get("expert_arch")
+        return BASELINE_FT_METHOD if arch == "self_attn" else FT_METHOD
     alg = str(manifest.get("algorithm") or manifest.get("method") or "merged")
     label = PAPER_LABELS.get(alg.lower(), alg)
     return label if router_variant in (None, default_router(manifest)) else f"{label} ({router_variant} router)"

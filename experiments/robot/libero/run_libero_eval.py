@@ -32,7 +32,7 @@ from experiments.robot.libero.policies import (
 )
 from experiments.robot.libero.preprocess import LiberoImageTransform, upright_agentview
 from experiments.robot.policy import resolve_device
-from prismatic.checkpoint import CheckpointError
+from prismatic.checkpoint import CheckpointError, unfinished_warning
 from prismatic.cli import check_counts, run_cli
 from prismatic.io import check_output_dir
 
@@ -220,8 +220,9 @@ def main(cfg: GenerateConfig) -> list[dict]:
         print(f"  {info.name}: {info.num_tasks} tasks, {n} episodes ({n_done} already done), "
               f"max {info.max_steps} steps" + (" [LIBERO-Plus dimensions]" if info.categories else ""))
     print(f"images: centre crop at {crop_area:g} of the area" if crop_area < 1.0 else "images: no centre crop")
-    if warning := frame_size_warning(manifest, cfg.env_img_res):
-        print(warning)
+    for warning in (frame_size_warning(manifest, cfg.env_img_res), unfinished_warning(manifest)):
+        if warning:
+            print(warning)
     videos = video_patterns(cfg.save_videos)
     unrecorded = [e.key for e in episodes if e.key in done and wants_video(e.key, videos)]
     if unrecorded:  # finished episodes are never re-run, so their videos cannot be recorded into this run

@@ -24,13 +24,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from experiments.robot.harness.summary import BASELINE_FT_METHOD, FT_METHOD
 from experiments.robot.tabletop_pipeline.stages import Stage, fingerprint, jsonable
 
 SUITES = ("spatial", "object", "goal", "long")
 DEMO_ALGORITHMS = ("task_arithmetic", "ties", "tsv", "knots", "wudi", "emr")
 PER_TASK_ALGORITHMS = ("task_arithmetic", "ties", "emr")
-FT_LABEL = "FT experts"  # = experiments.robot.harness.FT_METHOD (listed first in tables)
-BASELINE_FT_LABEL = "Baseline FT experts (self-attn)"
+FT_LABEL = FT_METHOD  # listed first in tables
+BASELINE_FT_LABEL = BASELINE_FT_METHOD
 JOINT_LABEL = "Joint multi-task (upper reference)"
 BLIND_LABEL = "Blind replay of a demo (reference, no observations)"
 DEFAULT_BASE_DIR = Path("pretrained_models/tabletop4-tiny-base")
