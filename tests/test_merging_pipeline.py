@@ -564,6 +564,14 @@ def test_average_parts_replaces_only_the_named_groups(experts, tmp_path, capsys)
     assert average_main([*bad, "--target", "kitchen"]) == 2
     assert "--target 'kitchen' is not one of the experts" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    mine = tmp_path / "mine"  # a directory of the user's gets no checkpoint files added beside theirs
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert average_main([*bad[:-1], str(mine), "--target", "goal"]) == 2
+    assert f"--out {mine} holds files other than a checkpoint's (notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    (out / ".model.safetensors.tmp-host-1-x").write_text("")  # a killed write's temp: still this checkpoint's
+    assert average_main([*argv, "--overwrite", "true"]) == 0
 
 
 def test_a_failed_merge_leaves_no_directory_it_created(experts, tmp_path, monkeypatch):
