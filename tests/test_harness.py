@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -178,6 +179,23 @@ def test_a_hung_env_in_a_worker_stops_the_run_after_the_timeout(tmp_path):
         run_episodes(FakeEnvFactory(hang_task=1), ScriptedPolicy(), plan_episodes("s", 2, 1, 20), path,
                      num_workers=1, worker_timeout_s=3, **QUIET)
     assert [r["key"] for r in read_rows(path)] == ["s/0/0"]  # the finished episode is kept
+
+
+class _SlowPolicy(ScriptedPolicy):
+    def act(self, obs, instructions, episode_ids):
+        time.sleep(0.05)
+        return super().act(obs, instructions, episode_ids)
+
+
+def test_a_hung_worker_is_reported_while_other_workers_still_reply(tmp_path):
+    # worker 0 hangs building task 1; worker 1 runs four task-0 episodes of 50 chunks (≥ 2.5 s each, ≥ 10 s in all)
+    path = tmp_path / "r.jsonl"
+    eps = [EpisodeSpec("s", 1, 0, 0, 400)] + [EpisodeSpec("s", 0, t, t, 400) for t in range(4)]
+    t0 = time.monotonic()
+    with pytest.raises(HarnessError, match=r"no reply from worker\(s\) \[0\] within 1 s: an environment hung"):
+        run_episodes(FakeEnvFactory(hang_task=1), _SlowPolicy(solves=()), eps, path, num_envs=2, num_workers=2,
+                     worker_timeout_s=1, **QUIET)
+    assert len(read_rows(path)) < 4 and time.monotonic() - t0 < 9  # not after every other episode had run
 
 
 def test_env_failure_in_a_worker_is_reported_and_keeps_finished_rows(tmp_path):

@@ -93,6 +93,7 @@ class _Processes:
             self.conns.append(parent)
             self.procs.append(p)
         self.outstanding = [0] * self.num_workers
+        self.waiting_since = [0.0] * self.num_workers  # when a busy worker last replied or was given work
 
     def submit(self, cmd, slot, payload):
         w = slot % self.num_workers
@@ -100,6 +101,8 @@ class _Processes:
             self.conns[w].send((cmd, slot, payload))
         except OSError as e:  # BrokenPipeError: it died since its last reply (e.g. killed for memory)
             raise self._died(w) from e
+        if not self.outstanding[w]:
+            self.waiting_since[w] = time.monotonic()
         self.outstanding[w] += 1
 
     def _died(self, w: int) -> HarnessError:
@@ -117,13 +120,13 @@ class _Processes:
         """At least one reply; then whatever else arrives within `linger_s` (bigger policy batches). A slot whose
         env raised replies with a HarnessError (raised by `_loop` once the other replies are written)."""
         out: list = []
+        # checked before waiting, so no reply is ever dropped: a simulator stuck in a worker would otherwise
+        # stall the evaluation silently or, while other workers still reply, only once every other episode ran
         busy = [c for c, n in zip(self.conns, self.outstanding) if n]
-        ready = wait(busy, timeout=self.reply_timeout_s)
-        if not ready:  # a simulator stuck in a worker would otherwise stall the whole evaluation silently
-            self.stuck = stuck = [self.conns.index(c) for c in busy]
-            raise HarnessError(f"no reply from worker(s) {stuck} within {self.reply_timeout_s:g} s: an environment "
-                               "hung (finished episodes are in the results file; rerun to resume, or raise "
-                               "worker_timeout_s)")
+        ready = []
+        while not ready:
+            self._raise_if_overdue()
+            ready = wait(busy, timeout=self._time_left())
         while ready:
             for c in ready:
                 w = self.conns.index(c)
@@ -132,12 +135,32 @@ class _Processes:
                 except (EOFError, OSError) as e:
                     raise self._died(w) from e
                 self.outstanding[w] -= 1
+                self.waiting_since[w] = time.monotonic()
                 if status == "error":
                     reply = HarnessError(f"environment slot {slot} failed in worker {w}:\n{reply}")
                 out.append((slot, reply))
             busy = [c for c, n in zip(self.conns, self.outstanding) if n]
             ready = wait(busy, timeout=linger_s) if busy else []
         return out
+
+    def _time_left(self) -> float | None:
+        """Seconds until the longest-waiting busy worker is overdue (0: it is); None without a timeout."""
+        if self.reply_timeout_s is None:
+            return None
+        oldest = min(t for t, n in zip(self.waiting_since, self.outstanding) if n)
+        return max(0.0, oldest + self.reply_timeout_s - time.monotonic())
+
+    def _raise_if_overdue(self) -> None:
+        if self.reply_timeout_s is None:
+            return
+        now = time.monotonic()
+        stuck = [w for w, n in enumerate(self.outstanding)  # (a reply waiting in the pipe is not overdue)
+                 if n and now - self.waiting_since[w] >= self.reply_timeout_s and not self.conns[w].poll()]
+        if stuck:
+            self.stuck = stuck
+            raise HarnessError(f"no reply from worker(s) {stuck} within {self.reply_timeout_s:g} s: an environment "
+                               "hung (finished episodes are in the results file; rerun to resume, or raise "
+                               "worker_timeout_s)")
 
     def close(self):
         for c, p in zip(self.conns, self.procs):
