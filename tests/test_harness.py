@@ -198,6 +198,24 @@ def test_a_hung_worker_is_reported_while_other_workers_still_reply(tmp_path):
     assert len(read_rows(path)) < 4 and time.monotonic() - t0 < 9  # not after every other episode had run
 
 
+def test_workers_already_started_are_closed_when_a_later_one_fails_to_start(tmp_path, monkeypatch):
+    import multiprocessing.context as mpc
+
+    started, real_start = [], mpc.SpawnProcess.start
+
+    def start(self):
+        if started:
+            raise OSError("cannot allocate memory")
+        real_start(self)
+        started.append(self)
+
+    monkeypatch.setattr(mpc.SpawnProcess, "start", start)
+    with pytest.raises(OSError, match="cannot allocate memory"):
+        run_episodes(FakeEnvFactory(), ScriptedPolicy(), plan_episodes("s", 2, 1, 20), tmp_path / "r.jsonl",
+                     num_envs=2, num_workers=2, **QUIET)
+    assert len(started) == 1 and not started[0].is_alive() and started[0].exitcode is not None
+
+
 def test_env_failure_in_a_worker_is_reported_and_keeps_finished_rows(tmp_path):
     path = tmp_path / "r.jsonl"
     with pytest.raises(HarnessError, match="fake env for task 1 is broken"):

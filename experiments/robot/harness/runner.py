@@ -84,14 +84,18 @@ class _Processes:
         self.stuck: list[int] = []  # workers that timed out: terminated at close, not waited for
         self.num_workers = min(num_workers, num_slots)
         self.conns, self.procs = [], []
-        for w in range(self.num_workers):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=worker_main, args=(child, env_factory, protocol, video_dir, frame_fn, seed + w),
-                            daemon=True, name=f"harness-worker-{w}")
-            p.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(p)
+        try:
+            for w in range(self.num_workers):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=worker_main, args=(child, env_factory, protocol, video_dir, frame_fn, seed + w),
+                                daemon=True, name=f"harness-worker-{w}")
+                p.start()
+                child.close()
+                self.conns.append(parent)
+                self.procs.append(p)
+        except BaseException:  # e.g. out of memory at the third worker: the started ones are closed, not left
+            self.close()
+            raise
         self.outstanding = [0] * self.num_workers
         self.waiting_since = [0.0] * self.num_workers  # when a busy worker last replied or was given work
 
