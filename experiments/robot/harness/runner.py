@@ -215,8 +215,8 @@ def run_episodes(
     (e.g. `routed_expert`, `route_scores`) are stored in the episode's row.
     run_info: identity of this run (method, checkpoint, protocol knobs), stored in every row and checked on
     resume. video_episodes: glob patterns over keys `suite/task_id/trial` whose MP4 goes to `video_dir`.
-    worker_timeout_s: with workers, the longest wait for any reply (building an env, one chunk) before the run
-    stops with a HarnessError; None waits forever.
+    worker_timeout_s: with workers, the longest a worker with work may stay silent (building an env, one chunk),
+    whatever the other workers do, before the run stops with a HarnessError; None waits forever.
     """
     protocol = protocol or Protocol()
     if num_envs < 1 or num_workers < 0:
