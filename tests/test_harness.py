@@ -24,6 +24,7 @@ from experiments.robot.harness import (
     write_summary,
 )
 from experiments.robot.harness.fake import FakeEnvFactory, ScriptedPolicy
+from experiments.robot.harness.results import check_label_unshared, check_same_run
 from experiments.robot.harness.summarize import SummarizeConfig
 from experiments.robot.harness.summarize import main as summarize_main
 from experiments.robot.harness.summary import mixed_runs, summary_markdown
@@ -136,11 +137,30 @@ def test_resume_into_another_runs_file_is_refused(tmp_path):
     eps = plan_episodes("s", 1, 1, 20)
     run_episodes(FakeEnvFactory(), ScriptedPolicy(), eps, path, run_info={"method": "TA"}, **QUIET)
     before = path.read_text()
-    with pytest.raises(ResultsError, match=r"different run \(row 1: method='TA', this run: method='TIES'\)"):
+    with pytest.raises(ResultsError, match=r"different run \(row 1: method: 'TA' → 'TIES'\)"):
         run_episodes(FakeEnvFactory(), ScriptedPolicy(), eps, path, run_info={"method": "TIES"}, **QUIET)
-    with pytest.raises(ResultsError, match="seed=7, this run: seed=8"):
+    with pytest.raises(ResultsError, match="seed: 7 → 8"):
         run_episodes(FakeEnvFactory(), ScriptedPolicy(), eps, path, run_info={"method": "TA"}, seed=8, **QUIET)
+    protocol = {"env_img_res": 256, "fast_render": False, "max_steps": 220}  # only the fields that differ are named
+    with pytest.raises(ResultsError, match=r"\(row 1: protocol differs in fast_render: False → True, max_steps: 220 → "
+                                           r"16, seed: None → 7\)"):
+        check_same_run([{"key": "s/0/0", "protocol": protocol}],
+                       {"protocol": dict(protocol, fast_render=True, max_steps=16, seed=7)}, path)
     assert path.read_text() == before
+
+
+def test_a_second_run_under_a_label_another_file_holds_is_refused_before_it_runs(tmp_path):
+    eps = plan_episodes("s", 2, 1, 20)
+    run_episodes(FakeEnvFactory(), ScriptedPolicy(), eps[:1], tmp_path / "ties-a.jsonl",
+                 run_info={"method": "TIES", "checkpoint": "/m/a"}, **QUIET)
+    files = sorted(tmp_path.glob("*.jsonl"))
+    check_label_unshared(files, tmp_path / "ties-a.jsonl", "TIES", {e.key for e in eps})  # itself: a resume
+    check_label_unshared(files, tmp_path / "ties-b.jsonl", "TIES", {eps[1].key})  # other episodes
+    check_label_unshared(files, tmp_path / "ta.jsonl", "TA", {e.key for e in eps})  # another label
+    with pytest.raises(ResultsError, match=re.escape(
+            f"{tmp_path / 'ties-a.jsonl'} already holds episode s/0/0 of method 'TIES' (checkpoint /m/a); this run "
+            "would count it twice in the summary: give this run a label of its own (--method; METHOD= for ")):
+        check_label_unshared(files, tmp_path / "ties-b.jsonl", "TIES", {e.key for e in eps})
 
 
 def test_resume_refuses_episodes_that_this_plan_starts_differently(tmp_path):
@@ -418,6 +438,15 @@ def test_the_baseline_ft_row_is_second_and_may_have_one_checkpoint_per_suite():
     # a LIBERO checkpoint's row label follows its architecture
     assert default_method({"format": CHECKPOINT_KIND, "config": {"expert_arch": "cross_attn"}}) == FT_METHOD
     assert default_method({"format": CHECKPOINT_KIND, "config": {"expert_arch": "self_attn"}}) == BASELINE_FT_METHOD
+    # a merge gets the paper's label, qualified where it is not a MergeVLA merge with masks
+    merged = {"format": "mergevla-merged", "algorithm": "task_arithmetic", "config": {"expert_arch": "cross_attn"},
+              "masks": {"enabled": True}, "per_task_parts": [], "router": {"default_variant": "value"}}
+    assert default_method(merged) == "TA"
+    assert default_method(dict(merged, masks={"enabled": False})) == "TA (no masks)"
+    assert default_method(dict(merged, config={"expert_arch": "self_attn"}, masks={"enabled": False})) == \
+        "Baseline TA (self-attn, no masks)"
+    assert default_method(dict(merged, per_task_parts=["shared_blocks"]), "exemplar") == \
+        "TA (per-task action expert) (exemplar router)"
 
 
 def test_summary_input_must_be_countable_episodes(tmp_path):

@@ -277,8 +277,8 @@ def test_real_libero_episode_through_the_harness(tiny_checkpoint, tmp_path, caps
     main(dataclasses.replace(cfg, save_videos="libero_spatial/0/*", dry_run=True))  # a finished episode: said so
     assert ("warning: 1 episode(s) named by --save_videos are already done and will not be re-run, so get no video "
             "(e.g. libero_spatial/0/0); to record them, evaluate again into another --results_dir") in capsys.readouterr().out
-    with pytest.raises(ResultsError, match="different run"):  # another protocol must not resume into this file
-        main(dataclasses.replace(cfg, env_img_res=256, dry_run=True))
+    with pytest.raises(ResultsError, match=r"different run \(row 1: protocol differs in env_img_res: 128 → 256\)"):
+        main(dataclasses.replace(cfg, env_img_res=256, dry_run=True))  # another protocol must not resume here
 
 
 def tiny_merged(tmp_path, suites: list[str]):
@@ -313,6 +313,16 @@ def test_merged_artifact_is_routed_per_episode_on_real_libero(tmp_path):
     assert len((tmp_path / "runs" / "TIES--merged-ties.jsonl").read_text().splitlines()) == 1
     with pytest.raises(ResultsError, match="holds episodes of a different run"):  # another router: another run
         main(dataclasses.replace(cfg, router_variant="key", run_name="TIES--merged-ties"))
+    # a second TIES merge under the same label is refused before it runs (the summary would count both), even in a
+    # dry run; under a label of its own it runs beside the first
+    import shutil
+
+    shutil.copytree(merged, tmp_path / "ties-v2")
+    with pytest.raises(ResultsError, match=r"TIES--merged-ties.jsonl already holds episode libero_spatial/0/0 of "
+                                           r"method 'TIES' \(checkpoint .*merged-ties\)"):
+        main(dataclasses.replace(cfg, pretrained_checkpoint=tmp_path / "ties-v2", dry_run=True))
+    assert not (tmp_path / "runs" / "TIES--ties-v2.jsonl").exists()
+    main(dataclasses.replace(cfg, pretrained_checkpoint=tmp_path / "ties-v2", method="TIES v2", dry_run=True))
 
 
 @needs_libero

@@ -84,9 +84,32 @@ def check_same_run(rows: list[dict], run_info: dict, path: Path | str) -> None:
         for k, v in run_info.items():
             if row.get(k) != _jsonable(v):
                 raise ResultsError(
-                    f"{path} holds episodes of a different run (row {n}: {k}={row.get(k)!r}, this run: "
-                    f"{k}={_jsonable(v)!r}); choose another results file or remove this one to start over"
+                    f"{path} holds episodes of a different run (row {n}: {_difference(k, row.get(k), _jsonable(v))}); "
+                    "choose another results file or remove this one to start over"
                 )
+
+
+def _difference(name: str, old, new) -> str:
+    """`name: old → new`, or for two dicts only the fields that differ (a protocol has ten)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return f"{name}: {old!r} → {new!r}"
+    fields = sorted(set(old) | set(new), key=str)
+    return f"{name} differs in " + ", ".join(f"{f}: {old.get(f)!r} → {new.get(f)!r}" for f in fields
+                                              if old.get(f) != new.get(f))
+
+
+def check_label_unshared(paths: Iterable[Path | str], path: Path | str, method: str, keys: set[str]) -> None:
+    """Refuse, before any episode runs, a run whose episodes another results file (`paths`, beside `path`) already
+    holds under the same method label: the summary of their directory would count those episodes twice."""
+    for other in paths:
+        if Path(other).resolve() == Path(path).resolve():
+            continue
+        for r in read_rows(other):
+            if r.get("method") == method and r.get("key") in keys:
+                raise ResultsError(
+                    f"{other} already holds episode {r['key']} of method {method!r} (checkpoint "
+                    f"{r.get('checkpoint')}); this run would count it twice in the summary: give this run a label of "
+                    "its own (--method; METHOD= for eval_merged.sh), another --results_dir, or remove that file")
 
 
 def check_same_episodes(done: dict[str, dict], episodes: Iterable, path: Path | str) -> None:

@@ -50,15 +50,21 @@ PAPER_LABELS = {"ta": "TA", "task_arithmetic": "TA", "ties": "TIES", "tsv": "TSV
 
 
 def default_method(manifest: dict, router_variant: str | None = None) -> str:
-    """Row label in the results table: the FT experts' row, or the merge algorithm of a merged artifact (and the
-    router variant, unless it is the artifact's default, so that two routers of one merge are two rows)."""
+    """Row label in the results table: the FT experts' row, or the merge algorithm of a merged artifact, as the
+    paper labels its rows (MergeVLA with masks), qualified where the merge is another one (the self-attention
+    baseline, no masks, per-task action-expert parts) and by the router variant unless it is the artifact's
+    default, so that such merges and two routers of one merge are rows of their own."""
+    arch = (manifest.get("config") or {}).get("expert_arch")
     if manifest["format"] == FT_KIND:
         from experiments.robot.harness import BASELINE_FT_METHOD, FT_METHOD
 
-        arch = (manifest.get("config") or {}).get("expert_arch")
         return BASELINE_FT_METHOD if arch == "self_attn" else FT_METHOD
     alg = str(manifest.get("algorithm") or manifest.get("method") or "merged")
     label = PAPER_LABELS.get(alg.lower(), alg)
+    notes = ["self-attn"] if arch == "self_attn" else []
+    notes += ["no masks"] if (manifest.get("masks") or {}).get("enabled") is False else []
+    notes += ["per-task action expert"] if manifest.get("per_task_parts") else []
+    label = ("Baseline " if arch == "self_attn" else "") + label + (f" ({', '.join(notes)})" if notes else "")
     return label if router_variant in (None, default_router(manifest)) else f"{label} ({router_variant} router)"
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from experiments.robot.harness import Protocol, ResultsError, plan_episodes, read_rows, run_episodes
 from experiments.robot.harness.report import write_summary
-from experiments.robot.harness.results import check_same_run, read_many
+from experiments.robot.harness.results import check_label_unshared, check_same_run, read_many
 from experiments.robot.harness.video import wants_video
 from experiments.robot.libero.env import LiberoEnvFactory, LiberoUnavailable, import_libero, suite_info
 from experiments.robot.libero.policies import (
@@ -206,6 +206,7 @@ def main(cfg: GenerateConfig) -> list[dict]:
         run_info["exemplars_sha256"] = exemplars_sha256(cfg.pretrained_checkpoint)
     previous = read_rows(results_path)
     check_same_run(previous, {**run_info, "seed": cfg.seed}, results_path)  # before any work, dry run included
+    check_label_unshared(sorted(cfg.results_dir.glob("*.jsonl")), results_path, method, {e.key for e in episodes})
     done = {r["key"] for r in previous}
 
     print(f"checkpoint {cfg.pretrained_checkpoint} (format {manifest['format']}) → method {method!r}")
