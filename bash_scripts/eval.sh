@@ -5,18 +5,24 @@
 # from the environment, e.g.
 #   CKPT_SPATIAL=runs/ckpt/spatial SUITES="libero_spatial" bash bash_scripts/eval.sh
 #   DRY_RUN=1 bash bash_scripts/eval.sh      # check paths, print the plan, run nothing
-#   QUICK=1 bash bash_scripts/eval.sh        # CPU smoke run: 1 task, 1 trial, 16 steps, fast rendering
+#   QUICK=1 bash bash_scripts/eval.sh        # CPU smoke run: 1 task, 1 trial, 16 steps, fast 128-px rendering,
+#                                            # into runs/libero-quick (each knob still overridable)
 # Re-running resumes: finished episodes in RESULTS_DIR are skipped.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-source bash_scripts/python.sh
+source bash_scripts/common.sh
+QUICK="${QUICK:-0}"
+if [[ "$QUICK" == 1 ]]; then  # smoke-run defaults, each still overridable, in a results directory of their own
+  : "${NUM_TRIALS:=1}" "${TASK_IDS:=[0]}" "${MAX_STEPS:=16}" "${FAST_RENDER:=true}" "${ENV_IMG_RES:=128}"
+  : "${RESULTS_DIR:=runs/libero-quick}"
+fi
 # Default checkpoints: the newest finished one that finetune_libero.sh wrote for each suite
 # (OUT_ROOT/<suite>-<config>-<expert_arch>-seed<train seed>/checkpoints/step_N, finished = holding its manifest.json).
 OUT_ROOT="${OUT_ROOT:-runs}"
 CONFIG_NAME="${CONFIG_NAME:-qwen25-dinosiglip-224px}"
 EXPERT_ARCH="${EXPERT_ARCH:-cross_attn}"  # self_attn: the baseline's runs
-TRAIN_SEED="${TRAIN_SEED:-7}"             # the seed the experts trained with (SEED below is the evaluation's)
+TRAIN_SEED="${TRAIN_SEED:-${SEED:-7}}"   # the seed the experts trained with (finetune_libero.sh's SEED)
 newest_checkpoint() {
   local run="$OUT_ROOT/$1-$CONFIG_NAME-$EXPERT_ARCH-seed$TRAIN_SEED" found
   found=$(ls -d "$run"/checkpoints/step_*/manifest.json 2>/dev/null | sort | tail -n 1)
@@ -33,18 +39,14 @@ NUM_TRIALS="${NUM_TRIALS:-50}"
 TASK_IDS="${TASK_IDS:-}"            # e.g. "[0,1]"; empty: all tasks
 MAX_STEPS="${MAX_STEPS:-}"          # empty: per-suite limits (220 / 280 / 300 / 520)
 NUM_ENVS="${NUM_ENVS:-1}"           # parallel simulators (worker processes)
-SEED="${SEED:-7}"
+EVAL_SEED="${EVAL_SEED:-7}"         # the rollouts' seed (the protocol's 7)
 DEVICE="${DEVICE:-auto}"
 ENV_IMG_RES="${ENV_IMG_RES:-256}"
 FAST_RENDER="${FAST_RENDER:-false}" # true only for smoke runs: images differ slightly
 SAVE_VIDEOS="${SAVE_VIDEOS:-}"      # "", "all", "first" or globs such as "libero_goal/3/*"
 export MUJOCO_GL="${MUJOCO_GL:-egl}" # headless rendering: egl (GPU or Mesa) or osmesa
 DRY_RUN="${DRY_RUN:-0}"
-QUICK="${QUICK:-0}"
 
-if [[ "$QUICK" == 1 ]]; then
-  NUM_TRIALS=1; TASK_IDS="[0]"; MAX_STEPS=16; FAST_RENDER=true; ENV_IMG_RES=128
-fi
 
 checkpoint_var() {
   case "$1" in
@@ -63,18 +65,21 @@ for suite in $SUITES; do
   if [[ -z "$var" ]]; then
     echo "error: SUITES has '$suite'; expected libero_spatial, libero_object, libero_goal or libero_10" >&2
     problems=1
-  elif [[ ! -f "${!var}/manifest.json" ]]; then
-    echo "error: $var=${!var}: no manifest.json there (expected a fine-tuned checkpoint directory)" >&2
+  elif ! check_checkpoint "$var" mergevla-checkpoint "a fine-tuned checkpoint directory"; then
     problems=1
   else
     ready+=("$suite")
   fi
 done
+if [[ "$problems" == 1 && "$CKPT_SPATIAL$CKPT_OBJECT$CKPT_GOAL$CKPT_10" == *"<none finished>"* ]]; then
+  echo "note: runs are looked for in OUT_ROOT/<suite>-CONFIG_NAME-EXPERT_ARCH-seedTRAIN_SEED" \
+       "($OUT_ROOT/<suite>-$CONFIG_NAME-$EXPERT_ARCH-seed$TRAIN_SEED); set those as finetune_libero.sh ran, or CKPT_*" >&2
+fi
 # a real run starts nothing unless every path is right; a dry run still prints the plan of the good ones
 (( problems == 0 )) || [[ "$DRY_RUN" == 1 ]] || exit 2
 
 common=(--results_dir "$RESULTS_DIR" --summary_dir "$SUMMARY_DIR" --num_trials_per_task "$NUM_TRIALS"
-        --num_envs "$NUM_ENVS" --seed "$SEED" --device "$DEVICE" --env_img_res "$ENV_IMG_RES"
+        --num_envs "$NUM_ENVS" --seed "$EVAL_SEED" --device "$DEVICE" --env_img_res "$ENV_IMG_RES"
         --fast_render "$FAST_RENDER" --mujoco_gl "$MUJOCO_GL")
 [[ -n "$TASK_IDS" ]] && common+=(--task_ids "$TASK_IDS")
 [[ -n "$MAX_STEPS" ]] && common+=(--max_steps "$MAX_STEPS")

@@ -44,7 +44,7 @@ BASE_DIR="${BASE_DIR:-pretrained_models/mergevla-base-qwen25-dinosiglip-224px}"
 FORMAT="${FORMAT:-hdf5}"
 OUT_ROOT="${OUT_ROOT:-runs}"
 SEED="${SEED:-7}"
-source bash_scripts/python.sh
+source bash_scripts/common.sh
 NPROC="${NPROC:-1}"
 if [[ ! "$NPROC" =~ ^[1-9][0-9]*$ ]]; then echo "error: NPROC is '$NPROC', expected a positive integer" >&2; exit 2; fi
 

@@ -396,7 +396,9 @@ def test_eval_scripts_stop_on_a_missing_interpreter_even_in_a_dry_run(script, tm
 
 @pytest.mark.parametrize("env, run_dir", [({}, "libero_goal-qwen25-dinosiglip-224px-cross_attn-seed7"),
                                           ({"EXPERT_ARCH": "self_attn", "TRAIN_SEED": "3"},
-                                           "libero_goal-qwen25-dinosiglip-224px-self_attn-seed3")])
+                                           "libero_goal-qwen25-dinosiglip-224px-self_attn-seed3"),
+                                          ({"SEED": "5", "CONFIG_NAME": "tiny"},  # finetune_libero.sh's SEED
+                                           "libero_goal-tiny-cross_attn-seed5")])
 def test_eval_script_defaults_to_each_suites_newest_finished_checkpoint(tmp_path, env, run_dir):
     """In the run directory finetune_libero.sh names (config, architecture, training seed)."""
     import os
@@ -409,16 +411,55 @@ def test_eval_script_defaults_to_each_suites_newest_finished_checkpoint(tmp_path
     env = {**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", "SUITES": "libero_goal",
            "OUT_ROOT": str(tmp_path / "runs"), "RESULTS_DIR": str(tmp_path / "results"), **env}
 
+    def script():
+        return subprocess.run(["bash", str(repo / "bash_scripts" / "eval.sh")], env=env, capture_output=True, text=True)
+
     def stderr():
-        return subprocess.run(["bash", str(repo / "bash_scripts" / "eval.sh")], env=env, capture_output=True,
-                              text=True).stderr
+        return script().stderr
 
     assert f"CKPT_GOAL={run}/step_<none finished>: no manifest.json there" in stderr()
+    assert "note: runs are looked for in OUT_ROOT/<suite>-CONFIG_NAME-EXPERT_ARCH-seedTRAIN_SEED" in stderr()
     for step, finished in ((2, True), (10, True), (30, False)):  # step 30 is still being written
         (run / f"step_{step:06d}").mkdir(parents=True)
         if finished:
-            (run / f"step_{step:06d}" / "manifest.json").write_text("{}")
-    assert f"{run}/step_000010/manifest.json: field 'format' is missing" in stderr()  # reached the evaluator
+            (run / f"step_{step:06d}" / "manifest.json").write_text(json.dumps({"format": "mergevla-checkpoint"},
+                                                                                indent=2))
+    assert f"checkpoint {run}/step_000010 (format mergevla-checkpoint)" in script().stdout  # the evaluator's plan
+
+
+def test_eval_scripts_refuse_the_other_kind_of_checkpoint_and_quick_runs_apart(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    merged, expert = tmp_path / "merged", tmp_path / "expert"
+    for d, kind in ((merged, "mergevla-merged"), (expert, "mergevla-checkpoint")):
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps({"config": {"format": "x"}, "format": kind}, indent=2))
+    env = {**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", "SUITES": "libero_goal", "CKPT_GOAL": str(merged),
+           "MERGED_CKPT": str(expert)}
+
+    def run(script, **extra):
+        return subprocess.run(["bash", str(repo / "bash_scripts" / script)], env={**env, **extra}, capture_output=True,
+                              text=True, cwd=tmp_path)
+
+    done = run("eval.sh")
+    assert done.returncode == 2 and (f"error: CKPT_GOAL={merged}: its manifest.json has format 'mergevla-merged', "
+                                     "expected 'mergevla-checkpoint' (a fine-tuned checkpoint directory)") in done.stderr
+    done = run("eval_merged.sh")
+    assert done.returncode == 2 and done.stderr == (
+        f"error: MERGED_CKPT={expert}: its manifest.json has format 'mergevla-checkpoint', expected 'mergevla-merged' "
+        "(a merged artifact directory, written by mergy.py)\n")
+    # QUICK gives defaults the user's settings override, and a results directory of its own
+    fake = tmp_path / "python"  # prints the evaluator's command line
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    argv = run("eval_merged.sh", PYTHON=str(fake), MERGED_CKPT=str(merged), QUICK="1", NUM_TRIALS="2").stdout.split("\n")
+    assert argv[argv.index("--results_dir") + 1] == "runs/libero-quick"
+    assert argv[argv.index("--num_trials_per_task") + 1] == "2" and argv[argv.index("--max_steps") + 1] == "16"
+    assert argv[argv.index("--env_img_res") + 1] == "128" and argv[argv.index("--seed") + 1] == "7"
 
 
 def test_center_crop_policy_transform_matches_the_crop_and_checks_its_area():
