@@ -83,6 +83,22 @@ def test_killed_and_resumed_run_ends_with_identical_weights(data_root, tmp_path)
     assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, 1e-3, 4, "cosine", 1, 0.1) for s in range(4)])
 
 
+def test_ctrl_c_says_which_checkpoint_a_rerun_continues_from(data_root, tmp_path, caplog):
+    def interrupt_at(n):
+        def on_step(step, rec):
+            if step == n:
+                raise KeyboardInterrupt
+        return on_step
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(data_root, tmp_path / "a", max_steps=4, save_every=2), on_step=interrupt_at(1))
+    assert "interrupted after step 1; no checkpoint was saved yet, so a rerun starts from step 0" in caplog.text
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(data_root, tmp_path / "a", max_steps=4, save_every=2, resume=True), on_step=interrupt_at(3))
+    assert (f"interrupted after step 3; rerun with --resume true to continue from step 2 "
+            f"({tmp_path / 'a' / 'checkpoints' / 'step_000002'})") in caplog.text
+
+
 def test_loader_workers_feed_the_same_batches(data_root, tmp_path):
     a = train(tiny_config(data_root, tmp_path / "a", max_steps=2, save_every=2))
     b = train(tiny_config(data_root, tmp_path / "b", max_steps=2, save_every=2, num_workers=1,

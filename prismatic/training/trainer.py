@@ -252,6 +252,13 @@ def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -
                 save(cfg, env, model, optimizer, ds, step, samples_seen)
             if on_step is not None:
                 on_step(step, record)
+    except KeyboardInterrupt:  # say what a rerun continues from: up to save_every steps are trained again
+        if env.is_main:
+            done = rd.complete_checkpoints(run)
+            log.warning("interrupted after step %d; %s", step,
+                        f"rerun with --resume true to continue from step {done[-1][0]} ({done[-1][1]})" if done
+                        else "no checkpoint was saved yet, so a rerun starts from step 0")
+        raise
     finally:
         stream.close()
         bar.close()
