@@ -479,6 +479,14 @@ def test_summarize_cli_reads_a_results_dir(tmp_path, capsys):
         summarize_main(SummarizeConfig(results_dir=tmp_path / "runs", out_dir=mine, plots=False))
     assert sorted(p.name for p in mine.iterdir()) == ["paper.tex", "results.md"]
     assert (mine / "results.md").read_text() == "my notes"
+    summarize_main(SummarizeConfig(results_dir=tmp_path / "runs", plots=False))  # by default beside the results
+    assert (tmp_path / "runs" / "summary" / "results.csv").read_text() == "method,Goal,avg\nTA,50.0,50.0\n"
+    # rows no table can count (one episode twice under one label) are refused before the directory is made
+    run_episodes(FakeEnvFactory(), ScriptedPolicy(solves=(0,)), eps, tmp_path / "runs" / "b.jsonl",
+                 run_info={"method": "TA"}, **QUIET)
+    with pytest.raises(ResultsError, match="appears twice"):
+        summarize_main(SummarizeConfig(results_dir=tmp_path / "runs", out_dir=tmp_path / "new", plots=False))
+    assert not (tmp_path / "new").exists()
 
 
 def test_videos_only_for_requested_episodes(tmp_path):

@@ -22,10 +22,10 @@ def write_summary(rows: Sequence[dict], out_dir: Path | str, plots: bool = True,
 
     if not rows:
         raise ResultsError("no finished episodes to summarise")
+    table, markdown = success_table(rows), summary_markdown(rows)  # rows a table cannot count: before any write
     out = claim_output_dir(out_dir, flag, SUMMARY_MARKER, SUMMARY_FILE.fullmatch)
-    table = success_table(rows)
     paths = {"markdown": out / "results.md", "csv": out / "results.csv"}
-    write_text(paths["markdown"], summary_markdown(rows))
+    write_text(paths["markdown"], markdown)
     write_text(paths["csv"], table.to_csv())
     if by_task := task_csv(rows):
         paths["csv_by_task"] = out / "results_by_task.csv"

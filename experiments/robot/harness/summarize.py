@@ -2,7 +2,7 @@
 
     python -m experiments.robot.harness.summarize --results '[runs/ft_spatial.jsonl,runs/ties.jsonl]' \
         --out_dir runs/summary
-    python -m experiments.robot.harness.summarize --results_dir runs --out_dir runs/summary
+    python -m experiments.robot.harness.summarize --results_dir runs/libero     # → runs/libero/summary
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from prismatic.cli import run_cli
 class SummarizeConfig:
     results: list[Path] = field(default_factory=list)  # results JSONL files
     results_dir: Path | None = None  # or: every *.jsonl directly in this directory
-    out_dir: Path = Path("runs/summary")
-    plots: bool = True
+    # where the tables and plots go (default: <results_dir>/summary, where the evaluation writes its own;
+    # runs/summary when only --results is given); a directory holding other files is refused
+    out_dir: Path | None = None
+    plots: bool = True  # success_bars.png and the routing confusion matrices (matplotlib)
 
 
 def main(cfg: SummarizeConfig) -> dict[str, Path]:
@@ -32,7 +34,8 @@ def main(cfg: SummarizeConfig) -> dict[str, Path]:
         files += sorted(cfg.results_dir.glob("*.jsonl"))
     if not files:
         raise ResultsError("no results files given: set --results '[a.jsonl,...]' or --results_dir DIR")
-    paths = write_summary(read_many(files), cfg.out_dir, cfg.plots, flag="out_dir")
+    out_dir = cfg.out_dir or (cfg.results_dir / "summary" if cfg.results_dir is not None else Path("runs/summary"))
+    paths = write_summary(read_many(files), out_dir, cfg.plots, flag="out_dir")
     print(Path(paths["markdown"]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return paths
