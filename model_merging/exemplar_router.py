@@ -205,6 +205,10 @@ def run(cfg: ExemplarConfig) -> Path:
     path = write_exemplars(merged, exemplars, provenance, view, cfg.overwrite)
     counts = ", ".join(f"{t}: {p['frames']}" for t, p in provenance.items())
     print(f"exemplars of {len(merged.task_names)} tasks ({counts} frames) written to {path}")
+    fewer = [t for t, p in provenance.items() if p["frames"] < cfg.per_task]
+    if fewer:  # one first frame per episode: a dataset with fewer episodes gives fewer
+        print(f"note: {', '.join(fewer)}: fewer first frames than --per_task {cfg.per_task}, as many as the data "
+              "holds episodes")
     return path
 
 

@@ -317,7 +317,7 @@ def merge_experts(
             stats = MaskStats()
             with torch.no_grad():
                 if log:
-                    log(f"merging {len(experts)} experts {experts.names} with {opts.algorithm} "
+                    log(f"merging {len(experts)} expert{'s' * (len(experts) != 1)} {experts.names} with {opts.algorithm} "
                         f"({len(manifest['lora_params'])} LoRA-touched weights)")
                     if warning := unfinished_warning(manifest):
                         log(warning)

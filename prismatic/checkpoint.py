@@ -17,6 +17,9 @@ from prismatic.io import atomic_path, read_json_object, sha256_file, write_json
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
+# what the directories of each manifest format are, for messages when one is given where another belongs
+KIND_NAMES = {"mergevla-checkpoint": "a fine-tuned checkpoint (finetune.py)",
+              "mergevla-merged": "a merged artifact (mergy.py --out)"}
 
 
 class CheckpointError(RuntimeError):
@@ -55,10 +58,11 @@ def read_manifest_json(directory: Path | str, missing: str) -> dict:
 
 
 def _run_dir_hint(d: Path) -> str:
-    """What to give instead when `d` is a training run (its checkpoints are `checkpoints/step_N/`)."""
-    if not (d / "checkpoints").is_dir():
+    """What to give instead when `d` is a training run or its `checkpoints/` folder (holding `step_N/`)."""
+    root = d / "checkpoints" if (d / "checkpoints").is_dir() else d if d.name == "checkpoints" else None
+    if root is None:
         return ""
-    finished = sorted(c for c in (d / "checkpoints").glob("step_*") if (c / MANIFEST_FILE).is_file())
+    finished = sorted(c for c in root.glob("step_*") if (c / MANIFEST_FILE).is_file())
     if not finished:
         return "; it is a training run directory with no finished checkpoint yet"
     return f"; it is a training run directory: give one of its checkpoints, e.g. the newest, {finished[-1]}"
@@ -87,10 +91,13 @@ def unfinished_warning(manifest: dict) -> str | None:
 
 
 def read_manifest(directory: Path | str, kind: str) -> dict:
-    manifest = read_manifest_json(directory, f"is not a finished {kind} checkpoint")
+    manifest = read_manifest_json(directory, f"is not a finished checkpoint (format {kind})")
     mf = Path(directory) / MANIFEST_FILE
     if manifest.get("format") != kind:
-        raise CheckpointError(f"{mf}: field 'format' is {manifest.get('format')!r}, expected {kind!r}")
+        found = KIND_NAMES.get(manifest.get("format"))
+        raise CheckpointError(f"{mf}: field 'format' is {manifest.get('format')!r}, expected {kind!r}"
+                              + (f" ({found} was given where {KIND_NAMES[kind]} is needed)"
+                                 if found and kind in KIND_NAMES else ""))
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{mf}: field 'format_version' is {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"

@@ -146,6 +146,14 @@ def test_cli_errors_name_what_to_fix(fresh, data_root, capsys):
     assert (fresh / EXEMPLAR_WEIGHTS).read_bytes() == before
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "3", "--overwrite", "true"]) == 0
     assert json.loads((fresh / EXEMPLAR_MANIFEST).read_text())["sources"]["goal"]["frames"] == 3
+    capsys.readouterr()
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "500", "--overwrite", "true"]) == 0
+    assert ("note: spatial, object, goal: fewer first frames than --per_task 500, as many as the data holds "
+            "episodes") in capsys.readouterr().out
+    expert = json.loads((fresh / "manifest.json").read_text())["experts"][0]["path"]  # the wrong kind of directory
+    assert main(["--merged", expert, "--data_root", str(data_root)]) == 2
+    assert ("field 'format' is 'mergevla-checkpoint', expected 'mergevla-merged' (a fine-tuned checkpoint "
+            "(finetune.py) was given where a merged artifact (mergy.py --out) is needed)") in capsys.readouterr().err
 
 
 def test_subspace_variants_still_check_against_the_stored_ones(fresh, data_root):

@@ -261,6 +261,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path, c
     assert "libero_goal: 10 tasks, 500 episodes (0 already done), max 300 steps" in out
     assert "libero_10: 10 tasks, 500 episodes (0 already done), max 520 steps" in out
     assert "FT-experts--tiny-spatial.jsonl" in out and not (tmp_path / "runs").exists()
+    main(GenerateConfig(pretrained_checkpoint=tiny_checkpoint, task_suites=["libero_goal"], task_ids=[3],
+                        num_trials_per_task=1, results_dir=tmp_path / "runs", dry_run=True))
+    assert "libero_goal: 1 of 10 tasks, 1 episode (0 already done), max 300 steps" in capsys.readouterr().out
 
 
 @needs_libero

@@ -481,10 +481,12 @@ def test_duplicate_names_existing_output_and_bad_options(experts, tmp_path):
         (run / "checkpoints" / f"step_{step:06d}").mkdir()
         (run / "checkpoints" / f"step_{step:06d}" / "manifest.json").write_text("{}")
     with pytest.raises(MergeError, match=re.escape(f"{run}/manifest.json is missing: {run} is not a finished "
-                                                   f"mergevla-checkpoint checkpoint; it is a training run directory: "
-                                                   f"give one of its checkpoints, e.g. the newest, "
+                                                   f"checkpoint (format mergevla-checkpoint); it is a training run "
+                                                   f"directory: give one of its checkpoints, e.g. the newest, "
                                                    f"{run}/checkpoints/step_000020")):
         merge_experts([("x", run)], tmp_path / "out", log=quiet)
+    with pytest.raises(MergeError, match=re.escape(f"e.g. the newest, {run}/checkpoints/step_000020")):
+        merge_experts([("x", run / "checkpoints")], tmp_path / "out", log=quiet)
     assert not (tmp_path / "out").exists()
 
 

@@ -218,7 +218,9 @@ def main(cfg: GenerateConfig) -> list[dict]:
     for info in infos:
         n = sum(e.suite == info.name for e in episodes)
         n_done = sum(e.suite == info.name and e.key in done for e in episodes)
-        print(f"  {info.name}: {info.num_tasks} tasks, {n} episodes ({n_done} already done), "
+        n_tasks = len({e.task_id for e in episodes if e.suite == info.name})
+        tasks = f"{info.num_tasks} tasks" if n_tasks == info.num_tasks else f"{n_tasks} of {info.num_tasks} tasks"
+        print(f"  {info.name}: {tasks}, {n} episode{'s' * (n != 1)} ({n_done} already done), "
               f"max {info.max_steps} steps" + (" [LIBERO-Plus dimensions]" if info.categories else ""))
     print(f"images: centre crop at {crop_area:g} of the area" if crop_area < 1.0 else "images: no centre crop")
     for warning in (frame_size_warning(manifest, cfg.env_img_res), unfinished_warning(manifest)):
