@@ -59,6 +59,14 @@ def test_rlds_unknown_suite_lists_available(tmp_path):
         load_suite(tmp_path, "libero_10", "rlds")
 
 
+def test_an_hdf5_suite_read_as_rlds_is_named_as_such(tmp_path):
+    root = hdf5_root(tmp_path)
+    with pytest.raises(DatasetError, match=(
+            rf"no {SUITE}_no_noops under {root}, and {root / SUITE} holds no RLDS dataset \(no "
+            r"<version>/dataset_info.json\) \(it holds HDF5 files: --dataset_format hdf5 reads them\)")):
+        load_suite(root, SUITE, "rlds")
+
+
 def test_missing_rlds_extra_gives_an_install_hint(tmp_path, monkeypatch):
     _fake_rlds_suite(tmp_path, f"{SUITE}_no_noops")
     real_import = builtins.__import__

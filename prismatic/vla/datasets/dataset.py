@@ -120,7 +120,9 @@ def resolve_suite(data_root: Path, suite: str, dataset_format: DatasetFormat) ->
             return d, files
         builder = find_builder_dir(d)
         if builder is None:
-            raise DatasetError(f"{d} holds no RLDS dataset (no <version>/dataset_info.json)")
+            hdf5 = " (it holds HDF5 files: --dataset_format hdf5 reads them)" if any(d.glob("*.hdf5")) else ""
+            tried = f"no {names[0]} under {data_root}, and " if name != names[0] else ""
+            raise DatasetError(f"{tried}{d} holds no RLDS dataset (no <version>/dataset_info.json){hdf5}")
         files = sorted(p for p in builder.iterdir() if p.is_file() and p.name != STATS_FILE and not p.name.startswith("."))
         return builder, files
     raise DatasetError(
