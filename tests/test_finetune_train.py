@@ -83,6 +83,17 @@ def test_killed_and_resumed_run_ends_with_identical_weights(data_root, tmp_path)
     assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, 1e-3, 4, "cosine", 1, 0.1) for s in range(4)])
 
 
+def test_without_a_progress_bar_each_logged_step_is_a_log_line(data_root, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="prismatic.training.trainer")
+    rows = []
+    train(tiny_config(data_root, tmp_path / "a", max_steps=4, log_every=2), on_step=lambda s, r: rows.append(r))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert f"loss {rows[1]['loss']:.4f}" in lines[0]  # the logged (process-mean) loss
+
+
 def test_ctrl_c_says_which_checkpoint_a_rerun_continues_from(data_root, tmp_path, caplog):
     def interrupt_at(n):
         def on_step(step, rec):

@@ -248,6 +248,9 @@ def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -
                               samples_per_s=steps_since * per_step / (now - t_last), time=time.time())
                 t_last, steps_since = now, 0
                 logger.log(record)
+                if env.is_main and not cfg.progress_bar:  # batch jobs' logs: what the bar would show
+                    log.info("step %d/%d: loss %.4f, lr %.2e, %.2f steps/s", step, cfg.max_steps, record["loss"], lr,
+                             record["steps_per_s"])
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 save(cfg, env, model, optimizer, ds, step, samples_seen)
             if on_step is not None:
