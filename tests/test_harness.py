@@ -203,19 +203,37 @@ def test_a_hung_env_in_a_worker_stops_the_run_after_the_timeout(tmp_path):
 
 class _SlowPolicy(ScriptedPolicy):
     def act(self, obs, instructions, episode_ids):
-        time.sleep(0.05)
+        time.sleep(0.15)
         return super().act(obs, instructions, episode_ids)
 
 
 def test_a_hung_worker_is_reported_while_other_workers_still_reply(tmp_path):
-    # worker 0 hangs building task 1; worker 1 runs four task-0 episodes of 50 chunks (≥ 2.5 s each, ≥ 10 s in all)
+    # worker 0 hangs building task 1; worker 1 runs four task-0 episodes of 50 chunks (≥ 7.5 s each, ≥ 30 s in all;
+    # the 5-s timeout leaves room for a loaded machine's worker start-up)
     path = tmp_path / "r.jsonl"
     eps = [EpisodeSpec("s", 1, 0, 0, 400)] + [EpisodeSpec("s", 0, t, t, 400) for t in range(4)]
     t0 = time.monotonic()
-    with pytest.raises(HarnessError, match=r"no reply from worker\(s\) \[0\] within 1 s: an environment hung"):
+    with pytest.raises(HarnessError, match=r"no reply from worker\(s\) \[0\] within 5 s: an environment hung"):
         run_episodes(FakeEnvFactory(hang_task=1), _SlowPolicy(solves=()), eps, path, num_envs=2, num_workers=2,
-                     worker_timeout_s=1, **QUIET)
-    assert len(read_rows(path)) < 4 and time.monotonic() - t0 < 9  # not after every other episode had run
+                     worker_timeout_s=5, **QUIET)
+    assert len(read_rows(path)) < 4 and time.monotonic() - t0 < 25  # not after every other episode had run
+
+
+def test_a_reply_already_sent_is_read_before_a_silent_worker_is_reported():
+    from experiments.robot.harness.runner import _Processes
+
+    procs = _Processes(2, 2, FakeEnvFactory(hang_task=1), Protocol(), None, None, 0, "spawn", reply_timeout_s=2)
+    try:
+        t0 = time.monotonic()
+        procs.submit("start", 0, (EpisodeSpec("s", 1, 0, 0, 20), False))  # worker 0: hangs
+        procs.submit("start", 1, (EpisodeSpec("s", 0, 0, 0, 20), False))  # worker 1: replies
+        assert procs.conns[1].poll(60)
+        time.sleep(max(0.0, 2.2 - (time.monotonic() - t0)))  # worker 0 is overdue, worker 1's reply is waiting
+        (slot_a, reply_a), (slot_b, reply_b) = procs.collect()
+        assert slot_a == 1 and reply_a["instruction"] and (slot_b, type(reply_b)) == (0, HarnessError)
+        assert "no reply from worker(s) [0] within 2 s" in str(reply_b) and procs.stuck == [0]
+    finally:
+        procs.close()
 
 
 def test_workers_already_started_are_closed_when_a_later_one_fails_to_start(tmp_path, monkeypatch):

@@ -87,16 +87,18 @@ class _Processes:
         try:
             for w in range(self.num_workers):
                 parent, child = ctx.Pipe()
+                self.conns.append(parent)
                 p = ctx.Process(target=worker_main, args=(child, env_factory, protocol, video_dir, frame_fn, seed + w),
                                 daemon=True, name=f"harness-worker-{w}")
-                p.start()
-                child.close()
-                self.conns.append(parent)
+                try:
+                    p.start()
+                finally:
+                    child.close()
                 self.procs.append(p)
         except BaseException:  # e.g. out of memory at the third worker: the started ones are closed, not left
             self.close()
             raise
-        self.outstanding = [0] * self.num_workers
+        self.pending: list[list[int]] = [[] for _ in range(self.num_workers)]  # slots each worker owes a reply
         self.waiting_since = [0.0] * self.num_workers  # when a busy worker last replied or was given work
 
     def submit(self, cmd, slot, payload):
@@ -105,9 +107,9 @@ class _Processes:
             self.conns[w].send((cmd, slot, payload))
         except OSError as e:  # BrokenPipeError: it died since its last reply (e.g. killed for memory)
             raise self._died(w) from e
-        if not self.outstanding[w]:
+        if not self.pending[w]:
             self.waiting_since[w] = time.monotonic()
-        self.outstanding[w] += 1
+        self.pending[w].append(slot)
 
     def _died(self, w: int) -> HarnessError:
         p = self.procs[w]
@@ -122,15 +124,18 @@ class _Processes:
 
     def collect(self, linger_s: float = 0.02):
         """At least one reply; then whatever else arrives within `linger_s` (bigger policy batches). A slot whose
-        env raised replies with a HarnessError (raised by `_loop` once the other replies are written)."""
+        env raised, or whose worker stayed silent past the timeout, replies with a HarnessError (raised by
+        `_loop` once the other replies are written)."""
         out: list = []
-        # checked before waiting, so no reply is ever dropped: a simulator stuck in a worker would otherwise
-        # stall the evaluation silently or, while other workers still reply, only once every other episode ran
-        busy = [c for c, n in zip(self.conns, self.outstanding) if n]
-        ready = []
-        while not ready:
-            self._raise_if_overdue()
-            ready = wait(busy, timeout=self._time_left())
+        # a simulator stuck in a worker would otherwise stall the evaluation silently or, while other workers
+        # still reply, be noticed only once every other episode has run
+        stuck: list[int] = []
+        ready: list = []
+        while not ready and not stuck:
+            stuck = self._overdue()
+            ready = [] if stuck else wait(self._busy(), timeout=self._time_left())
+        if stuck:  # what the others have sent already is still read, so their finished episodes are written
+            ready, linger_s = wait(self._busy(but=stuck), timeout=0), 0.0
         while ready:
             for c in ready:
                 w = self.conns.index(c)
@@ -138,33 +143,38 @@ class _Processes:
                     status, slot, reply = c.recv()
                 except (EOFError, OSError) as e:
                     raise self._died(w) from e
-                self.outstanding[w] -= 1
+                self.pending[w].remove(slot)
                 self.waiting_since[w] = time.monotonic()
                 if status == "error":
                     reply = HarnessError(f"environment slot {slot} failed in worker {w}:\n{reply}")
                 out.append((slot, reply))
-            busy = [c for c, n in zip(self.conns, self.outstanding) if n]
+            busy = self._busy(but=stuck)
             ready = wait(busy, timeout=linger_s) if busy else []
+        if stuck:
+            self.stuck = stuck
+            err = HarnessError(f"no reply from worker(s) {stuck} within {self.reply_timeout_s:g} s: an environment "
+                               "hung (finished episodes are in the results file; rerun to resume, or raise "
+                               "worker_timeout_s)")
+            out += [(slot, err) for w in stuck for slot in self.pending[w]]
         return out
+
+    def _busy(self, but: Sequence[int] = ()) -> list:
+        return [c for w, c in enumerate(self.conns) if self.pending[w] and w not in but]
 
     def _time_left(self) -> float | None:
         """Seconds until the longest-waiting busy worker is overdue (0: it is); None without a timeout."""
         if self.reply_timeout_s is None:
             return None
-        oldest = min(t for t, n in zip(self.waiting_since, self.outstanding) if n)
+        oldest = min(t for t, p in zip(self.waiting_since, self.pending) if p)
         return max(0.0, oldest + self.reply_timeout_s - time.monotonic())
 
-    def _raise_if_overdue(self) -> None:
+    def _overdue(self) -> list[int]:
+        """Busy workers silent for reply_timeout_s (a reply waiting in the pipe is not silence)."""
         if self.reply_timeout_s is None:
-            return
+            return []
         now = time.monotonic()
-        stuck = [w for w, n in enumerate(self.outstanding)  # (a reply waiting in the pipe is not overdue)
-                 if n and now - self.waiting_since[w] >= self.reply_timeout_s and not self.conns[w].poll()]
-        if stuck:
-            self.stuck = stuck
-            raise HarnessError(f"no reply from worker(s) {stuck} within {self.reply_timeout_s:g} s: an environment "
-                               "hung (finished episodes are in the results file; rerun to resume, or raise "
-                               "worker_timeout_s)")
+        return [w for w, p in enumerate(self.pending)
+                if p and now - self.waiting_since[w] >= self.reply_timeout_s and not self.conns[w].poll()]
 
     def close(self):
         for c, p in zip(self.conns, self.procs):
@@ -173,11 +183,12 @@ class _Processes:
                     c.send(("close", -1, None))
             except (BrokenPipeError, OSError):
                 pass
-        for w, (c, p) in enumerate(zip(self.conns, self.procs)):
+        for w, p in enumerate(self.procs):
             p.join(timeout=0 if w in self.stuck else 10)
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
+        for c in self.conns:  # (one more than procs when a start failed)
             c.close()
 
 
