@@ -49,6 +49,12 @@ def complete_checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def resumable_checkpoints(run: Path, max_steps: int) -> list[tuple[int, Path]]:
+    """The finished checkpoints a run ending at `max_steps` can continue from, oldest first. A run may hold some
+    past max_steps (same identity, e.g. constant lr, once trained longer); it continues from the last one not beyond."""
+    return [c for c in complete_checkpoints(run) if c[0] <= max_steps]
+
+
 def check_run_dir(cfg: FinetuneConfig) -> dict | None:
     """Refuse an out_dir that holds another run (or this one without --resume). Returns its run.json."""
     run = cfg.run_dir()

@@ -164,9 +164,7 @@ def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -
     model.norm_stats = ds.norm_stats
     attn = set_attention(model, cfg.attn_implementation, env.device)  # may refuse: before run.json is written
     step, samples_seen, opt_state = 0, 0, None
-    # a run may hold checkpoints past max_steps (same identity, e.g. constant lr, once trained longer): this
-    # run ends at max_steps, so it continues from the last one not beyond it
-    ckpts = [c for c in rd.complete_checkpoints(run) if c[0] <= cfg.max_steps] if cfg.resume else []
+    ckpts = rd.resumable_checkpoints(run, cfg.max_steps) if cfg.resume else []
     if ckpts:
         step, ckpt = ckpts[-1]
         state = restore(model, ckpt, torch.device("cpu"))
@@ -257,7 +255,7 @@ def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -
                 on_step(step, record)
     except KeyboardInterrupt:  # say what a rerun continues from: up to save_every steps are trained again
         if env.is_main:
-            done = rd.complete_checkpoints(run)
+            done = rd.resumable_checkpoints(run, cfg.max_steps)
             log.warning("interrupted after step %d; %s", step,
                         f"rerun with --resume true to continue from step {done[-1][0]} ({done[-1][1]})" if done
                         else "no checkpoint was saved yet, so a rerun starts from step 0")
