@@ -7,6 +7,17 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 command -v "$PYTHON" >/dev/null || { echo "error: PYTHON=$PYTHON is not an executable (run 'make install' first)" >&2; exit 2; }
 
+# manifest_field DIR KEY [SUBKEY]: DIR/manifest.json's KEY (or KEY.SUBKEY) as text; empty when absent or unreadable.
+manifest_field() {
+  "$PYTHON" - "$@" <<'PY' 2>/dev/null || true
+import json, sys
+value = json.load(open(sys.argv[1] + "/manifest.json"))
+for key in sys.argv[2:]:
+    value = value.get(key) if isinstance(value, dict) else None
+print(value if isinstance(value, str) else "")
+PY
+}
+
 # check_checkpoint VAR FORMAT WHAT: an error line (and status 1) unless the directory in $VAR holds a finished
 # checkpoint whose manifest has that format (mergevla-checkpoint: one fine-tuned expert; mergevla-merged: a
 # mergy.py artifact); WHAT names it for the user.
@@ -15,8 +26,7 @@ check_checkpoint() {
   if [[ ! -f "$dir/manifest.json" ]]; then
     echo "error: $1=$dir: no manifest.json there (expected $what)" >&2; return 1
   fi
-  # manifests are written by prismatic.io.write_json: sorted keys, two-space indent
-  found=$(sed -n 's/^  "format": "\([^"]*\)".*/\1/p' "$dir/manifest.json")
+  found=$(manifest_field "$dir" format)
   if [[ "$found" != "$format" ]]; then
     echo "error: $1=$dir: its manifest.json has format '${found:-none}', expected '$format' ($what)" >&2; return 1
   fi

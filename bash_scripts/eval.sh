@@ -14,8 +14,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source bash_scripts/common.sh
 QUICK="${QUICK:-0}"
 if [[ "$QUICK" == 1 ]]; then  # smoke-run defaults, each still overridable, in a results directory of their own
-  : "${NUM_TRIALS:=1}" "${TASK_IDS:=[0]}" "${MAX_STEPS:=16}" "${FAST_RENDER:=true}" "${ENV_IMG_RES:=128}"
-  : "${RESULTS_DIR:=runs/libero-quick}"
+  : "${NUM_TRIALS=1}" "${TASK_IDS=[0]}" "${MAX_STEPS=16}" "${FAST_RENDER=true}" "${ENV_IMG_RES=128}"
+  : "${RESULTS_DIR=runs/libero-quick}"
 fi
 # Default checkpoints: the newest finished one that finetune_libero.sh wrote for each suite
 # (OUT_ROOT/<suite>-<config>-<expert_arch>-seed<train seed>/checkpoints/step_N, finished = holding its manifest.json).
@@ -28,6 +28,8 @@ newest_checkpoint() {
   found=$(ls -d "$run"/checkpoints/step_*/manifest.json 2>/dev/null | sort | tail -n 1)
   if [[ -n "$found" ]]; then dirname "$found"; else echo "$run/checkpoints/step_<none finished>"; fi
 }
+LOOKED_UP=""  # the CKPT_* this script looked up itself (named in the hint below when one is missing)
+for v in CKPT_SPATIAL CKPT_OBJECT CKPT_GOAL CKPT_10; do [[ -n "${!v:-}" ]] || LOOKED_UP+=" $v"; done
 CKPT_SPATIAL="${CKPT_SPATIAL:-$(newest_checkpoint libero_spatial)}"
 CKPT_OBJECT="${CKPT_OBJECT:-$(newest_checkpoint libero_object)}"
 CKPT_GOAL="${CKPT_GOAL:-$(newest_checkpoint libero_goal)}"
@@ -59,6 +61,7 @@ checkpoint_var() {
 }
 
 problems=0
+not_found=0
 ready=()
 for suite in $SUITES; do
   var="$(checkpoint_var "$suite")"
@@ -67,11 +70,12 @@ for suite in $SUITES; do
     problems=1
   elif ! check_checkpoint "$var" mergevla-checkpoint "a fine-tuned checkpoint directory"; then
     problems=1
+    [[ "$LOOKED_UP" != *" $var"* ]] || not_found=1
   else
     ready+=("$suite")
   fi
 done
-if [[ "$problems" == 1 && "$CKPT_SPATIAL$CKPT_OBJECT$CKPT_GOAL$CKPT_10" == *"<none finished>"* ]]; then
+if [[ "$not_found" == 1 ]]; then
   echo "note: runs are looked for in OUT_ROOT/<suite>-CONFIG_NAME-EXPERT_ARCH-seedTRAIN_SEED" \
        "($OUT_ROOT/<suite>-$CONFIG_NAME-$EXPERT_ARCH-seed$TRAIN_SEED); set those as finetune_libero.sh ran, or CKPT_*" >&2
 fi
@@ -86,12 +90,13 @@ common=(--results_dir "$RESULTS_DIR" --summary_dir "$SUMMARY_DIR" --num_trials_p
 [[ -n "$SAVE_VIDEOS" ]] && common+=(--save_videos "$SAVE_VIDEOS")
 [[ "$DRY_RUN" == 1 ]] && common+=(--dry_run true)
 
-# the baseline's runs get files of their own (its rows are labelled by the checkpoint's architecture)
-run_prefix="ft"
-[[ "$EXPERT_ARCH" == cross_attn ]] || run_prefix="ft-$EXPERT_ARCH"
 for suite in "${ready[@]}"; do
   var="$(checkpoint_var "$suite")"
   ckpt="${!var}"
+  # the baseline's experts get results files of their own, as they get a row of their own
+  arch="$(manifest_field "$ckpt" config expert_arch)"
+  run_prefix="ft"
+  [[ "$arch" == cross_attn || -z "$arch" ]] || run_prefix="ft-$arch"
   echo "== $suite: $ckpt"
   HF_HUB_OFFLINE=1 "$PYTHON" -m experiments.robot.libero.run_libero_eval --pretrained_checkpoint "$ckpt" \
     --task_suites "[$suite]" --run_name "$run_prefix--$suite" "${common[@]}"

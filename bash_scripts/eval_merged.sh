@@ -14,8 +14,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source bash_scripts/common.sh
 QUICK="${QUICK:-0}"
 if [[ "$QUICK" == 1 ]]; then  # smoke-run defaults, each still overridable, in a results directory of their own
-  : "${NUM_TRIALS:=1}" "${TASK_IDS:=[0]}" "${MAX_STEPS:=16}" "${FAST_RENDER:=true}" "${ENV_IMG_RES:=128}"
-  : "${RESULTS_DIR:=runs/libero-quick}"
+  : "${NUM_TRIALS=1}" "${TASK_IDS=[0]}" "${MAX_STEPS=16}" "${FAST_RENDER=true}" "${ENV_IMG_RES=128}"
+  : "${RESULTS_DIR=runs/libero-quick}"
 fi
 MERGED_CKPT="${MERGED_CKPT:-runs/merged/ties}"
 METHOD="${METHOD:-}"                # table row label; empty: the merge method recorded in the artifact
@@ -27,6 +27,9 @@ TASK_IDS="${TASK_IDS:-}"            # e.g. "[0,1]"; empty: all tasks
 MAX_STEPS="${MAX_STEPS:-}"          # empty: per-suite limits (220 / 280 / 300 / 520)
 NUM_ENVS="${NUM_ENVS:-1}"           # parallel simulators (worker processes)
 EVAL_SEED="${EVAL_SEED:-7}"         # the rollouts' seed (the protocol's 7)
+if [[ -n "${SEED:-}" ]]; then  # a SEED exported for finetune_libero.sh is not the rollouts' seed
+  echo "note: SEED=$SEED is finetune_libero.sh's training seed, not used here; the rollouts' seed is EVAL_SEED=$EVAL_SEED" >&2
+fi
 DEVICE="${DEVICE:-auto}"
 ENV_IMG_RES="${ENV_IMG_RES:-256}"
 FAST_RENDER="${FAST_RENDER:-false}" # true only for smoke runs: images differ slightly

@@ -156,8 +156,7 @@ def build_manifest(experts: ExpertSet, opts: MergeOptions, params: Any, block: i
         "seed": opts.seed,
         "task_names": tasks,
         "experts": [{"name": e.name, "path": str(e.directory.resolve()), "weights_sha256": e.manifest["weights_sha256"],
-                     "init_seed": e.manifest.get("init_seed"), "step": training_steps(e.manifest)[0],
-                     "max_steps": training_steps(e.manifest)[1]}
+                     "init_seed": e.manifest.get("init_seed"), **dict(zip(("step", "max_steps"), training_steps(e.manifest)))}
                     for e in experts.experts],
         "norm_stats": {e.name: e.manifest.get("norm_stats") for e in experts.experts},
         # what evaluation should centre-crop to, per expert (None: not recorded)

@@ -63,9 +63,10 @@ def _run_dir_hint(d: Path) -> str:
     if root is None:
         return ""
     finished = sorted(c for c in root.glob("step_*") if (c / MANIFEST_FILE).is_file())
+    what = "a training run directory" if root != d else "a training run's checkpoints folder"
     if not finished:
-        return "; it is a training run directory with no finished checkpoint yet"
-    return f"; it is a training run directory: give one of its checkpoints, e.g. the newest, {finished[-1]}"
+        return f"; it is {what} with no finished checkpoint yet"
+    return f"; it is {what}: give one of its checkpoints, e.g. the newest, {finished[-1]}"
 
 
 def training_steps(manifest: dict) -> tuple[int | None, int | None]:

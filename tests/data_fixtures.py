@@ -46,3 +46,28 @@ def kept_steps(actions: np.ndarray) -> np.ndarray:
     from prismatic.vla.datasets import noop_keep_mask
 
     return np.flatnonzero(noop_keep_mask(actions))
+
+
+# the knobs bash_scripts/*.sh read from the environment: a developer's exported SEED or CONFIG_NAME must not leak in
+SCRIPT_KNOBS = ("SEED", "TRAIN_SEED", "EVAL_SEED", "EXPERT_ARCH", "CONFIG_NAME", "OUT_ROOT", "RESULTS_DIR",
+                "SUMMARY_DIR", "QUICK", "DRY_RUN", "NUM_TRIALS", "TASK_IDS", "MAX_STEPS", "NUM_ENVS", "ENV_IMG_RES",
+                "FAST_RENDER", "SAVE_VIDEOS", "DEVICE", "SUITES", "METHOD", "ROUTER_VARIANT", "MERGED_CKPT",
+                "CKPT_SPATIAL", "CKPT_OBJECT", "CKPT_GOAL", "CKPT_10", "DATA_ROOT", "FORMAT", "BASE_DIR", "NPROC",
+                "PYTHON")
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """os.environ without the scripts' knobs, plus `extra`."""
+    import os
+
+    return {**{k: v for k, v in os.environ.items() if k not in SCRIPT_KNOBS}, **extra}
+
+
+def echo_python(path: Path) -> Path:
+    """A stand-in interpreter that prints the command line it is given, except that a script fed on stdin (`-`,
+    how the scripts read manifests) runs in the real one."""
+    import sys
+
+    path.write_text(f'#!/bin/sh\nif [ "$1" = "-" ]; then exec "{sys.executable}" "$@"; fi\nprintf "%s\\n" "$@"\n')
+    path.chmod(0o755)
+    return path

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_fixtures import SUITE, hdf5_root
+from data_fixtures import SUITE, echo_python, hdf5_root, script_env
 from transformers import Qwen2ForCausalLM
 
 from prismatic.checkpoint import load_checkpoint
@@ -32,7 +32,7 @@ def data_root(tmp_path_factory):
 
 
 def _env(**extra):
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+    return script_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
 
 
 def _run(cmd, timeout=240, **env):
@@ -126,8 +126,7 @@ def test_bash_script_trains_checkpoints_and_resumes(data_root, tmp_path):
                                          ("libero_goal", 30000), ("libero_10", 50000)])
 def test_bash_script_sets_each_suites_step_count(tmp_path, suite, steps):
     fake = tmp_path / "python"  # an "interpreter" that prints the command line it was given
-    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
-    fake.chmod(0o755)
+    echo_python(fake)
     r = _run(["bash", str(BASH), suite, "--lr", "1e-4"], PYTHON=str(fake), NPROC="1", DATA_ROOT="/data/x")
     argv = r.stdout.split("\n")
     assert r.returncode == 0 and argv[0].endswith("finetune.py")
@@ -152,8 +151,7 @@ def test_bash_script_needs_steps_for_other_suites():
 def test_bash_script_names_the_run_by_config_architecture_and_seed(tmp_path, flags, env, run):
     """As finetune.py names its default run, so a second seed or the baseline gets a directory of its own."""
     fake = tmp_path / "python"
-    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
-    fake.chmod(0o755)
+    echo_python(fake)
     r = _run(["bash", str(BASH), "libero_90", "--max_steps=2", "--config_name=tiny", *flags], PYTHON=str(fake),
              NPROC="1", OUT_ROOT="out", **env)
     argv = r.stdout.split("\n")

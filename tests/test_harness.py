@@ -464,7 +464,7 @@ def test_the_baseline_ft_row_is_second_and_may_have_one_checkpoint_per_suite():
     assert default_method(dict(merged, config={"expert_arch": "self_attn"}, masks={"enabled": False})) == \
         "Baseline TA (self-attn, no masks)"
     assert default_method(dict(merged, per_task_parts=["shared_blocks"]), "exemplar") == \
-        "TA (per-task action expert) (exemplar router)"
+        "TA (per-task action expert, exemplar router)"
 
 
 def test_summary_input_must_be_countable_episodes(tmp_path):

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from data_fixtures import echo_python, script_env
 
 from experiments.robot.harness import ResultsError
 from experiments.robot.libero.env import LiberoEnvFactory, import_libero, libero_available, suite_info, task_categories
@@ -369,13 +370,12 @@ def test_exemplar_router_sees_real_libero_frames_as_the_evaluation_does(tmp_path
 
 @pytest.mark.parametrize("script, var", [("eval.sh", "CKPT_GOAL"), ("eval_merged.sh", "MERGED_CKPT")])
 def test_eval_scripts_refuse_missing_checkpoints(script, var, tmp_path):
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", "SUITES": "libero_goal", var: str(tmp_path / "nope"),
+    env = {**script_env(), "PYTHON": sys.executable, "DRY_RUN": "1", "SUITES": "libero_goal", var: str(tmp_path / "nope"),
            "RESULTS_DIR": str(tmp_path / "runs")}
     done = subprocess.run(["bash", str(repo / "bash_scripts" / script)], env=env, capture_output=True, text=True)
     assert done.returncode == 2
@@ -385,12 +385,11 @@ def test_eval_scripts_refuse_missing_checkpoints(script, var, tmp_path):
 
 @pytest.mark.parametrize("script", ["eval.sh", "eval_merged.sh"])
 def test_eval_scripts_stop_on_a_missing_interpreter_even_in_a_dry_run(script, tmp_path):
-    import os
     import subprocess
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHON": str(tmp_path / "no-python"), "DRY_RUN": "1", "SUITES": "libero_goal",
+    env = {**script_env(), "PYTHON": str(tmp_path / "no-python"), "DRY_RUN": "1", "SUITES": "libero_goal",
            "RESULTS_DIR": str(tmp_path / "runs")}
     done = subprocess.run(["bash", str(repo / "bash_scripts" / script)], env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
@@ -404,14 +403,13 @@ def test_eval_scripts_stop_on_a_missing_interpreter_even_in_a_dry_run(script, tm
                                            "libero_goal-tiny-cross_attn-seed5")])
 def test_eval_script_defaults_to_each_suites_newest_finished_checkpoint(tmp_path, env, run_dir):
     """In the run directory finetune_libero.sh names (config, architecture, training seed)."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
     run = tmp_path / "runs" / run_dir / "checkpoints"
-    env = {**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", "SUITES": "libero_goal",
+    env = {**script_env(), "PYTHON": sys.executable, "DRY_RUN": "1", "SUITES": "libero_goal",
            "OUT_ROOT": str(tmp_path / "runs"), "RESULTS_DIR": str(tmp_path / "results"), **env}
 
     def script():
@@ -431,7 +429,6 @@ def test_eval_script_defaults_to_each_suites_newest_finished_checkpoint(tmp_path
 
 
 def test_eval_scripts_refuse_the_other_kind_of_checkpoint_and_quick_runs_apart(tmp_path):
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -441,7 +438,7 @@ def test_eval_scripts_refuse_the_other_kind_of_checkpoint_and_quick_runs_apart(t
     for d, kind in ((merged, "mergevla-merged"), (expert, "mergevla-checkpoint")):
         d.mkdir()
         (d / "manifest.json").write_text(json.dumps({"config": {"format": "x"}, "format": kind}, indent=2))
-    env = {**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", "SUITES": "libero_goal", "CKPT_GOAL": str(merged),
+    env = {**script_env(), "PYTHON": sys.executable, "DRY_RUN": "1", "SUITES": "libero_goal", "CKPT_GOAL": str(merged),
            "MERGED_CKPT": str(expert)}
 
     def run(script, **extra):
@@ -456,13 +453,23 @@ def test_eval_scripts_refuse_the_other_kind_of_checkpoint_and_quick_runs_apart(t
         f"error: MERGED_CKPT={expert}: its manifest.json has format 'mergevla-checkpoint', expected 'mergevla-merged' "
         "(a merged artifact directory, written by mergy.py)\n")
     # QUICK gives defaults the user's settings override, and a results directory of its own
-    fake = tmp_path / "python"  # prints the evaluator's command line
-    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
-    fake.chmod(0o755)
+    fake = echo_python(tmp_path / "python")  # prints the evaluator's command line
     argv = run("eval_merged.sh", PYTHON=str(fake), MERGED_CKPT=str(merged), QUICK="1", NUM_TRIALS="2").stdout.split("\n")
     assert argv[argv.index("--results_dir") + 1] == "runs/libero-quick"
     assert argv[argv.index("--num_trials_per_task") + 1] == "2" and argv[argv.index("--max_steps") + 1] == "16"
     assert argv[argv.index("--env_img_res") + 1] == "128" and argv[argv.index("--seed") + 1] == "7"
+    done = run("eval_merged.sh", PYTHON=str(fake), MERGED_CKPT=str(merged), QUICK="1", TASK_IDS="", SEED="3")
+    assert "--task_ids" not in done.stdout.split("\n")  # an empty TASK_IDS is all tasks, QUICK or not
+    assert "note: SEED=3 is finetune_libero.sh's training seed, not used here; the rollouts' seed is EVAL_SEED=7" \
+        in done.stderr
+    # a self-attention expert's results file is named after its architecture, read from its manifest
+    (expert / "manifest.json").write_text(json.dumps({"config": {"expert_arch": "self_attn"},
+                                                      "format": "mergevla-checkpoint"}))
+    argv = run("eval.sh", PYTHON=str(fake), CKPT_GOAL=str(expert)).stdout.split("\n")
+    assert argv[argv.index("--run_name") + 1] == "ft-self_attn--libero_goal"
+    # a path the user gave is not one the script looked up: no hint about how runs are found
+    done = run("eval.sh", CKPT_GOAL=str(tmp_path / "nope"))
+    assert done.returncode == 2 and "note: runs are looked for" not in done.stderr
 
 
 def test_center_crop_policy_transform_matches_the_crop_and_checks_its_area():

@@ -64,8 +64,8 @@ def default_method(manifest: dict, router_variant: str | None = None) -> str:
     notes = ["self-attn"] if arch == "self_attn" else []
     notes += ["no masks"] if (manifest.get("masks") or {}).get("enabled") is False else []
     notes += ["per-task action expert"] if manifest.get("per_task_parts") else []
-    label = ("Baseline " if arch == "self_attn" else "") + label + (f" ({', '.join(notes)})" if notes else "")
-    return label if router_variant in (None, default_router(manifest)) else f"{label} ({router_variant} router)"
+    notes += [] if router_variant in (None, default_router(manifest)) else [f"{router_variant} router"]
+    return ("Baseline " if arch == "self_attn" else "") + label + (f" ({', '.join(notes)})" if notes else "")
 
 
 def default_router(manifest: dict) -> str | None:
