@@ -29,7 +29,7 @@ from model_merging.layout import PART_GROUPS, check_part_groups, part_group
 from model_merging.mergy import normalize_argv
 from prismatic.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from prismatic.cli import run_cli
-from prismatic.io import check_output_dir
+from prismatic.io import check_output_dir, foreign_entries, written_as
 from prismatic.models.pretrained import CHECKPOINT_KIND
 
 
@@ -66,12 +66,10 @@ def run(cfg: AveragePartsConfig) -> Path:
     if cfg.out is None:
         raise MergeError("--out is required: the checkpoint directory to create")
     check_output_dir(cfg.out, "--out")
-    ours = (MANIFEST_FILE, WEIGHTS_FILE)  # and the temp files of a killed write of them, ".<name>.<…>"
-    others = sorted(n for p in cfg.out.iterdir() if (n := p.name) not in ours
-                    and not n.startswith(tuple(f".{f}." for f in ours))) if cfg.out.is_dir() else []
-    if others:  # a checkpoint directory holds nothing else; this one is someone's own
-        raise MergeError(f"--out {cfg.out} holds files other than a checkpoint's ({', '.join(others[:3])}"
-                         f"{', …' if len(others) > 3 else ''}); choose a new directory for the checkpoint")
+    # a checkpoint directory holds nothing else (but a killed write's temps); this one is someone's own
+    if others := foreign_entries(cfg.out, written_as((MANIFEST_FILE, WEIGHTS_FILE))):
+        raise MergeError(f"--out {cfg.out} holds files other than a checkpoint's ({others}); choose a new directory "
+                         "for the checkpoint")
     experts = ExpertSet.open(parse_expert_specs(cfg.experts))
     tensors = average_parts(experts, cfg.target, cfg.parts, cfg.expert_head_layers, cfg.weights)
     manifest = dict(experts.experts[experts.names.index(cfg.target)].manifest)  # save_checkpoint sets the format

@@ -69,6 +69,12 @@ def _check_config_file(args: list[str]) -> None:
                              f"{'nothing' if content is None else type(content).__name__}")
 
 
+def changed_fields(old: dict, new: dict) -> str:
+    """The fields whose values differ between two configs, as "k: old → new, …" by key; "" when none do."""
+    keys = sorted(set(old) | set(new), key=str)
+    return ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
 def check_counts(cfg: object, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
     """ValueError naming the first field of `cfg` that is not >= 1 (`positive`) or >= 0 (`non_negative`)."""
     for names, low in ((positive, 1), (non_negative, 0)):

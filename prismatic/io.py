@@ -9,7 +9,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,6 +82,19 @@ def _temp_prefix(dest: Path, kind: str) -> str:
     return f".{dest.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
 
 
+def written_as(names: Sequence[str]) -> Callable[[str], bool]:
+    """A test of directory entries: one of `names`, or the temp of an atomic write of one (`.<name>.…`)."""
+    temps = tuple(f".{n}." for n in names)
+    return lambda entry: entry in names or entry.startswith(temps)
+
+
+def foreign_entries(path: Path | str, ours: Callable[[str], bool]) -> str:
+    """The entries of directory `path` that `ours` rejects, named for a message ("a, b, c, …"); "" if none."""
+    path = Path(path)
+    others = sorted(n for p in path.iterdir() if not ours(n := p.name)) if path.is_dir() else []
+    return ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+
+
 def _remove_stale_temps(dest: Path) -> None:
     """Remove `dest`'s unfinished temps whose writer ran on this host and is gone. Another host's temps (a shared
     filesystem) and a live process's are left alone, and so is an `old` one: a writer killed between its two
@@ -131,11 +144,9 @@ def claim_output_dir(path: Path | str, flag: str, marker: str, ours: Callable[[s
     """
     check_output_dir(path, flag)
     path = Path(path)
-    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    if entries and marker not in entries and not all(ours(n) for n in entries):
-        others = [n for n in entries if not ours(n)]
-        raise FileExistsError(f"{flag} {path} holds files this tool did not write ({', '.join(others[:3])}"
-                              f"{', …' if len(others) > 3 else ''}); refusing to write into it: choose another {flag}")
+    if not (path / marker).exists() and (others := foreign_entries(path, ours)):
+        raise FileExistsError(f"{flag} {path} holds files this tool did not write ({others}); refusing to write "
+                              f"into it: choose another {flag}")
     path.mkdir(parents=True, exist_ok=True)
     (path / marker).touch()
     return path

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from prismatic.checkpoint import MANIFEST_FILE
+from prismatic.cli import changed_fields
 from prismatic.io import atomic_path, check_output_dir, read_json_object, write_json
 from prismatic.training.config import FinetuneConfig, run_identity
 
@@ -79,9 +80,7 @@ def check_run_dir(cfg: FinetuneConfig) -> dict | None:
     if not isinstance(recorded.get("config"), dict):
         raise RunDirError(f"{rf}: field 'config' is {recorded.get('config')!r}, expected an object")
     old, new = run_identity(recorded["config"]), run_identity(cfg.to_dict())
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if diff:
-        detail = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff)
+    if detail := changed_fields(old, new):
         raise RunDirError(f"out_dir {run} holds a different run (config differs in {detail}); "
                           "choose another --out_dir")
     return recorded

@@ -93,9 +93,9 @@ def _difference(name: str, old, new) -> str:
     """`name: old → new`, or for two dicts only the fields that differ (a protocol has ten)."""
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return f"{name}: {old!r} → {new!r}"
-    fields = sorted(set(old) | set(new), key=str)
-    return f"{name} differs in " + ", ".join(f"{f}: {old.get(f)!r} → {new.get(f)!r}" for f in fields
-                                              if old.get(f) != new.get(f))
+    from prismatic.cli import changed_fields  # draccus: only on this error's path, not in worker start-up
+
+    return f"{name} differs in {changed_fields(old, new)}"
 
 
 def check_label_unshared(paths: Iterable[Path | str], path: Path | str, method: str, keys: set[str]) -> None:

@@ -374,19 +374,15 @@ RUN_ENTRIES = ("data", "base", "train", "merge", "eval", "summary", "tabletop4",
                "timing_history.jsonl", "demo_table.md", "routing.json")
 
 
-def _written_by_a_run(name: str) -> bool:
-    """An entry of a run's out_dir (or an atomic write's temp of one), for runs from before RUN_MARKER."""
-    return name in RUN_ENTRIES or any(name.startswith(f".{e}.") for e in RUN_ENTRIES)
-
-
 def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     """Run (or resume) every stage; write and return the report (see report.py)."""
     from experiments.robot.tabletop_pipeline.evaluation import plan
     from experiments.robot.tabletop_pipeline.report import build_report, write_report
-    from prismatic.io import claim_output_dir
+    from prismatic.io import claim_output_dir, written_as
 
     cfg.validate()
-    root = claim_output_dir(cfg.out_dir, "out_dir", RUN_MARKER, _written_by_a_run)
+    # entries (or their atomic writes' temps) of runs from before RUN_MARKER are a run's too
+    root = claim_output_dir(cfg.out_dir, "out_dir", RUN_MARKER, written_as(RUN_ENTRIES))
     log = _log_to(root / "pipeline.log", log)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
