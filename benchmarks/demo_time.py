@@ -33,10 +33,10 @@ TARGET_FT_SUCCESS = 0.90  # per suite, full mode
 
 @dataclass
 class DemoTimeConfig:
-    quick: bool = False
+    quick: bool = False  # time `make demo QUICK=1` (target 5 min) instead of the full demo (20 min)
     run: bool = True  # run (or resume) the demo first; False: read an earlier run's timing.json
     out_dir: Path | None = None  # default: the demo's own (runs/demo or runs/demo-quick)
-    seed: int = 0
+    seed: int = 0  # the demo's seed
 
 
 # Settings that change neither what the demo computes nor its cost

@@ -23,15 +23,15 @@ from prismatic.cli import check_counts, run_cli
 
 @dataclass
 class ThroughputConfig:
-    suite: str = "libero_spatial"
-    task_id: int = 0
+    suite: str = "libero_spatial"  # LIBERO suite whose task is rolled out
+    task_id: int = 0  # the task within the suite
     episodes: int = 4  # per setting; trial k uses init state k
     max_steps: int = 40  # policy steps per episode (5 chunks of 8)
-    num_envs: list[int] = field(default_factory=lambda: [1, 2])
-    env_img_res: int = 256
+    num_envs: list[int] = field(default_factory=lambda: [1, 2])  # parallel env settings compared
+    env_img_res: int = 256  # rendered camera size
     fast_render: bool = True  # the CPU smoke-run renderer; set false for the published settings
     step_rate_steps: int = 30  # steps timed per renderer for the raw env step rate (0: skip)
-    seed: int = 7
+    seed: int = 7  # the evaluation's seed (run_libero_eval's --seed)
 
 
 def tiny_checkpoint(directory: Path) -> Path:

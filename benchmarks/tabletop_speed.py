@@ -23,14 +23,14 @@ from prismatic.cli import check_counts, run_cli
 
 @dataclass
 class SpeedConfig:
-    image_sizes: list[int] = field(default_factory=lambda: [64, 128])
-    render_repeats: int = 300
+    image_sizes: list[int] = field(default_factory=lambda: [64, 128])  # camera sizes timed
+    render_repeats: int = 300  # frame pairs rendered per render timing
     steps: int = 3000  # env steps per steps/s measurement
     expert_episodes: int = NUM_INIT_STATES  # per task, for the success table (0 = skip)
     demos_per_task: int = 50  # generation timing (0 = skip)
-    pretrain_scenes: int = 2000
-    workers: int = 2
-    seed: int = 0
+    pretrain_scenes: int = 2000  # pretraining-pool scenes in the generation timing
+    workers: int = 2  # generation processes
+    seed: int = 0  # scenes of the step-rate runs and of the generated data
     out_dir: Path | None = None  # where the timed dataset goes (default: a temporary dir, deleted)
 
 

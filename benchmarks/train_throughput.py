@@ -34,14 +34,14 @@ INSTRUCTIONS = ["pick up the black bowl and place it on the plate", "put the red
 
 @dataclass
 class ThroughputConfig:
-    configs: list[str] = field(default_factory=lambda: ["tiny", "qwen25-dinosiglip-224px"])
-    batch_size: int = 8
+    configs: list[str] = field(default_factory=lambda: ["tiny", "qwen25-dinosiglip-224px"])  # model configs timed
+    batch_size: int = 8  # samples per step
     warmup_steps: int = 1  # untimed (first-call allocations, kernel selection)
     steps: int = 3  # timed
     device: str = "auto"  # auto | cpu | cuda
     cpu_threads: int = 0  # 0: torch's default
     image_aug: bool = True  # include the augmentation, as in training
-    seed: int = 0
+    seed: int = 0  # the random model's weights and the synthetic batch
 
 
 def build_random(name: str, seed: int) -> MergeVLA:

@@ -27,6 +27,7 @@ from model_merging.linalg import polar, rank_cutoff, thin_svd
 Tensor = torch.Tensor
 MergeFunc = Literal["mean", "sum"]
 Combine = Literal["task_arithmetic", "ties"]
+RescaleScope = Literal["model", "tensor"]  # an alias: draccus drops the help of a field annotated with a literal inline
 
 
 @dataclass(frozen=True)
@@ -374,9 +375,9 @@ def wudi(taus, p: WudiParams, ctx: MergeContext) -> Merged:
 class EmrParams:
     """EMR's masks and rescalers follow from the task vectors; only the rescalers' scope is a choice."""
 
-    # "model": one rescaler per task from the sums over every merged tensor (the EMR paper, docs/DESIGN.md §4);
-    # "tensor": one per task and tensor (this project's releases before 2026-12-06)
-    rescale: Literal["model", "tensor"] = "model"
+    # model: one rescaler per task, pooled over every merged tensor (the EMR paper, DESIGN.md §4);
+    # tensor: one per task and tensor (this project before 2026-12-06)
+    rescale: RescaleScope = "model"
     WHOLE_MERGE: ClassVar[tuple[str, ...]] = ("rescale",)  # rescale=model pools every weight: no rule may split it
 
 

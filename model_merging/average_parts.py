@@ -59,7 +59,7 @@ class AveragePartsConfig:
     expert_head_layers: int = 1  # L_h: last blocks (+ final norm and head) that stay the target's own
     weights: Optional[list[float]] = None  # averaging weights, one per expert (default 1/M each)
     out: Optional[Path] = None  # checkpoint directory to create
-    overwrite: bool = False
+    overwrite: bool = False  # replace a checkpoint already at --out
 
 
 def run(cfg: AveragePartsConfig) -> Path:

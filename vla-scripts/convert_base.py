@@ -36,6 +36,9 @@ PRISM_CKPT = PRETRAINED / "prism-qwen25-extra-dinosiglip-224px-0_5b" / "checkpoi
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+StoredDtype = Literal["float32", "bfloat16", "keep"]  # an alias: draccus drops the help of an inline Literal
+
+
 @dataclass
 class ConvertConfig:
     config_name: str = "qwen25-dinosiglip-224px"  # model config the weights must fit
@@ -44,7 +47,7 @@ class ConvertConfig:
     dino_path: Optional[Path] = PRETRAINED / TIMM_NAMES["dino"]  # used if the checkpoint lacks DINOv2-reg
     siglip_path: Optional[Path] = PRETRAINED / TIMM_NAMES["siglip"]  # used if the checkpoint lacks SigLIP
     out_dir: Path = PRETRAINED / "mergevla-base-qwen25-dinosiglip-224px"  # must not exist or be empty
-    dtype: Literal["float32", "bfloat16", "keep"] = "float32"  # stored precision; float32 is lossless from any source
+    dtype: StoredDtype = "float32"  # stored precision; float32 is lossless from any source
 
 
 def _tokenizer_json(llm_path: Path, cfg_name: str, cfg) -> str:

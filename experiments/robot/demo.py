@@ -55,13 +55,13 @@ class DataKnobs:
 class TrainKnobs:
     expert_steps: Optional[int] = None  # optimizer steps per expert (preset: full 1500, quick 60)
     joint_steps: Optional[int] = None  # steps of the joint multi-task model (preset: full 3000, quick 80)
-    batch_size: int = 8
+    batch_size: int = 8  # samples per optimizer step
     lr: float = 1e-3  # goal expert, MSE, 1200 steps: 12/40 episodes; 5e-4: 10/40; 2e-3: 3/40
     lr_schedule: str = "cosine"  # constant | cosine | linear
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
+    warmup_steps: int = 20  # optimizer steps over which the lr rises linearly to lr
+    min_lr_ratio: float = 0.1  # cosine/linear decay ends at lr × this
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    max_grad_norm: float = 1.0  # gradient clipping (0: none)
     image_aug: bool = False  # random crops cost the experts precision at this budget (docs/TABLETOP4_FINDINGS.md)
     action_loss: str = "mse"  # mse | l1 (as published; learns far slower at this budget: docs/TABLETOP4_FINDINGS.md)
     joint: bool = True  # train and evaluate the joint multi-task model
@@ -86,25 +86,25 @@ class MergeKnobs:
 @dataclass
 class EvalKnobs:
     trials_per_task: Optional[int] = None  # episodes per task (preset: full 4, quick 2)
-    first_init_state: int = 0
+    first_init_state: int = 0  # trial k of a task starts from its init state first_init_state + k
     num_envs: int = 16  # concurrent episodes (the policy's batch)
-    noop_steps: int = 0
+    noop_steps: int = 0  # still steps before the policy acts (TableTop-4 needs none)
     router_variant: str = "value"  # "+ router" rows: value | key | key_value | value_update subspaces, or exemplar
     baseline_experts: bool = True  # roll out the baseline experts themselves too
     blind_replay: bool = True  # the reference row: each task's first demo replayed open-loop, observations ignored
     # MP4s of chosen episodes of every row (<out_dir>/eval/videos/<row>/): globs over suite/task_id/trial keys
     video_episodes: list[str] = field(default_factory=list)  # e.g. '["goal/*/0", "object/3/*"]'
-    plots: bool = True
+    plots: bool = True  # PNG plots: success per method and suite, routing confusion matrices
 
 
 @dataclass
 class DemoConfig:
     quick: bool = False  # quick mode: QUICK presets (CI)
-    seed: int = 0
+    seed: int = 0  # seed of the demos, the experts' init and data order, the merges and the rollouts
     out_dir: Optional[Path] = None  # default runs/demo (quick: runs/demo-quick)
     workers: int = 2  # processes (training, merging and rollouts run in parallel)
     base_dir: Path = DEFAULT_BASE_DIR  # pretrained tiny base
-    suites: list[str] = field(default_factory=lambda: list(SUITES))
+    suites: list[str] = field(default_factory=lambda: list(SUITES))  # TableTop-4 suites to run
     data: DataKnobs = field(default_factory=DataKnobs)
     train: TrainKnobs = field(default_factory=TrainKnobs)
     merge: MergeKnobs = field(default_factory=MergeKnobs)

@@ -19,6 +19,14 @@ from prismatic.models.configuration import CONFIGS, ExpertArch
 from prismatic.models.modeling import ACTION_LOSSES
 from prismatic.vla.augmentation import ImageAugConfig
 
+# the CLI's choices are aliases: draccus drops the help of a field whose Literal is written inline
+DatasetFormat = Literal["hdf5", "rlds"]
+LrSchedule = Literal["constant", "cosine", "linear"]
+ActionLoss = Literal["l1", "mse"]
+WandbMode = Literal["offline", "online"]
+Device = Literal["auto", "cpu", "cuda"]
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid or inconsistent."""
@@ -33,9 +41,9 @@ class FinetuneConfig:
     seed: int = 7  # trainable-part init, data order, augmentation, noise: the same seed for every expert
 
     # data
-    data_root: Path = Path("data/libero")
+    data_root: Path = Path("data/libero")  # folder holding one directory per suite
     suite: str = "libero_spatial"  # a directory under data_root (libero_spatial|object|goal|10|90, or TableTop-4's)
-    dataset_format: Literal["hdf5", "rlds"] = "hdf5"
+    dataset_format: DatasetFormat = "hdf5"  # raw LIBERO HDF5 files, or OpenVLA's modified_libero_rlds
     # files marked mergevla_keep_noops (TableTop-4's scripted demos) keep theirs: their still steps wait for the fingers
     filter_noops: bool = True  # drop no-op steps from raw HDF5 demos, as the RLDS release did
     preload_images_gb: float = 4.0  # load HDF5 images into memory when they fit in this many GB
@@ -43,32 +51,32 @@ class FinetuneConfig:
     num_workers: int = 0  # data-loader processes (0: load in the training process)
 
     # optimisation (docs/DESIGN.md §2)
-    batch_size: int = 8
-    grad_accumulation_steps: int = 2
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up
-    warmup_steps: int = 0
+    batch_size: int = 8  # samples per process and micro-step
+    grad_accumulation_steps: int = 2  # micro-steps per optimizer step
+    lr: float = 2e-4  # AdamW learning rate (peak, with a schedule)
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    lr_schedule: LrSchedule = "constant"  # the lr after the warm-up: flat, or decaying to lr × min_lr_ratio
+    warmup_steps: int = 0  # optimizer steps over which the lr rises linearly to lr
     min_lr_ratio: float = 0.0  # cosine/linear decay ends at lr × this at max_steps
     max_grad_norm: float = 0.0  # 0: no clipping
     max_steps: int = 30_000  # optimizer steps (bash_scripts/finetune_libero.sh sets it per suite)
-    image_aug: bool = True
+    image_aug: bool = True  # random crop and colour jitter of the training images (--aug.*)
     aug: ImageAugConfig = field(default_factory=ImageAugConfig)
-    action_loss: Literal["l1", "mse"] = "l1"  # L1 as published
+    action_loss: ActionLoss = "l1"  # L1 as published
 
     # run
     out_dir: Optional[Path] = None  # default: runs/<suite>-<config_name>-<expert_arch>-seed<seed>
     save_every: int = 5_000  # checkpoint every N optimizer steps (and at the end)
     keep_train_states: int = 1  # optimizer states kept (the newest ones); model weights are never deleted
     resume: bool = False  # continue from the latest checkpoint in out_dir (start fresh if there is none)
-    log_every: int = 10
-    progress_bar: bool = True
-    wandb: bool = False
-    wandb_project: str = "mergevla"
-    wandb_mode: Literal["offline", "online"] = "offline"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 10  # optimizer steps between metrics.jsonl records
+    progress_bar: bool = True  # a tqdm bar; false: each logged step is a log line (batch jobs)
+    wandb: bool = False  # also log to Weights & Biases (the wandb extra)
+    wandb_project: str = "mergevla"  # W&B project name
+    wandb_mode: WandbMode = "offline"  # online needs W&B credentials; offline runs sync later
+    device: Device = "auto"  # auto: CUDA when available
     cpu_threads: int = 0  # torch threads when training on CPU (0: torch's default); tiny models run best on 1
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: flash if installed
+    attn_implementation: AttnImplementation = "auto"  # LLM attention; auto: flash-attention 2 on a GPU if installed
 
     def run_dir(self) -> Path:
         if self.out_dir is not None:

@@ -57,6 +57,8 @@ def normalize(x: np.ndarray, stats: dict) -> np.ndarray:
 def unnormalize(y: np.ndarray, stats: dict) -> np.ndarray:
     y = np.asarray(y, dtype=np.float32)
     lo, hi = np.asarray(stats["q01"], np.float32), np.asarray(stats["q99"], np.float32)
+    # capped at [q01, q99], the range the training targets were clipped to (DESIGN.md §5 only says un-normalise;
+    # a prediction past ±1 is outside anything the expert was trained on)
     x = 0.5 * (np.clip(y, -1.0, 1.0) + 1.0) * (hi - lo + EPS) + lo
     return np.where(np.asarray(stats["mask"]), x, y).astype(np.float32)
 

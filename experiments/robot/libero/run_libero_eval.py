@@ -58,14 +58,14 @@ class GenerateConfig:
     num_open_loop_steps: int = 8  # actions executed per predicted chunk
     env_img_res: int = 256  # rendered camera size
     resize_size: int = 224  # frames → JPEG round trip + Lanczos to this size (the model then resizes to its own)
-    jpeg_resize: bool = True
+    jpeg_resize: bool = True  # the JPEG round trip before the resize, as the RLDS data was made
     # Centre crop at `crop_area` of the area. Unset, both follow the checkpoint: the random-crop area it was
     # trained with (the merged experts' common one), no crop if it trained without crops, and docs/DESIGN.md §5's 0.9
     # when its manifest does not say
     center_crop: bool | None = None
-    crop_area: float | None = None
-    seed: int = 7
-    env_seed: int = 0
+    crop_area: float | None = None  # fraction of the image area kept by the centre crop (see --center_crop)
+    seed: int = 7  # Python, NumPy and torch seed of the evaluation (worker w: seed + w)
+    env_seed: int = 0  # the env's own seed, set again at every episode's reset
     libero_plus_classification: Path | None = None  # LIBERO-Plus task → dimension file (default: beside LIBERO)
 
     # Execution
@@ -77,7 +77,7 @@ class GenerateConfig:
     fast_render: bool = False  # CPU smoke runs only: ~3× faster rendering, slightly different images
 
     # Outputs
-    results_dir: Path = Path("runs/libero")
+    results_dir: Path = Path("runs/libero")  # results JSONL, tables, plots and videos
     run_name: str | None = None  # results file stem (default: method + checkpoint name)
     summary_dir: Path | None = None  # default: results_dir/summary (covers every run in results_dir)
     # MP4s: "" (none), "all", "first" (trial 0 of every task), or comma-separated globs over episode keys

@@ -41,17 +41,17 @@ PRETRAIN_FILE = Path("pretrain") / "tabletop4_pretrain.hdf5"
 
 @dataclass
 class GenerateConfig:
-    out_dir: Path = Path("data/tabletop4")
-    suites: list[str] = field(default_factory=lambda: list(SUITE_NAMES))
+    out_dir: Path = Path("data/tabletop4")  # data root: one directory per suite, the pretraining pool beside them
+    suites: list[str] = field(default_factory=lambda: list(SUITE_NAMES))  # TableTop-4 suites to generate
     task_ids: list[int] | None = None  # a subset of task ids in every suite (default: all)
-    demos_per_task: int = 50
-    image_size: int = 64
+    demos_per_task: int = 50  # successful scripted demos per task
+    image_size: int = 64  # side of the square camera frames, in pixels
     supersample: int = 2  # render at this multiple and box-filter down (anti-aliasing)
-    seed: int = 0
+    seed: int = 0  # seed of the demos' scenes and noise, and of the pretraining pool
     noise: float = 0.1  # expert action noise (action units; 0.1 ≈ 3 mm per step)
     workers: int = 2  # processes; 1 = everything in this process
     pretrain_scenes: int = 2000  # scenes in the pretraining pool; 0 = no pool
-    texts_per_scene: int = 8
+    texts_per_scene: int = 8  # captions and question-answer pairs per pretraining scene
     compression: str = "gzip"  # for images: gzip | lzf | none
     overwrite: bool = False  # replace files in a non-empty out_dir
 

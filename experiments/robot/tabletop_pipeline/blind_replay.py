@@ -42,13 +42,13 @@ class BlindReplayError(ValueError):
 
 @dataclass
 class BlindReplayConfig:
-    suites: list[str] = field(default_factory=lambda: list(SUITE_NAMES))
+    suites: list[str] = field(default_factory=lambda: list(SUITE_NAMES))  # TableTop-4 suites to replay
     source_demos: int = 5  # demonstrations replayed per task (its demos 0..source_demos-1); their mean is reported
     trials_per_task: int = 20  # evaluation init states per task, first_init_state..
-    first_init_state: int = 0
+    first_init_state: int = 0  # trial k starts from init state first_init_state + k
     seed: int = 0  # the demos' dataset seed (`make demo` uses the pipeline's seed, 0 by default)
     noise: float = 0.1  # the scripted expert's action noise in the demos
-    out_dir: Path = Path("runs/blind_replay")
+    out_dir: Path = Path("runs/blind_replay")  # where blind_replay.json is written
 
     def validate(self) -> None:
         unknown = [s for s in self.suites if s not in SUITE_NAMES]

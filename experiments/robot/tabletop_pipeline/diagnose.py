@@ -47,10 +47,10 @@ from prismatic.cli import run_cli
 @dataclass
 class DiagnoseConfig:
     checkpoint: Path = Path("runs/demo/train/mergevla/goal/checkpoints/step_001500")  # a fine-tuned checkpoint
-    suite: str = "goal"
+    suite: str = "goal"  # the TableTop-4 suite the checkpoint was trained on
     task_id: int = 0  # whose observation the instructions are swapped on, and whose scenes are swapped
     init_states: int = 8  # scenes (init states 0..n-1) for the scene swap
-    image_size: int = 64
+    image_size: int = 64  # camera frame side in pixels (the data's)
     crop_area: Optional[float] = None  # centre crop shown to the model (None: its training crop area, 1 without aug)
     agreement_states: int = 4  # init states per task for the per-axis agreement (0: skip it)
     grasp_states: int = 2  # init states per pick-and-place task for the first-grasp rollouts (0: skip them)

@@ -39,21 +39,21 @@ class ReferenceBCError(ValueError):
 @dataclass
 class ReferenceBCConfig:
     data_root: Path = Path("runs/demo/tabletop4")  # the demos `make demo` writes (or `tabletop.generate`)
-    suites: list[str] = field(default_factory=lambda: list(SUITE_NAMES))
+    suites: list[str] = field(default_factory=lambda: list(SUITE_NAMES))  # a reference per suite, trained and rolled out
     steps: int = 1500  # optimizer steps per suite (the demo expert's default)
-    batch_size: int = 8
+    batch_size: int = 8  # samples per optimizer step (the demo's experts: 8)
     lr: float = 1e-3  # cosine from lr to lr × min_lr_ratio, as the demo's experts
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # the cosine ends at lr × this (the demo's experts: 0.1)
     warmup_steps: int = 0  # linear warm-up before the cosine (the demo's experts: 20)
     max_grad_norm: float = 0.0  # gradient-norm clip; 0 = none (the demo's experts: 1.0)
-    weight_decay: float = 0.01
-    seed: int = 0
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    seed: int = 0  # the reference's init, data order and rollouts
     trials_per_task: int = 4  # episodes per task, init states first_init_state.. (the demo's)
-    first_init_state: int = 0
-    num_envs: int = 16
+    first_init_state: int = 0  # trial k starts from init state first_init_state + k
+    num_envs: int = 16  # concurrent episodes (the policy's batch)
     out_dir: Path = Path("runs/reference_bc")  # <suite>.jsonl per episode (resumable) and summary.json
     overwrite: bool = False  # replace a <suite>.jsonl holding episodes of other settings or demos
-    cpu_threads: int = 1
+    cpu_threads: int = 1  # torch threads (0: torch's default)
     head: str = "flatten"  # flatten (an MLP) | action_expert (the tiny VLA's action expert over the same features)
 
     def validate(self) -> None:

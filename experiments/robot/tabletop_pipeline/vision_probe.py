@@ -43,15 +43,15 @@ class VisionProbeConfig:
     init: str = "hf"  # initialisation scheme when base_dir is None (vlm_pretrain.INIT_SCHEMES)
     square_size: int = 6  # side of the coloured square, in pixels of the model's image size
     background: int = 200  # grey level of the background
-    steps: int = 300
-    batch_size: int = 16
+    steps: int = 300  # optimizer steps
+    batch_size: int = 16  # images per step
     lr: float = 1e-3  # constant, AdamW (as in pretraining)
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
     max_grad_norm: float = 1.0  # gradient-norm clip (as in pretraining)
-    eval_every: int = 50
+    eval_every: int = 50  # steps between held-out accuracy measurements (and at the end)
     eval_images: int = 200  # held-out images (their own seed stream)
-    seed: int = 0
-    cpu_threads: int = 1
+    seed: int = 0  # the init (without base_dir), training images and held-out images
+    cpu_threads: int = 1  # torch threads (0: torch's default)
 
     def validate(self, image_size: int) -> None:
         from experiments.robot.tabletop_pipeline.vlm_pretrain import INIT_SCHEMES

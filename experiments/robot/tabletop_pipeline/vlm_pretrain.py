@@ -70,20 +70,20 @@ class PretrainConfig:
     # starts as a mean over the vision tokens and stays one, so small objects go unread; squares shrinking from
     # 48 to 6 px teach it to pick one token out (docs/TABLETOP4_FINDINGS.md). Empty: no warm-up.
     square_curriculum: list[int] = field(default_factory=list)
-    square_steps: int = 75
+    square_steps: int = 75  # optimizer steps per entry of square_curriculum
     steps: int = 2500  # optimizer steps
     batch_size: int = 16  # scenes (sequences) per step
     turns_per_sequence: int = 8  # texts of one scene packed into its conversation (at most those it has)
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
+    lr: float = 1e-3  # AdamW peak learning rate
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    warmup_steps: int = 100  # optimizer steps over which the lr rises linearly to lr
     min_lr_ratio: float = 0.1  # cosine decay ends at lr × this
     max_grad_norm: float = 1.0  # 0: no clipping
     image_aug: bool = True  # the fine-tuning augmentation, so features hold up under it
     aug: ImageAugConfig = field(default_factory=ImageAugConfig)
     heldout_fraction: float = 0.05  # scenes kept out of training to measure answer accuracy
     eval_every: int = 500  # steps between held-out evaluations (and at the end)
-    log_every: int = 50
+    log_every: int = 50  # optimizer steps between log lines
     cpu_threads: int = 1  # torch threads (0: torch's default); the tiny model runs best on 1
     overwrite: bool = False  # replace an existing base directory at out_dir
     evaluate_only: bool = False  # measure the base already at out_dir on the pool's held-out scenes; train nothing

@@ -168,13 +168,13 @@ def write_rlds_suite(root: Path, suite: str, tasks: list[Task], encoding: str = 
 @dataclass
 class SyntheticConfig:
     out_dir: Path = Path("data/synthetic_libero")  # data root to create: <out_dir>/<suite>/
-    suite: str = "libero_spatial"
-    num_tasks: int = 2
-    demos_per_task: int = 3
+    suite: str = "libero_spatial"  # suite directory name (also the RLDS copy's name, with _no_noops)
+    num_tasks: int = 2  # <task>_demo.hdf5 files to write
+    demos_per_task: int = 3  # demos in each task's file
     steps: int = 24  # raw steps per demo, no-ops included
-    image_size: int = 32
+    image_size: int = 32  # side of the square camera frames, in pixels
     rlds: bool = False  # also write the RLDS copy (needs the `rlds` extra)
-    seed: int = 0
+    seed: int = 0  # seed of every random image, state and action
 
 
 def main(cfg: SyntheticConfig) -> None:
