@@ -241,6 +241,8 @@ def test_a_device_that_is_not_one_is_named():
 def test_bad_suite_and_init_state_are_clear_errors(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="unknown LIBERO suite 'libero_nope'"):
         main(GenerateConfig(pretrained_checkpoint=tiny_checkpoint, task_suites=["libero_nope"], dry_run=True))
+    with pytest.raises(ValueError, match="unknown LIBERO suite 'libero_spatal'; did you mean 'libero_spatial'"):
+        main(GenerateConfig(pretrained_checkpoint=tiny_checkpoint, task_suites=["libero_spatal"], dry_run=True))
     with pytest.raises(ValueError, match="has 50 fixed init states; init_state_id 50 is out of range"):
         LiberoEnvFactory()("libero_spatial", 0, 50)
     # found when planning (dry run too), not after the first 50 episodes of each task have run

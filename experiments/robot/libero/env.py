@@ -9,6 +9,7 @@ import, which `import_libero` does.
 from __future__ import annotations
 
 import atexit
+import difflib
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -84,7 +85,9 @@ def _task_suite(suite: str):
     benchmark, _, _ = import_libero()
     suites = benchmark.get_benchmark_dict()
     if suite.lower() not in suites:
-        raise ValueError(f"unknown LIBERO suite {suite!r}; this LIBERO install has {sorted(suites)}")
+        close = difflib.get_close_matches(suite.lower(), suites, n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise ValueError(f"unknown LIBERO suite {suite!r}; {hint}this LIBERO install has {sorted(suites)}")
     return suites[suite.lower()]()
 
 
