@@ -71,7 +71,8 @@ class MergyConfig:
     # Averaging weights of the shared from-scratch parts, one per expert (default 1/M each)
     scratch_weights: Optional[list[float]] = None
     # Seed of every random choice (DARE's drops); the merge is bitwise reproducible for a given seed, machine
-    # and thread count (SVDs, in TSV, KnOTS and the router, may differ in the last bits across thread counts)
+    # and thread count (the SVDs of TSV, KnOTS and the router and WUDI's Adam matmuls may differ in the last bits
+    # across thread counts)
     seed: int = 0
     # Device for the merge arithmetic (cpu or cuda); the artifact is identical in layout either way
     device: str = "cpu"

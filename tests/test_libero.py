@@ -4,6 +4,9 @@ import dataclasses
 import json
 import pickle
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,6 +238,16 @@ def test_a_device_that_is_not_one_is_named():
     with pytest.raises(ValueError, match="device 'tpu' is not a torch device"):
         resolve_device("tpu")
     assert resolve_device("cpu") == "cpu"
+
+
+@needs_libero
+def test_importing_libero_drops_robosuites_macro_advice_only():
+    code = ("import logging; from experiments.robot.libero.env import import_libero; import_libero(); "
+            "logging.getLogger('robosuite_logs').warning('a robosuite warning')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1], env=script_env(HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert "macro" not in proc.stderr and "a robosuite warning" in proc.stderr
 
 
 @needs_libero

@@ -123,7 +123,10 @@ def rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
 class ExpertBlock(nn.Module):
     """Chunk slots attend to (a) action-query states + proprio token and (b) vision states, one softmax.
 
-    Each key set has its own query projection; the vision logits are multiplied by gate(g), g init 0.
+    Each key set has its own query projection; the vision logits are multiplied by gate(g), g init 0. The
+    baseline (`self_attn`) adds the chunk slots as a third key set, with its own query projection too, and a
+    tanh gate: VLA-Adapter shares one query projection over its key sets, but here the baseline differs from
+    MergeVLA's block only in the self-attention and the gate.
     """
 
     def __init__(self, dim: int, heads: int, self_attn: bool):

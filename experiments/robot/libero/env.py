@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import difflib
 import json
+import logging
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -37,9 +38,20 @@ class LiberoUnavailable(ImportError):
     """The LIBERO simulator (the `libero` extra) is not installed or cannot render."""
 
 
+class _NoMacroAdvice(logging.Filter):
+    """robosuite advises writing a private macro file at every import; its defaults are the ones we want."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "macro" not in record.getMessage()
+
+
 def import_libero(mujoco_gl: str | None = None):
     """(benchmark module, get_libero_path, OffScreenRenderEnv); sets MUJOCO_GL first when it is unset."""
     import ctypes.util
+
+    robosuite_log = logging.getLogger("robosuite_logs")  # the logger robosuite's import warns on
+    if not any(isinstance(f, _NoMacroAdvice) for f in robosuite_log.filters):
+        robosuite_log.addFilter(_NoMacroAdvice())
 
     gl = os.environ.setdefault("MUJOCO_GL", mujoco_gl or "egl")
     if gl in RENDER_LIBS:
