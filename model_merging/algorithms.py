@@ -211,7 +211,7 @@ def dare(taus, p: DareParams, ctx: MergeContext) -> Merged:
 
 @dataclass(frozen=True)
 class WeightedAverageParams:
-    weights: tuple[float, ...] | None = None  # one weight per expert, in --experts order (default 1/M each)
+    weights: tuple[float, ...] | None = None  # τ = Σ w_m τ_m: one weight per expert, in --experts order, used as given (default 1/M each)
 
 
 def average_weights(weights: Sequence[float] | None, m: int) -> list[float]:

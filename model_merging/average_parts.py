@@ -57,7 +57,7 @@ class AveragePartsConfig:
     target: str = ""  # the expert whose checkpoint is written back with averaged parts
     parts: list[str] = field(default_factory=lambda: list(PART_GROUPS))  # groups to average (see the module doc)
     expert_head_layers: int = 1  # L_h: last blocks (+ final norm and head) that stay the target's own
-    weights: Optional[list[float]] = None  # averaging weights, one per expert (default 1/M each)
+    weights: Optional[list[float]] = None  # averaging weights, one per expert, normalised to sum to 1 (default 1/M each)
     out: Optional[Path] = None  # checkpoint directory to create
     overwrite: bool = False  # replace a checkpoint already at --out
 

@@ -68,7 +68,7 @@ class MergyConfig:
     # PATTERN is a group (vision, projector, llm; action_queries, proprio, action_expert with retain only, the one
     # algorithm that merges those parts by rule) or a regex; a rule that matches nothing is an error
     rules: list[str] = field(default_factory=list)
-    # Averaging weights of the shared from-scratch parts, one per expert (default 1/M each)
+    # Averaging weights of the shared from-scratch parts, one per expert, normalised to sum to 1 (default 1/M each)
     scratch_weights: Optional[list[float]] = None
     # Seed of every random choice (DARE's drops); the merge is bitwise reproducible for a given seed, machine
     # and thread count (the SVDs of TSV, KnOTS and the router and WUDI's Adam matmuls may differ in the last bits
