@@ -1,9 +1,11 @@
-# The README's two commands: `make demo` and `make test`. Both create/reuse .venv; torch comes first from
-# its CPU wheel and stays pinned by constraints.txt, so nothing can swap in a CUDA build.
+# The README's two commands: `make demo` and `make test`. Both create/reuse .venv; torch comes first and stays
+# pinned by constraints.txt, so nothing can swap in another build. TORCH_INDEX_URL picks where that torch comes
+# from (e.g. https://download.pytorch.org/whl/cpu for the CPU build; empty: pip's own indexes and wheel dirs).
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+TORCH_INDEX_URL ?=
 EXTRAS ?= dev
 # The tests cover the optional readers and the simulator too, so `make test` installs those extras
 # (≈ 2 min more on a fresh machine); the demo needs none of them.
@@ -23,7 +25,7 @@ install: $(call stamp,$(EXTRAS))
 $(VENV)/.installed-$(HASH)-%: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 	$(PIP) install -q -c constraints.txt -e ".[$*]"
 	@find $(VENV) -maxdepth 1 -name '.installed-*' ! -name '.installed-$(HASH)-*' -delete
 	@touch $@
