@@ -27,7 +27,7 @@ from experiments.robot.harness.fake import FakeEnvFactory, ScriptedPolicy
 from experiments.robot.harness.results import check_label_unshared, check_same_run
 from experiments.robot.harness.summarize import SummarizeConfig
 from experiments.robot.harness.summarize import main as summarize_main
-from experiments.robot.harness.summary import mixed_runs, summary_markdown
+from experiments.robot.harness.summary import mixed_runs, summary_markdown, wilson_interval
 
 QUIET = dict(log=lambda *_: None)
 
@@ -357,6 +357,10 @@ def test_table_in_the_papers_layout():
         "| method | Spatial | Object | avg |\n|---|---:|---:|---:|\n"
         "| FT experts | 50.0 | 75.0 | 62.5 |\n| TIES | 25.0 | 100.0 | 62.5 |\n")
     assert table.to_csv() == "method,Spatial,Object,avg\nFT experts,50.0,75.0,62.5\nTIES,25.0,100.0,62.5\n"
+    # Wilson at z = 1.96, n = 4 (z²/n = 0.9604): 2/4 → 0.5 ± 0.350; 3/4 → 0.6275 ± 0.3269; 1/4 its mirror; 4/4 → 0.7551 ± 0.2450
+    assert table.intervals_markdown() == (
+        "| method | Spatial | Object |\n|---|---:|---:|\n"
+        "| FT experts | 15.0–85.0 | 30.1–95.4 |\n| TIES | 4.6–69.9 | 51.0–100.0 |\n")
     (conf,) = routing_confusions(paper_rows())  # TIES: trial 0 of each suite went to libero_object
     assert conf.counts == [[3, 1], [0, 4]] and conf.accuracy == 87.5
     # a suite the router never picks still gets its column, so the diagonal stays where the right answers are
@@ -364,6 +368,13 @@ def test_table_in_the_papers_layout():
     (conf,) = routing_confusions(never)
     assert conf.pred_labels == conf.true_labels == ["libero_spatial", "libero_object"]
     assert conf.counts == [[0, 4], [0, 4]] and conf.accuracy == 50.0
+
+
+def test_wilson_interval_against_hand_computed_values():
+    # 0/40: centre = (z²/80) / (1 + z²/40) = 0.04381, half the same → [0, 8.76]; 20/40: 0.5 ± 0.1480
+    assert wilson_interval(0, 40) == pytest.approx((0.0, 8.7625), abs=1e-3)
+    assert wilson_interval(20, 40) == pytest.approx((35.199, 64.801), abs=1e-3)
+    assert wilson_interval(40, 40) == pytest.approx((91.2375, 100.0), abs=1e-3)
 
 
 def test_avg_is_left_empty_for_a_method_missing_a_suite_and_an_episode_counts_once():
@@ -382,6 +393,7 @@ def test_summary_files_and_plots(tmp_path):
     paths = write_summary(rows, tmp_path / "sum")
     md = paths["markdown"].read_text()
     assert "| TIES | 25.0 | 100.0 | 100.0 | 75.0 |" in md and "| TIES | 8 | 87.5 |" in md
+    assert "95% interval of each cell (Wilson, %)" in md and "| TIES | 4.6–69.9 | 51.0–100.0 | 20.7–100.0 |" in md
     assert "by perturbation dimension" in md
     assert paths["csv_by_category"].read_text() == "method,camera,avg\nTIES,100.0,100.0\n"
     for key in ("bars", "routing_TIES"):

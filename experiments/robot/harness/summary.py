@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,11 +75,26 @@ class Table:
 
     def episodes_markdown(self) -> str:
         """Episode counts per cell, so a table built from a partial run cannot pass for a full one."""
+        return self._cells_markdown(lambda k, n: str(n))
+
+    def intervals_markdown(self) -> str:
+        """95% Wilson intervals of each cell's rate, in percent: how far a cell may move by chance alone."""
+        return self._cells_markdown(lambda k, n: "–" if n == 0 else "{:.1f}–{:.1f}".format(*wilson_interval(k, n)))
+
+    def _cells_markdown(self, cell) -> str:
         lines = ["| method | " + " | ".join(self.labels()) + " |", "|---|" + "---:|" * len(self.columns)]
         for m in self.methods:
-            cells = [str(self.counts.get((m, c), (0, 0))[1]) for c in self.columns]
+            cells = [cell(*self.counts.get((m, c), (0, 0))) for c in self.columns]
             lines.append("| " + " | ".join([m, *cells]) + " |")
         return "\n".join(lines) + "\n"
+
+
+def wilson_interval(successes: int, episodes: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a success rate, in percent (z = 1.96: 95%); sound at 0 and at n successes."""
+    p, n = successes / episodes, episodes
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
 
 
 def _fmt(x: float | None, missing: str = "–") -> str:
@@ -186,7 +202,8 @@ def summary_markdown(rows: Sequence[dict]) -> str:
     parts = []
     by_suite = success_table(rows)
     parts += ["## Success rate (%) by suite\n", by_suite.to_markdown(), "\nEpisodes per cell:\n",
-              by_suite.episodes_markdown()]
+              by_suite.episodes_markdown(), "\n95% interval of each cell (Wilson, %): where its true rate "
+              "may lie, given the episodes run\n", by_suite.intervals_markdown()]
     if any("category" in r for r in rows):
         by_cat = success_table([r for r in rows if "category" in r], column_key="category")
         parts += ["\n## Success rate (%) by perturbation dimension (LIBERO-Plus)\n", by_cat.to_markdown()]
