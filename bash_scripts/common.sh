@@ -31,3 +31,57 @@ check_checkpoint() {
     echo "error: $1=$dir: its manifest.json has format '${found:-none}', expected '$format' ($what)" >&2; return 1
   fi
 }
+
+# The fine-tuned expert of each LIBERO suite (eval.sh, merge_libero.sh): CKPT_SPATIAL, CKPT_OBJECT, CKPT_GOAL and
+# CKPT_10 from the environment, else the newest finished checkpoint finetune_libero.sh wrote for the suite
+# (OUT_ROOT/<suite>-CONFIG_NAME-EXPERT_ARCH-seedTRAIN_SEED/checkpoints/step_N, finished = holding its manifest.json).
+# The calling script sets OUT_ROOT, CONFIG_NAME, EXPERT_ARCH and TRAIN_SEED first.
+EXPERT_VARS=(CKPT_SPATIAL CKPT_OBJECT CKPT_GOAL CKPT_10)
+newest_checkpoint() {
+  local run="$OUT_ROOT/$1-$CONFIG_NAME-$EXPERT_ARCH-seed$TRAIN_SEED" found
+  found=$(ls -d "$run"/checkpoints/step_*/manifest.json 2>/dev/null | sort | tail -n 1)
+  if [[ -n "$found" ]]; then dirname "$found"; else echo "$run/checkpoints/step_<none finished>"; fi
+}
+default_experts() {
+  LOOKED_UP=""  # the CKPT_* looked up here (named in check_experts' hint when one is missing)
+  for v in "${EXPERT_VARS[@]}"; do [[ -n "${!v:-}" ]] || LOOKED_UP+=" $v"; done
+  CKPT_SPATIAL="${CKPT_SPATIAL:-$(newest_checkpoint libero_spatial)}"
+  CKPT_OBJECT="${CKPT_OBJECT:-$(newest_checkpoint libero_object)}"
+  CKPT_GOAL="${CKPT_GOAL:-$(newest_checkpoint libero_goal)}"
+  CKPT_10="${CKPT_10:-$(newest_checkpoint libero_10)}"
+}
+
+# expert_var SUITE: the variable holding SUITE's expert; empty for a suite that has none
+expert_var() {
+  case "$1" in
+    libero_spatial) echo CKPT_SPATIAL ;;
+    libero_object) echo CKPT_OBJECT ;;
+    libero_goal) echo CKPT_GOAL ;;
+    libero_10) echo CKPT_10 ;;
+    *) echo "" ;;
+  esac
+}
+
+# check_experts SUITE...: READY gets the suites whose expert is a finished checkpoint; each other one gets an error
+# line (and, when it was looked up, how runs are found); status 1 when any is not ready.
+check_experts() {
+  local suite var status=0 not_found=0
+  READY=()
+  for suite in "$@"; do
+    var="$(expert_var "$suite")"
+    if [[ -z "$var" ]]; then
+      echo "error: SUITES has '$suite'; expected libero_spatial, libero_object, libero_goal or libero_10" >&2
+      status=1
+    elif ! check_checkpoint "$var" mergevla-checkpoint "a fine-tuned checkpoint directory"; then
+      status=1
+      [[ "$LOOKED_UP" != *" $var"* ]] || not_found=1
+    else
+      READY+=("$suite")
+    fi
+  done
+  if [[ "$not_found" == 1 ]]; then
+    echo "note: runs are looked for in OUT_ROOT/<suite>-CONFIG_NAME-EXPERT_ARCH-seedTRAIN_SEED" \
+         "($OUT_ROOT/<suite>-$CONFIG_NAME-$EXPERT_ARCH-seed$TRAIN_SEED); set those as finetune_libero.sh ran, or CKPT_*" >&2
+  fi
+  return $status
+}

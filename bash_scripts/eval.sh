@@ -23,17 +23,7 @@ OUT_ROOT="${OUT_ROOT:-runs}"
 CONFIG_NAME="${CONFIG_NAME:-qwen25-dinosiglip-224px}"
 EXPERT_ARCH="${EXPERT_ARCH:-cross_attn}"  # self_attn: the baseline's runs
 TRAIN_SEED="${TRAIN_SEED:-${SEED:-7}}"   # the seed the experts trained with (finetune_libero.sh's SEED)
-newest_checkpoint() {
-  local run="$OUT_ROOT/$1-$CONFIG_NAME-$EXPERT_ARCH-seed$TRAIN_SEED" found
-  found=$(ls -d "$run"/checkpoints/step_*/manifest.json 2>/dev/null | sort | tail -n 1)
-  if [[ -n "$found" ]]; then dirname "$found"; else echo "$run/checkpoints/step_<none finished>"; fi
-}
-LOOKED_UP=""  # the CKPT_* this script looked up itself (named in the hint below when one is missing)
-for v in CKPT_SPATIAL CKPT_OBJECT CKPT_GOAL CKPT_10; do [[ -n "${!v:-}" ]] || LOOKED_UP+=" $v"; done
-CKPT_SPATIAL="${CKPT_SPATIAL:-$(newest_checkpoint libero_spatial)}"
-CKPT_OBJECT="${CKPT_OBJECT:-$(newest_checkpoint libero_object)}"
-CKPT_GOAL="${CKPT_GOAL:-$(newest_checkpoint libero_goal)}"
-CKPT_10="${CKPT_10:-$(newest_checkpoint libero_10)}"
+default_experts                          # CKPT_SPATIAL, CKPT_OBJECT, CKPT_GOAL, CKPT_10
 SUITES="${SUITES:-libero_spatial libero_object libero_goal libero_10}"
 RESULTS_DIR="${RESULTS_DIR:-runs/libero}"
 SUMMARY_DIR="${SUMMARY_DIR:-$RESULTS_DIR/summary}"
@@ -50,36 +40,9 @@ export MUJOCO_GL="${MUJOCO_GL:-egl}" # headless rendering: egl (GPU or Mesa) or 
 DRY_RUN="${DRY_RUN:-0}"
 
 
-checkpoint_var() {
-  case "$1" in
-    libero_spatial) echo CKPT_SPATIAL ;;
-    libero_object) echo CKPT_OBJECT ;;
-    libero_goal) echo CKPT_GOAL ;;
-    libero_10) echo CKPT_10 ;;
-    *) echo "" ;;
-  esac
-}
-
-problems=0
-not_found=0
-ready=()
-for suite in $SUITES; do
-  var="$(checkpoint_var "$suite")"
-  if [[ -z "$var" ]]; then
-    echo "error: SUITES has '$suite'; expected libero_spatial, libero_object, libero_goal or libero_10" >&2
-    problems=1
-  elif ! check_checkpoint "$var" mergevla-checkpoint "a fine-tuned checkpoint directory"; then
-    problems=1
-    [[ "$LOOKED_UP" != *" $var"* ]] || not_found=1
-  else
-    ready+=("$suite")
-  fi
-done
-if [[ "$not_found" == 1 ]]; then
-  echo "note: runs are looked for in OUT_ROOT/<suite>-CONFIG_NAME-EXPERT_ARCH-seedTRAIN_SEED" \
-       "($OUT_ROOT/<suite>-$CONFIG_NAME-$EXPERT_ARCH-seed$TRAIN_SEED); set those as finetune_libero.sh ran, or CKPT_*" >&2
-fi
 # a real run starts nothing unless every path is right; a dry run still prints the plan of the good ones
+problems=0
+check_experts $SUITES || problems=1
 (( problems == 0 )) || [[ "$DRY_RUN" == 1 ]] || exit 2
 
 common=(--results_dir "$RESULTS_DIR" --summary_dir "$SUMMARY_DIR" --num_trials_per_task "$NUM_TRIALS"
@@ -90,8 +53,8 @@ common=(--results_dir "$RESULTS_DIR" --summary_dir "$SUMMARY_DIR" --num_trials_p
 [[ -n "$SAVE_VIDEOS" ]] && common+=(--save_videos "$SAVE_VIDEOS")
 [[ "$DRY_RUN" == 1 ]] && common+=(--dry_run true)
 
-for suite in "${ready[@]}"; do
-  var="$(checkpoint_var "$suite")"
+for suite in "${READY[@]}"; do
+  var="$(expert_var "$suite")"
   ckpt="${!var}"
   # the baseline's experts get results files of their own, as they get a row of their own
   arch="$(manifest_field "$ckpt" config expert_arch)"

@@ -53,7 +53,8 @@ SCRIPT_KNOBS = ("SEED", "TRAIN_SEED", "EVAL_SEED", "EXPERT_ARCH", "CONFIG_NAME",
                 "SUMMARY_DIR", "QUICK", "DRY_RUN", "NUM_TRIALS", "TASK_IDS", "MAX_STEPS", "NUM_ENVS", "ENV_IMG_RES",
                 "FAST_RENDER", "SAVE_VIDEOS", "DEVICE", "SUITES", "METHOD", "ROUTER_VARIANT", "MERGED_CKPT",
                 "CKPT_SPATIAL", "CKPT_OBJECT", "CKPT_GOAL", "CKPT_10", "DATA_ROOT", "FORMAT", "BASE_DIR", "NPROC",
-                "PYTHON")
+                "PYTHON", "ALGORITHMS", "MERGED_ROOT", "MASKS", "MASK_LAMBDA", "K_GATE", "EXPERT_HEAD_LAYERS",
+                "MERGE_SEED", "MERGE_DEVICE", "MERGE_FLAGS")
 
 
 def script_env(**extra: str) -> dict[str, str]:
