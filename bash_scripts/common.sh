@@ -36,19 +36,20 @@ check_checkpoint() {
 # CKPT_10 from the environment, else the newest finished checkpoint finetune_libero.sh wrote for the suite
 # (OUT_ROOT/<suite>-CONFIG_NAME-EXPERT_ARCH-seedTRAIN_SEED/checkpoints/step_N, finished = holding its manifest.json).
 # The calling script sets OUT_ROOT, CONFIG_NAME, EXPERT_ARCH and TRAIN_SEED first.
-EXPERT_VARS=(CKPT_SPATIAL CKPT_OBJECT CKPT_GOAL CKPT_10)
 newest_checkpoint() {
   local run="$OUT_ROOT/$1-$CONFIG_NAME-$EXPERT_ARCH-seed$TRAIN_SEED" found
   found=$(ls -d "$run"/checkpoints/step_*/manifest.json 2>/dev/null | sort | tail -n 1)
   if [[ -n "$found" ]]; then dirname "$found"; else echo "$run/checkpoints/step_<none finished>"; fi
 }
 default_experts() {
+  local suite var
   LOOKED_UP=""  # the CKPT_* looked up here (named in check_experts' hint when one is missing)
-  for v in "${EXPERT_VARS[@]}"; do [[ -n "${!v:-}" ]] || LOOKED_UP+=" $v"; done
-  CKPT_SPATIAL="${CKPT_SPATIAL:-$(newest_checkpoint libero_spatial)}"
-  CKPT_OBJECT="${CKPT_OBJECT:-$(newest_checkpoint libero_object)}"
-  CKPT_GOAL="${CKPT_GOAL:-$(newest_checkpoint libero_goal)}"
-  CKPT_10="${CKPT_10:-$(newest_checkpoint libero_10)}"
+  for suite in libero_spatial libero_object libero_goal libero_10; do
+    var="$(expert_var "$suite")"
+    [[ -z "${!var:-}" ]] || continue
+    LOOKED_UP+=" $var"
+    printf -v "$var" '%s' "$(newest_checkpoint "$suite")"
+  done
 }
 
 # expert_var SUITE: the variable holding SUITE's expert; empty for a suite that has none

@@ -30,7 +30,7 @@ class SpeedConfig:
     demos_per_task: int = 50  # generation timing (0 = skip)
     pretrain_scenes: int = 2000  # pretraining-pool scenes in the generation timing
     workers: int = 2  # generation processes
-    seed: int = 0  # scenes of the step-rate runs and of the generated data
+    seed: int = 0  # the random policy's actions in the step-rate runs, and the generated data
     out_dir: Path | None = None  # where the timed dataset goes (default: a temporary dir, deleted)
 
 

@@ -54,7 +54,7 @@ SCRIPT_KNOBS = ("SEED", "TRAIN_SEED", "EVAL_SEED", "EXPERT_ARCH", "CONFIG_NAME",
                 "FAST_RENDER", "SAVE_VIDEOS", "DEVICE", "SUITES", "METHOD", "ROUTER_VARIANT", "MERGED_CKPT",
                 "CKPT_SPATIAL", "CKPT_OBJECT", "CKPT_GOAL", "CKPT_10", "DATA_ROOT", "FORMAT", "BASE_DIR", "NPROC",
                 "PYTHON", "ALGORITHMS", "MERGED_ROOT", "MASKS", "MASK_LAMBDA", "K_GATE", "EXPERT_HEAD_LAYERS",
-                "MERGE_SEED", "MERGE_DEVICE", "MERGE_FLAGS")
+                "MERGE_SEED", "MERGE_DEVICE")
 
 
 def script_env(**extra: str) -> dict[str, str]:

@@ -328,31 +328,43 @@ def test_cli_script_reports_bad_input_and_exits_nonzero(experts, tmp_path):
     assert not out.exists()
 
 
-def test_merge_libero_script_merges_each_algorithm_and_never_replaces_an_artifact(experts, tmp_path):
+def test_merge_libero_script_merges_each_algorithm_resumes_and_never_replaces_an_artifact(experts, tmp_path):
     from data_fixtures import script_env
 
     env = script_env(PYTHON=sys.executable, SUITES="libero_spatial libero_goal", CKPT_SPATIAL=str(experts[0][1]),
                      CKPT_GOAL=str(experts[2][1]), MERGED_ROOT=str(tmp_path / "merged"))
+    merged = tmp_path / "merged"
 
-    def script(**extra):
-        return subprocess.run(["bash", str(REPO / "bash_scripts" / "merge_libero.sh")], env={**env, **extra},
+    def script(*flags, **extra):
+        return subprocess.run(["bash", str(REPO / "bash_scripts" / "merge_libero.sh"), *flags], env={**env, **extra},
                               capture_output=True, text=True, timeout=300)
 
-    plan = script(DRY_RUN="1", ALGORITHMS="ties wudi", MERGE_FLAGS="--ties.k 100")
+    plan = script("--rules", "llm scale=0.8", DRY_RUN="1", ALGORITHMS="ties wudi")
     assert plan.returncode == 0, plan.stderr
-    assert plan.stdout.count("-m model_merging.mergy --experts libero_spatial=") == 2 and "--ties.k 100" in plan.stdout
-    assert not (tmp_path / "merged").exists()
+    assert plan.stdout.count("-m model_merging.mergy --experts libero_spatial=") == 2
+    assert r"--rules llm\ scale=0.8" in plan.stdout  # one argument, quoted as the shell reads it back
+    assert not merged.exists()
     done = script(ALGORITHMS="task_arithmetic ties", MASK_LAMBDA="0.9")
     assert done.returncode == 0, done.stderr
     for algorithm in ("task_arithmetic", "ties"):
-        manifest = json.loads((tmp_path / "merged" / algorithm / "manifest.json").read_text())
+        manifest = json.loads((merged / algorithm / "manifest.json").read_text())
         assert manifest["algorithm"] == algorithm and manifest["task_names"] == ["libero_spatial", "libero_goal"]
         assert manifest["masks"]["lambda"] == 0.9
-    # an existing artifact, or an unknown algorithm, stops the script before it merges anything
-    again = script(ALGORITHMS="tsv ties nope")
-    assert again.returncode == 2 and f"error: already merged (never replaced): {tmp_path / 'merged' / 'ties'};" in again.stderr
-    assert "ALGORITHMS has 'nope'; expected some of: " in again.stderr and "task_arithmetic" in again.stderr
-    assert not (tmp_path / "merged" / "tsv").exists()
+    made = (merged / "ties" / "manifest.json").stat().st_mtime_ns
+    # the same command again keeps what it made and merges only what is new
+    again = script(ALGORITHMS="ties tsv", MASK_LAMBDA="0.9")
+    assert again.returncode == 0, again.stderr
+    assert f"== ties: {merged / 'ties'} was merged by this command before; kept" in again.stdout
+    assert (merged / "ties" / "manifest.json").stat().st_mtime_ns == made and (merged / "tsv" / "manifest.json").is_file()
+    # an artifact made otherwise, an unknown or repeated algorithm stop the script before it merges anything
+    other = script(ALGORITHMS="knots ties nope knots")
+    assert other.returncode == 2
+    assert f"error: already there, made otherwise (never replaced): {merged / 'ties'};" in other.stderr
+    assert "ALGORITHMS has 'nope'; expected some of: " in other.stderr and "task_arithmetic" in other.stderr
+    assert "ALGORITHMS has 'knots' twice" in other.stderr
+    assert not (merged / "knots").exists()
+    one = script(SUITES="libero_goal", ALGORITHMS="knots")
+    assert one.returncode == 2 and "SUITES names 1 expert(s); a merge needs two or more" in one.stderr
 
 
 # ------------------------------------------------------------------------------------------- bad input

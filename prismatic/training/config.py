@@ -18,9 +18,9 @@ from prismatic.models import BaseModelConfig
 from prismatic.models.configuration import CONFIGS, ExpertArch
 from prismatic.models.modeling import ACTION_LOSSES
 from prismatic.vla.augmentation import ImageAugConfig
+from prismatic.vla.datasets.dataset import DatasetFormat
 
 # the CLI's choices are aliases: draccus drops the help of a field whose Literal is written inline
-DatasetFormat = Literal["hdf5", "rlds"]
 LrSchedule = Literal["constant", "cosine", "linear"]
 ActionLoss = Literal["l1", "mse"]
 WandbMode = Literal["offline", "online"]

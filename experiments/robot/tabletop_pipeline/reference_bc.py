@@ -53,7 +53,7 @@ class ReferenceBCConfig:
     num_envs: int = 16  # concurrent episodes (the policy's batch)
     out_dir: Path = Path("runs/reference_bc")  # <suite>.jsonl per episode (resumable) and summary.json
     overwrite: bool = False  # replace a <suite>.jsonl holding episodes of other settings or demos
-    cpu_threads: int = 1  # torch threads (0: torch's default)
+    cpu_threads: int = 1  # torch threads (≥ 1)
     head: str = "flatten"  # flatten (an MLP) | action_expert (the tiny VLA's action expert over the same features)
 
     def validate(self) -> None:

@@ -51,7 +51,7 @@ class VisionProbeConfig:
     eval_every: int = 50  # steps between held-out accuracy measurements (and at the end)
     eval_images: int = 200  # held-out images (their own seed stream)
     seed: int = 0  # the init (without base_dir), training images and held-out images
-    cpu_threads: int = 1  # torch threads (0: torch's default)
+    cpu_threads: int = 1  # torch threads (≥ 1)
 
     def validate(self, image_size: int) -> None:
         from experiments.robot.tabletop_pipeline.vlm_pretrain import INIT_SCHEMES
