@@ -74,9 +74,10 @@ for algorithm in $ALGORITHMS; do
   fi
   seen+="$algorithm "
   out="$MERGED_ROOT/$algorithm"
+  mergy_args "$algorithm"
   if [[ ! -e "$out" ]]; then
     todo+=("$algorithm")
-  elif mergy_args "$algorithm" && [[ -f "$out.command" && "$(cat "$out.command")" == "$LINE" ]] \
+  elif [[ -f "$out.command" && "$(cat "$out.command")" == "$LINE" ]] \
        && [[ "$(manifest_field "$out" format)" == mergevla-merged ]]; then
     echo "== $algorithm: $out was merged by this command before; kept"
   else

@@ -25,29 +25,22 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# every config a script hands to prismatic.cli.run_cli (a module, or a file outside the packages)
-CLI_CONFIGS = [
-    ("prismatic.training", "FinetuneConfig"),
-    ("prismatic.vla.datasets.synthetic", "SyntheticConfig"),
-    ("model_merging.mergy", "MergyConfig"),
-    ("model_merging.average_parts", "AveragePartsConfig"),
-    ("model_merging.exemplar_router", "ExemplarConfig"),
-    ("experiments.robot.demo", "DemoConfig"),
-    ("experiments.robot.harness.summarize", "SummarizeConfig"),
-    ("experiments.robot.libero.run_libero_eval", "GenerateConfig"),
-    ("experiments.robot.tabletop.generate", "GenerateConfig"),
-    ("experiments.robot.tabletop_pipeline.vlm_pretrain", "PretrainConfig"),
-    ("experiments.robot.tabletop_pipeline.reference_bc", "ReferenceBCConfig"),
-    ("experiments.robot.tabletop_pipeline.vision_probe", "VisionProbeConfig"),
-    ("experiments.robot.tabletop_pipeline.diagnose", "DiagnoseConfig"),
-    ("experiments.robot.tabletop_pipeline.blind_replay", "BlindReplayConfig"),
-    ("vla-scripts/convert_base.py", "ConvertConfig"),
-    ("benchmarks/demo_time.py", "DemoTimeConfig"),
-    ("benchmarks/train_throughput.py", "ThroughputConfig"),
-    ("benchmarks/eval_throughput.py", "ThroughputConfig"),
-    ("benchmarks/merge_speed.py", "BenchConfig"),
-    ("benchmarks/tabletop_speed.py", "SpeedConfig"),
-]
+SOURCE_ROOTS = ("prismatic", "model_merging", "experiments", "vla-scripts", "benchmarks")
+SCRIPT_ROOTS = ("vla-scripts", "benchmarks")  # not packages: their files are loaded by path
+
+
+def cli_configs() -> list[tuple[str, str]]:
+    """(module, or file outside the packages; config class name) of every config a script hands to run_cli."""
+    found = []
+    for root in SOURCE_ROOTS:
+        for path in sorted((REPO / root).rglob("*.py")):
+            rel = path.relative_to(REPO)
+            for name in re.findall(r"run_cli\(\s*\"[^\"]+\",\s*(\w+)", path.read_text()):
+                found.append((str(rel) if root in SCRIPT_ROOTS else ".".join(rel.with_suffix("").parts), name))
+    return found
+
+
+CLI_CONFIGS = cli_configs()
 
 
 @functools.cache
@@ -133,16 +126,9 @@ def test_every_flag_shows_its_own_comment_and_default(where, name):
     assert not problems, "\n".join(problems)
 
 
-def test_the_list_holds_every_config_a_script_hands_to_run_cli():
-    called = set()
-    for path in REPO.glob("*/**/*.py"):
-        rel = path.relative_to(REPO)
-        if rel.parts[0] in (".venv", "tests"):
-            continue
-        for name in re.findall(r"run_cli\(\s*\"[^\"]+\",\s*(\w+)", path.read_text()):
-            module = str(rel) if rel.parts[0] in ("vla-scripts", "benchmarks") else ".".join(rel.with_suffix("").parts)
-            called.add(load_config_class(module, name))
-    assert called == {load_config_class(where, name) for where, name in CLI_CONFIGS}
+def test_every_cli_config_is_found():
+    names = {name for _, name in CLI_CONFIGS}
+    assert len(CLI_CONFIGS) >= 20 and {"FinetuneConfig", "MergyConfig", "GenerateConfig", "DemoConfig"} <= names
 
 
 def test_field_comments_reads_inline_and_above_comments():

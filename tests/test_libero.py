@@ -385,10 +385,6 @@ def test_exemplar_router_sees_real_libero_frames_as_the_evaluation_does(tmp_path
 
 @pytest.mark.parametrize("script, var", [("eval.sh", "CKPT_GOAL"), ("eval_merged.sh", "MERGED_CKPT")])
 def test_eval_scripts_refuse_missing_checkpoints(script, var, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parents[1]
     env = {**script_env(), "PYTHON": sys.executable, "DRY_RUN": "1", "SUITES": "libero_goal", var: str(tmp_path / "nope"),
            "RESULTS_DIR": str(tmp_path / "runs")}
@@ -400,9 +396,6 @@ def test_eval_scripts_refuse_missing_checkpoints(script, var, tmp_path):
 
 @pytest.mark.parametrize("script", ["eval.sh", "eval_merged.sh"])
 def test_eval_scripts_stop_on_a_missing_interpreter_even_in_a_dry_run(script, tmp_path):
-    import subprocess
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parents[1]
     env = {**script_env(), "PYTHON": str(tmp_path / "no-python"), "DRY_RUN": "1", "SUITES": "libero_goal",
            "RESULTS_DIR": str(tmp_path / "runs")}
@@ -418,10 +411,6 @@ def test_eval_scripts_stop_on_a_missing_interpreter_even_in_a_dry_run(script, tm
                                            "libero_goal-tiny-cross_attn-seed5")])
 def test_eval_script_defaults_to_each_suites_newest_finished_checkpoint(tmp_path, env, run_dir):
     """In the run directory finetune_libero.sh names (config, architecture, training seed)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parents[1]
     run = tmp_path / "runs" / run_dir / "checkpoints"
     env = {**script_env(), "PYTHON": sys.executable, "DRY_RUN": "1", "SUITES": "libero_goal",
@@ -444,10 +433,6 @@ def test_eval_script_defaults_to_each_suites_newest_finished_checkpoint(tmp_path
 
 
 def test_eval_scripts_refuse_the_other_kind_of_checkpoint_and_quick_runs_apart(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parents[1]
     merged, expert = tmp_path / "merged", tmp_path / "expert"
     for d, kind in ((merged, "mergevla-merged"), (expert, "mergevla-checkpoint")):
