@@ -98,7 +98,9 @@ for algorithm in "${todo[@]}"; do
   if [[ "$DRY_RUN" == 1 ]]; then
     echo "$PYTHON $LINE"
   else
-    HF_HUB_OFFLINE=1 "$PYTHON" "${ARGS[@]}"
+    # recorded first: mergy writes the artifact atomically, so once it exists it is this command's, even when the
+    # script is killed right after the merge
     printf '%s' "$LINE" > "$out.command.tmp" && mv "$out.command.tmp" "$out.command"
+    HF_HUB_OFFLINE=1 "$PYTHON" "${ARGS[@]}"
   fi
 done

@@ -365,6 +365,16 @@ def test_merge_libero_script_merges_each_algorithm_resumes_and_never_replaces_an
     assert not (merged / "knots").exists()
     one = script(SUITES="libero_goal", ALGORITHMS="knots")
     assert one.returncode == 2 and "SUITES names 1 expert(s); a merge needs two or more" in one.stderr
+    # killed right after a merge finished: the rerun knows the artifact as its own
+    killer = tmp_path / "python_then_kill"
+    killer.write_text(f'#!/bin/sh\n"{sys.executable}" "$@" || exit\n'
+                      'case "$*" in *model_merging.mergy*) kill -9 "$PPID";; esac\n')
+    killer.chmod(0o755)
+    killed = script(ALGORITHMS="emr", MASK_LAMBDA="0.9", PYTHON=str(killer))
+    assert killed.returncode == -9 and (merged / "emr" / "manifest.json").is_file()
+    rerun = script(ALGORITHMS="emr", MASK_LAMBDA="0.9")
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"== emr: {merged / 'emr'} was merged by this command before; kept" in rerun.stdout
 
 
 # ------------------------------------------------------------------------------------------- bad input
