@@ -105,6 +105,12 @@ def test_main_writes_rows_and_summary_and_resumes(data_root, tmp_path):
     logged = []
     assert main(dataclasses.replace(cfg, num_envs=2), log=logged.append)["suites"] == summary["suites"]
     assert not any("step" in line for line in logged)
+    # the summary counts the rows' successes (these 20 steps solve nothing; one row marked solved by hand)
+    path = tmp_path / "ref" / "goal.jsonl"
+    path.write_text("".join(json.dumps({**r, "success": r["task_id"] == 1}) + "\n" for r in rows))
+    before, logged = path.read_bytes(), []
+    assert main(cfg, log=logged.append)["suites"]["goal"]["success"] == 0.5
+    assert "[reference] goal: 1/2 episodes solved" in logged
     # other weights (another seed): refused, the rows kept, unless asked to replace them; then it says so
     with pytest.raises(ReferenceBCError, match="goal.jsonl holds 2 episode.s. of other settings or demos .*"
                                                "pass --overwrite true"):

@@ -55,8 +55,17 @@ def test_attention_shares_add_up_per_block(arch):
 
 
 def test_expert_chunk_is_the_noise_free_scripted_expert():
+    from experiments.robot.tabletop import ScriptedExpert, make_env
+
     a = expert_chunk("goal", 0, 0, 8)
-    assert a.shape == (8, 7) and np.array_equal(a, expert_chunk("goal", 0, 0, 8))
+    # by hand: a noise-free expert with any random stream (a noisy one differs from it by ~0.1 per axis)
+    env, expert = make_env("goal", 0, 0, render=False), ScriptedExpert(noise=0.0, rng=np.random.default_rng(99))
+    env.reset()
+    want = []
+    for _ in range(8):
+        want.append(expert.act(env.state))
+        env.step(want[-1])
+    assert a.shape == (8, 7) and np.array_equal(a, np.stack(want))
     # put the red cube in the bowl: the cube starts at -x of the gripper, so the expert heads to -x
     assert a[0, 0] < 0
 
@@ -126,8 +135,12 @@ def test_training_fit_by_hand():
 def test_vla_predict_gives_normalised_chunks_for_a_dataset_batch():
     model = model_for("cross_attn")
     ds = fit_dataset(image_size=64)
-    pred = vla_predict(model)(ds.get_batch([0, 1, 2]))
+    batch = ds.get_batch([0, 1, 2])
+    pred = vla_predict(model)(batch)
     assert pred.shape == (3, model.config.chunk_len, 7) and np.isfinite(pred).all()
+    # the model's own output, before un-normalising: action statistics ten times wider leave it as it was
+    model.norm_stats = {**STATS, "action": {**STATS["action"], "q01": [-10.0] * 7, "q99": [10.0] * 7}}
+    assert np.array_equal(vla_predict(model)(batch), pred) and np.abs(pred).max() > 0.01
 
 
 def test_first_chunk_agreement_by_construction(monkeypatch):
