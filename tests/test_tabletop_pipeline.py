@@ -81,8 +81,10 @@ def test_joint_suite_links_every_suite_file(tmp_path):
 
 
 def test_a_data_dir_the_user_named_is_never_replaced(tmp_path):
+    from experiments.robot.tabletop.demos import TABLETOP_VERSION
     from experiments.robot.tabletop.generate import MANIFEST, GenerateConfig
-    from experiments.robot.tabletop_pipeline.data import DataDirError, ensure_dataset, matches
+    from experiments.robot.tabletop.physics import PHYSICS_VERSION
+    from experiments.robot.tabletop_pipeline.data import DataDirError, ensure_dataset, generation_spec, matches
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -90,12 +92,24 @@ def test_a_data_dir_the_user_named_is_never_replaced(tmp_path):
     gen = GenerateConfig(out_dir=mine, suites=["goal"], task_ids=[0], demos_per_task=1)
     with pytest.raises(DataDirError, match="holds other files; refusing to replace it"):
         ensure_dataset(gen, log=lambda _m: None, owned=True)  # not a TableTop-4 dataset: never deleted
-    (mine / MANIFEST).write_text("{}")
-    with pytest.raises(DataDirError, match="holds a TableTop-4 dataset generated with other settings"):
+    (mine / "notes.txt").unlink()
+    (mine / "goal").mkdir()
+    with pytest.raises(DataDirError, match="holds an unfinished TableTop-4 dataset .no manifest: its generation was "
+                                           "interrupted, or another run is writing it.; refusing to replace it"):
+        ensure_dataset(gen, log=lambda _m: None, owned=False)
+    (mine / "notes.txt").write_text("keep me")
+    (mine / MANIFEST).write_text(json.dumps({"tabletop_version": TABLETOP_VERSION, "physics_version": PHYSICS_VERSION,
+                                             "config": {**generation_spec(gen), "seed": 5}}))
+    with pytest.raises(DataDirError, match=r"holds a TableTop-4 dataset generated with other settings: seed 5 \(this "
+                                           r"run 0\); refusing"):
+        ensure_dataset(gen, log=lambda _m: None, owned=False)
+    (mine / MANIFEST).write_text(json.dumps({"tabletop_version": TABLETOP_VERSION, "physics_version": PHYSICS_VERSION,
+                                             "config": generation_spec(gen), "files": {"goal/gone.hdf5": {}}}))
+    with pytest.raises(DataDirError, match="holds a TableTop-4 dataset with files missing; refusing"):
         ensure_dataset(gen, log=lambda _m: None, owned=False)
     with pytest.raises(ValueError, match="noise must be a finite number >= 0"):  # checked before deleting
         ensure_dataset(GenerateConfig(out_dir=mine, suites=["goal"], noise=-1.0), log=lambda _m: None, owned=True)
-    assert sorted(p.name for p in mine.iterdir()) == sorted([MANIFEST, "notes.txt"])
+    assert sorted(p.name for p in mine.iterdir()) == sorted([MANIFEST, "goal", "notes.txt"])
     # the pipeline's own directory after a killed generation (suite files, no manifest) is generated again
     own = tmp_path / "own"
     (own / "goal").mkdir(parents=True)
@@ -319,6 +333,48 @@ def test_a_merge_job_merges_with_its_own_knobs_and_is_redone_when_they_change(tm
         "k_gate"] == 6
 
 
+DATA = {"data_root": "runs/x/tabletop4", "fingerprint": "fp"}
+
+
+def test_rollouts_of_other_scenes_or_demos_are_new_results(monkeypatch, tmp_path):
+    import experiments.robot.tabletop as tabletop
+    from experiments.robot.tabletop_pipeline.evaluation import results_complete
+    from experiments.robot.tabletop_pipeline.pipeline import eval_jobs
+
+    trained = {f"{f}/{s}": {"checkpoint": f"ck/{f}/{s}", "weights_sha256": f"{f}{s}"}
+               for f in ("mergevla", "baseline") for s in ("goal", "long")} | {
+        "joint": {"checkpoint": "ck/joint", "weights_sha256": "j"}}
+    cfg = PipelineConfig(suites=["goal", "long"])
+
+    def ids(data=DATA, c=cfg):
+        return {j.name: j.policy_id for j in eval_jobs(c, trained, {}, [], data)}
+
+    before = ids()
+    assert ids(c=PipelineConfig(suites=["goal", "long"], trials_per_task=2, task_ids=[3])) == before  # same episodes
+    blind = ids({**DATA, "fingerprint": "other demos"})  # blind replay makes the dataset's demos again
+    assert blind["blind-replay"] != before["blind-replay"] and blind["mergevla-experts"] == before["mergevla-experts"]
+    real = tabletop.init_state
+
+    def moved(suite, task_id, index):  # one initial scene of one task laid out otherwise
+        state = real(suite, task_id, index)
+        if (suite, task_id, index) == ("long", 9, 49):
+            state.gripper_pos = state.gripper_pos + 0.01
+        return state
+
+    monkeypatch.setattr(tabletop, "init_state", moved)
+    assert all(a != b for a, b in zip(ids().values(), before.values()))
+    monkeypatch.setattr(tabletop, "init_state", real)
+    monkeypatch.setattr("experiments.robot.tabletop.demos.TABLETOP_VERSION", 99)
+    assert all(a != b for a, b in zip(ids().values(), before.values()))
+
+    # the stage stays done while its files hold every planned episode, also among rows of more trials
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"key": k}) + "\n" for k in ("goal/0/0", "goal/0/1", "goal/1/0")))
+    results = {"job": {"files": [str(f)], "episodes": 2}}
+    assert results_complete(results, {"goal/0/0", "goal/1/0"})
+    assert not results_complete(results, {"goal/0/0", "goal/1/1"})
+
+
 def test_eval_shows_the_training_crop_and_new_crops_are_new_results():
     from experiments.robot.tabletop_pipeline.pipeline import eval_crop_area, eval_jobs
 
@@ -328,10 +384,10 @@ def test_eval_shows_the_training_crop_and_new_crops_are_new_results():
     ids = {}
     for aug in (True, False):
         cfg = PipelineConfig(suites=["goal", "long"], image_aug=aug)
-        ids[aug] = [j.policy_id for j in eval_jobs(cfg, trained, {}, [])]
+        ids[aug] = [j.policy_id for j in eval_jobs(cfg, trained, {}, [], DATA)]
     assert eval_crop_area(PipelineConfig(image_aug=True)) == 0.9 and eval_crop_area(PipelineConfig()) == 1.0
     assert len(ids[True]) == 4 and all(a != b for a, b in zip(ids[True], ids[False]))  # old JSONL rows are discarded
-    later = [j.policy_id for j in eval_jobs(PipelineConfig(suites=["goal", "long"], first_init_state=4), trained, {}, [])]
+    later = [j.policy_id for j in eval_jobs(PipelineConfig(suites=["goal", "long"], first_init_state=4), trained, {}, [], DATA)]
     assert all(a != b for a, b in zip(later, ids[False]))  # other init states: other episodes
 
 
@@ -450,7 +506,7 @@ def test_exemplar_settings_and_exemplars_are_part_of_the_merges_and_rows_identit
 
     def ids(ex_sha):
         merged = {j.name: {"dir": "m", "weights_sha256": "w", "exemplars_sha256": ex_sha} for j in jobs}
-        return {e.name: e.policy_id for e in eval_jobs(PipelineConfig(), trained, merged, jobs)}
+        return {e.name: e.policy_id for e in eval_jobs(PipelineConfig(), trained, merged, jobs, data)}
 
     a, b = ids("e1"), ids("e2")  # recomputed exemplars: every routed row is rolled out again
     assert all(a[n] != b[n] for n in routed) and a["mergevla-experts"] == b["mergevla-experts"]

@@ -55,6 +55,21 @@ def _generated_here(out: Path) -> bool:
     return all(p.name in ours or p.name.startswith(".") for p in out.iterdir())
 
 
+def _what_is_there(out: Path, gen: GenerateConfig) -> str:
+    """What a directory `ensure_dataset` may not replace holds, against what this run would generate."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return ("an unfinished TableTop-4 dataset (no manifest: its generation was interrupted, or another run is "
+                "writing it)" if _generated_here(out) else "other files")
+    recorded, want = manifest.get("config") or {}, generation_spec(gen)
+    rules = {"tabletop_version": TABLETOP_VERSION, "physics_version": PHYSICS_VERSION}
+    diff = [f"{k} {manifest.get(k)!r} (this run {v!r})" for k, v in rules.items() if manifest.get(k) != v]
+    diff += [f"{k} {recorded.get(k)!r} (this run {v!r})" for k, v in want.items() if recorded.get(k) != v]
+    return (f"a TableTop-4 dataset generated with other settings: {', '.join(diff)}" if diff else
+            "a TableTop-4 dataset with files missing")
+
+
 def ensure_dataset(gen: GenerateConfig, log=print, owned: bool = True) -> tuple[dict, bool]:
     """Generate `gen.out_dir` unless it already holds this dataset; returns its manifest and whether it was reused.
 
@@ -68,9 +83,8 @@ def ensure_dataset(gen: GenerateConfig, log=print, owned: bool = True) -> tuple[
     validate(gen)  # bad settings must not cost the old dataset
     if out.exists() and any(out.iterdir()):
         if not owned or not _generated_here(out):
-            what = "a TableTop-4 dataset generated with other settings" if (out / MANIFEST).is_file() else "other files"
-            raise DataDirError(f"data_dir {out} holds {what}; refusing to replace it: choose another data_dir "
-                               "or delete it yourself")
+            raise DataDirError(f"data_dir {out} holds {_what_is_there(out, gen)}; refusing to replace it: choose "
+                               "another data_dir or delete it yourself")
         log(f"[data] {out} holds other data (or an interrupted generation's): regenerating it")
         shutil.rmtree(out)
     return generate(gen, log=log), False

@@ -273,10 +273,11 @@ def run_evals(jobs: list[EvalJob], settings: EvalSettings, workers: int, log=pri
     return {j.name: out[j.name] for j in jobs}
 
 
-def results_complete(results: dict[str, dict]) -> bool:
-    """Whether every job's results files still hold all the episodes it recorded (a file deleted or cut short
-    since then sends the stage back to roll out what is missing, instead of a table silently short of rows)."""
-    return all(sum(len(read_rows(f)) for f in r["files"]) == r["episodes"] for r in results.values())
+def results_complete(results: dict[str, dict], planned: set[str]) -> bool:
+    """Whether every job's results files still hold each planned episode (a file deleted or cut short since then
+    sends the stage back to roll out what is missing, instead of a table silently short of rows; rows of episodes
+    an earlier run planned as well, e.g. more trials per task, are left there and not counted)."""
+    return all(planned <= {row["key"] for f in r["files"] for row in read_rows(f)} for r in results.values())
 
 
 def load_rows(results: dict[str, dict]) -> list[dict]:

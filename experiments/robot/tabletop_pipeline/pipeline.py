@@ -311,12 +311,24 @@ def eval_crop_area(cfg: PipelineConfig) -> float:
     return centre_crop_for(cfg.image_aug, ImageAugConfig().crop_area)
 
 
-def eval_jobs(cfg: PipelineConfig, trained: dict, merged: dict, merge_job_list: list) -> list:
+def scenes_fingerprint(suites) -> str:
+    """What the evaluation episodes of `suites` are: each task's instruction, step limit and every fixed initial
+    scene, under the simulator's versions. Rollouts recorded for other scenes are not reused, while another
+    trials_per_task or task_ids still reuses the episodes both runs plan."""
+    from experiments.robot.tabletop import NUM_INIT_STATES, SUITE_MAX_STEPS, get_suite, init_state
+    from experiments.robot.tabletop.demos import TABLETOP_VERSION
     from experiments.robot.tabletop.physics import PHYSICS_VERSION
+
+    return fingerprint([TABLETOP_VERSION, PHYSICS_VERSION, {
+        s: [SUITE_MAX_STEPS[s], [[t.instruction, [init_state(s, t.task_id, i).to_dict() for i in range(NUM_INIT_STATES)]]
+                                 for t in get_suite(s)]] for s in suites}])
+
+
+def eval_jobs(cfg: PipelineConfig, trained: dict, merged: dict, merge_job_list: list, data: dict) -> list:
     from experiments.robot.tabletop_pipeline.evaluation import EvalJob
 
     proto = {"noop_steps": cfg.noop_steps, "seed": cfg.seed, "crop_area": eval_crop_area(cfg),
-             "first_init_state": cfg.first_init_state, "physics_version": PHYSICS_VERSION}
+             "first_init_state": cfg.first_init_state, "scenes": scenes_fingerprint(cfg.suites)}
     jobs = []
     for fam, label in (("mergevla", FT_LABEL), ("baseline", BASELINE_FT_LABEL)):
         if fam == "baseline" and not cfg.eval_baseline_experts:
@@ -336,24 +348,27 @@ def eval_jobs(cfg: PipelineConfig, trained: dict, merged: dict, merge_job_list: 
         pid = fingerprint([proto, trained["joint"]["weights_sha256"]])
         jobs.append(EvalJob("joint", JOINT_LABEL, "single", pid, checkpoints=(("all", trained["joint"]["checkpoint"]),)))
     if cfg.blind_replay:
-        demos = (cfg.seed, cfg.demo_noise)
-        jobs.append(EvalJob("blind-replay", BLIND_LABEL, "blind", fingerprint([proto, demos]), demos=demos))
+        demos = (cfg.seed, cfg.demo_noise)  # the dataset's demos, made again from their seed: its content names them
+        jobs.append(EvalJob("blind-replay", BLIND_LABEL, "blind", fingerprint([proto, demos, data["fingerprint"]]),
+                            demos=demos))
     return jobs
 
 
 def stage_eval(cfg: PipelineConfig, root: Path, data: dict, trained: dict, merged: dict, log
                ) -> tuple[dict, object, list]:
-    from experiments.robot.tabletop_pipeline.evaluation import EvalSettings, results_complete, run_evals
+    from experiments.robot.tabletop_pipeline.evaluation import EvalSettings, plan, results_complete, run_evals
 
     d = root / "eval"
     settings = EvalSettings(suites=tuple(cfg.suites), task_ids=tuple(cfg.task_ids) if cfg.task_ids else None,
                             trials_per_task=cfg.trials_per_task, first_init_state=cfg.first_init_state,
                             num_envs=cfg.num_envs, noop_steps=cfg.noop_steps, seed=cfg.seed,
                             crop_area=eval_crop_area(cfg), video_episodes=tuple(cfg.video_episodes), out_dir=str(d))
-    jobs = eval_jobs(cfg, trained, merged, merge_jobs(cfg, root, data, trained))
+    jobs = eval_jobs(cfg, trained, merged, merge_jobs(cfg, root, data, trained), data)
     spec = {"settings": asdict(settings), "jobs": [asdict(j) for j in jobs]}
-    res = _stage(cfg, root, "eval", spec, clear_stale=False).run(lambda _d: run_evals(jobs, settings, cfg.workers, log),
-                                                                  log, still_valid=results_complete)
+    planned = {e.key for e in plan(cfg.suites, cfg.task_ids, cfg.trials_per_task, cfg.first_init_state)}
+    res = _stage(cfg, root, "eval", spec, clear_stale=False).run(
+        lambda _d: run_evals(jobs, settings, cfg.workers, log), log,
+        still_valid=lambda outputs: results_complete(outputs, planned))
     return res, settings, jobs
 
 
