@@ -83,3 +83,12 @@ def test_normalize_maps_a_constant_dimension_to_minus_one_even_a_float_step_off(
     x = np.array([[1.0, np.pi], [3.0, np.nextafter(np.float32(np.pi), np.float32(4))]], np.float32)
     np.testing.assert_allclose(normalize(x, stats), [[0.0, -1.0], [1.0, -1.0]])  # hand-computed; clipped at 1
     np.testing.assert_allclose(unnormalize(normalize(x, stats), stats)[0], [1.0, np.pi], rtol=1e-6)
+
+
+def test_normalize_leaves_unmasked_dimensions_and_unnormalize_caps_at_the_quantiles():
+    from prismatic.vla.normalization import normalize, unnormalize
+
+    stats = {"q01": [-2.0, 0.0], "q99": [2.0, 10.0], "mask": [True, False]}  # dim 1 (e.g. the gripper) as it is
+    np.testing.assert_allclose(normalize(np.array([[1.0, 0.0], [-4.0, 1.0]]), stats), [[0.5, 0.0], [-1.0, 1.0]])
+    np.testing.assert_allclose(unnormalize(np.array([[1.5, 0.0], [-1.5, 1.0], [0.5, 0.5]]), stats),
+                               [[2.0, 0.0], [-2.0, 1.0], [1.0, 0.5]])  # a prediction past ±1: the training range

@@ -101,6 +101,13 @@ def test_resume_skips_finished_episodes(tmp_path):
     assert again.started == [] and len(read_rows(path)) == 6
 
 
+def test_a_plan_that_names_an_episode_twice_is_refused(tmp_path):
+    eps = plan_episodes("s", 2, 1, 20)
+    with pytest.raises(ValueError, match=r"duplicate episodes in the plan: \['s/1/0'\]"):
+        run_episodes(FakeEnvFactory(), ScriptedPolicy(solves=()), [*eps, eps[1]], tmp_path / "r.jsonl", **QUIET)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_truncated_last_line_is_dropped_and_repaired(tmp_path):
     path = tmp_path / "r.jsonl"
     good = [{"key": "s/0/0", "success": True}, {"key": "s/0/1", "success": False}]
@@ -125,6 +132,9 @@ def test_a_finished_last_row_that_lost_its_newline_gets_it_back_before_appending
 def test_malformed_line_in_the_middle_is_an_error(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
+    with pytest.raises(ResultsError, match=r"r.jsonl, line 2: not a JSON object"):
+        read_rows(path)
+    path.write_text('{"key": "a"}\nnot json\n')  # a finished (newline-ended) last line is no interrupted write
     with pytest.raises(ResultsError, match=r"r.jsonl, line 2: not a JSON object"):
         read_rows(path)
     path.write_bytes(b'{"key": "a"}\n\xff\n')

@@ -155,6 +155,33 @@ def test_wudi_one_adam_step_by_hand_and_optimum():
     assert torch.allclose(far, torch.tensor([[1.0, 1.0]]), atol=2e-2)
 
 
+def test_wudi_weighs_each_task_by_its_norm():
+    # three conflicting rows of different norms: A = Σ G_m/‖τ_m‖² = [[1.5,-.5],[-.5,1.5]], b = Σ τ_m G_m/‖τ_m‖² =
+    # Σ τ_m = [1,4] (rank-1 rows), τ = b A⁻¹ = [3.5, 6.5]/2; unweighted the optimum is [1.82, 3.08]
+    ts = [torch.tensor([[2.0, 0.0]]), torch.tensor([[-1.0, 1.0]]), torch.tensor([[0.0, 3.0]])]
+    far = merged("wudi", ts, WudiParams(lr=0.01, steps=2000))
+    assert torch.allclose(far, torch.tensor([[1.75, 3.25]]), atol=2e-2)
+
+
+def test_knots_trims_and_elects_on_the_aligned_blocks():
+    g = torch.Generator().manual_seed(3)
+    taus = [torch.randn(6, 4, generator=g) for _ in range(3)]
+    # by hand: an explicit SVD of [τ_1 τ_2 τ_3], TIES over the three 6×4 blocks of Vᵀ (a sign flip of a singular
+    # pair flips that row in every block, and TIES's election follows it, so any SVD gives the same product)
+    u, s, vh = torch.linalg.svd(torch.cat(taus, 1), full_matrices=False)
+    blocks = [vh[:, 4 * i: 4 * (i + 1)] for i in range(3)]
+    for k in (20.0, 100.0):
+        want = (u * s) @ merged("ties", blocks, TiesParams(k=k))
+        assert torch.allclose(merged("knots", taus, KnotsParams(k=k)), want, atol=1e-5)
+    assert not torch.allclose(merged("knots", taus, KnotsParams(k=20)), merged("knots", taus, KnotsParams(k=100)))
+
+
+@pytest.mark.parametrize("name,cls", [("ties", TiesParams), ("dare", DareParams), ("knots", KnotsParams)])
+def test_scale_multiplies_the_merged_vector(name, cls):
+    taus = [low_rank(s)[0] for s in range(3)]
+    assert torch.equal(merged(name, taus, cls(scale=0.5)), 0.5 * merged(name, taus, cls()))
+
+
 def test_dare_drops_and_rescales_reproducibly():
     t = torch.arange(1, 2001, dtype=torch.float32)
     p = DareParams(p=0.5)

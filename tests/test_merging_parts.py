@@ -74,6 +74,14 @@ def test_chunked_packed_masks_equal_whole_tensor_masks():
     assert all(torch.equal(p, q) for p, q in zip(packed, given))
 
 
+def test_packed_masks_at_lambda_0_keep_exactly_each_tasks_nonzero_entries():
+    # trimmed (sparse) task vectors: |τ_m| > 0·|τ_merge − τ_m| holds where τ_m ≠ 0, nowhere else (not where both are 0)
+    taus = [torch.tensor([1.0, 0.0, 0.0, -2.0, 0.0]), torch.tensor([0.0, 0.0, 3.0, 1.0, 0.0])]
+    merged = torch.tensor([1.0, 0.0, 3.0, -1.0, 0.0])
+    for p, t in zip(packed_task_masks(taus, merged, 0.0), taus):
+        assert torch.equal(unpack_mask(p, t.shape), t != 0)
+
+
 def test_apply_mask_is_theta0_plus_rescaled_masked_delta():
     w0, tau = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.5, -2.0, 4.0])
     m = torch.tensor([True, False, True])

@@ -161,8 +161,9 @@ def test_emr_rescales_each_task_once_over_the_whole_model_or_per_weight(experts,
         merge_experts(two, tmp_path / "rule", MergeOptions(algorithm="emr", rules=("llm rescale=tensor",)), log=quiet)
 
 
-def test_multi_expert_model_matches_each_task_model(experts, batch, tmp_path):
-    merged = load_merged(merge_experts(experts, tmp_path / "m", MergeOptions(), log=quiet))  # TIES + TALL
+@pytest.mark.parametrize("algorithm", ["ties", "emr"])  # TALL masks; EMR's own masks and per-task rescalers
+def test_multi_expert_model_matches_each_task_model(experts, batch, tmp_path, algorithm):
+    merged = load_merged(merge_experts(experts, tmp_path / "m", MergeOptions(algorithm=algorithm), log=quiet))
     multi = merged.multi_expert()
     per_task = [merged.for_task(e).predict_action(**batch) for e in range(4)]
     for e in range(4):
