@@ -36,7 +36,8 @@ from experiments.robot.tabletop_pipeline.pipeline import (
 from model_merging.errors import MergeError
 from prismatic.cli import run_cli
 
-DEMO_USER_ERRORS = (PipelineError, MergeError, DemoFailure, ResultsError)  # bad input or a run that cannot go on: one line, exit 2
+# bad input or a run that cannot go on: one line, exit 2
+DEMO_USER_ERRORS = (PipelineError, MergeError, DemoFailure, ResultsError)
 
 # Presets of the size knobs. Sized from measured throughput on 2 CPU cores (see the README's demo section).
 FULL = {"task_ids": None, "demos_per_task": 50, "expert_steps": 1500, "joint_steps": 3000, "trials_per_task": 4}
