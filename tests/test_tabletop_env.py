@@ -280,14 +280,28 @@ def test_stove_turns_on_only_when_pressed_with_closed_gripper():
             step_physics(s, act(dz=-1.0, grip=grip))
         assert s.gripper_pos[2] == pytest.approx(0.014)  # the stove's top is solid
         assert s.body("stove").on is expect and success(s) is expect
+    s = scene(Body("stove", "stove", "black", (0.0, 0.0, 0.0)), gripper=(kx, ky, 0.034), finger=0.0)
+    step_physics(s, act(grip=CLOSE))  # a closed gripper 2 cm above the knob does not press it
+    assert not s.body("stove").on
 
 
 # ---------------------------------------------------------------- predicates
 def test_push_predicate_is_the_zone_square():
     zone = Body("zone", "zone", "green", (0.1, 0.1, 0.0))
-    for xy, inside in [((0.14, 0.06), True), ((0.16, 0.1), False), ((0.1, 0.151), False)]:
+    for xy, inside in [((0.14, 0.06), True), ((0.06, 0.14), True), ((0.16, 0.1), False), ((0.04, 0.1), False),
+                       ((0.1, 0.151), False), ((0.1, 0.049), False)]:
         s = scene(cube(x=xy[0], y=xy[1]), zone)
         assert goal_done(s, "push", "cube", "zone") is inside, xy
+    s = scene(cube(x=0.1, y=0.1), zone)
+    hold(s, "cube")  # held above the zone: not pushed there
+    assert not goal_done(s, "push", "cube", "zone")
+
+
+def test_success_needs_every_sub_goal():
+    bowl = Body("bowl", "bowl", "white", (0.1, 0.0, 0.0))
+    a, b = cube("a", x=0.1, z=0.008, support="bowl"), cube("b", x=-0.1, color="blue")
+    s = scene(bowl, a, b, goals=[Goal("place", "a", "bowl"), Goal("place", "b", "bowl")])
+    assert goal_done(s, "place", "a", "bowl") and not success(s)  # the first of two sub-goals only
 
 
 def test_place_in_a_fixture_counts_objects_resting_on_its_contents():
@@ -297,6 +311,9 @@ def test_place_in_a_fixture_counts_objects_resting_on_its_contents():
     s = scene(basket, a, b)
     assert goal_done(s, "place", "b", "basket") and goal_done(s, "place", "b", "a")
     assert not goal_done(s, "place", "a", "b")
+    c = cube("c", z=0.108, color="green", support="b")  # on the ball on the cube: "on the cube" needs contact
+    s = scene(basket, a, b, c)
+    assert goal_done(s, "place", "c", "basket") and not goal_done(s, "place", "c", "a")
 
 
 def test_goal_with_unknown_body_or_verb_is_rejected():
