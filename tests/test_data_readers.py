@@ -25,6 +25,8 @@ def test_noop_filter_matches_the_rlds_release_rule():
         [2e-4] + z[1:] + [1.0],  # above it: kept
     ])
     assert noop_keep_mask(actions).tolist() == [False, True, False, True, False, False, True]
+    # a rotation alone is motion too
+    assert noop_keep_mask(np.array([[0.0, 0.0, 0.0, 0.1, 0.0, 0.0, -1.0]])).tolist() == [True]
 
 
 def test_chunks_take_seven_future_steps_and_repeat_the_last():

@@ -119,6 +119,15 @@ def test_policy_path_from_libero_obs_to_env_actions():
     assert actions[0, :, 6].tolist() == [-1.0, 1.0] * 4
 
 
+def test_quaternion_past_half_a_turn_gives_robosuites_axis_angle():
+    from experiments.robot.policy import quat_to_axis_angle
+
+    # 270° about z: w = cos(135°) < 0; robosuite's quat2axisangle gives 2·acos(w) = 3π/2 about +z
+    q = np.array([0.0, 0.0, np.sin(3 * np.pi / 4), np.cos(3 * np.pi / 4)])
+    np.testing.assert_allclose(quat_to_axis_angle(q), [0.0, 0.0, 3 * np.pi / 2], atol=1e-9)
+    np.testing.assert_allclose(quat_to_axis_angle(np.array([0.0, 0.0, 0.0, -1.0])), 0.0)
+
+
 def test_checkpoint_kind_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_policy(tmp_path / "nope", None)

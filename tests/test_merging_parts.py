@@ -114,6 +114,7 @@ def test_rules_first_match_wins_with_group_names_and_regexes():
     assert params_for("vlm.vision.siglip.x.weight", base, rules).scale == 0.5
     assert params_for("vlm.projector.0.weight", base, rules) is base
     assert parse_rule("llm sequential=false", RetainParams).overrides == (("sequential", False),)
+    assert parse_rule("llm sequential=True", RetainParams).overrides == (("sequential", True),)
 
 
 @pytest.mark.parametrize("text,msg", [

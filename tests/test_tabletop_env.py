@@ -338,6 +338,16 @@ def test_obs_layout_matches_libero():
     assert reward == 0.0 and done is False and info["steps"] == 1 and info["subgoals"] == [False]
 
 
+def test_the_harness_settles_a_scene_with_the_gripper_open():
+    from experiments.robot.harness import EpisodeSpec, Protocol
+    from experiments.robot.harness.driver import EpisodeDriver
+    from experiments.robot.tabletop_pipeline.evaluation import TableTopEnvFactory
+
+    driver = EpisodeDriver(TableTopEnvFactory(image_size=8), Protocol())  # 10 no-op steps first, as in LIBERO
+    obs = driver.start(EpisodeSpec("goal", 0, 0, 0, max_steps=5), record=False)["obs"]
+    np.testing.assert_allclose(obs["robot0_gripper_qpos"], [OPEN_FINGER, -OPEN_FINGER])
+
+
 def test_bad_actions_and_arguments_are_rejected():
     env = make_env("goal", 0, 0)
     env.reset()
