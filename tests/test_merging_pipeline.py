@@ -224,6 +224,20 @@ def test_one_expert_merged_is_that_expert(experts, batch, tmp_path, opts):
     assert torch.allclose(merged.for_task(0).predict_action(**batch), expert.predict_action(**batch), atol=1e-5)
 
 
+def test_retain_interpolates_the_from_scratch_parts_from_their_shared_init(experts, tmp_path):
+    from model_merging.layout import initial_scratch_state
+
+    rule = r"^proprio_proj\. alpha_action_expert=0.9"
+    merged = load_merged(merge_experts(experts[:2], tmp_path / "m", MergeOptions(
+        algorithm="retain", masks=False, rules=(rule,)), log=quiet)).shared_state()
+    init = initial_scratch_state(get_config("tiny"), 0)
+    ts = [load_checkpoint(d, CHECKPOINT_KIND)[0] for _, d in experts[:2]]
+    for n, alpha in (("proprio_proj.0.weight", 0.9), ("action_queries", 0.5)):  # the rule's α, the default one
+        # sequential, in deltas from θ_pre: ((1 − α)·α·τ_1 + α·τ_2) with τ_k = θ_k − θ_pre
+        want = init[n] + (1 - alpha) * alpha * (ts[0][n] - init[n]) + alpha * (ts[1][n] - init[n])
+        torch.testing.assert_close(merged[n], want, atol=1e-6, rtol=0)
+
+
 def test_merge_is_bitwise_reproducible(experts, tmp_path):
     opts = MergeOptions(algorithm="dare", params=DareParams(p=0.3, then="ties"), seed=5)
     a = merge_experts(experts, tmp_path / "a", opts, log=quiet)
