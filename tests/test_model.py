@@ -82,6 +82,25 @@ def test_tiny_forward_shapes(tiny_vla):
     assert out.vis_states[-1].shape == (2, 2 * 16, cfg.llm.hidden_size)  # 2 images × 4×4 patches of 16 px
 
 
+
+def test_expert_blocks_read_the_query_and_vision_states_with_the_proprio_token_among_the_query_keys(tiny_vla):
+    batch = smooth_batch(tiny_vla)
+    seen = []
+    hook = tiny_vla.action_expert.blocks[0].register_forward_hook(lambda _m, args, _o: seen.append(args))
+    try:
+        out = tiny_vla(**batch, keep_states=True)
+    finally:
+        hook.remove()
+    # layer 0's states are the LLM's inputs: the learned queries, and the projected patches (none of the text)
+    vis = tiny_vla.vlm.projector(tiny_vla.vlm.vision(batch["pixel_values"]))
+    torch.testing.assert_close(out.vis_states[0], vis)
+    torch.testing.assert_close(out.act_states[0], tiny_vla.action_queries.expand(2, -1, -1))
+    (_, act_keys, vis_keys), = seen  # block 0 reads layer 1, the proprio token last among the query-side keys
+    proprio = tiny_vla.proprio_proj(batch["proprio"]).unsqueeze(1)
+    torch.testing.assert_close(act_keys, torch.cat([out.act_states[1], proprio], 1))
+    torch.testing.assert_close(vis_keys, out.vis_states[1])
+
+
 def test_sequence_layout_puts_vision_after_first_token_and_queries_after_text(tiny_vla):
     model = tiny_vla
     ids, lens = model.processor.tokenize(["pick up the cube", "push the red ball to the left zone"])
