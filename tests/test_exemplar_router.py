@@ -87,6 +87,9 @@ def test_cli_calibrates_and_the_router_sends_each_task_its_own_frames(fresh, dat
         rows = task == e
         assert torch.allclose(h_act[rows].mean(1), merged.exemplars.states[name]["act"], atol=1e-5)
         assert torch.allclose(h_vis[rows].mean(1), merged.exemplars.states[name]["vis"], atol=1e-5)
+        for side in ("act", "vis"):  # each side's typical spacing from its own exemplars
+            assert merged.exemplars.scales[name][side] == pytest.approx(
+                nearest_neighbour_scale(merged.exemplars.states[name][side]), rel=1e-6)
     # the routed policy accepts the variant and routes with it
     policy = RoutedPolicy(merged, variant="exemplar")
     ins, ims, _ = first_frames(DataSource(data_root, "object"), 2)

@@ -388,6 +388,8 @@ def test_init_states_are_fixed_distinct_and_disjoint_from_demo_scenes():
     demos = {tuple(demo_scene("object", 2, 0, i).vector()) for i in range(NUM_INIT_STATES)}
     assert not evals & demos
     assert demo_scene("object", 2, 1, 0).to_dict() != demo_scene("object", 2, 0, 0).to_dict()
+    # the goal suite's tasks share one scene, each jittered by its own stream
+    assert init_state("goal", 0, 5).to_dict()["bodies"] != init_state("goal", 1, 5).to_dict()["bodies"]
 
 
 def test_env_pickles_for_worker_processes():
