@@ -47,6 +47,19 @@ def test_rotation_is_180_degrees():
     assert plain(square)[:, :, 0].tolist() == [[24, 21, 18], [15, 12, 9], [6, 3, 0]]
 
 
+def test_rendered_frames_go_through_a_jpeg_round_trip_as_the_training_data_did():
+    from io import BytesIO
+
+    from PIL import Image
+
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)  # texture JPEG cannot keep
+    buf = BytesIO()
+    Image.fromarray(rotate_180(img)).save(buf, "JPEG", quality=95)  # the RLDS release's encoding
+    want = np.asarray(Image.open(buf).convert("RGB"))
+    out = LiberoImageTransform(size=32, center_crop=False)(img)
+    assert np.array_equal(out, want) and not np.array_equal(out, rotate_180(img))
+
+
 def test_center_crop_of_a_ramp_is_hand_computed():
     # 5x5 ramp 10·x, crop 0.64 of the area (side 0.8): samples at x = 0.4 + 0.8·j → 4, 12, 20, 28, 36
     ramp = np.tile((10 * np.arange(5))[None, :, None], (5, 1, 3)).astype(np.uint8)
