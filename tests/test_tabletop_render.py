@@ -36,6 +36,17 @@ def test_wrist_view_is_upright_and_centred_on_the_gripper():
     img = WristView(64).render(lone_cube(0.05, 0.0, gripper=(0.0, 0.0, 0.15)))
     row, col = centroid(red_mask(img))
     assert col > 0.55 and abs(row - 0.5) < 0.05
+    ball = SceneState([Body("ball", "ball", "red", (0.0, 0.05, 0.0))], np.array([0.0, 0.0, 0.15]))
+    row, col = centroid(red_mask(WristView(64).render(ball)))  # round bodies are drawn by another path
+    assert row < 0.45 and abs(col - 0.5) < 0.05
+
+
+def test_a_raised_object_is_drawn_higher_in_the_third_person_view():
+    def cube_at(z):
+        return SceneState([Body("cube", "cube", "red", (0.0, 0.0, z))], np.array([0.0, -0.2, 0.2]))
+
+    rows = [centroid(red_mask(AgentView(64).render(cube_at(z))))[0] for z in (0.0, 0.1)]
+    assert rows[1] < rows[0] - 0.05
 
 
 def test_objects_grow_in_the_wrist_view_as_the_gripper_descends():
