@@ -10,7 +10,7 @@ from transformers import Dinov2WithRegistersModel, SiglipVisionModel
 from prismatic.checkpoint import CheckpointError
 from prismatic.models import BaseModelConfig, MergeVLA, build_vla, from_pretrained, get_config, save_pretrained
 from prismatic.models.lora import apply_lora
-from prismatic.models.modeling import dino_hf_config, siglip_hf_config
+from prismatic.models.modeling import ExpertBlock, dino_hf_config, siglip_hf_config
 
 
 def n_params(module, pred=lambda n: True):
@@ -69,6 +69,21 @@ def smooth_batch(model, n=2, seed=0):
     instructions = ["pick up the red cube and place it in the bowl", "push the plate"][:n]
     images = rng.integers(0, 256, (n, 2, 64, 64, 3), dtype=np.uint8)
     return model.processor(instructions, images, rng.normal(size=(n, 8)), actions)
+
+
+def test_the_vision_gate_scales_the_vision_logits():
+    torch.manual_seed(0)
+    block = ExpertBlock(8, 2, self_attn=False)
+    x, h_act = torch.randn(1, 3, 8), torch.randn(1, 4, 8)
+    h_vis = [torch.randn(1, 5, 8) for _ in range(2)]
+    with torch.no_grad():
+        attn = [block.attention(x, h_act, h)[0] for h in h_vis]
+        assert not torch.allclose(attn[0], attn[1])  # g = 0: σ = 0.5, the vision keys count
+        block.gate.fill_(-50.0)  # σ(g) ≈ 0: every vision logit 0, whatever the vision keys
+        attn = [block.attention(x, h_act, h)[0] for h in h_vis]
+    torch.testing.assert_close(attn[0], attn[1])
+    vis = attn[0][..., 4:]  # after the 4 action-side keys
+    torch.testing.assert_close(vis, vis[..., :1].expand_as(vis))
 
 
 def test_tiny_forward_shapes(tiny_vla):
