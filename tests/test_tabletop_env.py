@@ -239,6 +239,15 @@ def _resting_violations(s):
     return out
 
 
+def test_a_held_object_lowered_onto_another_stops_on_its_top():
+    s = scene(cube("a"), cube("b", x=0.2, color="blue"))
+    hold(s, "b")
+    s.gripper_pos = np.array([0.0, 0.0, 0.2])  # carried over the other cube (the held one follows the tip)
+    for _ in range(30):
+        step_physics(s, act(dz=-1.0, grip=CLOSE))
+    assert s.body("b").pos[2] == pytest.approx(s.body("a").top) and s.held == "b"
+
+
 def test_releases_anywhere_leave_no_object_floating_across_a_wall_or_inside_another():
     rng = np.random.default_rng(0)
     for trial in range(300):
