@@ -71,6 +71,16 @@ def smooth_batch(model, n=2, seed=0):
     return model.processor(instructions, images, rng.normal(size=(n, 8)), actions)
 
 
+def test_prompt_is_the_published_chat_template():
+    from prismatic.models.processing import build_prompt
+
+    # docs/DESIGN.md §1's template; the instruction lower-cased (as OpenVLA's scripts pass it), its full stop dropped
+    assert build_prompt("  Put the Bowl on the plate. ") == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWhat action should the robot take to put the bowl on the plate?<|im_end|>\n"
+        "<|im_start|>assistant\n")
+
+
 def test_the_vision_gate_scales_the_vision_logits():
     torch.manual_seed(0)
     block = ExpertBlock(8, 2, self_attn=False)
