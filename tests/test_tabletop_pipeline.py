@@ -337,7 +337,7 @@ DATA = {"data_root": "runs/x/tabletop4", "fingerprint": "fp"}
 
 
 def test_rollouts_of_other_scenes_or_demos_are_new_results(monkeypatch, tmp_path):
-    import experiments.robot.tabletop as tabletop
+    import experiments.robot.tabletop.suites as suites
     from experiments.robot.tabletop_pipeline.evaluation import results_complete
     from experiments.robot.tabletop_pipeline.pipeline import eval_jobs
 
@@ -353,7 +353,7 @@ def test_rollouts_of_other_scenes_or_demos_are_new_results(monkeypatch, tmp_path
     assert ids(c=PipelineConfig(suites=["goal", "long"], trials_per_task=2, task_ids=[3])) == before  # same episodes
     blind = ids({**DATA, "fingerprint": "other demos"})  # blind replay makes the dataset's demos again
     assert blind["blind-replay"] != before["blind-replay"] and blind["mergevla-experts"] == before["mergevla-experts"]
-    real = tabletop.init_state
+    real = suites.init_state
 
     def moved(suite, task_id, index):  # one initial scene of one task laid out otherwise
         state = real(suite, task_id, index)
@@ -361,9 +361,9 @@ def test_rollouts_of_other_scenes_or_demos_are_new_results(monkeypatch, tmp_path
             state.gripper_pos = state.gripper_pos + 0.01
         return state
 
-    monkeypatch.setattr(tabletop, "init_state", moved)
+    monkeypatch.setattr(suites, "init_state", moved)
     assert all(a != b for a, b in zip(ids().values(), before.values()))
-    monkeypatch.setattr(tabletop, "init_state", real)
+    monkeypatch.setattr(suites, "init_state", real)
     monkeypatch.setattr("experiments.robot.tabletop.demos.TABLETOP_VERSION", 99)
     assert all(a != b for a, b in zip(ids().values(), before.values()))
 

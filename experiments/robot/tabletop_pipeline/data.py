@@ -24,24 +24,40 @@ from prismatic.io import atomic_dir
 JOINT_SUITE = "joint"
 
 
+NOT_CONTENT = ("out_dir", "workers", "overwrite")  # settings a dataset's content does not depend on
+_ABSENT = object()  # a setting one side does not record (a dataset from another version of the generator)
+
+
 def generation_spec(gen: GenerateConfig) -> dict:
     """What a dataset's content depends on (not where it is, how many processes made it, or overwrite)."""
     d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(gen).items()}
-    for k in ("out_dir", "workers", "overwrite"):
+    for k in NOT_CONTENT:
         d.pop(k)
     return d
 
 
+def _read_manifest(data_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(data_dir) / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _differences(manifest: dict, gen: GenerateConfig) -> list[str]:
+    """The simulator versions and generation settings a manifest records otherwise than `gen` would."""
+    recorded = {k: v for k, v in (manifest.get("config") or {}).items() if k not in NOT_CONTENT}
+    rules = {"tabletop_version": TABLETOP_VERSION, "physics_version": PHYSICS_VERSION}
+    spec = generation_spec(gen)
+    return [f"{k} {manifest.get(k)!r} (this run {v!r})" for k, v in rules.items() if manifest.get(k) != v] + [
+        f"{k} {recorded.get(k)!r} (this run {spec.get(k)!r})" for k in sorted(set(spec) | set(recorded))
+        if recorded.get(k, _ABSENT) != spec.get(k, _ABSENT)]
+
+
 def matches(data_dir: Path, gen: GenerateConfig) -> bool:
     """Does `data_dir` hold a complete dataset generated with these settings, by this simulator's rules?"""
-    try:
-        manifest = json.loads((Path(data_dir) / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    recorded = {k: v for k, v in manifest.get("config", {}).items() if k not in ("out_dir", "workers", "overwrite")}
-    same_rules = (manifest.get("tabletop_version"), manifest.get("physics_version")) == (TABLETOP_VERSION,
-                                                                                          PHYSICS_VERSION)
-    return same_rules and recorded == generation_spec(gen) and all((Path(data_dir) / f).is_file() for f in manifest.get("files", {}))
+    manifest = _read_manifest(data_dir)
+    return (manifest is not None and not _differences(manifest, gen)
+            and all((Path(data_dir) / f).is_file() for f in manifest.get("files", {})))
 
 
 class DataDirError(ValueError):
@@ -57,15 +73,11 @@ def _generated_here(out: Path) -> bool:
 
 def _what_is_there(out: Path, gen: GenerateConfig) -> str:
     """What a directory `ensure_dataset` may not replace holds, against what this run would generate."""
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    manifest = _read_manifest(out)
+    if manifest is None:
         return ("an unfinished TableTop-4 dataset (no manifest: its generation was interrupted, or another run is "
                 "writing it)" if _generated_here(out) else "other files")
-    recorded, want = manifest.get("config") or {}, generation_spec(gen)
-    rules = {"tabletop_version": TABLETOP_VERSION, "physics_version": PHYSICS_VERSION}
-    diff = [f"{k} {manifest.get(k)!r} (this run {v!r})" for k, v in rules.items() if manifest.get(k) != v]
-    diff += [f"{k} {recorded.get(k)!r} (this run {v!r})" for k, v in want.items() if recorded.get(k) != v]
+    diff = _differences(manifest, gen)
     return (f"a TableTop-4 dataset generated with other settings: {', '.join(diff)}" if diff else
             "a TableTop-4 dataset with files missing")
 

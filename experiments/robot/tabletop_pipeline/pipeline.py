@@ -315,12 +315,12 @@ def scenes_fingerprint(suites) -> str:
     """What the evaluation episodes of `suites` are: each task's instruction, step limit and every fixed initial
     scene, under the simulator's versions. Rollouts recorded for other scenes are not reused, while another
     trials_per_task or task_ids still reuses the episodes both runs plan."""
-    from experiments.robot.tabletop import NUM_INIT_STATES, SUITE_MAX_STEPS, get_suite, init_state
+    from experiments.robot.tabletop import SUITE_MAX_STEPS, get_init_states, get_suite
     from experiments.robot.tabletop.demos import TABLETOP_VERSION
     from experiments.robot.tabletop.physics import PHYSICS_VERSION
 
     return fingerprint([TABLETOP_VERSION, PHYSICS_VERSION, {
-        s: [SUITE_MAX_STEPS[s], [[t.instruction, [init_state(s, t.task_id, i).to_dict() for i in range(NUM_INIT_STATES)]]
+        s: [SUITE_MAX_STEPS[s], [[t.instruction, [x.to_dict() for x in get_init_states(s, t.task_id)]]
                                  for t in get_suite(s)]] for s in suites}])
 
 
