@@ -355,7 +355,8 @@ def eval_jobs(cfg: PipelineConfig, trained: dict, merged: dict, merge_job_list: 
 
 
 def stage_eval(cfg: PipelineConfig, root: Path, data: dict, trained: dict, merged: dict, log
-               ) -> tuple[dict, object, list]:
+               ) -> tuple[dict, set[str], list]:
+    """The rollouts of every row; returns the stage's result, the planned episodes' keys and the jobs."""
     from experiments.robot.tabletop_pipeline.evaluation import EvalSettings, plan, results_complete, run_evals
 
     d = root / "eval"
@@ -369,7 +370,7 @@ def stage_eval(cfg: PipelineConfig, root: Path, data: dict, trained: dict, merge
     res = _stage(cfg, root, "eval", spec, clear_stale=False).run(
         lambda _d: run_evals(jobs, settings, cfg.workers, log), log,
         still_valid=lambda outputs: results_complete(outputs, planned))
-    return res, settings, jobs
+    return res, planned, jobs
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -391,7 +392,6 @@ RUN_ENTRIES = ("data", "base", "train", "merge", "eval", "summary", "tabletop4",
 
 def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     """Run (or resume) every stage; write and return the report (see report.py)."""
-    from experiments.robot.tabletop_pipeline.evaluation import plan
     from experiments.robot.tabletop_pipeline.report import build_report, write_report
     from prismatic.io import claim_output_dir, written_as
 
@@ -410,11 +410,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     results["train"] = stage_train(cfg, root, results["data"].outputs, results["base"].outputs, log)
     data = results["data"].outputs
     results["merge"] = stage_merge(cfg, root, data, results["train"].outputs, log)
-    results["eval"], settings, jobs = stage_eval(cfg, root, data, results["train"].outputs, results["merge"].outputs,
-                                                 log)
+    results["eval"], keys, jobs = stage_eval(cfg, root, data, results["train"].outputs, results["merge"].outputs, log)
     t_report = time.perf_counter()
-    keys = {e.key for e in plan(settings.suites, settings.task_ids, settings.trials_per_task,
-                                settings.first_init_state)}
     timing = {
         "format": "mergevla-demo-timing",
         "started": started.isoformat(timespec="seconds"),
