@@ -244,6 +244,33 @@ def test_wandb_runs_offline_by_default(data_root, tmp_path, monkeypatch):
         train(tiny_config(data_root, tmp_path / "w2", wandb=True, wandb_mode="online"))
 
 
+def test_metrics_keep_the_history_of_a_longer_runs_checkpoints(data_root, tmp_path):
+    # constant lr: a shorter rerun trains 2 -> 3 and leaves step 4's checkpoint; its lines must stay, in order,
+    # so that a later run returning that checkpoint still has the loss history that led to it
+    from prismatic.training.metrics import read_metrics
+
+    run, path = tmp_path / "r", tmp_path / "r" / "metrics.jsonl"
+    train(tiny_config(data_root, run, max_steps=4, save_every=2, log_every=1))
+    first = {r["step"]: r["loss"] for r in read_metrics(path)}
+    train(tiny_config(data_root, run, max_steps=3, save_every=3, log_every=1, resume=True))
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]
+    final = train(tiny_config(data_root, run, max_steps=4, save_every=2, log_every=1, resume=True))
+    assert final.name == "step_000004"
+    assert {r["step"]: r["loss"] for r in read_metrics(path)} == first  # deterministic: step 3 trained alike
+
+
+def test_metrics_drop_the_lines_of_a_longer_run_that_left_no_checkpoint(tmp_path):
+    from prismatic.training.metrics import sort_metrics, truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(f'{{"step": {s}}}\n' for s in range(1, 8)))
+    truncate_metrics(path, after_step=2, also_keep=range(5, 7))  # resumed at 2; a checkpoint at 6 stays
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 5}\n{"step": 6}\n'
+    path.write_text(path.read_text() + '{"step": 3}\n{"step": 4}\n')
+    sort_metrics(path)
+    assert [ln for ln in path.read_text().splitlines()] == [f'{{"step": {s}}}' for s in range(1, 7)]
+
+
 def test_metrics_readers_skip_a_line_torn_by_a_kill(tmp_path):
     from prismatic.training.metrics import read_metrics, truncate_metrics
 
@@ -282,3 +309,19 @@ def test_max_grad_norm_clips_the_gradient_every_trainable_part_sees(data_root, t
     assert max(free.values()) == pytest.approx(2e-4, rel=0.01)
     assert max(clipped.values()) <= 2e-4 * 1e-4
     assert max(clipped.values()) > 0  # the step was taken, only scaled down
+
+
+def test_the_pipelines_job_summary_gives_the_loss_at_its_own_last_step(data_root, tmp_path):
+    # constant lr: a shorter job reuses a longer run's directory, whose metrics go on past the job's checkpoint
+    from experiments.robot.tabletop_pipeline.pipeline import DEFAULT_BASE_DIR
+    from experiments.robot.tabletop_pipeline.training import TrainJob, TrainSettings, run_job
+    from prismatic.training.metrics import read_metrics
+
+    s = TrainSettings(data_root=str(data_root), base_dir=str(DEFAULT_BASE_DIR), seed=0, batch_size=2, lr=1e-3,
+                      lr_schedule="constant", warmup_steps=0, min_lr_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0,
+                      image_aug=False, log_every=1)
+    run_job(TrainJob("a", "cross_attn", SUITE, 4, str(tmp_path / "r")), s)
+    short = run_job(TrainJob("a", "cross_attn", SUITE, 3, str(tmp_path / "r")), s)
+    losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl")}
+    assert sorted(losses) == [1, 2, 3, 4] and short["final_loss"] == losses[3] != losses[4]
+    assert short["checkpoint"].endswith("step_000003")

@@ -26,13 +26,22 @@ def read_metrics(path: Path) -> list[dict]:
     return [r for line in path.read_text().splitlines() if (r := _row(line)) is not None]
 
 
-def truncate_metrics(path: Path, after_step: int) -> None:
-    """On resume, drop lines logged after the checkpoint (those steps are trained again)."""
+def truncate_metrics(path: Path, after_step: int, also_keep: range = range(0)) -> None:
+    """On resume, drop lines logged after the checkpoint (those steps are trained again), except the steps in
+    `also_keep`: the history of a longer run's checkpoints that stay in the directory."""
     if not path.is_file():
         return
-    kept = [ln for ln in path.read_text().splitlines()
-            if (r := _row(ln)) is not None and isinstance(r.get("step"), int) and r["step"] <= after_step]
+    kept = [ln for ln in path.read_text().splitlines() if (r := _row(ln)) is not None
+            and isinstance(r.get("step"), int) and (r["step"] <= after_step or r["step"] in also_keep)]
     write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def sort_metrics(path: Path) -> None:
+    """Order the lines by step, as a resume that kept a longer run's later lines leaves them before its own."""
+    rows = [(r["step"], ln) for ln in path.read_text().splitlines() if (r := _row(ln)) is not None] \
+        if path.is_file() else []
+    if any(a[0] > b[0] for a, b in zip(rows, rows[1:])):
+        write_text(path, "".join(ln + "\n" for _, ln in sorted(rows, key=lambda r: r[0])))
 
 
 def _has_wandb_credentials() -> bool:

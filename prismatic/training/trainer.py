@@ -29,7 +29,7 @@ from prismatic.models.pretrained import CHECKPOINT_KIND
 from prismatic.training import run_dir as rd
 from prismatic.training.config import ConfigError, FinetuneConfig
 from prismatic.training.distributed import DistEnv, setup, teardown
-from prismatic.training.metrics import MetricsLogger, check_wandb, truncate_metrics
+from prismatic.training.metrics import MetricsLogger, check_wandb, sort_metrics, truncate_metrics
 from prismatic.training.sampler import ResumableBatchSampler
 from prismatic.training.schedule import lr_at
 from prismatic.vla.augmentation import augment_images
@@ -182,7 +182,9 @@ def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -
     run_id = (recorded or {}).get("run_id") or hashlib.sha256(f"{run.resolve()}|{cfg.seed}".encode()).hexdigest()[:16]
     if env.is_main:
         rd.write_run_file(cfg, run_id, ds.fingerprint, ds.info)
-        truncate_metrics(run / rd.METRICS_FILE, step)
+        # a longer run's checkpoints past max_steps (constant lr) stay, and so do the lines that led to them
+        later = [s for s, _ in rd.complete_checkpoints(run) if s > cfg.max_steps]
+        truncate_metrics(run / rd.METRICS_FILE, step, range(cfg.max_steps + 1, later[-1] + 1 if later else 0))
     env.barrier()
 
     model.to(env.device).train()
@@ -264,6 +266,8 @@ def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -
         stream.close()
         bar.close()
         logger.close()
+    if env.is_main:
+        sort_metrics(run / rd.METRICS_FILE)
     if not env.all_equal(checksum(model)):
         raise RuntimeError("processes ended with different weights: distributed training went out of sync")
     return rd.step_dir(run, cfg.max_steps)

@@ -86,7 +86,7 @@ def run_job(job: TrainJob, s: TrainSettings) -> dict:
         final = train(cfg)
     wall = time.perf_counter() - t0
     metrics = read_metrics(cfg.run_dir() / METRICS_FILE)
-    last = metrics[-1] if metrics else {}
+    last = next((m for m in reversed(metrics) if m.get("step") == job.steps), {})  # not a longer run's
     manifest = json.loads((final / "manifest.json").read_text())
     rates = [m["steps_per_s"] for m in metrics if "steps_per_s" in m]
     return {"name": job.name, "checkpoint": str(final), "weights_sha256": manifest["weights_sha256"],
