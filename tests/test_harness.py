@@ -561,3 +561,138 @@ def test_mp4_of_odd_sized_frames_is_padded_and_a_failed_write_leaves_nothing(tmp
         write_mp4(bad, [np.zeros((9, 7), np.uint8)], fps=5)  # grey frames: not (H, W, 3)
     gc.collect()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.mp4"]
+
+
+def test_suites_are_columns_in_the_papers_order_whatever_order_the_rows_come_in():
+    # rows of Long, then Goal, then Spatial: the table still reads Spatial, Goal, Long (a suite it does not know last)
+    rows = [{"key": f"{s}/0/0", "method": "TA", "suite": s, "success": True}
+            for s in ("libero_10", "custom", "libero_goal", "libero_spatial")]
+    table = success_table(rows)
+    assert table.columns == ["libero_spatial", "libero_goal", "libero_10", "custom"]
+    assert table.to_csv().splitlines()[0] == "method,Spatial,Goal,Long,custom,avg"
+
+
+def test_episodes_per_cell_counts_episodes_not_successes():
+    # FT experts: spatial 2 of 4 succeed, object 3 of 4; TIES: 1 of 4 and 4 of 4 - every cell ran 4 episodes
+    table = success_table(paper_rows())
+    assert table.episodes_markdown() == ("| method | Spatial | Object |\n|---|---:|---:|\n"
+                                         "| FT experts | 4 | 4 |\n| TIES | 4 | 4 |\n")
+    rows = paper_rows() + [{"key": "libero_goal/0/0", "method": "TIES", "suite": "libero_goal", "success": False}]
+    assert success_table(rows).episodes_markdown().splitlines()[2:] == ["| FT experts | 4 | 4 | 0 |",
+                                                                        "| TIES | 4 | 4 | 1 |"]
+
+
+def test_rows_from_before_task_ids_were_logged_give_no_task_tables():
+    # one old row without a task id among new ones: no per-task figures (they would miss that episode), no crash
+    rows = [{"key": f"libero_goal/0/{k}", "method": "TA", "suite": "libero_goal", "task_id": 0, "success": True}
+            for k in range(2)]
+    rows.append({"key": "libero_goal/1/0", "method": "TA", "suite": "libero_goal", "success": False})
+    from experiments.robot.harness.summary import task_csv, task_tables
+
+    assert task_tables(rows) == {} and task_csv(rows) == ""
+    assert "by task" not in summary_markdown(rows)
+
+
+def test_a_suite_of_exactly_max_task_columns_tasks_still_gets_its_table():
+    from experiments.robot.harness.summary import MAX_TASK_COLUMNS
+
+    rows = [{"key": f"libero_goal/{t}/0", "method": "TIES", "suite": "libero_goal", "task_id": t, "success": True}
+            for t in range(MAX_TASK_COLUMNS)]
+    md = summary_markdown(rows)
+    assert "tasks: see results_by_task.csv" not in md
+    assert "| method | " + " | ".join(map(str, range(MAX_TASK_COLUMNS))) + " | avg |" in md
+
+
+def test_task_names_are_those_of_each_suites_own_tasks(tmp_path):
+    # task 0 of Goal and task 0 of Long are different tasks: each suite's table and CSV lines name its own
+    rows = [{"key": f"{s}/0/0", "method": "TA", "suite": s, "task_id": 0, "task": name, "success": True}
+            for s, name in (("libero_goal", "open the drawer"), ("libero_10", "put both pots on the stove"))]
+    paths = write_summary(rows, tmp_path / "sum", plots=False)
+    md = paths["markdown"].read_text()
+    goal, long = md.split("## Goal")[1].split("## Long")
+    assert "- task 0: open the drawer\n" in goal and "pots" not in goal
+    assert "- task 0: put both pots on the stove\n" in long and "drawer" not in long
+    assert paths["csv_by_task"].read_text().splitlines()[1:] == [
+        "TA,libero_goal,0,open the drawer,1,1,100.0", "TA,libero_10,0,put both pots on the stove,1,1,100.0"]
+
+
+def test_perturbation_dimension_table_has_one_column_per_dimension():
+    rows = [{"key": f"libero_goal/{t}/0", "method": "TA", "suite": "libero_goal", "category": c, "success": s}
+            for t, (c, s) in enumerate([("camera", True), ("camera", False), ("light", True)])]
+    rows.append({"key": "libero_10/0/0", "method": "TA", "suite": "libero_10", "success": False})  # plain LIBERO
+    md = summary_markdown(rows)
+    assert ("## Success rate (%) by perturbation dimension (LIBERO-Plus)\n"
+            "| method | camera | light | avg |\n|---|---:|---:|---:|\n| TA | 50.0 | 100.0 | 75.0 |\n") in md
+
+
+def test_routing_counts_only_rows_that_know_their_expected_expert_and_either_routing_field():
+    rows = [dict(r) for r in paper_rows() if r["method"] == "TIES"]
+    rows.append({"key": "libero_goal/0/0", "method": "TIES", "suite": "libero_goal", "success": True,
+                 "routed_expert": "libero_goal"})  # no expected expert (e.g. a custom suite): not counted
+    rows.append({"key": "libero_goal/0/1", "method": "TIES", "suite": "libero_goal", "success": True,
+                 "expected_expert": "libero_object", "routed_expert": None, "routed_task": "libero_object"})
+    (conf,) = routing_confusions(rows)
+    assert conf.true_labels == ["libero_spatial", "libero_object"] and conf.counts == [[3, 1], [0, 5]]
+    assert "| TIES | 9 | 88.9 |" in summary_markdown(rows)
+
+
+def test_a_checkpoint_moved_to_another_path_is_one_checkpoint():
+    # the same weights (one sha256) evaluated from two paths are one run; another hash at one path is another
+    rows = [dict(r, checkpoint=f"/merged/{r['suite']}/ties", checkpoint_sha256="abc") for r in paper_rows()
+            if r["method"] == "TIES"]
+    assert mixed_runs(rows) == []
+    rows[0] = dict(rows[0], checkpoint_sha256="def")
+    assert mixed_runs(rows) == ["TIES: its episodes come from 2 checkpoints (abc, def)"]
+
+
+def test_plan_gives_each_task_its_own_category():
+    eps = plan_episodes("libero_goal", 3, 1, 9, task_ids=[2, 0], categories=["camera", "light", "noise"])
+    assert [(e.task_id, e.category) for e in eps] == [(2, "noise"), (0, "camera")]
+
+
+class _RecordingFactory(FakeEnvFactory):
+    def __call__(self, suite, task_id, init_state_id):
+        env = super().__call__(suite, task_id, init_state_id)
+        self.actions = []
+        step = env.step
+
+        def recording_step(a):
+            self.actions.append(np.asarray(a).tolist())
+            return step(a)
+
+        env.step = recording_step
+        return env
+
+
+def test_settling_sends_exactly_num_noop_steps_before_the_policys_actions(tmp_path):
+    # task 0 needs 3 pushes: 4 no-ops (protocol), then 3 of the policy's actions, nothing more
+    factory = _RecordingFactory()
+    run_episodes(factory, ScriptedPolicy(solves=(0,)), plan_episodes("s", 1, 1, 20), tmp_path / "r.jsonl",
+                 protocol=Protocol(num_noop_steps=4), **QUIET)
+    noop, push = [0.0] * 6 + [-1.0], [1.0] + [0.0] * 5 + [-1.0]
+    assert factory.actions == [noop] * 4 + [push] * 3
+
+
+def test_the_policy_is_told_when_each_episode_ends(tmp_path):
+    class Ending(ScriptedPolicy):
+        def start_episodes(self, first_obs, instructions, episode_ids):
+            self.live = getattr(self, "live", set()) | set(episode_ids)
+            return super().start_episodes(first_obs, instructions)
+
+        def end_episodes(self, episode_ids):
+            self.ended = getattr(self, "ended", []) + list(episode_ids)
+            self.live -= set(episode_ids)
+
+    pol = Ending(solves=(0, 2))
+    rows = run_episodes(FakeEnvFactory(), pol, plan_episodes("s", 3, 1, 20), tmp_path / "r.jsonl", num_envs=2, **QUIET)
+    assert sorted(pol.ended) == [0, 1, 2] and pol.live == set()  # each episode's state released once
+    assert [r["episode_id"] for r in rows] == [0, 1, 2]  # the id the policy saw: the episode's place in the plan
+
+
+def test_videos_are_recorded_for_every_pattern_given():
+    from experiments.robot.harness.video import wants_video
+
+    patterns = ["libero_goal/3/*", "libero_10/*/0"]
+    assert [wants_video(k, patterns) for k in ("libero_goal/3/7", "libero_10/5/0", "libero_10/5/1", "libero_goal/4/0")] \
+        == [True, True, False, False]
+    assert not wants_video("libero_goal/3/0", [])

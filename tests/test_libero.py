@@ -500,3 +500,141 @@ def test_center_crop_policy_transform_matches_the_crop_and_checks_its_area():
     assert CenterCrop(1.0)(ramp) is ramp  # models trained on full frames see them unchanged
     with pytest.raises(ValueError, match=r"crop area is 0.0, expected a fraction in \(0, 1\]"):
         CenterCrop(0.0)
+
+
+class _FakeSuite:
+    """A LIBERO task suite's interface, without the simulator: `init_counts[i]` fixed init states for task i."""
+
+    def __init__(self, init_counts):
+        self.init_counts = init_counts
+        self.n_tasks = len(init_counts)
+
+    def get_task(self, i):
+        return type("Task", (), {"name": f"task_{i}", "language": f"do task {i}"})()
+
+    def get_task_init_states(self, i):
+        return np.zeros((self.init_counts[i], 4))
+
+
+@pytest.mark.parametrize("suite, steps", [("libero_spatial", 220), ("libero_object", 280), ("libero_goal", 300),
+                                          ("libero_10", 520), ("libero_90", 400),
+                                          ("libero_object_with_mug", 280), ("libero_10_swap", 520)])
+def test_each_suite_and_its_variants_get_the_protocols_step_limit(monkeypatch, suite, steps):
+    # docs/DESIGN.md §5's per-suite limits; a LIBERO-Plus variant takes its base suite's
+    import experiments.robot.libero.env as env_mod
+
+    monkeypatch.setattr(env_mod, "_task_suite", lambda name: _FakeSuite([50, 50]))
+    monkeypatch.setattr(env_mod, "task_categories", lambda *a: None)
+    info = suite_info(suite)
+    assert (info.max_steps, info.task_names, info.instructions) == (steps, ["task_0", "task_1"],
+                                                                    ["do task 0", "do task 1"])
+    assert suite_info(suite, max_steps=9).max_steps == 9  # --max_steps overrides the suite's
+    with pytest.raises(ValueError, match="no step limit is known for suite 'libero_100'"):  # no variant of libero_10
+        suite_info("libero_100")
+
+
+def test_a_suites_trial_count_is_capped_by_its_task_with_fewest_init_states(monkeypatch):
+    import experiments.robot.libero.env as env_mod
+
+    monkeypatch.setattr(env_mod, "_task_suite", lambda name: _FakeSuite([50, 12, 40]))
+    monkeypatch.setattr(env_mod, "task_categories", lambda *a: None)
+    assert suite_info("libero_goal").init_states == 12
+
+
+def test_policy_gets_third_person_camera_first_then_wrist():
+    agent, wrist = np.full((4, 4, 3), 10, np.uint8), np.full((4, 4, 3), 200, np.uint8)
+    obs = {"agentview_image": agent, "robot0_eye_in_hand_image": wrist, "robot0_eef_pos": np.zeros(3),
+           "robot0_eef_quat": np.array([0.0, 0.0, 0.0, 1.0]), "robot0_gripper_qpos": np.zeros(2)}
+    model = StubModel()
+    VLAPolicy(model, LiberoImageTransform(size=4, jpeg=False, center_crop=False)).act([obs], ["x"], [0])
+    assert model.seen["images"][0, 0].max() == 10 and model.seen["images"][0, 1].min() == 200
+
+
+def test_run_names_are_file_name_safe():
+    from experiments.robot.libero.run_libero_eval import slug
+
+    assert slug("TA (no masks)--merged ties") == "TA-no-masks---merged-ties"  # each run of others: one "-"
+    assert slug("(exemplar router)") == "exemplar-router" and slug("/ /") == "run"
+
+
+def test_every_protocol_knob_is_part_of_the_runs_identity():
+    # a resumed run is refused when any of these differ, so each must change the recorded protocol
+    from experiments.robot.libero.run_libero_eval import protocol_info
+
+    base = GenerateConfig()
+    ref = protocol_info(base, 0.9)
+    assert ref["center_crop"] is True and ref["crop_area"] == 0.9 and protocol_info(base, 1.0)["center_crop"] is False
+    changes = {"max_steps": 16, "num_steps_wait": 3, "num_open_loop_steps": 4, "env_img_res": 128, "resize_size": 64,
+               "jpeg_resize": False, "env_seed": 1, "fast_render": True}
+    for k, v in changes.items():
+        assert protocol_info(dataclasses.replace(base, **{k: v}), 0.9) == {**ref, k: v}, k
+
+
+def test_an_artifact_without_a_recorded_router_routes_by_value():
+    from experiments.robot.libero.policies import default_method, default_router
+
+    old = {"format": "mergevla-merged", "algorithm": "ties"}  # written before the router's default was recorded
+    assert default_router(old) == "value"
+    assert default_method(old, "value") == "TIES" and default_method(old, "key") == "TIES (key router)"
+    assert default_router({"format": "mergevla-checkpoint"}) is None
+
+
+def test_video_frames_are_the_third_person_camera_the_right_way_up():
+    from experiments.robot.libero.preprocess import upright_agentview
+
+    agent = np.zeros((2, 3, 3), np.uint8)
+    agent[0, 0] = 255  # top-left as LIBERO renders it (upside down) → bottom-right upright
+    frame = upright_agentview({"agentview_image": agent, "robot0_eye_in_hand_image": np.ones((2, 3, 3), np.uint8)})
+    assert frame.shape == (2, 3, 3) and frame[1, 2].tolist() == [255] * 3 and frame.sum() == 3 * 255
+
+
+class _FakeOffScreenEnv:
+    """LIBERO's OffScreenRenderEnv as the factory uses it; records what it is asked."""
+
+    built = []
+
+    def __init__(self, bddl_file_name, camera_heights, camera_widths):
+        self.bddl, self.calls, self.closed = bddl_file_name, [], False
+        _FakeOffScreenEnv.built.append(self)
+
+    def seed(self, s):
+        self.calls.append(("seed", s))
+
+    def reset(self):
+        self.calls.append(("reset",))
+
+    def set_init_state(self, state):
+        self.calls.append(("init", state.tolist()))
+        return {"state": state}
+
+    def close(self):
+        self.closed = True
+
+
+def test_env_factory_builds_one_simulator_per_task_and_seeds_every_episode(monkeypatch):
+    import experiments.robot.libero.env as env_mod
+
+    class Suite(_FakeSuite):
+        def get_task(self, i):
+            return type("Task", (), {"name": f"task_{i}", "language": f"do task {i}", "problem_folder": "p",
+                                     "bddl_file": f"t{i}.bddl"})()
+
+        def get_task_init_states(self, i):
+            return np.arange(3)[:, None] + 10 * i  # task i, state k: [10 i + k]
+
+    _FakeOffScreenEnv.built = []
+    monkeypatch.setattr(env_mod, "import_libero", lambda *a: (None, lambda name: "/bddl", _FakeOffScreenEnv))
+    monkeypatch.setattr(env_mod, "_task_suite", lambda name: Suite([3, 3]))
+    factory = LiberoEnvFactory(env_seed=5)
+    a = factory("libero_goal", 0, 2)
+    assert a.instruction == "do task 0" and a.reset() == {"state": np.array([2])}
+    b = factory("libero_goal", 0, 1)  # the same task: its simulator is kept
+    assert b.reset()["state"].tolist() == [1] and len(_FakeOffScreenEnv.built) == 1
+    first = _FakeOffScreenEnv.built[0]
+    assert first.bddl == "/bddl/p/t0.bddl" and first.calls == [("seed", 5), ("reset",), ("init", [2]),
+                                                               ("seed", 5), ("reset",), ("init", [1])]
+    c = factory("libero_goal", 1, 0)  # another task: another simulator, and the old one is closed
+    assert c.instruction == "do task 1" and c.reset()["state"].tolist() == [10]
+    assert len(_FakeOffScreenEnv.built) == 2 and first.closed and _FakeOffScreenEnv.built[1].bddl == "/bddl/p/t1.bddl"
+    factory.close()
+    assert _FakeOffScreenEnv.built[1].closed

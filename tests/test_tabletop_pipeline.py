@@ -510,3 +510,70 @@ def test_exemplar_settings_and_exemplars_are_part_of_the_merges_and_rows_identit
 
     a, b = ids("e1"), ids("e2")  # recomputed exemplars: every routed row is rolled out again
     assert all(a[n] != b[n] for n in routed) and a["mergevla-experts"] == b["mergevla-experts"]
+
+
+def test_demo_time_in_quick_mode_judges_only_the_five_minutes(tmp_path, capsys):
+    from dataclasses import asdict
+
+    from benchmarks.demo_time import DemoTimeConfig, main
+    from experiments.robot.tabletop_pipeline.stages import jsonable
+
+    config = jsonable(asdict(DemoConfig(quick=True, out_dir=tmp_path).pipeline_config()))
+    config["plots"] = not config["plots"]  # drawing plots or not is no other demo
+    stages = {"train": {"wall_s": 250.0, "cached": False, "fresh": True},
+              "eval": {"wall_s": 50.0, "cached": False, "fresh": True}}
+    timing = {"stages": stages, "machine_start": {"cpus": 2, "torch": "x", "loadavg_1m": 0.5}, "config": config,
+              "ft_success": {"goal": 0.25, "spatial": 0.5, "object": 0.0, "long": 1.0}}  # quick: success not judged
+    (tmp_path / "timing.json").write_text(json.dumps(timing))
+    assert main(DemoTimeConfig(quick=True, run=False, out_dir=tmp_path)) == 0  # 300 s: exactly the target
+    out = capsys.readouterr().out
+    assert "wall time (cold) 300 s = 5.0 min; target ≤ 5 min: met" in out
+    assert "FT expert goal     25.0%\n" in out and "MISSED" not in out
+    stages["eval"]["wall_s"] = 51.0
+    (tmp_path / "timing.json").write_text(json.dumps(timing))
+    assert main(DemoTimeConfig(quick=True, run=False, out_dir=tmp_path)) == 1
+    assert "wall time (cold) 301 s = 5.0 min; target ≤ 5 min: MISSED" in capsys.readouterr().out
+
+
+def test_report_tables_of_routing_and_wall_time():
+    from experiments.robot.tabletop_pipeline.report import routing_tables, timing_table
+
+    eval_out = {
+        "FT experts": {"label": "FT experts"},  # not routed: no row
+        "TA": {"label": "TA + router", "first_obs_routing": {"value": {"all": 0.75}, "key": {"all": 0.5}},
+               "rollout_routing": {"goal": 1.0, "long": 0.5, "all": 0.75}},
+        "TIES": {"label": "TIES + router", "first_obs_routing": {"value": {"all": 0.25}},
+                 "rollout_routing": {"goal": 0.0, "all": 0.0}},
+    }
+    per_suite, ablation = routing_tables(eval_out, ["goal", "long"])
+    assert per_suite == ("| method | goal | long | all |\n|---|---:|---:|---:|\n"
+                         "| TA + router | 100.0 | 50.0 | 75.0 |\n| TIES + router | 0.0 | – | 0.0 |\n")
+    assert ablation == ("| method | value-only | key-only |\n|---|---:|---:|\n"
+                        "| TA + router | 75.0 | 50.0 |\n| TIES + router | 25.0 | – |\n")
+    assert routing_tables({"FT experts": {"label": "FT experts"}}, ["goal"]) == ("", "")
+    timing = {"stages": {"data": {"wall_s": 12.34, "cached": True}, "train": {"wall_s": 900, "cached": False}}}
+    assert timing_table(timing) == ("| stage | wall (s) | cached |\n|---|---:|---|\n"
+                                    "| data | 12.3 | yes |\n| train | 900.0 | no |\n")
+
+
+def test_the_report_counts_only_this_runs_planned_episodes_in_the_rows_order(tmp_path):
+    from types import SimpleNamespace
+
+    from experiments.robot.tabletop_pipeline.report import build_report
+
+    def job(label, outcomes):
+        f = tmp_path / f"{label}.jsonl"
+        f.write_text("".join(json.dumps({"key": k, "method": label, "suite": "goal", "success": s}) + "\n"
+                             for k, s in outcomes))
+        return {"label": label, "files": [str(f)]}
+
+    # goal/1/0 was rolled out by an earlier, larger plan: this run's table must not count it
+    outputs = {"ta": job("TA + router", [("goal/0/0", True), ("goal/0/1", True), ("goal/1/0", False)]),
+               "ties": job("TIES + router", [("goal/0/0", True), ("goal/0/1", False)])}
+    results = {"eval": SimpleNamespace(outputs=outputs),
+               **{k: SimpleNamespace(outputs={}) for k in ("train", "merge", "base", "data")}}
+    report = build_report(SimpleNamespace(suites=["goal"]), results, {"goal/0/0", "goal/0/1"}, {},
+                          ["TIES + router", "TA + router"])
+    assert report["table_markdown"] == ("| method | Goal | avg |\n|---|---:|---:|\n"
+                                        "| TIES + router | 50.0 | 50.0 |\n| TA + router | 100.0 | 100.0 |\n")
+    assert list(report["eval"]) == ["TIES + router", "TA + router"]
