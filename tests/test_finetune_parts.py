@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,75 @@ def test_training_frames_are_resized_with_the_evaluation_filter():
                              mode="bilinear", antialias=True)[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
     assert np.abs(bilinear.astype(int) - out[0, 1]).mean() > 1
     assert np.array_equal(fetch(Steps(), np.array([1]), 256)["images"], frames[[1]])  # the right size: untouched
+
+
+def test_sampler_refuses_an_empty_dataset():
+    with pytest.raises(ValueError, match="cannot sample from an empty dataset"):
+        ResumableBatchSampler(0, 2, seed=0)
+
+
+def test_lr_schedule_names_an_unknown_schedule_and_stays_at_the_floor_past_max_steps():
+    with pytest.raises(ValueError, match=r"lr_schedule is 'exp', expected one of \('constant', 'cosine', 'linear'\)"):
+        lr_at(3, 1.0, 10, "exp")
+    assert lr_at(15, 1.0, 10, "linear", min_lr_ratio=0.1) == pytest.approx(0.1)  # not below lr × min_lr_ratio
+    assert lr_at(15, 1.0, 10, "cosine", min_lr_ratio=0.1) == pytest.approx(0.1)  # not back up
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    ({"keep_train_states": 0}, "keep_train_states is 0, expected a positive integer"),
+    ({"num_workers": -1}, "num_workers is -1, expected >= 0"),
+    ({"lr": 0.0}, "need lr > 0"),
+    ({"min_lr_ratio": 1.5}, r"min_lr_ratio in \[0, 1\]"),
+    ({"min_lr_ratio": -0.1}, r"min_lr_ratio in \[0, 1\]"),
+    ({"lr_schedule": "cosine", "warmup_steps": 10, "max_steps": 10}, r"warmup_steps \(10\) must be below max_steps \(10\)"),
+])
+def test_config_validation_refuses_values_training_cannot_use(overrides, msg):
+    cfg = FinetuneConfig(**overrides)
+    with pytest.raises(ConfigError, match=msg):
+        cfg.validate()
+
+
+
+@pytest.mark.parametrize("field, value, choices", [
+    ("lr_schedule", "exponential", "['constant', 'cosine', 'linear']"),
+    ("action_loss", "huber", "['l1', 'mse']"),
+    ("expert_arch", "lstm", "['cross_attn', 'self_attn']"),
+    ("dataset_format", "zarr", "['hdf5', 'rlds']"),
+    ("device", "tpu", "['auto', 'cpu', 'cuda']"),
+    ("attn_implementation", "xformers", "['auto', 'sdpa', 'eager', 'flash_attention_2']"),
+    ("wandb_mode", "disabled", "['offline', 'online']"),
+])
+def test_a_config_built_in_python_is_held_to_the_clis_choices(tmp_path, field, value, choices):
+    # draccus refuses these on the command line; from Python they must fail before run.json is written
+    from data_fixtures import tiny_config
+
+    from prismatic.training import train
+
+    with pytest.raises(ConfigError, match=f"^{field} is '{value}', expected one of {re.escape(choices)}$"):
+        train(tiny_config(tmp_path / "no-data", tmp_path / "run", **{field: value}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_configs_action_losses_are_the_models():
+    import typing
+
+    from prismatic.models.modeling import ACTION_LOSSES
+    from prismatic.training.config import ActionLoss
+
+    assert set(typing.get_args(ActionLoss)) == set(ACTION_LOSSES)
+
+def test_config_validation_accepts_the_edges():
+    FinetuneConfig(min_lr_ratio=0.0).validate()
+    FinetuneConfig(min_lr_ratio=1.0, lr_schedule="linear").validate()
+    FinetuneConfig(warmup_steps=10, max_steps=10).validate()  # constant: the warm-up may outlast the run
+    FinetuneConfig(lr_schedule="cosine", warmup_steps=9, max_steps=10).validate()
+
+
+def test_default_run_dir_names_suite_config_architecture_and_seed():
+    """As the bash script names runs: a second seed or the self-attention baseline gets its own directory."""
+    from pathlib import Path
+
+    cfg = FinetuneConfig(suite="libero_goal", config_name="tiny", expert_arch="self_attn", seed=3)
+    assert cfg.run_dir() == Path("runs") / "libero_goal-tiny-self_attn-seed3"
+    assert FinetuneConfig().run_dir() == Path("runs") / "libero_spatial-qwen25-dinosiglip-224px-cross_attn-seed7"
+    assert FinetuneConfig(out_dir=Path("elsewhere")).run_dir() == Path("elsewhere")

@@ -325,3 +325,149 @@ def test_the_pipelines_job_summary_gives_the_loss_at_its_own_last_step(data_root
     losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl")}
     assert sorted(losses) == [1, 2, 3, 4] and short["final_loss"] == losses[3] != losses[4]
     assert short["checkpoint"].endswith("step_000003")
+
+
+# ------------------------------------------------------------------------------------------- loop details
+
+
+def test_resuming_a_finished_run_trains_nothing_and_touches_nothing(data_root, tmp_path):
+    final = train(tiny_config(data_root, tmp_path / "r", max_steps=2, save_every=2))
+    before = _tree(tmp_path / "r")
+    trained = []
+    again = train(tiny_config(data_root, tmp_path / "r", max_steps=2, save_every=2, resume=True),
+                  on_step=lambda step, rec: trained.append(step))
+    assert again == final and trained == [] and _tree(tmp_path / "r") == before
+
+
+def test_the_last_step_is_logged_and_saved_off_the_intervals_and_threads_are_restored(data_root, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        final = train(tiny_config(data_root, tmp_path / "r", max_steps=3, save_every=2, log_every=2, cpu_threads=1))
+        assert torch.get_num_threads() == 2  # cpu_threads applies while training only
+    finally:
+        torch.set_num_threads(threads)
+    assert final == tmp_path / "r" / "checkpoints" / "step_000003"
+    assert load_checkpoint(final, "mergevla-checkpoint")[1]["step"] == 3
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+    assert [r["step"] for r in _metrics(tmp_path / "r")] == [2, 3]
+
+
+def test_the_logged_loss_is_the_mean_over_micro_steps(data_root, tmp_path, monkeypatch):
+    """Without expert noise or augmentation, 2 micro-batches of 2 see what one batch of 4 sees."""
+    import prismatic.training.trainer as trainer
+    from prismatic.models import get_config
+
+    monkeypatch.setattr(trainer, "get_config", lambda name, **kw: get_config(name, expert_noise_std=0.0, **kw))
+    losses = {}
+    for bs, accum in [(4, 1), (2, 2)]:
+        train(tiny_config(data_root, tmp_path / f"b{bs}", max_steps=1, batch_size=bs, grad_accumulation_steps=accum,
+                          image_aug=False), on_step=lambda step, rec, bs=bs: losses.setdefault(bs, rec["loss"]))
+    assert losses[2] == pytest.approx(losses[4], rel=1e-5)
+    assert _metrics(tmp_path / "b2")[0]["loss"] == pytest.approx(losses[4], rel=1e-5)
+
+
+def test_the_optimizer_takes_the_scheduled_learning_rate(data_root, tmp_path):
+    """AdamW's first step moves the weights by about lr: here warm-up step 0's lr / 4, not the peak lr."""
+    from prismatic.models import build_vla
+
+    cfg = tiny_config(data_root, tmp_path / "r", max_steps=1, save_every=1, weight_decay=0.0, lr=2e-4,
+                      warmup_steps=4)
+    final = train(cfg)
+    tensors, _ = load_checkpoint(final, "mergevla-checkpoint")
+    init = build_vla(cfg.config_name, cfg.base_model(), seed=cfg.seed).trainable_state_dict()
+    assert max((tensors[k] - init[k]).abs().max().item() for k in init) == pytest.approx(5e-5, rel=0.01)
+    state = torch.load(final / TRAIN_STATE_FILE, weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-5)
+
+
+def test_resume_continues_from_the_newest_kept_state(data_root, tmp_path):
+    def crash_after_three(step, rec):
+        if step == 3:
+            raise Crash
+
+    kw = dict(max_steps=4, save_every=1, keep_train_states=2)
+    with pytest.raises(Crash):
+        train(tiny_config(data_root, tmp_path / "r", **kw), on_step=crash_after_three)
+    ckpts = tmp_path / "r" / "checkpoints"
+    assert [d.name for d in sorted(ckpts.iterdir()) if (d / TRAIN_STATE_FILE).exists()] == ["step_000002",
+                                                                                           "step_000003"]
+    trained = []
+    train(tiny_config(data_root, tmp_path / "r", resume=True, **kw), on_step=lambda step, rec: trained.append(step))
+    assert trained == [4]
+    assert [d.name for d in sorted(ckpts.iterdir()) if (d / TRAIN_STATE_FILE).exists()] == ["step_000003",
+                                                                                           "step_000004"]
+
+
+def test_each_micro_step_augments_with_its_own_seeded_generator(data_root, tmp_path, monkeypatch):
+    import prismatic.training.trainer as trainer
+
+    def spy(seen):
+        def augment(pixels, aug, generator):
+            seen.append(torch.rand(4, generator=generator).tolist())
+            return real(pixels, aug, generator)
+        return augment
+
+    real, runs = trainer.augment_images, []
+    for name in ("a", "b"):
+        seen = []
+        monkeypatch.setattr(trainer, "augment_images", spy(seen))
+        train(tiny_config(data_root, tmp_path / name, max_steps=2, grad_accumulation_steps=2))
+        runs.append(seen)
+    assert len(runs[0]) == 4 and len({tuple(s) for s in runs[0]}) == 4  # a different draw every micro-step
+    assert runs[0] == runs[1]  # and the same ones in a rerun
+    seen = []
+    monkeypatch.setattr(trainer, "augment_images", spy(seen))
+    train(tiny_config(data_root, tmp_path / "c", max_steps=1, image_aug=False))
+    assert seen == []
+
+
+def test_wandb_keeps_one_run_across_a_resume(data_root, tmp_path, monkeypatch):
+    inits, logged = [], []
+
+    class FakeRun:
+        def log(self, data, step):
+            logged.append((step, data))
+
+        def finish(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: inits.append(kw) or FakeRun()))
+    train(tiny_config(data_root, tmp_path / "w", wandb=True, max_steps=1, save_every=1))
+    train(tiny_config(data_root, tmp_path / "w", wandb=True, max_steps=2, save_every=1, resume=True))
+    run_id = json.loads((tmp_path / "w" / "run.json").read_text())["run_id"]
+    assert [(kw["id"], kw["resume"], kw["name"]) for kw in inits] == [(run_id, "allow", "w")] * 2
+    assert [step for step, _ in logged] == [1, 2] and all("step" not in data for _, data in logged)
+    assert logged[1][1]["loss"] == _metrics(tmp_path / "w")[1]["loss"]
+
+
+def test_a_checkpoint_missing_a_trainable_tensor_is_not_resumed(data_root, tmp_path):
+    from prismatic.checkpoint import CheckpointError, save_checkpoint
+
+    final = train(tiny_config(data_root, tmp_path / "r", max_steps=1, save_every=1))
+    tensors, manifest = load_checkpoint(final, "mergevla-checkpoint")
+    tensors.pop(sorted(tensors)[0])
+    save_checkpoint(final, tensors, manifest, "mergevla-checkpoint", overwrite=True)  # a consistent, smaller file
+    with pytest.raises(CheckpointError, match="does not hold this model's trainable tensors"):
+        train(tiny_config(data_root, tmp_path / "r", max_steps=2, save_every=1, resume=True))
+
+
+def test_a_checkpoint_being_rewritten_stops_counting_as_finished_first(data_root, tmp_path, monkeypatch):
+    """A run retraining a step whose old checkpoint lost its optimizer state: if writing the new weights fails,
+    the old weights must not pass as finished next to the new optimizer state."""
+    import prismatic.training.trainer as trainer
+    from prismatic.training.run_dir import resumable_checkpoints
+
+    train(tiny_config(data_root, tmp_path / "r", max_steps=4, save_every=2))  # step 2's state is pruned
+    trained = []
+
+    def disk_full(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="disk full"):  # nothing to continue below step 3: starts again at 0
+        train(tiny_config(data_root, tmp_path / "r", max_steps=3, save_every=2, resume=True),
+              on_step=lambda step, rec: trained.append(step))
+    assert trained == [1]  # step 2's save failed
+    assert not (tmp_path / "r" / "checkpoints" / "step_000002" / "manifest.json").exists()
+    assert resumable_checkpoints(tmp_path / "r", 3) == []

@@ -171,3 +171,67 @@ def test_an_output_dir_that_is_or_lies_under_a_file_is_named(tmp_path):
     with pytest.raises(NotADirectoryError, match=r"--out .*f/x cannot be created: .*f is a file"):
         check_output_dir(tmp_path / "f" / "x", "--out")
     assert not (tmp_path / "new").exists()
+
+
+def test_state_dict_hash_ignores_insertion_order_but_not_names_dtypes_or_shapes():
+    import torch
+
+    from prismatic.io import state_dict_sha256
+
+    a, b = torch.arange(6.0), torch.ones(2)
+    h = state_dict_sha256({"a": a, "b": b})
+    assert state_dict_sha256({"b": b, "a": a}) == h
+    assert state_dict_sha256({"a": a.reshape(2, 3), "b": b}) != h  # same bytes, another shape
+    assert state_dict_sha256({"a": a.view(torch.int32), "b": b}) != h  # same bytes, another dtype
+    assert state_dict_sha256({"c": a, "b": b}) != h
+
+
+def test_file_hash_reads_the_whole_file_in_chunks(tmp_path):
+    import hashlib
+
+    from prismatic.io import sha256_file
+
+    data = bytes(range(256)) * 3
+    (tmp_path / "f").write_bytes(data)
+    assert sha256_file(tmp_path / "f", chunk=100) == sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+def test_json_is_written_with_sorted_keys_and_non_json_is_named(tmp_path):
+    from prismatic.io import read_json_object
+
+    write_json(tmp_path / "r.json", {"b": 1, "a": {"d": 2, "c": 3}})  # identical runs write identical files
+    assert (tmp_path / "r.json").read_text() == json.dumps({"a": {"c": 3, "d": 2}, "b": 1}, indent=2) + "\n"
+    assert read_json_object(tmp_path / "r.json") == {"a": {"c": 3, "d": 2}, "b": 1}
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(KeyError, match=r"bin\.json is not valid JSON"):
+        read_json_object(tmp_path / "bin.json", KeyError)
+
+
+def test_written_as_accepts_the_names_and_their_temps_only():
+    from prismatic.io import written_as
+
+    ours = written_as(["table.md", "data"])
+    assert all(map(ours, ["table.md", "data", ".table.md.tmp-host-12-ab", ".data.partial-host-3-x"]))
+    assert not any(map(ours, ["notes.txt", ".table.mdx", "table.md.bak", ".database", "data2"]))
+
+
+def test_an_output_dir_deep_under_a_file_is_named(tmp_path):
+    from prismatic.io import check_output_dir
+
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(NotADirectoryError, match=r"--out .*f/x/y/z cannot be created: .*/f is a file"):
+        check_output_dir(tmp_path / "f" / "x" / "y" / "z", "--out")
+
+
+def test_a_manifest_of_another_format_version_or_a_bool_step_is_not_taken(tmp_path):
+    import torch
+
+    from prismatic.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, training_steps
+
+    d = save_checkpoint(tmp_path / "ck", {"w": torch.zeros(2)}, {"step": 1}, "kind")
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**m, "format_version": 2}))
+    with pytest.raises(CheckpointError, match="field 'format_version' is 2, expected 1"):
+        load_checkpoint(d, "kind")
+    assert training_steps({"step": True, "train_config": {"max_steps": 5}}) == (None, 5)
+    assert training_steps({"step": 3, "train_config": {"max_steps": 5.0}}) == (3, None)

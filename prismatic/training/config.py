@@ -7,6 +7,7 @@ Batch size is per process: the global batch is batch_size × processes × grad_a
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -16,7 +17,6 @@ import torch
 from prismatic.cli import check_finite
 from prismatic.models import BaseModelConfig
 from prismatic.models.configuration import CONFIGS, ExpertArch
-from prismatic.models.modeling import ACTION_LOSSES
 from prismatic.vla.augmentation import ImageAugConfig
 from prismatic.vla.datasets.dataset import DatasetFormat
 
@@ -109,8 +109,10 @@ class FinetuneConfig:
             raise ConfigError("attn_implementation flash_attention_2 needs a CUDA device")
         if self.warmup_steps >= self.max_steps and self.lr_schedule != "constant":
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
-        if self.action_loss not in ACTION_LOSSES:
-            raise ConfigError(f"action_loss is {self.action_loss!r}, expected one of {sorted(ACTION_LOSSES)}")
+        # the CLI enforces each field's choices; a config built in Python must fail here too, before run.json
+        for name, hint in typing.get_type_hints(FinetuneConfig).items():
+            if typing.get_origin(hint) is Literal and getattr(self, name) not in typing.get_args(hint):
+                raise ConfigError(f"{name} is {getattr(self, name)!r}, expected one of {list(typing.get_args(hint))}")
         try:
             self.aug.validate()
         except ValueError as e:
