@@ -3,6 +3,7 @@ directory's weights must be the ones its base.json hashes; unreadable weight fil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -15,7 +16,14 @@ from safetensors.torch import load_file, save_file
 
 from prismatic.models import BaseModelConfig, build_vla
 from prismatic.models.configuration import get_config
-from prismatic.models.loading import BaseModelError, load_base_dir, random_base, save_base_dir
+from prismatic.models.loading import (
+    BaseModelError,
+    base_config_from_ref,
+    load_base_dir,
+    random_base,
+    resolve_base,
+    save_base_dir,
+)
 from prismatic.models.modeling import Qwen2ForCausalLM, make_projector, qwen2_hf_config
 from prismatic.models.pretrained import from_pretrained, save_pretrained
 from prismatic.models.prismatic_weights import load_prismatic_checkpoint
@@ -159,3 +167,60 @@ def test_a_damaged_tokenizer_in_a_base_dir_is_named(tmp_path):
     with pytest.raises(BaseModelError, match=r"base/tokenizer\.json is not a tokenizer file the tokenizers library "
                                              r"can read \(EOF while parsing"):
         build_vla(CFG, BaseModelConfig(base_dir=tmp_path / "base"))
+
+
+# ----------------------------------------------------------------------------- settings no shape reveals
+
+
+def test_a_base_dir_for_another_llm_setting_is_refused(tmp_path):
+    """Settings that change no shape (here the LLM's rope_theta) must match too: the weights would load and run wrong."""
+    other = get_config("tiny", llm=dataclasses.replace(CFG.llm, rope_theta=5e5))
+    save_base_dir(tmp_path / "base", other, random_base(other, 0), build_tiny_tokenizer().to_str())
+    with pytest.raises(BaseModelError, match=r"base\.json: config field 'llm' is .*rope_theta=500000\.0.*, but the "
+                                             r"model config 'tiny' expects .*rope_theta=10000\.0"):
+        load_base_dir(tmp_path / "base", CFG)
+
+
+def test_a_files_base_reference_rebuilds_the_same_base(qwen_dir):
+    """from_pretrained rebuilds θ0 from the manifest's reference: every part of it (the seed too) must survive."""
+    d, _ = qwen_dir
+    _, ref, _ = resolve_base(CFG, BaseModelConfig(llm_path=d, random_seed=3))
+    again = base_config_from_ref(ref)
+    assert again == BaseModelConfig(llm_path=d.resolve(), random_seed=3)
+    assert resolve_base(CFG, again)[1]["sha256"] == ref["sha256"]
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                 "intermediate_size", "vocab_size"])
+def test_qwen_dir_of_another_shape_is_refused_by_name(qwen_dir, tmp_path, key):
+    """Each size field is checked before any weight is read (a shape error deep in load_state_dict names nothing)."""
+    d = tmp_path / "qwen"
+    shutil.copytree(qwen_dir[0], d)
+    hf = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**hf, key: hf[key] * 2}))
+    with pytest.raises(BaseModelError, match=rf"config\.json: {key} is {hf[key] * 2}, config 'tiny' expects {hf[key]}"):
+        resolve_base(CFG, BaseModelConfig(llm_path=d, random_seed=0))
+
+
+def test_llm_path_alone_asks_for_the_other_parts(qwen_dir):
+    with pytest.raises(BaseModelError, match="llm_path alone leaves the vision towers and projector unset: add "
+                                             "prismatic_checkpoint"):
+        resolve_base(CFG, BaseModelConfig(llm_path=qwen_dir[0]))
+
+
+def test_a_base_json_of_another_format_is_refused(tmp_path):
+    save_base_dir(tmp_path / "base", CFG, random_base(CFG, 0), build_tiny_tokenizer().to_str())
+    meta_file = tmp_path / "base" / "base.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "format": "mergevla-checkpoint"}))
+    with pytest.raises(BaseModelError, match=r"base\.json: field 'format' is 'mergevla-checkpoint', expected "
+                                             r"'mergevla-base'"):
+        load_base_dir(tmp_path / "base", CFG)
+
+
+def test_save_base_dir_never_overwrites_a_base(tmp_path):
+    save_base_dir(tmp_path / "base", CFG, random_base(CFG, 0), build_tiny_tokenizer().to_str())
+    before = (tmp_path / "base" / "base.json").read_text()
+    with pytest.raises(FileExistsError, match=r"base already holds base\.json, vlm\.safetensors, tokenizer\.json; "
+                                              r"refusing to overwrite it"):
+        save_base_dir(tmp_path / "base", CFG, random_base(CFG, 1), build_tiny_tokenizer().to_str())
+    assert (tmp_path / "base" / "base.json").read_text() == before

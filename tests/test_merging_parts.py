@@ -1,5 +1,8 @@
 """TALL masks and their packing, per-module rules, streaming safetensors I/O, the model layout."""
 
+import json
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -202,3 +205,50 @@ def test_layout_heads_and_initial_state(tiny_vla):
     # RETAIN's θ_pre for the from-scratch parts is exactly where build_vla(seed=0) starts them
     init = initial_scratch_state(cfg, 0)
     assert set(init) == set(lay.scratch) and all(torch.equal(init[n], trainable[n]) for n in init)
+
+
+# ------------------------------------------------------------------------------ tensor files: what is refused
+
+
+def test_stream_writer_aligns_the_data_and_keeps_empty_tensors_in_the_plan(tmp_path):
+    """Data starts 8-byte aligned whatever the header length; a zero-element tensor still takes its place."""
+    for name in ("a", "ab", "abc", "abcd", "abcde", "abcdef", "abcdefg", "abcdefgh"):  # header lengths mod 8 all differ
+        tensors = {name: torch.arange(3, dtype=torch.float32), "empty": torch.zeros(0, 2), "z": torch.tensor([7], dtype=torch.int64)}
+        f = tmp_path / f"{name}.safetensors"
+        w = SafetensorsStreamWriter(f, [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()])
+        for n, t in tensors.items():
+            w.write(n, t)
+        w.close()
+        (n_header,) = struct.unpack("<Q", f.read_bytes()[:8])
+        assert n_header % 8 == 0, name
+        back = load_file(str(f))
+        assert all(torch.equal(back[n], t) for n, t in tensors.items())
+
+
+def test_stream_writer_refuses_a_wrong_dtype_a_duplicate_plan_and_an_extra_tensor(tmp_path):
+    with pytest.raises(ValueError, match="duplicate tensor names"):
+        SafetensorsStreamWriter(tmp_path / "d.safetensors", [TensorSpec("a", torch.float32, (2,))] * 2)
+    w = SafetensorsStreamWriter(tmp_path / "x.safetensors", [TensorSpec("a", torch.float32, (2,))])
+    with pytest.raises(ValueError, match=r"expected tensor 'a' F32 \[2\], got 'a' F64 \[2\]"):
+        w.write("a", torch.zeros(2, dtype=torch.float64))  # the bytes of a float64 are not those of a float32
+    w.write("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="tensor 'b' written after the planned ones"):
+        w.write("b", torch.zeros(2))
+    w.close()
+
+
+def _raw(path, header: dict, data: bytes, n_header=None):
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob) if n_header is None else n_header) + blob + data)
+
+
+def test_reader_refuses_headers_that_do_not_describe_the_file(tmp_path):
+    f = tmp_path / "x.safetensors"
+    _raw(f, {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, b"\0" * 12)
+    with pytest.raises(MergeError, match=r"tensor 'w' spans 12 bytes, its shape needs 16"):
+        SafetensorsReader(f)
+    _raw(f, {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, n_header=10_000)
+    with pytest.raises(MergeError, match=r"header length 10000 does not fit the file \(\d+ bytes\): truncated"):
+        SafetensorsReader(f)
+    _raw(f, {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)
+    assert torch.equal(SafetensorsReader(f).get("w"), torch.zeros(2))

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from model_merging.algorithms import DareParams, EmrParams, RetainParams, TiesParams, WudiParams
 from model_merging.errors import MergeError
+from model_merging.experts import ExpertSet, parse_expert_specs
 from model_merging.merge import MergeOptions, merge_experts
 from model_merging.merged_model import load_merged
 from model_merging.mergy import MergyConfig, main, normalize_argv
@@ -672,3 +673,68 @@ def test_bad_options_are_refused_before_any_expert_is_read(tmp_path):
         merge_experts(missing, tmp_path / "out", MergeOptions(mask_lambda=float("nan")), log=quiet)
     with pytest.raises(MergeError, match="checkpoint directory .*nowhere-a does not exist"):  # good options: then the experts
         merge_experts(missing, tmp_path / "out", MergeOptions(), log=quiet)
+
+
+# ------------------------------------------------------------------------------ expert set and average_parts
+
+
+def test_average_parts_uses_the_given_weights_and_records_them_normalised(experts, tmp_path):
+    from model_merging.average_parts import main as average_main
+
+    own = {n: load_file(str(d / "model.safetensors")) for n, d in experts}
+    out = tmp_path / "goal-w"
+    assert average_main(["--experts", *[f"{n}={d}" for n, d in experts], "--target", "goal", "--parts",
+                         "proprio_proj", "--weights", "1", "0", "0", "3", "--out", str(out)]) == 0
+    got, manifest = load_checkpoint(out, CHECKPOINT_KIND)
+    assert manifest["averaged_parts"]["weights"] == [0.25, 0.0, 0.0, 0.75]
+    names = [k for k in got if k.startswith("proprio_proj.")]
+    assert names
+    for k in names:  # NAMES order: spatial, object, goal, long
+        torch.testing.assert_close(got[k], 0.25 * own["spatial"][k] + 0.75 * own["long"][k], rtol=1e-6, atol=1e-7)
+
+
+def test_average_parts_keeps_every_block_with_all_of_them_per_task(experts):
+    """L_h may be every block (nothing of the expert's blocks shared), one more is refused."""
+    from model_merging.average_parts import average_parts
+    from model_merging.layout import PART_GROUPS, part_group
+
+    es = ExpertSet.open(experts)
+    n = es.layout.num_blocks
+    own = {name: load_file(str(d / "model.safetensors")) for name, d in experts}
+    got = average_parts(es, "goal", PART_GROUPS, expert_head_layers=n)
+    for k, v in got.items():
+        if k in es.layout.scratch and part_group(k) != "shared_blocks":  # queries, proprio projector, expert input
+            torch.testing.assert_close(v, sum(own[name][k] for name in NAMES) / 4, rtol=1e-6, atol=1e-7)
+        else:  # LoRA, every block, the final norm and head: the goal expert's own
+            assert torch.equal(v, own["goal"][k]), k
+    with pytest.raises(MergeError, match=rf"--expert_head_layers must be in 0\.\.{n}, got {n + 1}"):
+        average_parts(es, "goal", PART_GROUPS, expert_head_layers=n + 1)
+
+
+@pytest.mark.parametrize("edit, says", [
+    (_reshape, r"expert 'bad': tensor 'action_queries' has shape \[3, 3\], expected \[16, 128\]"),
+    (_drop, r"expert 'bad': .*model\.safetensors does not hold the trainable parameters of config 'tiny' "
+            r"\(missing \['action_queries'\], unexpected \[\]\)"),
+])
+def test_a_single_expert_is_checked_against_the_layout_of_its_config(experts, tmp_path, edit, says):
+    """With one expert (or all alike) there is no other expert to compare with: the config's layout is the check."""
+    bad = copy_expert(experts[1][1], tmp_path / "bad", edit_tensors=edit)
+    with pytest.raises(MergeError, match=says):
+        ExpertSet.open([("bad", bad)])
+
+
+def test_expert_set_refuses_other_configs_dtypes_and_a_boolean_init_seed(experts, tmp_path):
+    for spec in ("spatial=", "=some/dir", "spatial"):
+        with pytest.raises(MergeError, match=rf"--experts entry '{spec}': expected NAME=DIR"):
+            parse_expert_specs([spec])
+    renamed = copy_expert(experts[1][1], tmp_path / "renamed", edit_manifest=lambda m: m["config"].update(name="tiny-b"))
+    with pytest.raises(MergeError, match=r"experts 'spatial' and 'b' have different model configs \(fields \['name'\]\)"):
+        ExpertSet.open([experts[0], ("b", renamed)])
+    wide = copy_expert(experts[1][1], tmp_path / "wide",
+                       edit_tensors=lambda t: t.update(action_queries=t["action_queries"].double()))
+    with pytest.raises(MergeError, match=r"experts 'spatial' and 'b': tensor 'action_queries' is torch\.float32 "
+                                         r"\[16, 128\] vs torch\.float64 \[16, 128\]"):
+        ExpertSet.open([experts[0], ("b", wide)])
+    flag = copy_expert(experts[1][1], tmp_path / "flag", edit_manifest=lambda m: m.update(init_seed=True))
+    with pytest.raises(MergeError, match=r"expert 'b': .*manifest\.json field 'init_seed' is True, expected an integer"):
+        ExpertSet.open([("b", flag)])

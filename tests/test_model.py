@@ -7,10 +7,11 @@ import pytest
 import torch
 from transformers import Dinov2WithRegistersModel, SiglipVisionModel
 
-from prismatic.checkpoint import CheckpointError
+from prismatic.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from prismatic.models import BaseModelConfig, MergeVLA, build_vla, from_pretrained, get_config, save_pretrained
 from prismatic.models.lora import apply_lora
 from prismatic.models.modeling import ExpertBlock, dino_hf_config, siglip_hf_config
+from prismatic.models.pretrained import CHECKPOINT_KIND
 
 
 def n_params(module, pred=lambda n: True):
@@ -360,3 +361,24 @@ def test_base_weights_that_do_not_fit_the_config_name_the_source_and_the_keys():
         load_vlm_weights(PrismaticVLM(cfg), dropped, "seed 5", "tiny")
     with pytest.raises(BaseModelError, match=r"unexpected \['extra.weight'\]"):
         load_vlm_weights(PrismaticVLM(cfg), {**state, "extra.weight": torch.zeros(1)}, "seed 5", "tiny")
+
+
+# ---------------------------------------------------------------------------------------- reload details
+
+
+def test_reloaded_model_keeps_its_init_seed_and_a_checkpoint_missing_a_tensor_is_refused(tmp_path):
+    """The init seed is what merging checks experts share: a reload that saves again must keep it. And a checkpoint
+    missing a trainable tensor would otherwise leave that part at its random initialisation."""
+    save_pretrained(build_vla("tiny", BaseModelConfig(random_seed=0), seed=3), tmp_path / "ckpt")
+    reloaded = from_pretrained(tmp_path / "ckpt")
+    assert reloaded.init_seed == 3
+    save_pretrained(reloaded, tmp_path / "again")
+    assert load_checkpoint(tmp_path / "again", CHECKPOINT_KIND)[1]["init_seed"] == 3
+    tensors, manifest = load_checkpoint(tmp_path / "ckpt", CHECKPOINT_KIND)
+    for k in ("format", "format_version", "weights_sha256"):
+        manifest.pop(k)
+    del tensors["action_queries"]
+    save_checkpoint(tmp_path / "partial", tensors, manifest, CHECKPOINT_KIND)
+    with pytest.raises(CheckpointError, match=r"partial/model\.safetensors: tensor names differ from config 'tiny' "
+                                              r"\(missing \['action_queries'\], unexpected \[\]\)"):
+        from_pretrained(tmp_path / "partial")

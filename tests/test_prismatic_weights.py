@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import (
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
@@ -524,3 +524,152 @@ def test_convert_base_writes_a_loadable_base_dir(tmp_path):
     (llm_dir / "tokenizer.json").write_text(build_tiny_tokenizer().to_str())
     conv.convert(conv.parse_args([*args[:-1], str(other)]))
     assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in out.iterdir())
+
+
+# ------------------------------------------------------------------------------ edge cases of the mapping
+
+
+def tiny_siglip_hf(**over) -> SiglipVisionModel:
+    s = CFG.siglip
+    kw = dict(hidden_size=s.hidden_size, num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
+              intermediate_size=s.intermediate_size, image_size=CFG.image_size, patch_size=s.patch_size,
+              layer_norm_eps=s.layer_norm_eps)
+    torch.manual_seed(13)
+    return SiglipVisionModel(SiglipVisionConfig(**{**kw, **over})).eval()
+
+
+def test_dino_mask_token_is_zero_unless_the_file_has_one():
+    """The mask token is never run, but it is part of the base's weights (and its hash): absent from the file, it
+    must be zero, not e.g. a copy of the cls token; present, it is taken as it is."""
+    sd = random_timm_sd("dino", GRID, seed=6)
+    d = CFG.dino.hidden_size
+    out = timm_vit_to_hf(sd, "dino", CFG.dino, CFG.image_size)
+    assert out["embeddings.mask_token"].shape == (1, d) and not out["embeddings.mask_token"].any()
+    mask = torch.randn(1, 1, d)
+    out = timm_vit_to_hf({**sd, "mask_token": mask}, "dino", CFG.dino, CFG.image_size)
+    assert torch.equal(out["embeddings.mask_token"], mask.reshape(1, d))
+
+
+def test_a_timm_directory_prefers_model_safetensors_over_other_weight_files(tmp_path):
+    """TIMM_DIR_FILES is an order of preference: with both a model.safetensors and a pytorch_model.bin, the first."""
+    d = tmp_path / "dino_dir"
+    d.mkdir()
+    save_file(random_timm_sd("dino", GRID, seed=1), str(d / "model.safetensors"))
+    torch.save(random_timm_sd("dino", GRID, seed=2), d / "pytorch_model.bin")
+    got = load_vision_tower(d, "dino", CFG)
+    want = load_vision_tower(d / "model.safetensors", "dino", CFG)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_hf_tower_of_another_depth_is_refused(tmp_path):
+    """A deeper Hugging Face tower would otherwise load its first blocks and pass every shape check."""
+    tiny_siglip_hf(num_hidden_layers=CFG.siglip.num_layers + 2).save_pretrained(tmp_path / "deep")
+    with pytest.raises(WeightsError, match=rf"deep/config\.json: num_hidden_layers is {CFG.siglip.num_layers + 2}, "
+                                           rf"expected {CFG.siglip.num_layers}"):
+        load_vision_tower(tmp_path / "deep", "siglip", CFG)
+    # the short form (last, unused block already dropped) loads
+    tiny_siglip_hf(num_hidden_layers=CFG.siglip.num_layers - 1).save_pretrained(tmp_path / "short")
+    assert "vision.siglip.encoder.layers.1.mlp.fc2.bias" in load_vision_tower(tmp_path / "short", "siglip", CFG)
+
+
+def test_hf_tower_with_missing_weights_is_refused_not_left_random(tmp_path):
+    tiny_siglip_hf().save_pretrained(tmp_path / "siglip")
+    f = tmp_path / "siglip" / "model.safetensors"
+    sd = {k: v.contiguous() for k, v in load_file(str(f)).items()}
+    gone = next(k for k in sd if k.endswith("encoder.layers.0.mlp.fc1.weight"))
+    del sd[gone]
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=r"siglip: weights missing for .*encoder\.layers\.0\.mlp\.fc1\.weight"):
+        load_vision_tower(tmp_path / "siglip", "siglip", CFG)
+
+
+def test_hf_tower_with_another_layer_norm_eps_is_refused(tmp_path):
+    """Fields no shape reveals must match too: another eps gives other features from the same weights."""
+    tiny_siglip_hf(layer_norm_eps=1e-3).save_pretrained(tmp_path / "siglip")
+    with pytest.raises(WeightsError, match=r"config\.json: layer_norm_eps is 0\.001, but the siglip tower of the "
+                                           r"config expects 1e-06"):
+        load_vision_tower(tmp_path / "siglip", "siglip", CFG)
+
+
+def test_checkpoint_with_groups_or_keys_beyond_the_layout_is_refused(tmp_path):
+    """Optimizer state or another model's weights in the file must be named, not silently ignored."""
+    parts = prismatic_parts()
+    torch.save({"model": {**parts, "optimizer": {"step": torch.zeros(())}}}, tmp_path / "ckpt.pt")
+    with pytest.raises(WeightsError, match=r"ckpt\.pt: unexpected groups \['optimizer'\] under 'model'"):
+        load_prismatic_checkpoint(tmp_path / "ckpt.pt", CFG)
+    flat = {f"{g}.{k}": v.contiguous() for g, sd in parts.items() for k, v in sd.items() if k != "llm.lm_head.weight"}
+    save_file({**flat, "optimizer.step": torch.zeros(())}, str(tmp_path / "ckpt.safetensors"))
+    with pytest.raises(WeightsError, match=r"ckpt\.safetensors: unexpected key 'optimizer\.step'; keys must start "
+                                           r"with one of \('projector', 'llm_backbone', 'vision_backbone'\)"):
+        load_prismatic_checkpoint(tmp_path / "ckpt.safetensors", CFG)
+    stray = {**parts["vision_backbone"], "clip_featurizer.blocks.0.norm1.weight": torch.zeros(3)}
+    torch.save({"model": {**parts, "vision_backbone": stray}}, tmp_path / "stray.pt")
+    with pytest.raises(WeightsError, match=r"unexpected keys: vision_backbone\.clip_featurizer\.blocks\.0\.norm1\.weight"):
+        load_prismatic_checkpoint(tmp_path / "stray.pt", CFG)
+
+
+def test_checkpoint_llm_buffers_are_dropped_and_an_untied_head_is_refused(tmp_path):
+    parts = prismatic_parts()
+    llm = parts["llm_backbone"]
+    # older transformers saved the recomputed rotary buffer: not a weight, so it is left out rather than refused
+    old = {**llm, "llm.model.rotary_emb.inv_freq": torch.ones(8)}
+    torch.save({"model": {**parts, "llm_backbone": old}}, tmp_path / "old.pt")
+    sd = load_prismatic_checkpoint(tmp_path / "old.pt", CFG)
+    assert not any("inv_freq" in k for k in sd)
+    assert torch.equal(sd["llm.lm_head.weight"], llm["llm.model.embed_tokens.weight"])
+    # the config ties the output head to the embedding: a checkpoint whose head differs is not what it describes
+    untied = {**llm, "llm.lm_head.weight": llm["llm.model.embed_tokens.weight"] + 1}
+    torch.save({"model": {**parts, "llm_backbone": untied}}, tmp_path / "untied.pt")
+    with pytest.raises(WeightsError, match=r"untied\.pt: llm\.lm_head\.weight differs from llm\.model\.embed_tokens"
+                                           r"\.weight, but the config ties them"):
+        load_prismatic_checkpoint(tmp_path / "untied.pt", CFG)
+
+
+def test_towers_given_beside_a_random_seed_are_read_from_their_files(tmp_path):
+    """random_seed with a checkpoint that lacks the towers: the named tower files fill them, not random weights."""
+    from prismatic.models import BaseModelConfig
+    from prismatic.models.loading import resolve_base
+    from prismatic.models.processing import build_tiny_tokenizer
+
+    parts = prismatic_parts()
+    torch.save({"model": {g: parts[g] for g in ("projector", "llm_backbone")}}, tmp_path / "ckpt.pt")
+    for kind, pre in (("dino", "dino_featurizer."), ("siglip", "siglip_featurizer.")):
+        save_file({k[len(pre):]: v.contiguous() for k, v in parts["vision_backbone"].items() if k.startswith(pre)},
+                  str(tmp_path / f"{kind}.safetensors"))
+    llm_dir = tmp_path / "qwen"
+    llm_dir.mkdir()
+    (llm_dir / "tokenizer.json").write_text(build_tiny_tokenizer().to_str())
+    sd, ref, _ = resolve_base(CFG, BaseModelConfig(llm_path=llm_dir, prismatic_checkpoint=tmp_path / "ckpt.pt",
+                                                   dino_path=tmp_path / "dino.safetensors",
+                                                   siglip_path=tmp_path / "siglip.safetensors", random_seed=0))
+    for kind in ("dino", "siglip"):
+        want = load_vision_tower(tmp_path / f"{kind}.safetensors", kind, CFG)
+        assert all(torch.equal(sd[k], v) for k, v in want.items()), kind
+    assert ref["dino_path"].endswith("dino.safetensors") and ref["random_seed"] == 0
+
+
+def test_convert_base_stores_the_dtype_asked_for_and_checks_the_llm_directory(tmp_path):
+    from prismatic.models.loading import load_base_dir
+    from prismatic.models.processing import build_tiny_tokenizer
+
+    conv = load_converter()
+    parts = prismatic_parts()
+    ckpt = tmp_path / "latest-checkpoint.pt"
+    torch.save({"model": parts}, ckpt)
+    llm_dir = tmp_path / "qwen"
+    llm_dir.mkdir()
+    (llm_dir / "tokenizer.json").write_text(build_tiny_tokenizer().to_str())
+    args = ["--config_name", "tiny", "--llm_path", str(llm_dir), "--prismatic_checkpoint", str(ckpt)]
+    conv.convert(conv.parse_args([*args, "--out_dir", str(tmp_path / "bf16"), "--dtype", "bfloat16"]))
+    stored = load_file(str(tmp_path / "bf16" / "vlm.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.bfloat16}
+    sd, meta = load_base_dir(tmp_path / "bf16", CFG)  # the recorded hash is that of the stored (cast) weights
+    assert meta["dtype"] == "bfloat16" and len(meta["tied"]) == 1  # the tied head stays one tensor, stored once
+    assert set(*meta["tied"].items()) == {"llm.lm_head.weight", "llm.model.embed_tokens.weight"}
+    emb = parts["llm_backbone"]["llm.model.embed_tokens.weight"]
+    assert torch.equal(sd["llm.model.embed_tokens.weight"], emb.to(torch.bfloat16))
+    # a config.json in the LLM directory that is not the config's LLM is named before anything is converted
+    (llm_dir / "config.json").write_text(json.dumps({"hidden_size": 64, "vocab_size": CFG.llm.vocab_size}))
+    with pytest.raises(BaseModelError, match=r"qwen/config\.json: hidden_size is 64, config 'tiny' expects 128"):
+        conv.convert(conv.parse_args([*args, "--out_dir", str(tmp_path / "other")]))
+    assert not (tmp_path / "other").exists()
