@@ -246,3 +246,24 @@ def test_an_expert_manifest_that_is_damaged_is_named_not_a_traceback(tmp_path):
     (ckpt / MANIFEST_FILE).write_text('{"dataset": {"format": "hdf5", "path": "%s", "suite": "goal"}}' % (tmp_path / "goal"))
     source = recorded_sources(merged)["goal"]
     assert (source.data_root, source.suite, source.dataset_format) == (tmp_path, "goal", "hdf5")
+    assert recorded_sources(merged, suites={"goal": "goal_v2"})["goal"].suite == "goal_v2"  # --suites wins
+
+
+def test_exemplars_must_fit_the_artifacts_tasks_and_width(fresh, data_root):
+    from safetensors.torch import load_file, save_file
+
+    from prismatic.io import sha256_file
+
+    assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "2"]) == 0
+    manifest = json.loads((fresh / "manifest.json").read_text())
+    with pytest.raises(MergeError, match="other merged weights or tasks"):  # same weights, tasks in another order
+        read_exemplars(fresh, {**manifest, "task_names": NAMES[::-1]})
+    with pytest.raises(MergeError, match=r"tensor spatial.act is \[2, 128\], expected finite \(n >= 2, 64\)"):
+        read_exemplars(fresh, {**manifest, "router": {**manifest["router"], "hidden": 64}})
+    # one exemplar is no spacing to measure distances in; the file and its recorded sha256 still agree
+    meta = json.loads((fresh / EXEMPLAR_MANIFEST).read_text())
+    tensors = load_file(str(fresh / EXEMPLAR_WEIGHTS))
+    save_file({**tensors, "goal.vis": tensors["goal.vis"][:1].contiguous()}, str(fresh / EXEMPLAR_WEIGHTS))
+    (fresh / EXEMPLAR_MANIFEST).write_text(json.dumps({**meta, "weights_sha256": sha256_file(fresh / EXEMPLAR_WEIGHTS)}))
+    with pytest.raises(MergeError, match=r"tensor goal.vis is \[1, 128\], expected finite \(n >= 2, 128\)"):
+        read_exemplars(fresh, manifest)

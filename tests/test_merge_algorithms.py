@@ -304,3 +304,61 @@ def test_tsv_keeps_floor_rank_over_m_directions():
     s = torch.linalg.svdvals(out)
     assert int((s > 1e-4 * s[0]).sum()) <= 3
     assert math.isfinite(out.abs().sum().item())
+
+
+# ------------------------------------------------------------------------------- DARE, TSV and KnOTS edges
+
+
+def test_dare_drops_with_probability_p_and_rescales_by_one_over_one_minus_p():
+    # p = 0.25 tells a drop rate from a keep rate, and 1/(1 − p) from 1/p (both are 2 at p = 0.5)
+    t = torch.arange(1, 4001, dtype=torch.float32)
+    out = merged("dare", [t], DareParams(p=0.25), name="x", seed=0)
+    kept = out != 0
+    assert 0.7 < kept.float().mean().item() < 0.8
+    assert torch.equal(out[kept], t[kept] / 0.75)
+
+
+def test_dare_drops_each_task_with_its_own_pattern():
+    # two identical tasks, p = 0.5: an entry keeps 0, 1 or 2 copies (each ×2); one shared pattern gives only 0 and 4
+    t = torch.ones(2000)
+    out = merged("dare", [t, t], DareParams(p=0.5), name="x", seed=0)
+    assert set(out.unique().tolist()) == {0.0, 2.0, 4.0}
+
+
+def test_dare_then_task_arithmetic_adds_the_survivors():
+    assert torch.equal(merged("dare", [T1, T2], DareParams(p=0.0)), T1 + T2)  # a sum, not a mean of contributors
+
+
+def test_tsv_refuses_a_keep_fraction_out_of_range_and_zero_tasks_merge_to_zero():
+    taus = [low_rank(s)[0] for s in range(2)]
+    with pytest.raises(MergeError, match=r"tsv.keep_fraction must be in \(0, 1\], got 1.5"):
+        merged("tsv", taus, TsvParams(keep_fraction=1.5))
+    # a weight no expert changed (e.g. LoRA B still zero): no singular direction at all, a zero merge
+    zero = torch.zeros(7, 5)
+    assert torch.equal(merged("tsv", [zero, zero]), zero)
+    assert torch.equal(merged("tsv", [zero, zero], factors=((torch.zeros(7, 2), torch.zeros(2, 5)),) * 2), zero)
+
+
+def test_knots_of_1d_tensors_is_ties_with_the_scale():
+    # 1-D: no SVD, TIES directly (k=100: [3, -1.5, .75, 4]), and α still applies
+    assert torch.equal(merged("knots", [T1, T2], KnotsParams(k=100, scale=0.5)), torch.tensor([1.5, -0.75, 0.375, 2.0]))
+
+
+def test_factored_knots_drops_null_directions_of_tasks_sharing_a_direction():
+    # τ_2 = 2 τ_1: [τ_1 τ_2 τ_3] has rank 4 < 6 = Σ r_m. The null directions of the factored core are arbitrary and,
+    # kept, would compete with the real ones for TIES's top-k slots in every V block.
+    (a, fa), (b, fb) = low_rank(1, out=9, inp=6), low_rank(2, out=9, inp=6)
+    taus, factors = [a, 2 * a, b], (fa, (2 * fa[0], fa[1]), fb)
+    for params in (KnotsParams(), KnotsParams(k=100)):
+        dense, fact = merged("knots", taus, params), merged("knots", taus, params, factors=factors)
+        assert torch.allclose(dense, fact, atol=1e-4), (params, (dense - fact).abs().max())
+
+
+def test_factored_tsv_drops_the_null_direction_of_a_rank_deficient_expert():
+    # LoRA rank 2, update rank 1 (equal columns of L): the factored SVD's second direction is numerical noise, which
+    # kept would enter TSV's joint orthogonalisation as if it were real
+    (_, (left, right)), (b, fb) = low_rank(1, out=9, inp=6), low_rank(2, out=9, inp=6)
+    fa = (torch.cat([left[:, :1], left[:, :1]], 1), right)
+    taus, factors = [fa[0] @ fa[1], b], (fa, fb)
+    dense, fact = merged("tsv", taus), merged("tsv", taus, factors=factors)
+    assert torch.allclose(dense, fact, atol=1e-4), (dense - fact).abs().max()

@@ -252,3 +252,75 @@ def test_reader_refuses_headers_that_do_not_describe_the_file(tmp_path):
         SafetensorsReader(f)
     _raw(f, {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)
     assert torch.equal(SafetensorsReader(f).get("w"), torch.zeros(2))
+
+
+# ----------------------------------------------------------------------- masks, rules, chunks, linalg, caching
+
+
+def test_mask_inputs_are_checked():
+    t = torch.tensor([1.0, -1.0])
+    with pytest.raises(ValueError, match="finite number >= 0, got inf"):  # λ = ∞ would set no mask at all
+        tall_masks([t], t, float("inf"))
+    with pytest.raises(ValueError, match="finite number >= 0, got inf"):
+        packed_task_masks([t], t, float("inf"))
+    with pytest.raises(ValueError, match=r"needs 1 uint8 bytes, got 1 torch.int8"):
+        unpack_mask(torch.tensor([3], dtype=torch.int8), (2,))
+
+
+def test_apply_mask_keeps_the_weights_dtype():
+    w0 = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16)
+    out = apply_mask(w0, torch.tensor([0.5, 0.25, 1.0]), torch.tensor([True, False, True]))
+    assert out.dtype == torch.bfloat16 and torch.equal(out, torch.tensor([1.5, 2.0, 4.0], dtype=torch.bfloat16))
+
+
+def test_all_finite_looks_at_every_chunk():
+    from model_merging.chunks import all_finite, spans
+
+    t = torch.zeros(3 << 20)
+    assert all_finite(t)
+    t[-1] = float("inf")  # in the last of three 1M-entry chunks
+    assert not all_finite(t)
+    assert list(spans(10, 4)) == [(0, 4), (4, 8), (8, 10)] and list(spans(0, 4)) == []
+
+
+def test_regex_rules_are_searched_anywhere_in_the_name():
+    rules = parse_rules([r"q_proj scale=0.5"], TiesParams)
+    assert params_for("vlm.llm.model.layers.0.self_attn.q_proj.weight", TiesParams(), rules).scale == 0.5
+    assert params_for("vlm.llm.model.layers.0.self_attn.k_proj.weight", TiesParams(), rules).scale == 1.0
+
+
+def test_rank_cutoff_is_numpys_matrix_rank_tolerance_and_top_k_may_take_every_direction():
+    from model_merging.linalg import rank_cutoff, top_right_singular_vectors
+
+    # tol = s_max · max(shape) · eps: 1e-6 is below it for a 100 × 100 matrix (tol ≈ 1.2e-5), above it for 2 × 2
+    s = torch.tensor([1.0, 1e-6])
+    assert rank_cutoff(s, (100, 100)) == 1 == np.linalg.matrix_rank(np.diag([1.0, 1e-6] + [0.0] * 98).astype(np.float32))
+    assert rank_cutoff(s, (2, 2)) == 2 and rank_cutoff(torch.zeros(3), (3, 3)) == 0
+    w = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    r = top_right_singular_vectors(w, 3)  # k = min(out, in): the whole row space
+    assert r.shape == (3, 5) and torch.allclose(r @ r.T, torch.eye(3), atol=1e-5)
+    assert torch.allclose(w @ r.T @ r, w, atol=1e-5)
+    with pytest.raises(ValueError, match=r"cannot take 4 singular vectors of a \(3, 5\) matrix"):
+        top_right_singular_vectors(w, 4)
+
+
+def test_masked_delta_linear_runs_each_samples_task_and_rebuilds_cached_weights_after_a_cast():
+    import torch.nn as nn
+
+    from model_merging.multi_expert import ExpertSelector, MaskedDeltaLinear
+
+    base = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    delta = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    masks = [torch.tensor([[True, False, True], [False, False, False]]), torch.ones(2, 3, dtype=torch.bool)]
+    selector = ExpertSelector()
+    lin = MaskedDeltaLinear(base, delta, [pack_mask(m) for m in masks], [torch.tensor(1.0), torch.tensor(0.5)], selector)
+    lin.cache = {}
+    x = torch.ones(2, 3)
+    selector.index = torch.tensor([1, 0])
+    # task 0: W0 + S0 ⊙ τ = [[2, 0, 3], [0, 1, 0]] → row sums 5, 1; task 1: W0 + 0.5 τ = [[1.5, 1, 1.5], [2, 3.5, 3]]
+    y = lin(x)
+    assert torch.equal(y, torch.tensor([[4.0, 8.5], [5.0, 1.0]])) and sorted(lin.cache) == [0, 1]
+    lin.double()  # the cached fp32 weights no longer fit: built again in the new dtype
+    assert torch.equal(lin(x.double()), y.double())

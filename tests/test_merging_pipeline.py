@@ -738,3 +738,58 @@ def test_expert_set_refuses_other_configs_dtypes_and_a_boolean_init_seed(experts
     flag = copy_expert(experts[1][1], tmp_path / "flag", edit_manifest=lambda m: m.update(init_seed=True))
     with pytest.raises(MergeError, match=r"expert 'b': .*manifest\.json field 'init_seed' is True, expected an integer"):
         ExpertSet.open([("b", flag)])
+
+
+# ------------------------------------------------------------------------------ merge options and loading
+
+
+def test_router_options_at_their_limits(experts, tmp_path):
+    n_blocks, hidden = get_config("tiny").num_expert_blocks, get_config("tiny").llm.hidden_size
+    for opts, msg in [(MergeOptions(router_layer=n_blocks + 1), rf"router_layer must be in \[0, {n_blocks}\] or -1, got {n_blocks + 1}"),
+                      (MergeOptions(router_block=n_blocks), rf"router_block must be in \[0, {n_blocks - 1}\] or -1"),
+                      (MergeOptions(k_gate=hidden + 1), rf"k_gate must be in \[1, {hidden}\], got {hidden + 1}")]:
+        with pytest.raises(MergeError, match=msg):
+            merge_experts(experts[:2], tmp_path / "out", opts, log=quiet)
+    assert not (tmp_path / "out").exists()
+    # the largest values each accepts: the last block, the embedding layer's states, every direction of D
+    out = merge_experts(experts[:2], tmp_path / "m", MergeOptions(algorithm="task_arithmetic", masks=False,
+                        router_block=n_blocks - 1, router_layer=0, k_gate=hidden), log=quiet)
+    router = json.loads((out / "manifest.json").read_text())["router"]
+    assert (router["block"], router["layer"], router["k_gate"]) == (n_blocks - 1, 0, hidden)
+    assert load_merged(out).subspaces()[0].shape == (2, hidden, hidden)
+
+
+def test_cli_options_reach_the_merge_and_default_like_the_api():
+    from model_merging.mergy import options_from_config
+
+    cfg = MergyConfig(algorithm="dare", masks=False, mask_lambda=0.7, k_gate=4, expert_head_layers=2,
+                      per_task_parts=["proprio_proj"], router_block=0, router_layer=1, rules=["llm p=0.2"],
+                      scratch_weights=[1.0, 3.0], seed=7, device="cpu", verify_hashes=False, dare=DareParams(p=0.3))
+    assert options_from_config(cfg) == MergeOptions(
+        algorithm="dare", params=DareParams(p=0.3), rules=("llm p=0.2",), masks=False, mask_lambda=0.7, k_gate=4,
+        expert_head_layers=2, per_task_parts=("proprio_proj",), router_block=0, router_layer=1,
+        scratch_weights=(1.0, 3.0), seed=7, device="cpu", verify_hashes=False)
+    # `mergy` with no options merges as merge_experts does with none
+    assert options_from_config(MergyConfig()) == MergeOptions(params=TiesParams())
+
+
+def test_loader_refuses_a_wrong_dtype_and_a_manifest_missing_a_from_scratch_part(experts, tmp_path):
+    from safetensors.torch import save_file
+
+    out = merge_experts(experts[:2], tmp_path / "m", MergeOptions(algorithm="task_arithmetic"), log=quiet)
+    f, mf = out / "model.safetensors", out / "manifest.json"
+    tensors, manifest = load_file(str(f)), json.loads(mf.read_text())
+
+    def rewrite(ts, m):  # a consistent artifact again: its manifest records the new file's sha256
+        save_file(ts, str(f))
+        mf.write_text(json.dumps({**m, "weights_sha256": hashlib.sha256(f.read_bytes()).hexdigest()}))
+
+    p = "proprio_proj.0.weight"
+    rewrite({**tensors, f"shared.{p}": tensors[f"shared.{p}"].double()}, manifest)
+    with pytest.raises(MergeError, match=rf"tensor 'shared.{p}' is torch.float64 \[.*\], the manifest implies torch.float32"):
+        load_merged(out)
+    # file and manifest agree, but the manifest leaves out a part the config has: it would keep its random init
+    rewrite({k: v for k, v in tensors.items() if k != f"shared.{p}"},
+            {**manifest, "shared_params": {k: v for k, v in manifest["shared_params"].items() if k != p}})
+    with pytest.raises(MergeError, match=rf"do not match config 'tiny' \(missing \['{p}'\], extra \[\]\)"):
+        load_merged(out).for_task(0)

@@ -232,3 +232,13 @@ def test_forced_task_and_loader_entry_point(merged):
     assert policy.act([fake_obs(3)], ["open the drawer"], [0]).shape == (1, 8, 7)
     with pytest.raises(MergeError, match="unknown task 'nope'; this merged model has"):
         RoutedPolicy(merged, force_task="nope")
+
+
+def test_task_and_expert_indices_out_of_range_are_refused(merged):
+    n = len(NAMES)
+    for bad in (n, -1):
+        with pytest.raises(MergeError, match=rf"task index {bad} outside 0..{n - 1}"):
+            merged.for_task(bad)
+    with pytest.raises(ValueError, match=rf"expert index \[0, {n}\] outside 0..{n - 1}"):
+        with merged.multi_expert().select([0, n]):
+            pass
