@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+from experiments.robot.tabletop import get_task
 from experiments.robot.tabletop.demos import read_task_file, task_file
 from experiments.robot.tabletop.env import make_env
 from experiments.robot.tabletop.expert import ScriptedExpert
@@ -43,6 +44,11 @@ def test_replay_succeeds_exactly_when_the_actions_reach_the_goal():
     assert replay("goal", 0, 3, actions)  # the noise-free expert's own episode, replayed: deterministic
     assert not replay("goal", 0, 3, actions[:-1])  # one step short of the goal
     assert not replay("goal", 0, 3, np.zeros((64, 7)))
+    # the episode ends at the task's max_steps: actions that would reach the goal only after it do not count
+    hold = np.zeros((get_task("goal", 0).max_steps - len(actions) + 1, 7))
+    hold[:, -1] = -1  # still, fingers open
+    assert replay("goal", 0, 3, np.concatenate([hold[1:], actions]))
+    assert not replay("goal", 0, 3, np.concatenate([hold, actions]))
 
 
 def test_demo_actions_is_none_where_the_expert_fails(monkeypatch):
@@ -63,6 +69,9 @@ def test_main_reports_the_mean_of_the_replays(tmp_path):
     sources = source_trajectories("goal", 6, 2, seed=0, noise=0.1)
     by_hand = np.mean([replay("goal", 6, k, a) for a in sources for k in (4, 5, 6)])
     assert per_task[6] == by_hand
+    for task_id in range(10):  # every task from init states 4, 5, 6 (not 0, 1, 2)
+        sources = source_trajectories("goal", task_id, 2, seed=0, noise=0.1)
+        assert per_task[task_id] == np.mean([replay("goal", task_id, k, a) for a in sources for k in (4, 5, 6)])
     assert result["suites"]["goal"]["success"] == pytest.approx(np.mean(per_task))
     assert all(p * 6 == round(p * 6) for p in per_task)  # 2 demos × 3 init states each
     assert json.loads((tmp_path / "out" / "blind_replay.json").read_text())["suites"] == result["suites"]
@@ -74,6 +83,7 @@ def test_main_reports_the_mean_of_the_replays(tmp_path):
     ({"first_init_state": 45, "trials_per_task": 10}, "within the 50 init states"),
     ({"noise": -0.1}, "noise must be >= 0"),
     ({"noise": float("nan")}, "noise must be >= 0, got seed=0, noise=nan"),
+    ({"seed": -1}, "seed and noise must be >= 0, got seed=-1"),
 ])
 def test_bad_settings_are_named(kw, match):
     with pytest.raises(BlindReplayError, match=match):

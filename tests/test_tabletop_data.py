@@ -171,6 +171,8 @@ def test_a_failed_generation_leaves_nothing_and_can_be_rerun(tmp_path, monkeypat
     ("task_ids", [10], r"task_ids \[10\] out of range"),
     ("compression", "zip", "compression must be gzip, lzf or none"),
     ("noise", float("nan"), "noise must be a finite number >= 0, got nan"),
+    ("seed", -1, "seed must be >= 0, got -1"),
+    ("suites", ["goal", "goal"], r"suites lists a suite twice: \['goal', 'goal'\]"),
 ])
 def test_bad_config_fails_before_writing(tmp_path, field, value, match):
     cfg = small(tmp_path / "x", **{field: value})
@@ -231,3 +233,78 @@ def test_reading_a_foreign_file_is_a_clear_error(tmp_path):
         read_task_file(path)
     with pytest.raises(ValueError, match="not a TableTop-4 pretraining pool"):
         read_pretrain_pool(path)
+
+
+def test_every_task_of_every_suite_by_default():
+    from experiments.robot.tabletop.generate import validate
+
+    assert validate(GenerateConfig(suites=["long", "goal"])) == [(s, i) for s in ("long", "goal") for i in range(10)]
+    assert validate(GenerateConfig(suites=["goal"], task_ids=[7, 2])) == [("goal", 7), ("goal", 2)]
+
+
+def test_the_expert_gets_at_most_max_failures_misses_per_task():
+    from experiments.robot.tabletop.demos import MAX_FAILURES, DemoFailure, first_successes
+
+    tried = []
+    with pytest.raises(DemoFailure, match=rf"goal task 3: the scripted expert failed too often \({MAX_FAILURES + 1} "
+                                          r"times, after 0 successes\) with action noise 0.5"):
+        first_successes("goal", 3, 1, lambda i: tried.append(i), noise=0.5)
+    assert tried == list(range(MAX_FAILURES + 1))
+    # exactly MAX_FAILURES misses are still fine; results come in scene order, skipping the misses
+    late = first_successes("goal", 3, 2, lambda i: f"s{i}" if i >= MAX_FAILURES else None, noise=0.1)
+    assert late == [(MAX_FAILURES, f"s{MAX_FAILURES}"), (MAX_FAILURES + 1, f"s{MAX_FAILURES + 1}")]
+    assert first_successes("goal", 3, 3, lambda i: i if i % 2 == 0 else None, noise=0.1) == [(0, 0), (2, 2), (4, 4)]
+
+
+def test_a_scene_the_expert_fails_is_skipped_and_recorded_as_skipped(tmp_path, monkeypatch):
+    import dataclasses
+
+    import experiments.robot.tabletop.demos as demos
+
+    real, calls = demos.record_episode, []
+
+    def fail_second(env, expert):  # the expert times out (after 9 steps) in demo scene 1
+        calls.append(1)
+        return (None, 9) if len(calls) == 2 else real(env, expert)
+
+    monkeypatch.setattr(demos, "record_episode", fail_second)
+    episodes, stats = demos.generate_task("goal", 0, 3, seed=0)
+    lengths = [len(e.actions) for e in episodes]
+    assert [e.scene_index for e in episodes] == [0, 2, 3]
+    assert stats == {"demos": 3, "attempts": 4, "failures": 1, "env_steps": sum(lengths) + 9,
+                     "mean_length": float(np.mean(lengths)), "max_length": max(lengths)}
+    # 11 demos: read back in index order (demo_10 after demo_9), each with its own scene index and length
+    many = [dataclasses.replace(episodes[k % 3], scene_index=3 * k + 1) for k in range(11)]
+    path = tmp_path / "t.hdf5"
+    demos.write_task_file(path, "goal", 0, many, seed=0, noise=0.1, image_size=64, supersample=2)
+    got = read_task_file(path)
+    assert [d["attrs"]["scene_index"] for d in got["demos"]] == [3 * k + 1 for k in range(11)]
+    assert [len(d["actions"]) for d in got["demos"]] == [lengths[k % 3] for k in range(11)]
+    assert (got["attrs"]["num_demos"], got["attrs"]["total"]) == (11, sum(lengths[k % 3] for k in range(11)))
+
+
+def test_an_episode_that_succeeds_on_its_last_allowed_step_is_kept():
+    from experiments.robot.tabletop.demos import record_episode
+    from experiments.robot.tabletop.env import make_env
+    from experiments.robot.tabletop.expert import ScriptedExpert
+
+    env = make_env("goal", 0, 3)
+    env.reset()
+    expert, n, done = ScriptedExpert(noise=0.0), 0, False
+    while not done:  # how long the noise-free expert takes from this scene
+        done, n = env.step(expert.act(env.state))[2], n + 1
+
+    class Late:  # holds still (fingers open) first, so that the goal is reached on step `pad + n`
+        def __init__(self, pad):
+            self.pad, self.inner = pad, ScriptedExpert(noise=0.0)
+
+        def reset(self):
+            self.inner.reset()
+
+        def act(self, state):
+            self.pad -= 1
+            return np.array([0, 0, 0, 0, 0, 0, -1.0]) if self.pad >= 0 else self.inner.act(state)
+
+    ep, steps = record_episode(env, Late(env.max_steps - n))
+    assert ep is not None and len(ep.actions) == steps == env.max_steps
+    assert record_episode(env, Late(env.max_steps - n + 1)) == (None, env.max_steps)

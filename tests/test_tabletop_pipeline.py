@@ -148,6 +148,9 @@ def test_a_data_dir_the_user_named_is_never_replaced(tmp_path):
     ({"video_episodes": ["goal/*/0", "kitchen/*/*"]}, r"video_episodes \['kitchen/\*/\*'\] match no episode"),
     ({"task_ids": [0, 1], "video_episodes": ["goal/5/0"]}, "match no episode"),
     ({"task_ids": [0, 0]}, r"task_ids must be a non-empty list of distinct task ids in 0..9, got \[0, 0\]"),
+    ({"suites": ["goal", "goal"]}, "suites must be distinct"),
+    ({"baseline_head_layers": 5}, r"baseline_head_layers must be in 0..4, got 5"),
+    ({"warmup_steps": 100, "expert_steps": 200, "joint_steps": 100}, r"warmup_steps \(100\) must be below"),
 ])
 def test_pipeline_config_names_the_bad_field(change, message):
     cfg = PipelineConfig(**change)
@@ -331,6 +334,10 @@ def test_a_merge_job_merges_with_its_own_knobs_and_is_redone_when_they_change(tm
     redone = run_merge(dataclasses.replace(job, k_gate=6))
     assert redone["cached"] is False and json.loads((tmp_path / "m" / "manifest.json").read_text())["router"][
         "k_gate"] == 6
+    import shutil
+
+    shutil.rmtree(tmp_path / "m")  # the artifact deleted, its sidecar left: merged again
+    assert run_merge(dataclasses.replace(job, k_gate=6))["cached"] is False
 
 
 DATA = {"data_root": "runs/x/tabletop4", "fingerprint": "fp"}
@@ -577,3 +584,307 @@ def test_the_report_counts_only_this_runs_planned_episodes_in_the_rows_order(tmp
     assert report["table_markdown"] == ("| method | Goal | avg |\n|---|---:|---:|\n"
                                         "| TIES + router | 50.0 | 50.0 |\n| TA + router | 100.0 | 100.0 |\n")
     assert list(report["eval"]) == ["TIES + router", "TA + router"]
+
+
+def test_pipeline_config_accepts_the_edges_of_each_range():
+    """The largest k_gate (the tiny model's width), every block shared or kept by the baseline, warmup one step
+    below the shorter run: all valid."""
+    PipelineConfig(k_gate=128, baseline_head_layers=4, expert_head_layers=3).validate()
+    PipelineConfig(warmup_steps=99, expert_steps=200, joint_steps=100).validate()
+    PipelineConfig(warmup_steps=500, expert_steps=200, joint_steps=100, lr_schedule="constant").validate()
+
+
+def _trained(suites=SUITES):
+    t = {f"{f}/{s}": {"checkpoint": f"ck/{f}/{s}", "weights_sha256": f"{f}{s}"}
+         for f in ("mergevla", "baseline") for s in suites}
+    return t | {"joint": {"checkpoint": "ck/joint", "weights_sha256": "j"}}
+
+
+def test_merge_jobs_give_each_family_its_own_experts_and_knobs():
+    from experiments.robot.tabletop_pipeline.pipeline import merge_jobs
+
+    cfg = PipelineConfig(suites=["long", "goal"], algorithms=["ties"], unmasked_algorithms=["emr"],
+                         per_task_algorithms=[], baseline_algorithms=["task_arithmetic"], expert_head_layers=1,
+                         baseline_head_layers=2, router_exemplars=0)
+    jobs = {j.name: j for j in merge_jobs(cfg, Path("r"), DATA, _trained(["long", "goal"]))}
+    assert list(jobs) == ["mergevla-ties-masks", "mergevla-emr-nomasks", "baseline-task_arithmetic-nomasks"]
+    masked, unmasked, base = jobs.values()
+    assert (masked.masks, masked.routed, masked.expert_head_layers) == (True, True, 1)
+    assert (unmasked.masks, unmasked.routed, unmasked.expert_head_layers) == (False, True, 1)
+    assert (base.masks, base.routed, base.expert_head_layers) == (False, False, 2)  # the naive merge's own depth
+    # the suites' order, each family's own checkpoints and hashes
+    assert masked.experts == (("long", "ck/mergevla/long"), ("goal", "ck/mergevla/goal"))
+    assert masked.expert_hashes == ("mergevlalong", "mergevlagoal")
+    assert base.experts == (("long", "ck/baseline/long"), ("goal", "ck/baseline/goal"))
+    assert base.expert_hashes == ("baselinelong", "baselinegoal")
+    assert masked.out_dir == str(Path("r") / "merge" / "mergevla-ties-masks")
+
+
+def test_eval_rows_and_their_identities_follow_the_knobs_that_matter():
+    from experiments.robot.tabletop_pipeline.pipeline import eval_jobs, merge_jobs
+
+    trained = _trained()
+
+    def rows(**kw):
+        cfg = PipelineConfig(**kw)
+        jobs = merge_jobs(cfg, Path("r"), DATA, trained)
+        merged = {j.name: {"dir": f"m/{j.name}", "weights_sha256": j.name, "exemplars_sha256": "e"} for j in jobs}
+        return {e.name: e for e in eval_jobs(cfg, trained, merged, jobs, DATA)}
+
+    base = rows()
+    assert (base["mergevla-ties-masks"].kind, base["mergevla-ties-masks"].variant) == ("routed", "value")
+    # the per-task rows roll out with the exemplar router whatever router_variant the "+ router" rows use
+    assert (base["mergevla-ties-masks-pertask"].kind, base["mergevla-ties-masks-pertask"].variant) == (
+        "routed", "exemplar")
+    assert base["mergevla-ties-masks-pertask"].label == "MergeVLA TIES + masks, per-task action expert + exemplar router"
+    assert (base["baseline-task_arithmetic-nomasks"].kind, base["baseline-task_arithmetic-nomasks"].variant) == (
+        "oracle", "value")
+    assert base["mergevla-ties-masks"].artifact == "m/mergevla-ties-masks"
+    key = rows(router_variant="key")
+    assert key["mergevla-ties-masks"].variant == "key" and key["mergevla-ties-masks"].label == (
+        "MergeVLA TIES + masks + router (key subspaces)")
+    changed = {n for n in base if key[n].policy_id != base[n].policy_id}  # other router: only those rows again
+    assert changed == {f"mergevla-{a}-masks" for a in ("task_arithmetic", "ties", "tsv", "knots", "wudi", "emr")}
+    for change in ({"seed": 1}, {"noop_steps": 2}):  # other rollouts for every row
+        other = rows(**change)
+        assert all(other[n].policy_id != base[n].policy_id for n in base), change
+    assert set(base) - set(rows(eval_baseline_experts=False, train_joint=False, blind_replay=False)) == {
+        "baseline-experts", "joint", "blind-replay"}
+
+
+def test_the_eval_stage_plans_only_the_configured_episodes(tmp_path, monkeypatch):
+    import experiments.robot.tabletop_pipeline.evaluation as evaluation
+    from experiments.robot.tabletop_pipeline.pipeline import stage_eval
+
+    seen = []
+    monkeypatch.setattr(evaluation, "run_evals", lambda jobs, settings, workers, log: seen.append(settings) or {})
+    cfg = PipelineConfig(suites=["goal", "long"], task_ids=[3, 7], trials_per_task=2, first_init_state=5,
+                         algorithms=[], per_task_algorithms=[], baseline_algorithms=[], workers=1)
+    res, planned, jobs = stage_eval(cfg, tmp_path, DATA, _trained(["goal", "long"]), {}, log=lambda _m: None)
+    assert planned == {f"{s}/{t}/{k}" for s in ("goal", "long") for t in (3, 7) for k in (0, 1)}
+    (settings,) = seen
+    assert (settings.task_ids, settings.trials_per_task, settings.first_init_state) == ((3, 7), 2, 5)
+    assert settings.crop_area == 1.0
+    stage_eval(dataclasses.replace(cfg, image_aug=True), tmp_path, DATA, _trained(["goal", "long"]), {},
+               log=lambda _m: None)
+    assert seen[-1].crop_area == 0.9  # models trained on crops see the centre crop
+    # the routing accuracy's truth: each episode's expert is its suite's
+    assert {(e.suite, e.expected_expert) for e in evaluation.plan(["goal", "long"], [3], 1)} == {
+        ("goal", "goal"), ("long", "long")}
+    assert [j.name for j in jobs] == ["mergevla-experts", "baseline-experts", "joint", "blind-replay"]
+
+
+def test_training_is_redone_for_other_data_or_another_base(tmp_path, monkeypatch):
+    import experiments.robot.tabletop_pipeline.training as training
+    from experiments.robot.tabletop_pipeline.pipeline import stage_train
+
+    calls = []
+    monkeypatch.setattr(training, "run_jobs", lambda jobs, settings, workers, log: calls.append(jobs) or {"n": len(calls)})
+    cfg = PipelineConfig(suites=["goal"], expert_steps=30, joint_steps=40)
+
+    def train(fp="fp", sha="b"):
+        data = {"data_root": str(tmp_path / "d"), "joint_suite": "joint", "fingerprint": fp}
+        return stage_train(cfg, tmp_path, data, {"base_dir": "base", "sha256": sha}, log=lambda _m: None)
+
+    assert not train().cached and train().cached
+    assert [(j.name, j.expert_arch, j.suite, j.steps) for j in calls[0]] == [
+        ("mergevla/goal", "cross_attn", "goal", 30), ("baseline/goal", "self_attn", "goal", 30),
+        ("joint", "cross_attn", "joint", 40)]
+    assert not train(fp="other demos").cached
+    assert not train(fp="other demos", sha="other base").cached
+    assert len(calls) == 3
+
+
+def test_the_data_stage_never_replaces_a_named_dir_and_rechecks_its_dataset(tmp_path):
+    from experiments.robot.tabletop.demos import task_file
+    from experiments.robot.tabletop_pipeline.pipeline import stage_data
+
+    kw = dict(suites=["goal"], task_ids=[0], demos_per_task=1, workers=1)
+    mine = tmp_path / "mine"
+    (mine / "goal").mkdir(parents=True)  # looks like an interrupted generation, but the user named it
+    with pytest.raises(PipelineError, match="refusing to replace it"):
+        stage_data(PipelineConfig(out_dir=tmp_path / "run", data_dir=mine, **kw), tmp_path / "run", lambda _m: None)
+    assert list(mine.iterdir()) == [mine / "goal"]
+    cfg = PipelineConfig(out_dir=tmp_path / "own", **kw)
+    (tmp_path / "own" / "tabletop4" / "goal").mkdir(parents=True)  # the pipeline's own: generated again
+    first = stage_data(cfg, tmp_path / "own", lambda _m: None)
+    assert not first.cached and first.outputs["demos"] == 1 and first.outputs["reused"] is False
+    assert stage_data(cfg, tmp_path / "own", lambda _m: None).cached
+    task_file(tmp_path / "own" / "tabletop4", "goal", 0).unlink()  # the dataset changed under the cached record
+    again = stage_data(cfg, tmp_path / "own", lambda _m: None)
+    assert not again.cached and task_file(tmp_path / "own" / "tabletop4", "goal", 0).is_file()
+    assert again.outputs["fingerprint"] == first.outputs["fingerprint"]  # the same demos, made again
+    (tmp_path / "own" / "data" / "stage.json").unlink()  # the record lost, the dataset kept: reused, not a cold run
+    kept = stage_data(cfg, tmp_path / "own", lambda _m: None)
+    assert (kept.cached, kept.outputs["reused"], kept.fresh) == (False, True, False)
+    # other demos under the same file names (another seed): another fingerprint, so training is redone
+    other = stage_data(dataclasses.replace(cfg, seed=1), tmp_path / "own", lambda _m: None)
+    assert not other.cached and other.outputs["fingerprint"] != first.outputs["fingerprint"]
+
+
+def test_a_stage_record_of_another_format_is_not_trusted(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "stage.json").write_text(json.dumps({"spec": {"a": 1}, "outputs": {"n": 0}}))
+    r = Stage(tmp_path, "s", {"a": 1}).run(lambda _d: {"n": 1}, log=lambda _m: None)
+    assert (r.cached, r.outputs) == (False, {"n": 1})
+
+
+def test_what_a_dataset_depends_on_and_what_an_interrupted_generation_leaves(tmp_path):
+    from experiments.robot.tabletop.generate import MANIFEST, GenerateConfig
+    from experiments.robot.tabletop.generate import main as generate
+    from experiments.robot.tabletop_pipeline.data import _differences, _what_is_there, ensure_dataset, matches
+
+    gen = GenerateConfig(out_dir=tmp_path / "d", suites=["goal"], task_ids=[0], demos_per_task=1, pretrain_scenes=0,
+                         workers=1)
+    # made by the generator's CLI with --overwrite true and other workers: the same content, reused
+    generate(dataclasses.replace(gen, overwrite=True, workers=2), log=lambda _m: None)
+    assert matches(gen.out_dir, gen)
+    manifest = json.loads((gen.out_dir / MANIFEST).read_text())
+    assert _differences(manifest, gen) == []
+    # a manifest from a generator that did not record a setting: not this dataset, even where the setting is None
+    old = {**manifest, "config": {k: v for k, v in manifest["config"].items() if k != "task_ids"}}
+    assert _differences(old, dataclasses.replace(gen, task_ids=None)) == ["task_ids not recorded (this run None)"]
+    assert _differences({**manifest, "physics_version": 2}, gen)[0].startswith("physics_version 2 (this run ")
+    # an owned directory after a killed generation (a joint suite and a manifest's temp beside the suites)
+    killed = tmp_path / "killed"
+    (killed / "goal").mkdir(parents=True)
+    (killed / "joint").mkdir()
+    (killed / f".{MANIFEST}.a1b2.tmp").write_text("{")
+    assert _what_is_there(killed, gen).startswith("an unfinished TableTop-4 dataset")
+    manifest, reused = ensure_dataset(dataclasses.replace(gen, out_dir=killed), log=lambda _m: None, owned=True)
+    assert not reused and matches(killed, dataclasses.replace(gen, out_dir=killed))
+
+
+def test_a_merge_jobs_identity_holds_every_knob_that_changes_its_artifact():
+    from experiments.robot.tabletop_pipeline.merging import MergeJob
+
+    job = MergeJob("m", "mergevla", "ties", True, 1, (("goal", "ck/g"), ("long", "ck/l")), ("a", "b"), "out/m")
+    for change in ({"mask_lambda": 0.3}, {"seed": 1}, {"expert_hashes": ("a", "c")}, {"k_gate": 4},
+                   {"experts": (("goal", "ck/g"), ("long", "ck/other"))}, {"masks": False}, {"expert_head_layers": 2},
+                   {"per_task_parts": ("action_queries",)}, {"params": {"k": 50.0}}, {"algorithm": "emr"}):
+        assert dataclasses.replace(job, **change).spec() != job.spec(), change
+    # where it is written and how it is rolled out are not what it is
+    assert dataclasses.replace(job, out_dir="elsewhere", name="n", routed=False).spec() == job.spec()
+
+
+def test_results_files_of_other_weights_are_discarded_and_every_job_must_be_complete(tmp_path):
+    from experiments.robot.harness import ResultsError
+    from experiments.robot.tabletop_pipeline.evaluation import load_rows, results_complete, results_of
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"key": k, "policy_id": p}) + "\n" for k, p in (("goal/0/0", "a"),
+                                                                                        ("goal/0/1", "b"))))
+    assert results_of(mixed, "a", log=lambda _m: None) == mixed and not mixed.exists()  # any other row: all gone
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"key": "goal/0/0", "policy_id": "a"}) + "\n")
+    assert results_of(mine, "a", log=lambda _m: None).exists()
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"key": "goal/1/0", "policy_id": "b"}) + "\n")
+    results = {"full": {"files": [str(mine)]}, "short": {"files": [str(short)]}}
+    assert results_complete({"full": results["full"]}, {"goal/0/0"})
+    assert not results_complete(results, {"goal/0/0"})  # one job short of a planned episode
+    # a record without a policy id still needs each file to be one policy's
+    with open(mine, "a") as f:
+        f.write(json.dumps({"key": "goal/0/1", "policy_id": "z"}) + "\n")
+    with pytest.raises(ResultsError, match=r"holds rows of policies \['a', 'z'\]"):
+        load_rows({"old": {"label": "TA", "files": [str(mine)]}})
+
+
+def test_the_oracle_policy_logs_the_given_task_not_a_routing():
+    from experiments.robot.tabletop_pipeline.evaluation import OraclePolicy
+
+    class Inner:
+        ended = None
+
+        def start_episodes(self, first_obs, instructions, episode_ids=None):
+            return [{"routed_expert": "goal", "scores": [1.0]} for _ in first_obs]
+
+        def end_episodes(self, episode_ids):
+            self.ended = list(episode_ids)
+
+        def act(self, obs, instructions, episode_ids):
+            return np.ones((len(obs), 8, 7))
+
+    inner = Inner()
+    p = OraclePolicy(inner)
+    assert p.start_episodes([{}, {}], ["a", "b"], [0, 1]) == [{"oracle_task": "goal"}, {"oracle_task": "goal"}]
+    assert p.act([{}], ["a"], [0]).shape == (1, 8, 7)
+    p.end_episodes([0, 1])
+    assert inner.ended == [0, 1]
+
+
+def test_every_demo_knob_reaches_the_pipeline():
+    from experiments.robot.demo import DataKnobs, EvalKnobs, MergeKnobs, TrainKnobs
+
+    cfg = DemoConfig(
+        quick=True, seed=3, out_dir=Path("o"), workers=5, base_dir=Path("b"), suites=["long", "goal"],
+        data=DataKnobs(task_ids=[4], demos_per_task=9, demo_noise=0.2, data_dir=Path("dd")),
+        train=TrainKnobs(expert_steps=11, joint_steps=12, batch_size=3, lr=2e-3, lr_schedule="linear", warmup_steps=4,
+                         min_lr_ratio=0.3, weight_decay=0.05, max_grad_norm=2.0, image_aug=True, action_loss="l1",
+                         joint=False),
+        merge=MergeKnobs(algorithms=["ties"], unmasked_algorithms=["tsv"], per_task_algorithms=["emr"],
+                         router_exemplars=7, baseline_algorithms=["dare"], mask_lambda=0.4, k_gate=6,
+                         expert_head_layers=2, baseline_head_layers=3),
+        eval=EvalKnobs(trials_per_task=5, first_init_state=6, num_envs=7, noop_steps=2, router_variant="key",
+                       baseline_experts=False, blind_replay=False, video_episodes=["goal/4/0"], plots=False))
+    got = dataclasses.asdict(cfg.pipeline_config())
+    want = dict(out_dir=Path("o"), seed=3, workers=5, base_dir=Path("b"), suites=["long", "goal"], task_ids=[4],
+                data_dir=Path("dd"), demos_per_task=9, demo_noise=0.2, expert_steps=11, joint_steps=12, batch_size=3,
+                lr=2e-3, lr_schedule="linear", warmup_steps=4, min_lr_ratio=0.3, weight_decay=0.05,
+                max_grad_norm=2.0, image_aug=True, action_loss="l1", train_joint=False, algorithms=["ties"],
+                unmasked_algorithms=["tsv"], per_task_algorithms=["emr"], router_exemplars=7, mask_lambda=0.4,
+                k_gate=6, expert_head_layers=2, baseline_algorithms=["dare"], baseline_head_layers=3,
+                trials_per_task=5, first_init_state=6, num_envs=7, noop_steps=2, router_variant="key",
+                eval_baseline_experts=False, blind_replay=False, video_episodes=["goal/4/0"], plots=False)
+    assert got == want  # every PipelineConfig field set from its knob (none left at the pipeline's default)
+
+
+@pytest.mark.parametrize("error", ["PipelineError", "MergeError", "DemoFailure", "ResultsError"])
+def test_the_demo_reports_a_run_that_cannot_go_on_in_one_line(monkeypatch, capsys, error):
+    import experiments.robot.demo as demo
+    from experiments.robot.harness import ResultsError
+    from experiments.robot.tabletop.demos import DemoFailure
+    from model_merging.errors import MergeError
+
+    exc = {"PipelineError": PipelineError, "MergeError": MergeError, "DemoFailure": DemoFailure,
+           "ResultsError": ResultsError}[error]  # exit 2 with the message, no traceback
+    monkeypatch.setattr(demo, "run_pipeline", lambda cfg: (_ for _ in ()).throw(exc("the run cannot go on")))
+    monkeypatch.setattr(sys, "argv", ["demo", "--quick", "true"])
+    assert demo.cli() == 2
+    assert capsys.readouterr().err == "demo: error: the run cannot go on\n"
+
+
+def test_every_first_observation_is_routed_under_every_variant_across_batches():
+    from types import SimpleNamespace
+
+    import torch
+
+    from experiments.robot.tabletop_pipeline.evaluation import route_all_variants
+
+    tasks = ["goal", "long", "object"]
+
+    class Merged:  # scores favour task (pixel value mod 3) under "value", the next task under "key"
+        router_variants = ("value", "key")
+        task_names = tasks
+        config = SimpleNamespace(proprio_dim=8)
+
+        def multi_expert(self):
+            def processor(instr, images, proprio):  # each image comes with its own instruction
+                ids = images[:, 0, 0, 0, 0].astype(int)
+                assert [f"i{i}" for i in ids] == instr and proprio.shape == (len(ids), 8)
+                return ids
+
+            return SimpleNamespace(processor=processor)
+
+        def candidate_states(self, ids):
+            return ids
+
+        def candidate_scores(self, ids, variant):
+            shift = {"value": 0, "key": 1}[variant]
+            return torch.nn.functional.one_hot(torch.as_tensor((ids + shift) % 3), 3)
+
+    obs = [{"agentview_image": np.full((4, 4, 3), i, np.uint8), "robot0_eye_in_hand_image": np.zeros((4, 4, 3), np.uint8)}
+           for i in range(7)]
+    policy = SimpleNamespace(merged=Merged(), image_transform=None)
+    got = route_all_variants(policy, obs, [f"i{i}" for i in range(7)], batch_size=3)  # batches of 3, 3, 1
+    assert got == {"value": [tasks[i % 3] for i in range(7)], "key": [tasks[(i + 1) % 3] for i in range(7)]}

@@ -48,8 +48,12 @@ def _differences(manifest: dict, gen: GenerateConfig) -> list[str]:
     recorded = {k: v for k, v in (manifest.get("config") or {}).items() if k not in NOT_CONTENT}
     rules = {"tabletop_version": TABLETOP_VERSION, "physics_version": PHYSICS_VERSION}
     spec = generation_spec(gen)
-    return [f"{k} {manifest.get(k)!r} (this run {v!r})" for k, v in rules.items() if manifest.get(k) != v] + [
-        f"{k} {recorded.get(k)!r} (this run {spec.get(k)!r})" for k in sorted(set(spec) | set(recorded))
+
+    def shown(d: dict, k: str) -> str:
+        return repr(d[k]) if k in d else "not recorded"
+
+    return [f"{k} {shown(manifest, k)} (this run {v!r})" for k, v in rules.items() if manifest.get(k) != v] + [
+        f"{k} {shown(recorded, k)} (this run {shown(spec, k)})" for k in sorted(set(spec) | set(recorded))
         if recorded.get(k, _ABSENT) != spec.get(k, _ABSENT)]
 
 
