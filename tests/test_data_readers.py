@@ -214,3 +214,95 @@ def test_the_synthetic_data_cli_refuses_before_it_writes(tmp_path):
     with pytest.raises(FileExistsError, match=f"{SUITE} already exists; refusing to overwrite it"):
         main(SyntheticConfig(out_dir=tmp_path, suite=SUITE, rlds=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == [SUITE]
+
+
+# ------------------------------------------------------------------------------- reader edge cases, chunking
+
+
+def _replace(f: h5py.File, key: str, data: np.ndarray) -> None:
+    del f[key]
+    f.create_dataset(key, data=data)
+
+
+def test_a_demo_left_without_steps_is_skipped_and_the_files_other_demos_stay(tmp_path):
+    """A demo that is all no-ops drops out; it must neither break the read nor end the file's demos early."""
+    root = hdf5_root(tmp_path)
+    f0 = sorted((root / SUITE).glob("*.hdf5"))[0]
+    with h5py.File(f0, "a") as f:
+        idle = np.zeros((20, 7))
+        idle[:, -1] = -1.0  # never moves, gripper always open: every step a no-op
+        _replace(f, "data/demo_0/actions", idle)
+    ds = load_suite(root, SUITE)
+    assert ds.info["num_episodes"] == 3 and len(ds) == 3 * (20 - 3)
+    assert load_suite(root, SUITE, filter_noops=False).info["num_episodes"] == 4  # unfiltered, it has its 20 steps
+
+
+def test_arrays_of_different_lengths_are_named(tmp_path):
+    root = hdf5_root(tmp_path)
+    f0 = sorted((root / SUITE).glob("*.hdf5"))[0]
+    with h5py.File(f0, "a") as f:
+        _replace(f, "data/demo_0/obs/gripper_states", np.zeros((19, 2)))
+    with pytest.raises(DatasetError, match=r"data/demo_0 arrays disagree on the number of steps \(\{19, 20\}\)"):
+        load_suite(root, SUITE)
+
+
+def test_camera_arrays_of_the_wrong_dtype_or_rank_are_named(tmp_path):
+    root = hdf5_root(tmp_path)
+    f0 = sorted((root / SUITE).glob("*.hdf5"))[0]
+    with h5py.File(f0, "a") as f:
+        _replace(f, "data/demo_0/obs/agentview_rgb", f["data/demo_0/obs/agentview_rgb"][:].astype(np.float32) / 255)
+    with pytest.raises(DatasetError, match=r"demo_0/obs/agentview_rgb has dtype float32, expected uint8"):
+        load_suite(root, SUITE)
+    with h5py.File(f0, "a") as f:
+        _replace(f, "data/demo_0/obs/agentview_rgb", np.zeros((20, 16, 16), np.uint8))  # grey frames
+    with pytest.raises(DatasetError, match=r"data/demo_0/obs/agentview_rgb has shape \(20, 16, 16\), "
+                                           r"expected \(T, H, W, 3\)"):
+        load_suite(root, SUITE)
+
+
+def test_preload_budget_is_in_gib(tmp_path):
+    """The suite's frames are 4·20·2·16·16·3 = 122,880 bytes: within 1e-3 GiB (1.07 MB), not within 1e-5 GiB."""
+    from prismatic.vla.datasets.episodes import ArrayImages
+    from prismatic.vla.datasets.hdf5 import HDF5Images
+
+    root = hdf5_root(tmp_path)
+    assert all(isinstance(e.images, ArrayImages) for e in load_suite(root, SUITE, preload_images_gb=1e-3).episodes)
+    assert all(isinstance(e.images, HDF5Images) for e in load_suite(root, SUITE, preload_images_gb=1e-5).episodes)
+
+
+def test_chunk_len_sets_the_chunks_and_negative_indices_are_refused(tmp_path):
+    ds = load_suite(hdf5_root(tmp_path), SUITE, chunk_len=3)
+    end = int(ds.starts[1]) - 1  # the last step of the first episode
+    np.testing.assert_array_equal(ds[0]["actions"], ds.actions[[0, 1, 2]])
+    np.testing.assert_array_equal(ds[end]["actions"], ds.actions[[end] * 3])  # padded with the last step
+    assert ds.get_batch([0, 1])["actions"].shape == (2, 3, 7)
+    with pytest.raises(IndexError, match=r"indices must be a 1-D array within \[0, 68\)"):
+        ds.get_batch([-1])  # numpy would wrap it around to the last step
+    with pytest.raises(IndexError, match="within"):
+        ds.get_batch([len(ds)])
+
+
+def test_episode_order_does_not_depend_on_the_order_they_are_read():
+    """Episodes are sorted by instruction, then by their actions: RLDS (shuffled) and HDF5 reads line up."""
+    from prismatic.vla.datasets import VLADataset
+    from prismatic.vla.datasets.episodes import ArrayImages, Episode
+
+    def ep(instruction, value):
+        acts = np.full((3, 7), value, np.float32)
+        return Episode(instruction, acts, np.zeros((3, 8), np.float32),
+                       ArrayImages(np.full((3, 2, 4, 4, 3), int(value * 10), np.uint8)), f"{instruction}:{value}")
+
+    eps = [ep("b task", 0.1), ep("a task", 0.2), ep("a task", 0.3), ep("a task", 0.5)]
+    one, other = VLADataset(eps), VLADataset(eps[::-1])
+    for k in ("actions", "proprio", "images"):
+        np.testing.assert_array_equal(one.get_batch(np.arange(12))[k], other.get_batch(np.arange(12))[k])
+    assert one.instructions == other.instructions == ["a task"] * 3 + ["b task"]
+
+
+def test_an_episode_whose_arrays_disagree_is_refused():
+    from prismatic.vla.datasets.episodes import ArrayImages, Episode
+
+    with pytest.raises(DatasetError, match=r"x:demo_0: inconsistent episode \(actions \(3, 7\), proprio \(2, 8\), "
+                                           r"3 images\); expected \(T, 7\), \(T, 8\) and T images"):
+        Episode("pick", np.zeros((3, 7), np.float32), np.zeros((2, 8), np.float32),
+                ArrayImages(np.zeros((3, 2, 4, 4, 3), np.uint8)), "x:demo_0")

@@ -79,3 +79,14 @@ def test_missing_rlds_extra_gives_an_install_hint(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tf)
     with pytest.raises(DatasetError, match=r"needs tensorflow and tensorflow-datasets.*\.\[rlds\]"):
         load_suite(tmp_path, SUITE, "rlds")
+
+
+def test_the_highest_version_directory_is_read_by_number_not_by_text(tmp_path):
+    from prismatic.vla.datasets.dataset import resolve_suite
+
+    for v in ("1.0.0", "1.10.0", "1.2.0"):  # three versions side by side
+        (tmp_path / f"{SUITE}_no_noops" / v).mkdir(parents=True)
+        (tmp_path / f"{SUITE}_no_noops" / v / "dataset_info.json").write_text("{}")
+    (tmp_path / f"{SUITE}_no_noops" / "2.0.0").mkdir()  # no dataset_info.json: not a version
+    builder, files = resolve_suite(tmp_path, SUITE, "rlds")
+    assert builder == tmp_path / f"{SUITE}_no_noops" / "1.10.0" and [f.name for f in files] == ["dataset_info.json"]

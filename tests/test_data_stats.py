@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import h5py
 import numpy as np
 from data_fixtures import SUITE, hdf5_root, kept_steps, small_tasks
 
@@ -92,3 +93,77 @@ def test_normalize_leaves_unmasked_dimensions_and_unnormalize_caps_at_the_quanti
     np.testing.assert_allclose(normalize(np.array([[1.0, 0.0], [-4.0, 1.0]]), stats), [[0.5, 0.0], [-1.0, 1.0]])
     np.testing.assert_allclose(unnormalize(np.array([[1.5, 0.0], [-1.5, 1.0], [0.5, 0.5]]), stats),
                                [[2.0, 0.0], [-2.0, 1.0], [1.0, 0.5]])  # a prediction past ±1: the training range
+
+
+# ----------------------------------------------------------------------------------- cache invalidation
+
+
+def _poison(cache_file, **changes):
+    """Rewrite the cache with a q01 only it can supply, plus `changes`."""
+    cache = json.loads(cache_file.read_text())
+    cache["norm_stats"]["action"]["q01"][0] = -123.0
+    cache.update(changes)
+    cache_file.write_text(json.dumps(cache))
+
+
+def test_a_cache_of_another_version_or_step_count_is_not_used(tmp_path):
+    root = hdf5_root(tmp_path)
+    first = load_suite(root, SUITE)
+    cache_file = root / SUITE / STATS_FILE
+    for changes in ({"version": 0}, {"num_steps": len(first) + 1}, {"num_episodes": 5}):
+        _poison(cache_file, **changes)
+        again = load_suite(root, SUITE)
+        assert again.norm_stats == first.norm_stats, changes
+        assert json.loads(cache_file.read_text())["norm_stats"] == first.norm_stats  # and rewritten
+
+
+def test_a_cache_written_by_other_reader_options_is_not_used(tmp_path):
+    from prismatic.vla.datasets.stats import cache_is_fresh
+
+    root = hdf5_root(tmp_path)
+    load_suite(root, SUITE)
+    cache = json.loads((root / SUITE / STATS_FILE).read_text())
+    files = sorted((root / SUITE).glob("*.hdf5"))
+    reader = {"format": "hdf5", "filter_noops": True}
+    assert cache_is_fresh(cache, root / SUITE, files, reader)
+    assert not cache_is_fresh(cache, root / SUITE, files, {**reader, "filter_noops": False})
+    assert not cache_is_fresh(cache, root / SUITE, files[:1], reader)  # a file gone: stale even if the rest match
+
+
+def test_a_file_changed_in_place_gets_a_new_fingerprint_even_at_the_same_size(tmp_path):
+    """Sizes and mtimes only decide whether to re-hash: a rewritten file of the same size must be hashed again."""
+    root = hdf5_root(tmp_path)
+    first = load_suite(root, SUITE)
+    f = sorted((root / SUITE).glob("*.hdf5"))[0]
+    size = f.stat().st_size
+    with h5py.File(f, "a") as h:
+        h["data/demo_0/actions"][5, 0] += 0.5  # in place: same bytes on disk, one value changed
+    st = f.stat()
+    assert st.st_size == size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = load_suite(root, SUITE)
+    assert again.fingerprint != first.fingerprint
+    assert again.fingerprint == load_suite(root, SUITE, cache_stats=False).fingerprint
+
+
+def test_a_foreign_json_file_with_the_cache_name_is_left_alone(tmp_path):
+    root = hdf5_root(tmp_path)
+    (root / SUITE / STATS_FILE).write_text('{"my": "notes"}')
+    ds = load_suite(root, SUITE)
+    assert (root / SUITE / STATS_FILE).read_text() == '{"my": "notes"}'
+    assert ds.norm_stats is not None and ds.fingerprint == load_suite(root, SUITE, cache_stats=False).fingerprint
+
+
+def test_an_unwritable_cache_only_warns(tmp_path, monkeypatch, caplog):
+    import prismatic.vla.datasets.stats as stats
+
+    def refuse(path, obj):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(stats, "write_json", refuse)
+    root = hdf5_root(tmp_path)
+    with caplog.at_level("WARNING"):
+        ds = load_suite(root, SUITE)
+    assert "cannot cache dataset statistics" in caplog.text and not (root / SUITE / STATS_FILE).exists()
+    monkeypatch.undo()
+    assert ds.norm_stats == load_suite(root, SUITE).norm_stats and ds.fingerprint == load_suite(root, SUITE).fingerprint

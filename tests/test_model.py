@@ -382,3 +382,118 @@ def test_reloaded_model_keeps_its_init_seed_and_a_checkpoint_missing_a_tensor_is
     with pytest.raises(CheckpointError, match=r"partial/model\.safetensors: tensor names differ from config 'tiny' "
                                               r"\(missing \['action_queries'\], unexpected \[\]\)"):
         from_pretrained(tmp_path / "partial")
+
+
+# ------------------------------------------------------------------------------- processor and config details
+
+
+def _processor_with_pad_id(pad_id: int, image_size: int = 64):
+    """The tiny vocabulary with the pad token moved to `pad_id` (Qwen's pad is 151643, not 0)."""
+    from tokenizers import Tokenizer, models
+
+    from prismatic.models.processing import PAD_TOKEN, SPECIAL_TOKENS, UNK_TOKEN, VLAProcessor, build_tiny_tokenizer
+
+    tiny = build_tiny_tokenizer()
+    vocab = tiny.get_vocab()
+    other = next(w for w, i in vocab.items() if i == pad_id)
+    vocab[other], vocab[PAD_TOKEN] = vocab[PAD_TOKEN], pad_id
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    tok.normalizer, tok.pre_tokenizer = tiny.normalizer, tiny.pre_tokenizer
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return VLAProcessor(tok, image_size, 512)
+
+
+def test_short_prompts_are_padded_with_the_pad_token():
+    proc = _processor_with_pad_id(7)
+    ids, lens = proc.tokenize(["pick up the cube", "push the red ball to the left zone"])
+    assert proc.pad_id == 7 and ids.shape == (2, int(lens[1]))
+    assert ids[0, : lens[0]].tolist() == proc.encode("pick up the cube")
+    assert ids[0, lens[0]:].tolist() == [7] * int(lens[1] - lens[0])
+    assert ids[1].tolist() == proc.encode("push the red ball to the left zone") and 7 not in ids[1].tolist()
+
+
+def test_processor_images_are_channels_first_in_zero_one():
+    from prismatic.models.processing import VLAProcessor, build_tiny_tokenizer
+
+    proc = VLAProcessor(build_tiny_tokenizer(), 4, 512)
+    x = np.arange(1 * 2 * 4 * 4 * 3, dtype=np.uint8).reshape(1, 2, 4, 4, 3)  # every pixel and channel distinct
+    out = proc.images(x)
+    assert out.shape == (1, 2, 3, 4, 4) and out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.from_numpy(x).permute(0, 1, 4, 2, 3).float() / 255)  # [b, n, c, row, col]
+    with pytest.raises(ValueError, match=r"images must be \(batch, cameras, H, W, 3\), got \(2, 4, 4, 3\)"):
+        proc.images(x[0])
+
+
+def test_processor_downscaling_averages_thin_lines_instead_of_dropping_them():
+    """256 → 64 px: a one-pixel line every 4 columns must read as 1/4 grey (antialiased), not vanish or dominate."""
+    from prismatic.models.processing import VLAProcessor, build_tiny_tokenizer
+
+    x = np.zeros((1, 1, 256, 256, 3), np.uint8)
+    x[..., ::4, :] = 255
+    out = VLAProcessor(build_tiny_tokenizer(), 64, 512).images(x)
+    torch.testing.assert_close(out[..., 2:-2], torch.full_like(out[..., 2:-2], 0.25), atol=0.02, rtol=0)
+
+
+def test_a_tokenizer_larger_than_the_llm_vocabulary_is_refused():
+    from prismatic.models.processing import VLAProcessor, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    n = tok.get_vocab_size()
+    VLAProcessor(tok, 64, n)
+    with pytest.raises(ValueError, match=f"tokenizer has {n} tokens but the LLM only {n - 1}"):
+        VLAProcessor(tok, 64, n - 1)
+
+
+def test_get_config_overrides_are_checked():
+    assert get_config("tiny", chunk_len=4).chunk_len == 4
+    with pytest.raises(ValueError, match=r"unknown VLAConfig field 'chunk_length'"):
+        get_config("tiny", chunk_length=4)
+    with pytest.raises(ValueError, match=r"expert_arch is 'self-attn', expected one of \['cross_attn', 'self_attn'\]"):
+        get_config("tiny", expert_arch="self-attn")
+
+
+def test_config_survives_a_json_round_trip_and_bad_fields_are_named():
+    from prismatic.models.configuration import VLAConfig
+
+    for name in ("tiny", "qwen25-dinosiglip-224px"):
+        cfg = get_config(name)
+        assert VLAConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # JSON turns tuples into lists
+    d = get_config("tiny").to_dict()
+    with pytest.raises(ValueError, match=r"unknown VLAConfig fields \['bogus'\]"):
+        VLAConfig.from_dict({**d, "bogus": 1})
+    with pytest.raises(ValueError, match=r"VLAConfig field 'llm' is 5, expected an object of LLMConfig fields"):
+        VLAConfig.from_dict({**d, "llm": 5})
+    with pytest.raises(ValueError, match=r"unknown LLMConfig fields \['bogus'\] in 'llm'"):
+        VLAConfig.from_dict({**d, "llm": {**d["llm"], "bogus": 1}})
+    # a DINOv2 config without hidden_act is not given SigLIP's legacy activation
+    dino = {k: v for k, v in d["dino"].items() if k != "hidden_act"}
+    assert VLAConfig.from_dict({**d, "dino": dino}).dino.hidden_act == "gelu"
+
+
+def test_tiny_tokenizer_reads_the_whole_prompt_every_time():
+    from prismatic.models.processing import VLAProcessor, build_tiny_tokenizer
+
+    proc = VLAProcessor(build_tiny_tokenizer(), 64, 512)
+    expected = ["<|im_start|>", "system", "you", "are", "qwen", ",", "created", "by", "alibaba", "cloud", ".", "you",
+                "are", "a", "helpful", "assistant", ".", "<|im_end|>", "<|im_start|>", "user", "what", "action",
+                "should", "the", "robot", "take", "to", "pick", "up", "the", "cube", "?", "<|im_end|>", "<|im_start|>",
+                "assistant"]
+    for _ in range(2):  # the second time from the processor's cache
+        assert [proc.tokenizer.id_to_token(i) for i in proc.encode("Pick up the cube.")] == expected
+
+
+def test_tiny_vocabulary_ids_are_positions_in_the_list_and_a_repeated_word_keeps_its_first_id(tmp_path):
+    from pathlib import Path
+
+    from prismatic.models.processing import SPECIAL_TOKENS, TINY_VOCAB_FILE, build_tiny_tokenizer
+
+    words = [w.strip() for w in TINY_VOCAB_FILE.read_text().splitlines() if w.strip() and not w.startswith("#")]
+    vocab = build_tiny_tokenizer().get_vocab()
+    assert len(set(words)) == len(words)  # a repeat takes no id, so every id after it would not be its position
+    assert vocab == {w: i for i, w in enumerate((*SPECIAL_TOKENS, *words))}
+    shipped = json.loads(Path("pretrained_models/tabletop4-tiny-base/tokenizer.json").read_text())["model"]["vocab"]
+    assert vocab == shipped  # the shipped base was trained with these ids
+    f = tmp_path / "vocab.txt"
+    f.write_text("# a comment\npick\nplace\npick\nbowl\n")
+    assert {w: i for w, i in build_tiny_tokenizer(f).get_vocab().items() if i >= len(SPECIAL_TOKENS)} == {
+        "pick": 4, "place": 5, "bowl": 6}
