@@ -269,6 +269,9 @@ def test_metrics_drop_the_lines_of_a_longer_run_that_left_no_checkpoint(tmp_path
     path.write_text(path.read_text() + '{"step": 3}\n{"step": 4}\n')
     sort_metrics(path)
     assert [ln for ln in path.read_text().splitlines()] == [f'{{"step": {s}}}' for s in range(1, 7)]
+    path.write_text('{"loss": 1}\n{"step": 2}\n{"step": 1}\n{"step": 3, "lo')  # no step; torn by a kill
+    sort_metrics(path)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
 def test_metrics_readers_skip_a_line_torn_by_a_kill(tmp_path):

@@ -38,8 +38,8 @@ def truncate_metrics(path: Path, after_step: int, also_keep: range = range(0)) -
 
 def sort_metrics(path: Path) -> None:
     """Order the lines by step, as a resume that kept a longer run's later lines leaves them before its own."""
-    rows = [(r["step"], ln) for ln in path.read_text().splitlines() if (r := _row(ln)) is not None] \
-        if path.is_file() else []
+    rows = [(r["step"], ln) for ln in path.read_text().splitlines()
+            if (r := _row(ln)) is not None and isinstance(r.get("step"), int)] if path.is_file() else []
     if any(a[0] > b[0] for a, b in zip(rows, rows[1:])):
         write_text(path, "".join(ln + "\n" for _, ln in sorted(rows, key=lambda r: r[0])))
 
