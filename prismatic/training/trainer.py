@@ -183,8 +183,8 @@ def _train(cfg: FinetuneConfig, env: DistEnv, on_step: Optional[StepCallback]) -
     if env.is_main:
         rd.write_run_file(cfg, run_id, ds.fingerprint, ds.info)
         # a longer run's checkpoints past max_steps (constant lr) stay, and so do the lines that led to them
-        later = [s for s, _ in rd.complete_checkpoints(run) if s > cfg.max_steps]
-        truncate_metrics(run / rd.METRICS_FILE, step, range(cfg.max_steps + 1, later[-1] + 1 if later else 0))
+        last_ckpt = max((s for s, _ in rd.complete_checkpoints(run)), default=0)
+        truncate_metrics(run / rd.METRICS_FILE, step, range(cfg.max_steps + 1, last_ckpt + 1))
     env.barrier()
 
     model.to(env.device).train()
