@@ -222,24 +222,27 @@ def test_wandb_missing_is_a_config_error(data_root, tmp_path, monkeypatch):
     assert not (tmp_path / "w").exists()
 
 
-def test_wandb_runs_offline_by_default(data_root, tmp_path, monkeypatch):
-    calls = {"log": []}
+def fake_wandb(monkeypatch) -> types.SimpleNamespace:
+    """Stands in for the wandb package; records each init's arguments, each logged (step, data) and finish()."""
+    calls = types.SimpleNamespace(inits=[], logged=[], finished=0)
 
     class FakeRun:
         def log(self, data, step):
-            calls["log"].append(step)
+            calls.logged.append((step, data))
 
         def finish(self):
-            calls["finished"] = True
+            calls.finished += 1
 
-    def init(**kw):
-        calls["init"] = kw
-        return FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: calls.inits.append(kw) or FakeRun()))
+    return calls
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+
+def test_wandb_runs_offline_by_default(data_root, tmp_path, monkeypatch):
+    calls = fake_wandb(monkeypatch)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     train(tiny_config(data_root, tmp_path / "w", wandb=True, max_steps=1))
-    assert calls["init"]["mode"] == "offline" and calls["log"] == [1] and calls["finished"]
+    (init,) = calls.inits
+    assert init["mode"] == "offline" and [step for step, _ in calls.logged] == [1] and calls.finished
     with pytest.raises(ConfigError, match="no WANDB_API_KEY"):
         train(tiny_config(data_root, tmp_path / "w2", wandb=True, wandb_mode="online"))
 
@@ -426,16 +429,8 @@ def test_each_micro_step_augments_with_its_own_seeded_generator(data_root, tmp_p
 
 
 def test_wandb_keeps_one_run_across_a_resume(data_root, tmp_path, monkeypatch):
-    inits, logged = [], []
-
-    class FakeRun:
-        def log(self, data, step):
-            logged.append((step, data))
-
-        def finish(self):
-            pass
-
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: inits.append(kw) or FakeRun()))
+    calls = fake_wandb(monkeypatch)
+    inits, logged = calls.inits, calls.logged
     train(tiny_config(data_root, tmp_path / "w", wandb=True, max_steps=1, save_every=1))
     train(tiny_config(data_root, tmp_path / "w", wandb=True, max_steps=2, save_every=1, resume=True))
     run_id = json.loads((tmp_path / "w" / "run.json").read_text())["run_id"]
