@@ -8,16 +8,31 @@ Public API (see docs in each module):
 - `merge_tensors(name, taus, params)` and `METHODS`: the merge methods on plain tensors.
 """
 
-from model_merging.algorithms import METHODS, MergeContext, Merged, get_method, merge_task_vectors, merge_tensors
-from model_merging.errors import MergeError
-from model_merging.masks import MaskStats, pack_mask, selfish_ratio, tall_masks, unpack_mask
-from model_merging.merge import MergeOptions, merge_experts
-from model_merging.merged_model import MergedModel, load_merged
-from model_merging.routed_policy import RoutedPolicy, load_routed_policy
-from model_merging.router import RouteResult, routing_accuracy, subspace_scores
+from importlib import import_module
 
-__all__ = [
-    "METHODS", "MergeContext", "Merged", "get_method", "merge_task_vectors", "merge_tensors", "MergeError",
-    "MaskStats", "pack_mask", "selfish_ratio", "tall_masks", "unpack_mask", "MergeOptions", "merge_experts",
-    "MergedModel", "load_merged", "RoutedPolicy", "load_routed_policy", "RouteResult", "routing_accuracy", "subspace_scores",
-]
+# imported on first use (PEP 562): a tool that needs one module (the algorithm list, say) does not pay for
+# importing the model and transformers
+_WHERE = {
+    "METHODS": "algorithms", "MergeContext": "algorithms", "Merged": "algorithms", "get_method": "algorithms",
+    "merge_task_vectors": "algorithms", "merge_tensors": "algorithms",
+    "MergeError": "errors",
+    "MaskStats": "masks", "pack_mask": "masks", "selfish_ratio": "masks", "tall_masks": "masks",
+    "unpack_mask": "masks",
+    "MergeOptions": "merge", "merge_experts": "merge",
+    "MergedModel": "merged_model", "load_merged": "merged_model",
+    "RoutedPolicy": "routed_policy", "load_routed_policy": "routed_policy",
+    "RouteResult": "router", "routing_accuracy": "router", "subspace_scores": "router",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

@@ -27,10 +27,16 @@ from model_merging.errors import MergeError
 from model_merging.experts import ExpertSet, parse_expert_specs
 from model_merging.layout import PART_GROUPS, check_part_groups, part_group
 from model_merging.mergy import normalize_argv
-from prismatic.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from prismatic.checkpoint import (
+    CHECKPOINT_KIND,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from prismatic.cli import run_cli
 from prismatic.io import check_output_dir, foreign_entries, written_as
-from prismatic.models.pretrained import CHECKPOINT_KIND
 
 
 def average_parts(experts: ExpertSet, target: str, parts: Sequence[str], expert_head_layers: int = 1,

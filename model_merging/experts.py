@@ -18,9 +18,15 @@ import torch
 from model_merging.errors import MergeError
 from model_merging.layout import LORA_A, LORA_B, ModelLayout, model_layout
 from model_merging.tensor_files import SafetensorsReader
-from prismatic.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, CheckpointError, checked_weights_file, read_manifest
+from prismatic.checkpoint import (
+    CHECKPOINT_KIND,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    checked_weights_file,
+    read_manifest,
+)
 from prismatic.models.configuration import VLAConfig
-from prismatic.models.pretrained import CHECKPOINT_KIND
 from prismatic.vla.augmentation import trained_crop_area
 from prismatic.vla.normalization import check_norm_stats
 

@@ -16,8 +16,6 @@ import torch.nn as nn
 
 from model_merging.errors import MergeError
 from prismatic.models.configuration import VLAConfig
-from prismatic.models.lora import init_trainable, lora_target_modules
-from prismatic.models.modeling import MergeVLA
 
 LORA_A = ".lora_A.default.weight"
 LORA_B = ".lora_B.default.weight"
@@ -83,13 +81,19 @@ class ModelLayout:
         return [n for n in self.scratch if n not in heads]
 
 
-def _meta_model(cfg: VLAConfig) -> MergeVLA:
+# The model (and with it transformers, seconds to import) is imported by the functions that build one, so the
+# CLIs that import this module refuse bad input without waiting for it.
+def _meta_model(cfg: VLAConfig):
+    from prismatic.models.modeling import MergeVLA
+
     with torch.device("meta"):
         return MergeVLA(cfg)
 
 
 @lru_cache(maxsize=8)
 def _layout_cached(cfg_json: str) -> ModelLayout:
+    from prismatic.models.lora import lora_target_modules
+
     cfg = VLAConfig.from_dict(json.loads(cfg_json))
     model = _meta_model(cfg)
     lora = {}
@@ -97,7 +101,7 @@ def _layout_cached(cfg_json: str) -> ModelLayout:
         w = model.vlm.get_submodule(name).weight
         lora[f"vlm.{name}"] = (int(w.shape[0]), int(w.shape[1]))
     scratch = {n: tuple(int(d) for d in p.shape) for n, p in model.named_parameters()
-               if n.startswith(MergeVLA.SCRATCH_PREFIXES)}
+               if n.startswith(model.SCRATCH_PREFIXES)}
     return ModelLayout(lora, scratch, cfg.num_expert_blocks, cfg.llm.hidden_size)
 
 
@@ -111,9 +115,11 @@ def initial_scratch_state(cfg: VLAConfig, seed: int) -> dict[str, torch.Tensor]:
     Only those parts are materialised; `init_trainable` is the same function `build_vla` uses, so the
     values are exactly the experts' starting point without building the VLM.
     """
+    from prismatic.models.lora import init_trainable
+
     model = _meta_model(cfg)
     for prefix in ("proprio_proj", "action_expert"):
         getattr(model, prefix).to_empty(device="cpu")
     model.action_queries = nn.Parameter(torch.empty(model.action_queries.shape))
     init_trainable(model, seed)
-    return {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(MergeVLA.SCRATCH_PREFIXES)}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(model.SCRATCH_PREFIXES)}

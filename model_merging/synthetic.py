@@ -14,10 +14,10 @@ import torch
 
 from model_merging.layout import LORA_A, LORA_B, initial_scratch_state, model_layout
 from prismatic import __version__
-from prismatic.checkpoint import save_checkpoint
+from prismatic.checkpoint import CHECKPOINT_KIND, save_checkpoint
 from prismatic.models.configuration import VLAConfig
 from prismatic.models.modeling import MergeVLA
-from prismatic.models.pretrained import CHECKPOINT_KIND, save_pretrained
+from prismatic.models.pretrained import save_pretrained
 
 
 def toy_norm_stats(seed: int, action_dim: int = 7, proprio_dim: int = 8) -> dict:

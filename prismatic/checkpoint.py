@@ -17,6 +17,7 @@ from prismatic.io import atomic_path, read_json_object, sha256_file, write_json
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
+CHECKPOINT_KIND = "mergevla-checkpoint"  # one fine-tuned expert (a merged artifact is "mergevla-merged")
 # what the directories of each manifest format are, for messages when one is given where another belongs
 KIND_NAMES = {"mergevla-checkpoint": "a fine-tuned checkpoint (finetune.py)",
               "mergevla-merged": "a merged artifact (mergy.py --out)"}

@@ -463,7 +463,7 @@ def test_a_row_mixing_checkpoints_is_flagged_but_the_ft_row_may_have_one_per_sui
 
 def test_the_baseline_ft_row_is_second_and_may_have_one_checkpoint_per_suite():
     from experiments.robot.libero.policies import default_method
-    from prismatic.models.pretrained import CHECKPOINT_KIND
+    from prismatic.checkpoint import CHECKPOINT_KIND
 
     ft = [r for r in paper_rows() if r["method"] == FT_METHOD]
     baseline = [dict(r, method=BASELINE_FT_METHOD, checkpoint=f"/base/{r['suite']}") for r in ft]

@@ -21,10 +21,9 @@ from model_merging.merged_model import load_merged
 from model_merging.mergy import MergyConfig, main, normalize_argv
 from model_merging.multi_expert import MaskedDeltaLinear
 from model_merging.synthetic import save_perturbed_experts
-from prismatic.checkpoint import load_checkpoint, save_checkpoint
+from prismatic.checkpoint import CHECKPOINT_KIND, load_checkpoint, save_checkpoint
 from prismatic.models import BaseModelConfig, build_vla, from_pretrained, get_config
 from prismatic.models.configuration import LoRAConfig
-from prismatic.models.pretrained import CHECKPOINT_KIND
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["spatial", "object", "goal", "long"]

@@ -7,11 +7,10 @@ import pytest
 import torch
 from transformers import Dinov2WithRegistersModel, SiglipVisionModel
 
-from prismatic.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from prismatic.checkpoint import CHECKPOINT_KIND, CheckpointError, load_checkpoint, save_checkpoint
 from prismatic.models import BaseModelConfig, MergeVLA, build_vla, from_pretrained, get_config, save_pretrained
 from prismatic.models.lora import apply_lora
 from prismatic.models.modeling import ExpertBlock, dino_hf_config, siglip_hf_config
-from prismatic.models.pretrained import CHECKPOINT_KIND
 
 
 def n_params(module, pred=lambda n: True):

@@ -15,9 +15,8 @@ import sys
 
 from prismatic.checkpoint import CheckpointError
 from prismatic.cli import run_cli
-from prismatic.models.loading import BaseModelError
-from prismatic.models.prismatic_weights import WeightsError
-from prismatic.training import ConfigError, FinetuneConfig, RunDirError, TrainingDiverged, train
+from prismatic.models.loading import BaseModelError, WeightsError
+from prismatic.training import ConfigError, FinetuneConfig, RunDirError, TrainingDiverged
 from prismatic.vla.datasets import DatasetError
 
 # FileNotFoundError: e.g. a base directory without the Qwen tokenizer.json (BaseModelError is one too)
@@ -26,6 +25,9 @@ USER_ERRORS = (ConfigError, DatasetError, RunDirError, CheckpointError, BaseMode
 
 
 def run(cfg: FinetuneConfig) -> None:
+    cfg.validate()  # train() checks again; here bad flags are refused before the seconds of importing the model
+    from prismatic.training import train
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     print(f"final checkpoint: {train(cfg)}")
 

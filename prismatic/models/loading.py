@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 
 from prismatic.io import atomic_path, read_json_object, state_dict_sha256, write_json
 from prismatic.models.configuration import VLAConfig
-from prismatic.models.modeling import PrismaticVLM
 
 BASE_FORMAT = "mergevla-base"
 PRETRAINED_README = "pretrained_models/README.md"
@@ -54,6 +53,10 @@ class BaseModelError(FileNotFoundError):
     pass
 
 
+class WeightsError(ValueError):
+    """A weights file whose names or shapes do not fit the module they are meant for."""
+
+
 def base_json(directory: Path | str) -> Path:
     """`directory`/base.json, or BaseModelError saying the directory is not a mergevla base and what writes one."""
     meta_file = Path(directory) / "base.json"
@@ -74,6 +77,9 @@ def read_safetensors(path: Path | str, what: str, error: type[Exception] = BaseM
 
 
 def random_base(cfg: VLAConfig, seed: int) -> dict[str, torch.Tensor]:
+    # imported here: the configs and the CLIs import this module, and need not import transformers
+    from prismatic.models.modeling import PrismaticVLM
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return PrismaticVLM(cfg).state_dict()

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from prismatic import __version__
-from prismatic.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from prismatic.checkpoint import CHECKPOINT_KIND, MANIFEST_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from prismatic.io import state_dict_sha256
 from prismatic.models.configuration import VLAConfig, get_config
 from prismatic.models.loading import (
@@ -21,8 +21,6 @@ from prismatic.models.lora import apply_lora, init_trainable
 from prismatic.models.modeling import MergeVLA, is_trainable_name
 from prismatic.models.processing import VLAProcessor, load_tokenizer
 from prismatic.vla.normalization import check_norm_stats
-
-CHECKPOINT_KIND = "mergevla-checkpoint"
 
 
 def build_vla(cfg: VLAConfig | str, base: BaseModelConfig, seed: int = 0) -> MergeVLA:

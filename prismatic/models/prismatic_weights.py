@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from prismatic.io import read_json_object
 from prismatic.models.configuration import VisionTowerConfig, VLAConfig
-from prismatic.models.loading import PRETRAINED_README, BaseModelError, read_safetensors
+from prismatic.models.loading import PRETRAINED_README, BaseModelError, WeightsError, read_safetensors
 from prismatic.models.modeling import PrismaticVLM, dino_hf_config, siglip_hf_config
 
 TowerKind = Literal["dino", "siglip"]
@@ -59,10 +59,6 @@ _TOP = {
                "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
                "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"},
 }
-
-
-class WeightsError(ValueError):
-    """A weights file whose names or shapes do not fit the module they are meant for."""
 
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -32,6 +32,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid or inconsistent."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a number: the settings (usually the learning rate) must change."""
+
+
 @dataclass
 class FinetuneConfig:
     # model

@@ -23,11 +23,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from prismatic.checkpoint import MANIFEST_FILE, CheckpointError, load_checkpoint
+from prismatic.checkpoint import CHECKPOINT_KIND, MANIFEST_FILE, CheckpointError, load_checkpoint
 from prismatic.models import MergeVLA, build_vla, get_config, save_pretrained
-from prismatic.models.pretrained import CHECKPOINT_KIND
 from prismatic.training import run_dir as rd
-from prismatic.training.config import ConfigError, FinetuneConfig
+from prismatic.training.config import ConfigError, FinetuneConfig, TrainingDiverged
 from prismatic.training.distributed import DistEnv, setup, teardown
 from prismatic.training.metrics import MetricsLogger, check_wandb, sort_metrics, truncate_metrics
 from prismatic.training.sampler import ResumableBatchSampler
@@ -39,10 +38,6 @@ from prismatic.vla.normalization import normalize
 
 log = logging.getLogger(__name__)
 StepCallback = Callable[[int, dict], None]
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss stopped being a number: the settings (usually the learning rate) must change."""
 
 
 def micro_seed(seed: int, step: int, micro: int, rank: int) -> int:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments.robot.policy import ImageTransform, VLAPolicy
-from prismatic.checkpoint import MANIFEST_FILE, CheckpointError, read_manifest_json
-from prismatic.models.pretrained import CHECKPOINT_KIND
+from prismatic.checkpoint import CHECKPOINT_KIND, MANIFEST_FILE, CheckpointError, read_manifest_json
 
 FT_KIND = CHECKPOINT_KIND  # "mergevla-checkpoint": one expert, served by VLAPolicy
 

@@ -213,8 +213,7 @@ def vla_predict(model, crop_area: float = 1.0):
 
 def train_config_of(checkpoint: Path) -> dict:
     """The training config stored in a checkpoint's manifest ({} for one saved without it)."""
-    from prismatic.checkpoint import read_manifest
-    from prismatic.models.pretrained import CHECKPOINT_KIND
+    from prismatic.checkpoint import CHECKPOINT_KIND, read_manifest
 
     return read_manifest(checkpoint, CHECKPOINT_KIND).get("train_config") or {}
 
