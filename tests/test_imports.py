@@ -16,7 +16,7 @@ import prismatic.training
 REPO = Path(__file__).resolve().parents[1]
 LIGHT = ["prismatic.models", "prismatic.models.loading", "prismatic.training", "model_merging",
          "model_merging.mergy", "model_merging.average_parts", "model_merging.exemplar_router",
-         "experiments.robot.libero.run_libero_eval"]
+         "experiments.robot.libero.run_libero_eval", "experiments.robot.demo"]
 
 
 def test_the_cli_modules_import_without_the_model():
@@ -30,15 +30,20 @@ def test_the_cli_modules_import_without_the_model():
     assert r.stdout.strip() == "[]"
 
 
-def test_finetune_refuses_a_bad_flag_before_importing_the_trainer():
+@pytest.mark.parametrize("run, argv, message", [
+    ("runpy.run_path('vla-scripts/finetune.py', run_name='not_main')['main']()", ["--config_name", "tiny", "--lr", "nan"],
+     "finetune: error: lr is nan, expected a finite number"),
+    ("__import__('experiments.robot.demo').robot.demo.cli()", ["--quick", "true", "--out_dir", "README.md"],
+     "demo: error: out_dir README.md is a file, not a directory"),
+])
+def test_a_refused_flag_never_imports_the_model(run, argv, message):
     code = ("import runpy, sys\n"
-            "sys.argv = ['finetune.py', '--config_name', 'tiny', '--lr', 'nan']\n"
-            "ns = runpy.run_path('vla-scripts/finetune.py', run_name='not_main')\n"
-            "print(ns['main'](), 'prismatic.training.trainer' in sys.modules, 'transformers' in sys.modules)")
+            f"sys.argv = ['cli', *{argv!r}]\n"
+            f"print({run}, sorted({{m.split('.')[0] for m in sys.modules}} & {{'transformers', 'peft'}}))")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert r.stdout.strip() == "2 False False", r.stderr[-2000:]
-    assert "finetune: error: lr is nan, expected a finite number" in r.stderr
+    assert r.stdout.strip() == "2 []", r.stderr[-2000:]
+    assert message in r.stderr
 
 
 @pytest.mark.parametrize("package", [prismatic.models, model_merging, prismatic.training])

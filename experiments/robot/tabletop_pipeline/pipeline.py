@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -104,7 +105,7 @@ class PipelineConfig:
         from model_merging import METHODS
         from model_merging.router import ALL_VARIANTS, EXEMPLAR
         from prismatic.models import get_config
-        from prismatic.models.modeling import ACTION_LOSSES
+        from prismatic.training.config import ActionLoss  # the model's losses (a test checks); not the model itself
         from prismatic.training.schedule import LR_SCHEDULES
 
         unknown = [s for s in self.suites if s not in SUITES]
@@ -148,8 +149,9 @@ class PipelineConfig:
                            *self.baseline_algorithms] if a not in METHODS]
         if bad:
             raise PipelineError(f"unknown merge algorithm(s) {bad}; expected some of {sorted(METHODS)}")
-        if self.action_loss not in ACTION_LOSSES:
-            raise PipelineError(f"action_loss must be one of {sorted(ACTION_LOSSES)}, got {self.action_loss!r}")
+        if self.action_loss not in typing.get_args(ActionLoss):
+            raise PipelineError(f"action_loss must be one of {sorted(typing.get_args(ActionLoss))}, got "
+                                f"{self.action_loss!r}")
         if self.router_variant not in ALL_VARIANTS:
             raise PipelineError(f"router_variant must be one of {list(ALL_VARIANTS)}, got {self.router_variant!r}")
         if self.router_exemplars == 1:
