@@ -373,16 +373,17 @@ def test_exemplar_router_sees_real_libero_frames_as_the_evaluation_does(tmp_path
 
     suites = ["libero_spatial", "libero_object"]
     merged = tiny_merged(tmp_path, suites)
-    # each suite's "demos": the first frames of trials 0 and 1 of task 0, recorded as raw LIBERO records them
-    # (as rendered, after the settling no-ops); write_hdf5_suite stores the upright frames it is given upside down
+    # each suite's two "demos" start from frames of trial 0 of task 0, recorded as raw LIBERO records them: the first
+    # (as rendered after the settling no-ops, what the evaluation sees first) and one after the arm has moved (an
+    # expert's exemplars must differ); write_hdf5_suite stores the upright frames it is given upside down
     factory = LiberoEnvFactory(128, 0, True)
     for suite in suites:
+        env = factory(suite, 0, 0)
+        obs = env.reset()
         demos = []
-        for trial in (0, 1):
-            env = factory(suite, 0, trial)
-            obs = env.reset()
-            for _ in range(10):
-                obs, *_ = env.step([0.0] * 6 + [-1.0])
+        for action, steps in (([0.0] * 6 + [-1.0], 10), ([0.0, 0.0, 1.0, 0, 0, 0, -1.0], 5)):
+            for _ in range(steps):
+                obs, *_ = env.step(action)
             move = np.array([[0.5, 0, 0, 0, 0, 0, -1.0]] * 2)  # not a no-op, so the loader keeps step 0
             frames = [np.stack([rotate_180(obs[k])] * 2) for k in ("agentview_image", "robot0_eye_in_hand_image")]
             demos.append(Demo(move, np.zeros((2, 6)), np.zeros((2, 2)), *frames))
@@ -390,12 +391,13 @@ def test_exemplar_router_sees_real_libero_frames_as_the_evaluation_does(tmp_path
     factory.close()
     assert calibrate_main(["--merged", str(merged), "--data_root", str(tmp_path / "data"), "--per_task", "2",
                            "--device", "cpu"]) == 0
-    cfg = GenerateConfig(pretrained_checkpoint=merged, task_suites=suites, task_ids=[0], num_trials_per_task=2,
+    # trial 0 of each suite (LIBERO's scenes take seconds each to build and reset on CPU)
+    cfg = GenerateConfig(pretrained_checkpoint=merged, task_suites=suites, task_ids=[0], num_trials_per_task=1,
                          max_steps=8, env_img_res=128, fast_render=True, results_dir=tmp_path / "runs", device="cpu",
                          router_variant="exemplar")
     rows = main(cfg)
     assert "warning" not in capsys.readouterr().out  # calibrated with the evaluation's view: nothing to warn about
-    assert sorted((r["suite"], r["routed_expert"]) for r in rows) == sorted((s, s) for s in suites for _ in (0, 1))
+    assert sorted((r["suite"], r["routed_expert"]) for r in rows) == [(s, s) for s in sorted(suites)]
     for r in rows:  # the same frame through the same path: at distance 0 from one of its expert's exemplars
         assert r["route_scores"][r["suite"]] == pytest.approx(0.0, abs=1e-3)
     # the view matters: had the evaluation not rotated the rendered frames, they would be far from every exemplar
