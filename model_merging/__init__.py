@@ -8,7 +8,7 @@ Public API (see docs in each module):
 - `merge_tensors(name, taus, params)` and `METHODS`: the merge methods on plain tensors.
 """
 
-from importlib import import_module
+from prismatic.lazy import lazy_exports
 
 # imported on first use (PEP 562): a tool that needs one module (the algorithm list, say) does not pay for
 # importing the model and transformers
@@ -25,14 +25,4 @@ _WHERE = {
 }
 __all__ = list(_WHERE)
 
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())

@@ -4,7 +4,7 @@ The names below are imported on first use (PEP 562), so a tool that only needs t
 importing transformers (seconds per process).
 """
 
-from importlib import import_module
+from prismatic.lazy import lazy_exports
 
 _WHERE = {
     "CONFIGS": "configuration", "VLAConfig": "configuration", "get_config": "configuration",
@@ -14,14 +14,4 @@ _WHERE = {
 }
 __all__ = list(_WHERE)
 
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())
