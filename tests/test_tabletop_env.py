@@ -74,6 +74,8 @@ def test_fingers_close_and_open_over_steps():
     np.testing.assert_allclose(widths, [0.028, 0.016, 0.004, 0.0], atol=1e-12)
     step_physics(s, act(grip=OPEN))
     assert s.finger == pytest.approx(0.012)
+    step_physics(s, act(grip=0.0))  # only a positive gripper entry closes: 0 opens
+    assert s.finger == pytest.approx(0.024)
 
 
 # ---------------------------------------------------------------- grasp and release
@@ -88,11 +90,27 @@ def test_grasp_when_centred_and_carry():
 
 
 def test_no_grasp_when_off_centre_or_too_high():
-    for tip in [(0.03, 0.0, 0.025), (0.0, 0.0, 0.06)]:
+    for tip in [(0.03, 0.0, 0.025), (0.0, 0.03, 0.025), (0.0, 0.0, 0.06)]:
         s = scene(cube(), gripper=tip)
         for _ in range(4):
             step_physics(s, act(grip=CLOSE))
         assert s.held == "" and s.finger == 0.0, tip
+
+
+def test_grasp_needs_the_tip_4_mm_above_the_base_and_takes_the_nearest_object():
+    # a cube on a plate (base z 0.012): the tip can reach the plate's surface, but grasps only from 0.016 up
+    for tip_z, held in [(0.012, ""), (0.0155, ""), (0.016, "cube")]:
+        s = scene(Body("plate", "plate", "white", (0.0, 0.0, 0.0)), cube(z=0.012, support="plate"),
+                  gripper=(0.0, 0.0, tip_z))
+        for _ in range(2):
+            step_physics(s, act(grip=CLOSE))
+        assert s.held == held, tip_z
+    # two objects within GRASP_TOL of the tip (touching each other): the one nearer the tip (x + y) is taken
+    s = scene(Body("cyl", "cylinder", "blue", (0.0165, 0.0165, 0.0)), cube(x=-0.0175, y=-0.0175),
+              gripper=(0.0, 0.0, 0.025))
+    for _ in range(2):
+        step_physics(s, act(grip=CLOSE))
+    assert s.held == "cyl" and s.finger == pytest.approx(0.022)
 
 
 def test_release_lands_in_bowl_on_cube_and_slides_off_ball():
@@ -125,10 +143,39 @@ def test_release_lands_in_bowl_on_cube_and_slides_off_ball():
     assert np.hypot(*(a.pos[:2] - ball.pos[:2])) >= 0.025 + 0.026  # slid out of overlap
 
 
+def test_released_beside_an_object_it_slides_just_clear_of_it():
+    # released 3 cm from a cube's centre (not over it): lands on the table, then moves straight away until the
+    # two discs are 1 mm apart (0.025 + 0.025 + 0.001)
+    s = scene(cube("a"), cube("b", x=-0.15, color="blue"))
+    hold(s, "b")
+    s.gripper_pos = np.array([0.03, 0.0, 0.1])
+    step_physics(s, act(grip=OPEN))
+    b = s.body("b")
+    np.testing.assert_allclose(b.pos, [0.051, 0.0, 0.0], atol=1e-9)
+    assert b.support == "" and s.body("a").pos[0] == 0.0
+
+
+def test_a_stacked_cube_above_a_bowls_rim_may_overhang_its_wall():
+    # cube a stands just outside the bowl (centre 9 cm away); b released on a at 7.5 cm overhangs the bowl's
+    # wall, but at z 0.05 it is above the rim (0.035), so it stays where it was put
+    s = scene(Body("bowl", "bowl", "white", (0.0, 0.0, 0.0)), cube("a", x=0.09), cube("b", x=-0.15, color="blue"))
+    hold(s, "b")
+    s.gripper_pos = np.array([0.075, 0.0, 0.1])
+    step_physics(s, act(grip=OPEN))
+    b = s.body("b")
+    assert b.support == "a"
+    np.testing.assert_allclose(b.pos, [0.075, 0.0, 0.05], atol=1e-9)
+
+
 def test_whatever_rests_on_a_lifted_object_falls():
     s = scene(cube("a"), cube("b", z=0.05, support="a", color="blue"))
     hold(s, "a")
     assert s.body("b").support == "" and s.body("b").pos[2] == 0.0
+    # a stack of three: lifting the bottom cube lets the two above it come down together
+    s = scene(cube("a"), cube("b", z=0.05, support="a", color="blue"), cube("c", z=0.1, support="b", color="green"))
+    hold(s, "a")
+    assert (s.body("b").support, s.body("b").pos[2]) == ("", 0.0)
+    assert (s.body("c").support, s.body("c").pos[2]) == ("b", pytest.approx(0.05))
 
 
 # ---------------------------------------------------------------- paddle: push, rest on top, press
@@ -279,6 +326,8 @@ def test_closed_gripper_rests_on_objects_but_open_one_straddles_them():
 
 
 def test_stove_turns_on_only_when_pressed_with_closed_gripper():
+    stove = Body("stove", "stove", "black", (0.1, 0.1, 0.0))
+    assert stove.knob_xy() == pytest.approx((0.135, 0.065))  # the knob sits at the stove's front right
     stove = Body("stove", "stove", "black", (0.0, 0.0, 0.0))
     kx, ky = stove.knob_xy()
     for finger, expect in [(0.0, True), (OPEN_FINGER, False)]:
@@ -295,6 +344,17 @@ def test_stove_turns_on_only_when_pressed_with_closed_gripper():
 
 
 # ---------------------------------------------------------------- predicates
+def test_footprints_are_discs_for_round_bodies_and_rectangles_for_the_rest():
+    bowl = Body("bowl", "bowl", "white", (0.1, 0.0, 0.0))  # radius 0.058
+    assert bowl.contains_xy(0.14, 0.04)  # 0.0566 from the centre
+    assert not bowl.contains_xy(0.145, 0.045)  # 0.0636: inside the bounding square, outside the disc
+    assert bowl.contains_xy(0.145, 0.045, margin=0.006)
+    tray = Body("tray", "tray", "gray", (0.0, 0.1, 0.0))  # half extents 0.075 (x) by 0.055 (y)
+    assert tray.contains_xy(0.074, 0.154) and tray.contains_xy(-0.074, 0.046)
+    assert not tray.contains_xy(0.0, 0.16) and not tray.contains_xy(0.0, 0.04)  # 6 cm off in y: outside
+    assert not tray.contains_xy(0.076, 0.1) and tray.contains_xy(0.0, 0.16, margin=0.005)
+
+
 def test_push_predicate_is_the_zone_square():
     zone = Body("zone", "zone", "green", (0.1, 0.1, 0.0))
     for xy, inside in [((0.14, 0.06), True), ((0.06, 0.14), True), ((0.16, 0.1), False), ((0.04, 0.1), False),
@@ -311,6 +371,7 @@ def test_success_needs_every_sub_goal():
     a, b = cube("a", x=0.1, z=0.008, support="bowl"), cube("b", x=-0.1, color="blue")
     s = scene(bowl, a, b, goals=[Goal("place", "a", "bowl"), Goal("place", "b", "bowl")])
     assert goal_done(s, "place", "a", "bowl") and not success(s)  # the first of two sub-goals only
+    assert not success(scene(bowl, a))  # a scene without goals is never a success
 
 
 def test_place_in_a_fixture_counts_objects_resting_on_its_contents():
@@ -368,10 +429,38 @@ def test_bad_actions_and_arguments_are_rejected():
         make_env("libero_goal", 0, 0)
     with pytest.raises(ValueError, match="tasks 0..9, got task_id=10"):
         make_env("goal", 10, 0)
+    with pytest.raises(ValueError, match="tasks 0..9, got task_id=-1"):
+        make_env("goal", -1, 0)
     with pytest.raises(ValueError, match="init_state_id must be in 0..49"):
         make_env("goal", 0, NUM_INIT_STATES)
     with pytest.raises(ValueError, match="image_size"):
         make_env("goal", 0, 0, image_size=4)
+
+
+def test_step_count_timeout_and_reset():
+    env = make_env("goal", 0, 0, render=False)
+    assert env.max_steps == 64 and make_env("long", 0, 0, render=False).max_steps == 112
+    env.reset()
+    infos = [env.step(act(0.1))[3] for _ in range(env.max_steps)]
+    assert [i["steps"] for i in infos] == list(range(1, 65))
+    assert not infos[-2]["timeout"] and infos[-1]["timeout"]  # reported from the max_steps-th step on
+    env.reset()  # a reset starts counting again
+    info = env.step(act(0.1))[3]
+    assert info["steps"] == 1 and not info["timeout"]
+
+
+def test_set_init_state_keeps_its_own_copy():
+    env = make_env("goal", 0, 0, render=False)
+    s = init_state("goal", 0, 3)
+    start = s.gripper_pos.copy()
+    obs = env.set_init_state(s)
+    np.testing.assert_array_equal(obs["robot0_eef_pos"], start)
+    s.gripper_pos[:] = 0.0  # the caller changing its state later changes nothing in the env
+    env.step(act(1.0))
+    np.testing.assert_array_equal(env.reset()["robot0_eef_pos"], start)
+    np.testing.assert_array_equal(env.init_state.gripper_pos, start)
+    with pytest.raises(TypeError, match="expects a SceneState, got dict"):
+        env.set_init_state(s.to_dict())
 
 
 def test_same_init_and_actions_give_identical_trajectories():
@@ -519,6 +608,29 @@ def test_scripted_expert_solves_every_task(suite):
             expert = ScriptedExpert(noise=0.1, rng=np.random.default_rng(i))
             wins += _run(suite, task.task_id, i, lambda env, e=expert: e.act(env.state))
         assert wins >= 0.95 * NUM_INIT_STATES, (suite, task.task_id, wins)
+
+
+def test_the_expert_carries_objects_over_other_bodies_not_through_them():
+    # held objects pass through bodies sideways in the physics; the expert lifts them clear (SAFE_Z) instead
+    def through(s):
+        h = s.body(s.held)
+        return [c.name for c in s.bodies if c is not h and c.kind != "zone" and h.pos[2] < c.top - 1e-6
+                and c.pos[2] < h.top - 1e-6
+                and np.hypot(*(h.pos[:2] - c.pos[:2])) < max(h.spec.half) + max(c.spec.half) - 1e-6]
+
+    for suite in ("object", "long"):
+        for task in get_suite(suite):
+            env = make_env(suite, task.task_id, 0, render=False)
+            env.reset()
+            expert = ScriptedExpert(noise=0.1, rng=np.random.default_rng(task.task_id))
+            for _ in range(env.max_steps):
+                prev = env.state.gripper_pos.copy()
+                done = env.step(expert.act(env.state))[2]
+                s = env.state
+                if s.held and np.hypot(*(s.gripper_pos[:2] - prev[:2])) > 0.01:  # a sideways move
+                    assert through(s) == [], (suite, task.task_id, s.held, through(s))
+                if done:
+                    break
 
 
 def test_random_policies_fail():

@@ -65,3 +65,48 @@ def test_place_phrases():
     assert place_phrase(s, loose) == "in the green zone"
     s.held = "pink_cube"
     assert place_phrase(s, loose) == "in the gripper"
+    basket = body("basket", -0.15, 0.0, "basket", "brown")
+    tray = body("tray", 0.0, -0.15, "tray", "gray")
+    in_basket = body("green_cube", -0.15, 0.0, color="green", z=0.008, support="basket")
+    on_tray = body("cyan_cube", 0.0, -0.15, color="cyan", z=0.015, support="tray")
+    s = SceneState([basket, tray, in_basket, on_tray], np.array([0.0, 0.0, 0.2]))
+    assert place_phrase(s, in_basket) == "in the basket" and place_phrase(s, on_tray) == "on the tray"
+
+
+def test_scene_texts_state_the_scene_as_it_is():
+    def texts(s, seed):
+        return scene_texts(s, np.random.default_rng(seed), max_items=100)
+
+    bowl, cube = body("bowl", 0.0, 0.0, "bowl", "white"), body("red_cube", -0.1, 0.0)
+    ball = body("blue_ball", 0.1, -0.1, "ball", "blue")
+    s = SceneState([bowl, cube, ball], np.array([0.1, 0.1, 0.2]))  # open gripper, nothing held
+    relations = {"the red cube is left of the bowl", "the bowl is right of the red cube",
+                 "the red cube is left of the blue ball", "the blue ball is right of the red cube"}
+    seen = set()
+    for seed in range(5):
+        items = texts(s, seed)
+        said = {t for k, _, t in items if k == "caption" and " of " in t}
+        assert said <= relations, said  # ball vs bowl is diagonal: never stated
+        seen |= said
+        assert [it for it in items if not (it[0] == "caption" and " of " in it[2])] == [
+            ("caption", "what is in the scene ?", "there are two objects"),
+            ("qa", "how many objects are there ?", "two"),
+            ("qa", "what is in the gripper ?", "no object"),
+            ("qa", "is the gripper open ?", "yes"),
+            ("qa", "which object is closest to the gripper ?", "the blue ball"),
+            ("qa", "what color is the cube ?", "red"),
+            ("qa", "what shape is the red object ?", "cube"),
+            ("qa", "what color is the ball ?", "blue"),
+            ("qa", "what shape is the blue object ?", "ball"),
+            ("qa", "what is in the bowl ?", "no object"),
+        ]
+    assert len(seen) >= 2
+    s = SceneState([bowl, cube], np.array([-0.1, 0.0, 0.1]), finger=0.025, held="red_cube")
+    for seed in range(3):
+        items = texts(s, seed)
+        assert ("caption", "what is in the scene ?", "the red cube is in the gripper") in items
+        assert ("caption", "what is in the scene ?", "there is one object") in items
+        assert ("qa", "how many objects are there ?", "one") in items
+        assert ("qa", "what is in the gripper ?", "the red cube") in items
+        assert ("qa", "is the gripper open ?", "no") in items
+        assert not [t for k, _, t in items if k == "caption" and " of " in t]  # nothing relative to a held object
