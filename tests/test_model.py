@@ -1,10 +1,12 @@
 """Issue 2: the MergeVLA model, real sizes on `meta` and the tiny config on CPU."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Dinov2WithRegistersModel, SiglipVisionModel
 
 from prismatic.checkpoint import CHECKPOINT_KIND, CheckpointError, load_checkpoint, save_checkpoint
@@ -86,6 +88,7 @@ def test_the_vision_gate_scales_the_vision_logits():
     block = ExpertBlock(8, 2, self_attn=False)
     x, h_act = torch.randn(1, 3, 8), torch.randn(1, 4, 8)
     h_vis = [torch.randn(1, 5, 8) for _ in range(2)]
+    assert block.gate.item() == 0.0
     with torch.no_grad():
         attn = [block.attention(x, h_act, h)[0] for h in h_vis]
         assert not torch.allclose(attn[0], attn[1])  # g = 0: σ = 0.5, the vision keys count
@@ -167,8 +170,10 @@ def test_action_loss_is_l1_or_mse_of_the_predicted_chunk(tiny_vla):
         torch.manual_seed(0)
         return tiny_vla(**batch, **kw)
 
-    err = (run().actions - batch["actions"]).double()
-    assert run().loss.item() == pytest.approx(err.abs().mean().item(), rel=1e-5)
+    out = run()
+    err = (out.actions - batch["actions"]).double()
+    assert out.loss.item() == pytest.approx(err.abs().mean().item(), rel=1e-5)
+    assert out.act_states is None and out.vis_states is None  # kept only when asked
     assert run(action_loss="mse").loss.item() == pytest.approx(err.pow(2).mean().item(), rel=1e-5)
     with pytest.raises(ValueError, match="action_loss is 'huber'"):
         tiny_vla(**batch, action_loss="huber")
@@ -203,6 +208,10 @@ def test_gradients_reach_only_lora_queries_proprio_and_expert():
     assert grads["proprio_proj.0.weight"].abs().sum() > 0
     assert grads["action_expert.blocks.0.q_vis.weight"].abs().sum() > 0
     assert grads["action_expert.blocks.0.gate"].abs().sum() > 0
+    from prismatic.models.pretrained import count_parameters
+
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert count_parameters(model) == n_params(model) > count_parameters(model, trainable_only=True) == n_trainable
 
 
 def test_baseline_and_mergevla_experts_differ_exactly_in_the_self_attention_path():
@@ -265,6 +274,7 @@ def test_save_load_gives_identical_predictions(tmp_path):
     reloaded = from_pretrained(tmp_path / "ckpt")
     assert torch.equal(model.predict_action(**batch), reloaded.predict_action(**batch))
     assert reloaded.norm_stats == model.norm_stats
+    assert reloaded.manifest["step"] == 7 and reloaded.manifest["init_seed"] == 1
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         save_pretrained(model, tmp_path / "ckpt")
 
@@ -285,7 +295,7 @@ def test_a_checkpoint_path_that_is_a_file_is_named_as_one(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "bad_json", "wrong_format", "no_base",
-                                    "bad_norm_stats"])
+                                    "bad_norm_stats", "bad_config"])
 def test_corrupt_or_truncated_checkpoint_raises_a_clear_error(tmp_path, damage):
     model = build_vla("tiny", BaseModelConfig(random_seed=0), seed=0)
     d = save_pretrained(model, tmp_path / "ckpt")
@@ -307,6 +317,10 @@ def test_corrupt_or_truncated_checkpoint_raises_a_clear_error(tmp_path, damage):
     elif damage == "no_base":
         m.write_text(json.dumps({k: v for k, v in json.loads(m.read_text()).items() if k != "base"}))
         match = "field 'base' is None, expected the reference of the base"
+    elif damage == "bad_config":
+        manifest = json.loads(m.read_text())
+        m.write_text(json.dumps({**manifest, "config": {**manifest["config"], "bogus": 1}}))
+        match = r"manifest.json: field 'config' is invalid \(unknown VLAConfig fields \['bogus'\]"
     elif damage == "bad_norm_stats":
         m.write_text(json.dumps({**json.loads(m.read_text()), "norm_stats": {"action": {}}}))
         match = r"manifest.json field norm_stats.action.q01 is None, expected a list of 7"
@@ -362,6 +376,209 @@ def test_base_weights_that_do_not_fit_the_config_name_the_source_and_the_keys():
         load_vlm_weights(PrismaticVLM(cfg), {**state, "extra.weight": torch.zeros(1)}, "seed 5", "tiny")
 
 
+# ------------------------------------------------------------------------------- the action expert, written out
+
+
+def test_rope_turns_each_dimension_pair_by_position_times_its_frequency():
+    from prismatic.models.modeling import rope
+
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).expand(1, 1, 2, 4)  # (B, H, T, hd): the same vector at positions 0 and 1
+    out = rope(x, base=100.0)[0, 0]
+    torch.testing.assert_close(out[0], x[0, 0, 0])  # position 0 is not turned
+    # position 1: the pairs (0, 2) and (1, 3) turn by 1 · 100^(-0/4) = 1 rad and 1 · 100^(-2/4) = 0.1 rad
+    c1, s1, c2, s2 = math.cos(1.0), math.sin(1.0), math.cos(0.1), math.sin(0.1)
+    torch.testing.assert_close(out[1], torch.tensor([c1 - 3 * s1, 2 * c2 - 4 * s2, 3 * c1 + s1, 4 * c2 + 2 * s2]))
+
+
+def expert_block_by_hand(blk, x, h_act, h_vis):
+    """ExpertBlock's formula: per key set its own q/k/v, rope on queries and keys, the vision logits times the gate
+    (σ(g), or tanh(g) in the baseline), one softmax over [self (baseline only), act, vis] keys scaled by 1/√head_dim,
+    then out = ReLU(Linear(LayerNorm(o_proj(heads merged) + x)))."""
+    from prismatic.models.modeling import rope
+
+    b, d, nh = x.shape[0], x.shape[-1], blk.heads
+    hd = d // nh
+
+    def heads(lin, t):  # (B, N, D) → (B, H, N, hd)
+        return lin(t).reshape(b, t.shape[1], nh, hd).permute(0, 2, 1, 3)
+
+    gate = torch.tanh(blk.gate) if blk.has_self_attn else torch.sigmoid(blk.gate)
+    logits, values = [], []
+    for name, keys in ([("self", x)] if blk.has_self_attn else []) + [("act", h_act), ("vis", h_vis)]:
+        q, k = rope(heads(getattr(blk, f"q_{name}"), x)), rope(heads(getattr(blk, f"k_{name}"), keys))
+        s = torch.einsum("bhqc,bhkc->bhqk", q, k) / math.sqrt(hd)
+        logits.append(gate * s if name == "vis" else s)
+        values.append(heads(getattr(blk, f"v_{name}"), keys))
+    w = torch.softmax(torch.cat(logits, -1), dim=-1)
+    out = torch.einsum("bhqk,bhkc->bqhc", w, torch.cat(values, 2)).reshape(b, -1, d)
+    ln, lin = blk.ffn[0], blk.ffn[1]
+    return torch.relu(lin(F.layer_norm(blk.o_proj(out) + x, (d,), ln.weight, ln.bias, ln.eps)))
+
+
+@pytest.mark.parametrize("self_attn", [False, True])
+def test_expert_block_computes_its_formula(self_attn):
+    torch.manual_seed(0)
+    blk = ExpertBlock(8, 2, self_attn=self_attn)
+    with torch.no_grad():
+        for p in blk.parameters():  # LayerNorm affine and biases too: nothing left at a neutral init
+            p.normal_(0.0, 0.5)
+        blk.gate.fill_(0.7)
+        x, h_act, h_vis = torch.randn(2, 3, 8), torch.randn(2, 4, 8), torch.randn(2, 5, 8)
+        got, want = blk(x, h_act, h_vis), expert_block_by_hand(blk, x, h_act, h_vis)
+    assert (want > 0).float().mean() > 0.1  # not all ReLU'd away
+    torch.testing.assert_close(got, want)
+
+
+def test_action_expert_runs_norm_projection_relu_then_block_i_on_layer_i_plus_one():
+    from prismatic.models.modeling import ActionExpert
+
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    expert = ActionExpert(cfg)
+    d, n_layers = cfg.llm.hidden_size, cfg.llm.num_layers
+    with torch.no_grad():
+        for p in expert.parameters():
+            if p.ndim == 1:  # biases, LayerNorm affines, gates: off their neutral init
+                p.normal_(0.0, 0.5)
+    act = [torch.randn(2, 3, d) for _ in range(n_layers + 1)]
+    vis = [torch.randn(2, 5, d) for _ in range(n_layers + 1)]
+    proprio = torch.randn(2, 1, d)
+
+    def by_hand(x):  # x: the expert's (B, chunk_len, action_dim · D) input
+        x = torch.relu(expert.in_proj(expert.in_norm(x)))
+        for i, blk in enumerate(expert.blocks):
+            x = blk(x, torch.cat([act[i + 1], proprio], 1), vis[i + 1])
+        return expert.out_proj(expert.out_norm(x))
+
+    with torch.no_grad():
+        expert.eval()
+        got = expert(act, vis, proprio)
+        assert got.shape == (2, cfg.chunk_len, cfg.action_dim)
+        torch.testing.assert_close(got, by_hand(torch.zeros(2, cfg.chunk_len, cfg.action_dim * d)))
+        expert.train()  # the zero input plus noise of std expert_noise_std
+        torch.manual_seed(1)
+        got = expert(act, vis, proprio)
+        torch.manual_seed(1)
+        want = by_hand(cfg.expert_noise_std * torch.randn(2, cfg.chunk_len, cfg.action_dim * d))
+    torch.testing.assert_close(got, want)
+
+
+def test_projector_is_linear_gelu_linear_gelu_linear():
+    from prismatic.models.modeling import make_projector
+
+    torch.manual_seed(0)
+    proj = make_projector(6, 4)
+    x = torch.randn(2, 3, 6)
+    h = F.gelu(F.linear(x, proj[0].weight, proj[0].bias))  # exact GELU, as Prismatic's nn.GELU()
+    h = F.gelu(F.linear(h, proj[2].weight, proj[2].bias))
+    with torch.no_grad():
+        torch.testing.assert_close(proj(x), F.linear(h, proj[4].weight, proj[4].bias))
+    assert proj[0].out_features == 24  # 4 × vision_dim
+
+
+def test_llm_settings_reach_the_qwen2_model():
+    """rope_theta changes no shape: a config that lost it would still load every weight and run wrong."""
+    import dataclasses
+
+    from prismatic.models.modeling import Qwen2ForCausalLM, qwen2_hf_config
+
+    cfg = get_config("tiny")
+    cfg.llm = dataclasses.replace(cfg.llm, rope_theta=5e5)
+    llm = Qwen2ForCausalLM(qwen2_hf_config(cfg))
+    head_dim = cfg.llm.hidden_size // cfg.llm.num_heads
+    inv_freq = llm.model.rotary_emb.inv_freq
+    torch.testing.assert_close(inv_freq[1], torch.tensor(5e5 ** (-2 / head_dim)))
+
+
+# --------------------------------------------------------------------------------------------------- LoRA and init
+
+
+def test_lora_adds_alpha_over_r_times_b_a_x_with_the_configured_dropout():
+    from prismatic.models.configuration import LoRAConfig
+
+    model = MergeVLA(get_config("tiny"))
+    apply_lora(model, LoRAConfig(r=4, alpha=12, dropout=0.25))
+    layer = model.vlm.projector[0]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert a.shape == (4, layer.in_features) and b.shape == (layer.out_features, 4)
+    assert isinstance(layer.lora_dropout["default"], torch.nn.Dropout) and layer.lora_dropout["default"].p == 0.25
+    model.eval()  # no dropout
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        b.normal_()
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + 3.0 * (x @ a.T @ b.T))  # scale 12 / 4
+
+
+def test_trainable_parts_are_initialised_from_the_seed_alone(tiny_vla):
+    """Whatever the base weights, the build order or the global RNG: experts of one seed start identical."""
+    from prismatic.models.lora import init_trainable
+
+    cfg = get_config("tiny")
+    want = build_vla(cfg, BaseModelConfig(random_seed=1), seed=2).trainable_state_dict()
+    model = MergeVLA(cfg)
+    apply_lora(model, cfg.lora)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    torch.manual_seed(5)
+    init_trainable(model, 2)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3))  # the global RNG is left where it was
+    got = model.trainable_state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    # every trainable tensor is reset, whatever it held
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.fill_(0.5)
+    init_trainable(model, 2)
+    assert all(torch.equal(v, want[k]) for k, v in model.trainable_state_dict().items())
+    # what they are set to: gates 0, queries N(0, 0.02²), LoRA A uniform in ±1/√fan_in, LoRA B 0
+    assert all(blk.gate.item() == 0.0 for blk in model.action_expert.blocks)
+    q = model.action_queries
+    assert abs(q.std().item() - 0.02) < 0.002 and abs(q.mean().item()) < 0.002
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            bound = 1 / math.sqrt(p.shape[1])
+            assert 0.9 * bound < p.abs().max().item() <= bound, name
+        elif ".lora_B." in name:
+            assert not p.any(), name
+    assert not torch.equal(tiny_vla.action_queries, want["action_queries"])  # seed 0 is another start
+
+
+# ------------------------------------------------------------------------------------------------ the VLA's API
+
+
+def test_predict_action_runs_without_the_training_noise_and_restores_the_mode(tiny_vla):
+    batch = smooth_batch(tiny_vla)
+    tiny_vla.eval()
+    try:
+        evaluated = tiny_vla.predict_action(**batch)
+        assert not tiny_vla.training
+    finally:
+        tiny_vla.train()
+    assert torch.equal(tiny_vla.predict_action(**batch), evaluated)
+    assert tiny_vla.training
+
+
+def test_per_task_queries_take_the_place_of_the_learned_queries(tiny_vla):
+    q = torch.randn(2, tiny_vla.config.num_action_queries, tiny_vla.config.llm.hidden_size)
+
+    class PerTask(torch.nn.Module):
+        def forward(self, b):
+            return q[:b]
+
+    ids, lens = tiny_vla.processor.tokenize(["pick up the cube", "push the red ball to the left zone"])
+    tiny_vla.per_task_queries = PerTask()
+    try:
+        x, query_pos, _ = tiny_vla.build_sequence(ids, lens, torch.rand(2, 2, 3, 64, 64))
+    finally:
+        tiny_vla.per_task_queries = None
+    for b in range(2):
+        torch.testing.assert_close(x[b, query_pos[b]], q[b])
+
+
 # ---------------------------------------------------------------------------------------- reload details
 
 
@@ -376,11 +593,16 @@ def test_reloaded_model_keeps_its_init_seed_and_a_checkpoint_missing_a_tensor_is
     tensors, manifest = load_checkpoint(tmp_path / "ckpt", CHECKPOINT_KIND)
     for k in ("format", "format_version", "weights_sha256"):
         manifest.pop(k)
+    save_checkpoint(tmp_path / "extra", {**tensors, "action_expert.extra": torch.zeros(1)}, manifest, CHECKPOINT_KIND)
     del tensors["action_queries"]
     save_checkpoint(tmp_path / "partial", tensors, manifest, CHECKPOINT_KIND)
     with pytest.raises(CheckpointError, match=r"partial/model\.safetensors: tensor names differ from config 'tiny' "
                                               r"\(missing \['action_queries'\], unexpected \[\]\)"):
         from_pretrained(tmp_path / "partial")
+    # a tensor the model has no place for would be dropped silently by the non-strict load
+    with pytest.raises(CheckpointError, match=r"extra/model\.safetensors: tensor names differ from config 'tiny' "
+                                              r"\(missing \[\], unexpected \['action_expert\.extra'\]\)"):
+        from_pretrained(tmp_path / "extra")
 
 
 # ------------------------------------------------------------------------------- processor and config details
