@@ -185,6 +185,9 @@ class ActionExpert(nn.Module):
         b = proprio_token.shape[0]
         x = proprio_token.new_zeros(b, self.chunk_len, self.in_dim)
         if self.training and self.noise_std > 0:
+            # as the reference design has it (docs/DESIGN.md §1.3): in_norm scales this noise to unit variance, so
+            # training sees ~N(0, 1) inputs and evaluation the norm's bias alone; kept for fidelity (without the
+            # noise the TableTop-4 goal expert did no better, docs/TABLETOP4_FINDINGS.md)
             x = x + self.noise_std * torch.randn_like(x)
         x = F.relu(self.in_proj(self.in_norm(x)))
         for i, block in enumerate(self.blocks):
