@@ -71,7 +71,8 @@ def test_cli_calibrates_and_the_router_sends_each_task_its_own_frames(fresh, dat
     # experts that record no training crop)
     assert main(["--merged", str(fresh), "--data_root", str(data_root), "--per_task", "4", "--frames", "crop",
                  "--crop_area", "1"]) == 0
-    assert "spatial: 4, object: 4, goal: 4 frames" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "spatial: 4, object: 4, goal: 4 frames" in out and "note:" not in out  # as many frames as asked for
     merged = load_merged(fresh)
     assert merged.router_variants[-1] == "exemplar"
     meta = json.loads((fresh / EXEMPLAR_MANIFEST).read_text())
@@ -127,6 +128,9 @@ def test_cli_errors_name_what_to_fix(fresh, data_root, capsys):
     assert "records no HDF5 dataset to take demos from: give --data_root" in capsys.readouterr().err
     refused = [  # (flags after --merged and --data_root, what the error says)
         (["--suites", "goal"], "--suites entry 'goal': expected TASK=SUITE"),
+        (["--suites", "goal="], "--suites entry 'goal=': expected TASK=SUITE"),
+        (["--suites", "=goal"], "--suites entry '=goal': expected TASK=SUITE"),
+        (["--dataset_format", "parquet"], "--dataset_format is 'parquet', expected hdf5 or rlds"),
         (["--suites", "nope=goal"], "--suites names tasks ['nope']"),
         (["--suites", "goal=missing"], "unknown suite 'missing'"),
         (["--suites", "goal=a", "goal=b"], "--suites names task 'goal' twice"),
@@ -247,6 +251,11 @@ def test_an_expert_manifest_that_is_damaged_is_named_not_a_traceback(tmp_path):
     source = recorded_sources(merged)["goal"]
     assert (source.data_root, source.suite, source.dataset_format) == (tmp_path, "goal", "hdf5")
     assert recorded_sources(merged, suites={"goal": "goal_v2"})["goal"].suite == "goal_v2"  # --suites wins
+    # another root keeps the recorded suite's name; --dataset_format wins over the recorded format
+    (ckpt / MANIFEST_FILE).write_text('{"dataset": {"format": "hdf5", "path": "%s", "suite": "goal_demos"}}'
+                                      % (tmp_path / "goal_demos"))
+    source = recorded_sources(merged, data_root=tmp_path / "copy", dataset_format="rlds")["goal"]
+    assert (source.data_root, source.suite, source.dataset_format) == (tmp_path / "copy", "goal_demos", "rlds")
 
 
 def test_exemplars_must_fit_the_artifacts_tasks_and_width(fresh, data_root):
@@ -267,3 +276,72 @@ def test_exemplars_must_fit_the_artifacts_tasks_and_width(fresh, data_root):
     (fresh / EXEMPLAR_MANIFEST).write_text(json.dumps({**meta, "weights_sha256": sha256_file(fresh / EXEMPLAR_WEIGHTS)}))
     with pytest.raises(MergeError, match=r"tensor goal.vis is \[1, 128\], expected finite \(n >= 2, 128\)"):
         read_exemplars(fresh, manifest)
+
+
+def test_calibration_shows_each_task_its_own_frames_and_measures_their_spacing(data_root, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import model_merging.exemplar_router as er
+    from model_merging.exemplars import FrameView
+
+    shown = []
+
+    def states(merged, task, instructions, images, view, batch_size):  # stands in for task `task`'s forwards
+        shown.append((task, instructions, images))
+        return {"act": torch.tensor([[0.0, 0.0], [3.0, 4.0], [3.0, 5.0]]) + task,
+                "vis": torch.tensor([[0.0, 0.0], [0.0, 2.0], [0.0, 6.0]])}
+
+    monkeypatch.setattr(er, "task_exemplars", states)
+    merged, view = SimpleNamespace(task_names=NAMES, directory=tmp_path / "m"), FrameView("crop")
+    sources = {t: DataSource(data_root, t) for t in NAMES}
+    exemplars, provenance = er.calibrate(merged, sources, 3, view)
+    for e, name in enumerate(NAMES):
+        instructions, images, fp = first_frames(sources[name], 3)
+        assert shown[e][:2] == (e, instructions) and np.array_equal(shown[e][2], images)
+        assert torch.equal(exemplars.states[name]["act"][0], torch.tensor([e, e], dtype=torch.float32))
+        # nearest other exemplar: act 5, 1, 1; vis 2, 2, 4
+        assert exemplars.scales[name] == {"act": pytest.approx(7 / 3), "vis": pytest.approx(8 / 3)}
+        assert provenance[name] == {"data_root": str(data_root), "suite": name, "dataset_format": "hdf5",
+                                    "fingerprint": fp, "frames": 3}
+    with pytest.raises(MergeError, match="per_task is 1: the exemplar router needs at least 2 frames per task"):
+        er.calibrate(merged, sources, 1, view)
+    with pytest.raises(MergeError, match=re.escape(f"no demos given for tasks ['object', 'goal'] of {tmp_path / 'm'}")):
+        er.calibrate(merged, {"spatial": sources["spatial"]}, 3, view)
+    write_hdf5_suite(tmp_path, "single", make_tasks(num_tasks=1, demos_per_task=1, steps=3, image_size=64))
+    with pytest.raises(MergeError, match=re.escape("single holds 1 episode(s); the exemplar router needs at least 2 per task")):
+        er.calibrate(SimpleNamespace(task_names=["single"], directory=tmp_path), {"single": DataSource(tmp_path, "single")},
+                     3, view)
+    monkeypatch.setattr(er, "task_exemplars", lambda merged, task, instructions, images, view, batch_size: {
+        "act": torch.zeros(len(images), 2), "vis": torch.tensor([[0.0, 1.0]] * len(images))})
+    with pytest.raises(MergeError, match="the first frames of spatial give identical states: no exemplar spacing"):
+        er.calibrate(merged, sources, 3, view)
+
+
+def test_each_candidate_is_scored_against_its_own_exemplars_shared_forward_or_not():
+    from types import SimpleNamespace
+
+    from model_merging.exemplars import Exemplars
+    from model_merging.merged_model import MergedModel
+
+    ex = Exemplars(states={"a": {"act": torch.tensor([[0.0, 0.0], [0.0, 1.0]]), "vis": torch.tensor([[0.0, 0.0], [0.0, 2.0]])},
+                           "b": {"act": torch.tensor([[5.0, 0.0], [5.0, 2.0]]), "vis": torch.tensor([[5.0, 0.0], [5.0, 1.0]])}},
+                   scales={"a": {"act": 1.0, "vis": 2.0}, "b": {"act": 2.0, "vis": 1.0}})
+    merged = SimpleNamespace(task_names=["a", "b"], num_tasks=2, exemplars=ex, router_variants=["exemplar"],
+                             directory="m")
+    at_a, at_b = torch.tensor([[[0.0, 1.0]]]), torch.tensor([[[5.0, 0.0]]])  # (1 row, 1 token, D)
+    # one shared row (task None) serves both candidates: it sits on a's exemplars, at 26 ** 0.5 / 2 and 5 / 1 of b's
+    shared = MergedModel._exemplar_scores(merged, at_a, torch.zeros(1, 1, 2), None)
+    assert torch.allclose(shared, torch.tensor([[0.0, -0.5 * (26 ** 0.5 / 2 + 5.0)]]))
+    # rows b*M + e, each candidate's own forward: a's row sits on a's exemplars, b's row at act distance 1 of b's
+    per_candidate = MergedModel._exemplar_scores(merged, torch.cat([at_a, torch.tensor([[[5.0, 1.0]]])]),
+                                                 torch.cat([torch.zeros(1, 1, 2), at_b]), torch.tensor([0, 1]))
+    assert torch.allclose(per_candidate, torch.tensor([[0.0, -0.5 * (1.0 / 2)]]))
+
+
+def test_the_default_crop_is_the_experts_recorded_training_crop():
+    from model_merging.exemplar_router import default_crop_area
+
+    assert default_crop_area({"trained_crop_area": {"spatial": 0.81, "goal": None}}) == 0.81
+    assert default_crop_area({"trained_crop_area": {"spatial": None}}) == default_crop_area({}) == 0.9
+    with pytest.raises(ValueError, match="trained with different random crops"):
+        default_crop_area({"trained_crop_area": {"spatial": 0.81, "goal": 0.9}})

@@ -225,6 +225,51 @@ def test_pretraining_scenes_never_put_closed_fingers_inside_an_object():
             assert not (b.spec.movable and b.name != s.held and near and b.pos[2] <= s.gripper_pos[2] < b.top), i
 
 
+def test_pretraining_scenes_cover_what_the_pool_promises():
+    # 1-3 fixtures, 1-4 objects, objects stacked on a cube or cylinder standing on the table, stoves on and off,
+    # and now and then an object held up in the gripper
+    fixtures, objects, stoves, stacked, held = set(), set(), set(), 0, 0
+    for i in range(200):
+        s = pretrain_scene(pretrain_rng(0, i))
+        by_name = {b.name: b for b in s.bodies}
+        fixtures.add(sum(not b.spec.movable for b in s.bodies))
+        objects.add(sum(b.spec.movable for b in s.bodies))
+        stoves |= {b.on for b in s.bodies if b.kind == "stove"}
+        for b in s.bodies:
+            under = by_name.get(b.support)
+            if under is not None and under.spec.movable:
+                stacked += 1
+                assert under.kind in ("cube", "cylinder") and under.support == "" and under.name != s.held, i
+        if s.held:
+            held += 1
+            b = by_name[s.held]
+            assert b.support == "" and not any(c.support == b.name for c in s.bodies), i  # nothing rides on it
+            assert s.gripper_pos[2] >= 0.12 and s.finger == b.spec.half[0], i
+            assert np.allclose(b.pos, s.gripper_pos - (0.0, 0.0, 0.5 * b.spec.height)), i  # below the fingers
+    assert fixtures == {1, 2, 3} and objects == {1, 2, 3, 4} and stoves == {False, True}
+    assert stacked > 0 and held > 0
+
+
+def test_a_pool_holds_each_seeded_scene_its_two_renders_and_its_texts(tmp_path):
+    from experiments.robot.tabletop.language import scene_texts
+    from experiments.robot.tabletop.pretrain import write_pretrain_pool
+    from experiments.robot.tabletop.render import AgentView, WristView
+
+    path = tmp_path / "pool.hdf5"
+    assert write_pretrain_pool(path, 3, seed=5, texts_per_scene=3) == {"scenes": 3, "texts": 9}
+    pool = read_pretrain_pool(path)
+    assert pool["attrs"]["cameras"] == ["agentview", "eye_in_hand"] and pool["attrs"]["mergevla_images_upright"] is True
+    for i in range(3):
+        rng = pretrain_rng(5, i)  # one stream per scene: its layout, then its texts
+        s = pretrain_scene(rng)
+        assert np.array_equal(pool["images"][i, 0], AgentView(64).render(s, 2))
+        assert np.array_equal(pool["images"][i, 1], WristView(64).render(s, 2))
+        texts = [(k, p, t) for k, p, t, j in zip(pool["kinds"], pool["prompts"], pool["targets"], pool["scene"]) if j == i]
+        assert texts == scene_texts(s, rng, 3)
+    # the seed and the scene index are not interchangeable: pool 1's first scene is not pool 0's second
+    assert pretrain_rng(0, 1).random() != pretrain_rng(1, 0).random()
+
+
 def test_reading_a_foreign_file_is_a_clear_error(tmp_path):
     path = tmp_path / "other.hdf5"
     with h5py.File(path, "w") as f:
