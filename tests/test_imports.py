@@ -19,13 +19,18 @@ LIGHT = ["prismatic.models", "prismatic.models.loading", "prismatic.training", "
          "experiments.robot.libero.run_libero_eval", "experiments.robot.demo"]
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter at the repository root, offline."""
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
 def test_the_cli_modules_import_without_the_model():
     code = ("import runpy, sys\n"
             f"for m in {LIGHT!r}: __import__(m)\n"
             "runpy.run_path('vla-scripts/finetune.py', run_name='not_main')\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'peft'}))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    r = _python(code)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]"
 
@@ -40,8 +45,7 @@ def test_a_refused_flag_never_imports_the_model(run, argv, message):
     code = ("import runpy, sys\n"
             f"sys.argv = ['cli', *{argv!r}]\n"
             f"print({run}, sorted({{m.split('.')[0] for m in sys.modules}} & {{'transformers', 'peft'}}))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    r = _python(code)
     assert r.stdout.strip() == "2 []", r.stderr[-2000:]
     assert message in r.stderr
 
