@@ -374,3 +374,17 @@ def test_a_loss_that_is_not_finite_stops_pretraining(tmp_path):
     with pytest.raises(FloatingPointError, match="pretraining loss became nan at step 2; lower --lr"):
         pretrain(cfg, log_fn=lambda _: None)
     assert not (tmp_path / "base").exists()
+
+
+def test_evaluate_only_runs_on_cpu_threads_and_restores_them(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(vp, "evaluate_base", lambda cfg, log_fn: seen.append(torch.get_num_threads()) or {})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for cpu_threads in (1, 0):  # 0: torch's setting as it was
+            pretrain(PretrainConfig(out_dir=tmp_path, evaluate_only=True, cpu_threads=cpu_threads))
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 2]

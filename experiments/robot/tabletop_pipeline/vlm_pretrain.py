@@ -412,14 +412,14 @@ def pretrain(cfg: PretrainConfig, log_fn=print) -> dict:
 
     cfg.validate()
     out = Path(cfg.out_dir)
-    if cfg.evaluate_only:
-        return evaluate_base(cfg, log_fn)
-    if out.exists() and not cfg.overwrite:
+    if not cfg.evaluate_only and out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite true to replace it, or choose another --out_dir")
     threads = torch.get_num_threads()
-    if cfg.cpu_threads:
+    if cfg.cpu_threads:  # for the evaluation too: its figures depend on the float summation order
         torch.set_num_threads(cfg.cpu_threads)
     try:
+        if cfg.evaluate_only:
+            return evaluate_base(cfg, log_fn)
         return _pretrain(cfg, log_fn, read_pretrain_pool, sha256_file)
     finally:
         torch.set_num_threads(threads)
