@@ -173,8 +173,21 @@ def test_a_failed_generation_leaves_nothing_and_can_be_rerun(tmp_path, monkeypat
     ("noise", float("nan"), "noise must be a finite number >= 0, got nan"),
     ("seed", -1, "seed must be >= 0, got -1"),
     ("suites", ["goal", "goal"], r"suites lists a suite twice: \['goal', 'goal'\]"),
+    ("image_size", 7, "image_size must be >= 8, got 7"),
+    ("supersample", 0, "supersample must be >= 1, got 0"),
+    ("workers", 0, "workers must be >= 1, got 0"),
+    ("texts_per_scene", 0, "texts_per_scene must be >= 1, got 0"),
+    ("noise", float("inf"), "noise must be a finite number >= 0, got inf"),
+    ("task_ids", [-1], r"task_ids \[-1\] out of range for suite 'goal' \(0..9\)"),
 ])
-def test_bad_config_fails_before_writing(tmp_path, field, value, match):
+def test_bad_config_fails_before_writing(tmp_path, monkeypatch, field, value, match):
+    import experiments.robot.tabletop.generate as generate
+
+    def no_work(*_a, **_k):  # a bad setting is reported before any demo or pool is made
+        raise AssertionError("generation started")
+
+    monkeypatch.setattr(generate, "generate_task", no_work)
+    monkeypatch.setattr(generate, "write_pretrain_pool", no_work)
     cfg = small(tmp_path / "x", **{field: value})
     with pytest.raises(ValueError, match=match):
         main(cfg, log=lambda *_: None)
@@ -285,16 +298,18 @@ def test_every_task_of_every_suite_by_default():
 
     assert validate(GenerateConfig(suites=["long", "goal"])) == [(s, i) for s in ("long", "goal") for i in range(10)]
     assert validate(GenerateConfig(suites=["goal"], task_ids=[7, 2])) == [("goal", 7), ("goal", 2)]
+    assert GenerateConfig().demos_per_task == 50  # the module's usage: all 4 suites x 10 tasks x 50 demos
 
 
 def test_the_expert_gets_at_most_max_failures_misses_per_task():
     from experiments.robot.tabletop.demos import MAX_FAILURES, DemoFailure, first_successes
 
     tried = []
-    with pytest.raises(DemoFailure, match=rf"goal task 3: the scripted expert failed too often \({MAX_FAILURES + 1} "
+    with pytest.raises(DemoFailure, match=r"goal task 3: the scripted expert failed too often \(21 "
                                           r"times, after 0 successes\) with action noise 0.5"):
         first_successes("goal", 3, 1, lambda i: tried.append(i), noise=0.5)
-    assert tried == list(range(MAX_FAILURES + 1))
+    assert MAX_FAILURES == 20 and tried == list(range(21))
+    assert first_successes("goal", 3, 0, lambda i: tried.append(i), noise=0.1) == [] and len(tried) == 21
     # exactly MAX_FAILURES misses are still fine; results come in scene order, skipping the misses
     late = first_successes("goal", 3, 2, lambda i: f"s{i}" if i >= MAX_FAILURES else None, noise=0.1)
     assert late == [(MAX_FAILURES, f"s{MAX_FAILURES}"), (MAX_FAILURES + 1, f"s{MAX_FAILURES + 1}")]
@@ -353,3 +368,146 @@ def test_an_episode_that_succeeds_on_its_last_allowed_step_is_kept():
     ep, steps = record_episode(env, Late(env.max_steps - n))
     assert ep is not None and len(ep.actions) == steps == env.max_steps
     assert record_episode(env, Late(env.max_steps - n + 1)) == (None, env.max_steps)
+
+
+def test_the_expert_noise_has_its_own_stream_per_demo_scene():
+    from experiments.robot.tabletop.demos import noise_rng
+    from experiments.robot.tabletop.suites import SEED_DOMAIN, SPLIT_DEMO, SUITE_NAMES
+
+    def draws(rng):
+        return rng.random(4).tolist()
+
+    # stream 3 over (seed, suite, task, scene): what every recorded demo's noise was drawn from
+    spec = [SEED_DOMAIN, 3, 5, SUITE_NAMES.index("goal"), 2, 4]
+    assert draws(noise_rng("goal", 2, 5, 4)) == draws(np.random.default_rng(np.random.SeedSequence(spec)))
+    base = draws(noise_rng("goal", 2, 5, 4))
+    others = [noise_rng("long", 2, 5, 4), noise_rng("goal", 3, 5, 4), noise_rng("goal", 2, 6, 4),
+              noise_rng("goal", 2, 5, 5), noise_rng("goal", 4, 5, 2)]  # the last: task and scene swapped
+    assert all(draws(r) != base for r in others)
+    # never the stream the same scene's layout was drawn from
+    layout = np.random.default_rng(np.random.SeedSequence([SEED_DOMAIN, SPLIT_DEMO, 5, SUITE_NAMES.index("goal"), 2, 4]))
+    assert draws(layout) != base
+
+
+def _episode(t: int, seed: int = 0):
+    from experiments.robot.tabletop.demos import Episode
+    from experiments.robot.tabletop.suites import demo_scene
+
+    rng = np.random.default_rng(seed)
+    init = demo_scene("goal", 2, 7, 4)
+    return Episode(4, init, rng.integers(0, 256, (t, 8, 8, 3), dtype=np.uint8),
+                   rng.integers(0, 256, (t, 8, 8, 3), dtype=np.uint8), rng.uniform(-1, 1, (t, 3)),
+                   np.tile([0.02, -0.02], (t, 1)), rng.uniform(-1, 1, (t, len(init.vector()))),
+                   np.concatenate([rng.uniform(-1, 1, (t, 3)), np.zeros((t, 3)), np.ones((t, 1))], axis=1))
+
+
+@pytest.mark.parametrize("compression,filters", [("gzip", ("gzip", 1)), ("lzf", ("lzf", None)), ("none", (None, None))])
+def test_a_task_file_holds_its_task_settings_and_arrays(tmp_path, compression, filters):
+    from experiments.robot.tabletop.demos import write_task_file
+    from experiments.robot.tabletop.physics import MAX_DELTA, PHYSICS_VERSION
+
+    ep = _episode(3)
+    path = tmp_path / "t.hdf5"
+    write_task_file(path, "goal", 2, [ep], seed=7, noise=0.25, image_size=8, supersample=3, compression=compression)
+    got = read_task_file(path)
+    task = get_task("goal", 2)
+    assert got["instruction"] == task.instruction == "put the blue ball in the bowl"
+    assert got["problem_info"] == {"language_instruction": task.instruction, "problem_name": "tabletop_goal",
+                                   "domain_name": "tabletop4", "suite": "goal", "task_id": 2, "task_name": task.name}
+    attrs = got["attrs"]
+    assert json.loads(attrs.pop("env_args")) == {"env_name": "TableTop4", "suite": "goal", "task_id": 2,
+                                                 "image_size": 8, "supersample": 3, "max_steps": 64,
+                                                 "action_scale_m": MAX_DELTA}
+    del attrs["problem_info"]
+    assert attrs == {"mergevla_images_upright": True, "mergevla_keep_noops": True, "total": 3, "num_demos": 1,
+                     "tabletop_version": 1, "physics_version": PHYSICS_VERSION, "seed": 7, "noise": 0.25}
+    (d,) = got["demos"]
+    init = json.loads(d["attrs"].pop("init_state"))
+    assert init == ep.init.to_dict() and SceneState.from_dict(init).vector().tolist() == ep.init.vector().tolist()
+    assert d["attrs"] == {"num_samples": 3, "scene_index": 4} and all(type(v) is int for v in d["attrs"].values())
+    ori = np.tile([np.pi, 0.0, 0.0], (3, 1))
+    want = {"actions": ep.actions, "states": ep.states.astype(np.float32), "rewards": [0, 0, 1], "dones": [0, 0, 1],
+            "obs/agentview_rgb": ep.agentview, "obs/eye_in_hand_rgb": ep.wrist, "obs/ee_pos": ep.ee_pos,
+            "obs/ee_ori": ori, "obs/ee_states": np.concatenate([ep.ee_pos, ori], axis=1),
+            "obs/gripper_states": ep.gripper, "obs/joint_states": ep.ee_pos}
+    assert sorted(d) == sorted([*want, "attrs"])
+    for k, v in want.items():
+        np.testing.assert_array_equal(d[k], v, err_msg=k)
+    assert (d["states"].dtype, d["rewards"].dtype, d["dones"].dtype) == (np.float32, np.uint8, np.uint8)
+    with h5py.File(path, "r") as f:
+        obs = f["data/demo_0/obs"]  # links listed in the order they were written, as in the layout's docstring
+        assert list(obs) == ["agentview_rgb", "eye_in_hand_rgb", "ee_pos", "ee_ori", "ee_states", "gripper_states",
+                             "joint_states"]
+        for name in ("agentview_rgb", "eye_in_hand_rgb"):  # only the images are compressed
+            assert (obs[name].compression, obs[name].compression_opts) == filters, name
+        for ds in (obs["ee_pos"], f["data/demo_0/actions"], f["data/demo_0/states"]):
+            assert ds.compression is None
+
+
+def test_attrs_read_back_as_plain_python_values(tmp_path):
+    from experiments.robot.tabletop.demos import attrs_dict
+
+    with h5py.File(tmp_path / "a.hdf5", "w") as f:
+        f.attrs["name"] = np.bytes_(b"goal")  # fixed-length strings (as LIBERO's files hold them) read as bytes
+        f.attrs["names"] = np.array([b"ab", b"cd"])
+        f.attrs["n"] = np.int64(3)
+        f.attrs["xs"] = np.array([1.5, 2.0])
+        f.attrs["text"] = "plain"
+        got = attrs_dict(f.attrs)
+    assert got == {"name": "goal", "names": ["ab", "cd"], "n": 3, "xs": [1.5, 2.0], "text": "plain"}
+    assert type(got["name"]) is str and all(type(x) is str for x in got["names"]) and type(got["n"]) is int
+
+
+def test_an_overwrite_without_a_pool_removes_the_old_pool(tmp_path):
+    out = tmp_path / "d"
+    main(small(out, suites=["goal"], demos_per_task=1, pretrain_scenes=2), log=lambda *_: None)
+    assert (out / PRETRAIN_FILE).is_file()
+    manifest = main(small(out, suites=["goal"], demos_per_task=1, pretrain_scenes=0, overwrite=True), log=lambda *_: None)
+    assert not (out / PRETRAIN_FILE).exists() and str(PRETRAIN_FILE) not in manifest["files"]
+
+
+def test_every_setting_reaches_the_files_and_the_log(tmp_path):
+    import re
+
+    from experiments.robot.tabletop.pretrain import pool_identity, pool_mismatches
+
+    out, logs = tmp_path / "d", []
+    cfg = small(out, suites=["goal", "long"], task_ids=[1], demos_per_task=1, pretrain_scenes=2, workers=2,
+                compression="lzf", seed=3, supersample=1, texts_per_scene=2, noise=0.05)
+    manifest = main(cfg, log=logs.append)
+    assert manifest["config"] == {"out_dir": str(out), "suites": ["goal", "long"], "task_ids": [1], "demos_per_task": 1,
+                                  "image_size": 64, "supersample": 1, "seed": 3, "noise": 0.05, "workers": 2,
+                                  "pretrain_scenes": 2, "texts_per_scene": 2, "compression": "lzf", "overwrite": False}
+    for suite in ("goal", "long"):
+        with h5py.File(task_file(out, suite, 1), "r") as f:
+            data = f["data"]
+            assert (data.attrs["seed"], data.attrs["noise"]) == (3, 0.05)
+            assert json.loads(data.attrs["env_args"])["supersample"] == 1
+            assert data["demo_0/obs/agentview_rgb"].compression == "lzf"
+    assert pool_mismatches(out / PRETRAIN_FILE, pool_identity(2, 3, 64, 1, 2)) == []
+    with h5py.File(out / PRETRAIN_FILE, "r") as f:
+        assert f["images"].compression == "lzf"
+    files = manifest["files"]
+    goal, long = (files[str(task_file(out, s, 1).relative_to(out))] for s in ("goal", "long"))
+    # with a worker pool: one line per task as it finishes, in job order, then the total
+    assert re.fullmatch(r"\[tabletop\] goal     task 1: 1 demos \(0 expert failures\), mean length "
+                        rf"{goal['mean_length']:.1f}, \d+\.\ds", logs[0]), logs[0]
+    assert logs[1].startswith("[tabletop] long     task 1: 1 demos (0 expert failures)") and len(logs) == 3
+    assert re.fullmatch(rf"\[tabletop\] wrote 2 demos of 2 tasks \({goal['env_steps'] + long['env_steps']} expert env "
+                        rf"steps\) and 2 pretraining scenes to {re.escape(str(out))} in \d+\.\ds with 2 worker\(s\)",
+                        logs[2]), logs[2]
+
+
+def test_cli_reports_a_failing_expert_in_one_line(tmp_path, monkeypatch, capsys):
+    import experiments.robot.tabletop.generate as generate
+    from experiments.robot.tabletop.demos import DemoFailure
+
+    def fail(*_a, **_k):
+        raise DemoFailure("goal task 1: the scripted expert failed too often")
+
+    monkeypatch.setattr(generate, "generate_task", fail)
+    monkeypatch.setattr(sys, "argv", ["generate", "--out_dir", str(tmp_path / "z"), "--suites", "[goal]",
+                                      "--task_ids", "[1]", "--pretrain_scenes", "0", "--workers", "1"])
+    assert generate.cli() == 2
+    assert capsys.readouterr().err == "tabletop generate: error: goal task 1: the scripted expert failed too often\n"
+    assert not (tmp_path / "z").exists()
