@@ -179,6 +179,8 @@ def test_a_failed_generation_leaves_nothing_and_can_be_rerun(tmp_path, monkeypat
     ("texts_per_scene", 0, "texts_per_scene must be >= 1, got 0"),
     ("noise", float("inf"), "noise must be a finite number >= 0, got inf"),
     ("task_ids", [-1], r"task_ids \[-1\] out of range for suite 'goal' \(0..9\)"),
+    ("task_ids", [], "task_ids is empty; give some task ids, or leave it unset for every task"),
+    ("task_ids", [1, 1], r"task_ids lists a task twice: \[1, 1\]"),
 ])
 def test_bad_config_fails_before_writing(tmp_path, monkeypatch, field, value, match):
     import experiments.robot.tabletop.generate as generate

@@ -65,6 +65,10 @@ def validate(cfg: GenerateConfig) -> list[tuple[str, int]]:
         raise ValueError(f"suites: unknown TableTop-4 suite(s) {unknown}; expected some of {list(SUITE_NAMES)}")
     if len(set(cfg.suites)) != len(cfg.suites):
         raise ValueError(f"suites lists a suite twice: {cfg.suites}")
+    if cfg.task_ids is not None and not cfg.task_ids:  # [] would write a dataset of no demos
+        raise ValueError("task_ids is empty; give some task ids, or leave it unset for every task")
+    if cfg.task_ids is not None and len(set(cfg.task_ids)) != len(cfg.task_ids):  # two writers of one file
+        raise ValueError(f"task_ids lists a task twice: {cfg.task_ids}")
     for name, lo in (("demos_per_task", 1), ("image_size", 8), ("supersample", 1), ("workers", 1),
                      ("pretrain_scenes", 0), ("texts_per_scene", 1), ("seed", 0)):
         if getattr(cfg, name) < lo:
