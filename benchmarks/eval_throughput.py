@@ -60,6 +60,8 @@ def step_rate(cfg: ThroughputConfig, fast: bool) -> float:
 
 def main(cfg: ThroughputConfig) -> dict[int, float]:
     check_counts(cfg, positive=("episodes", "max_steps", "env_img_res"), non_negative=("task_id", "step_rate_steps"))
+    if not cfg.num_envs or min(cfg.num_envs) < 1:
+        raise ValueError(f"--num_envs is {cfg.num_envs}, expected a non-empty list of counts >= 1")
     from experiments.robot.libero.run_libero_eval import GenerateConfig
     from experiments.robot.libero.run_libero_eval import main as run_eval
 

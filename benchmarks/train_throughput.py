@@ -114,6 +114,8 @@ def _child(name: str, cfg: ThroughputConfig, q) -> None:
 
 def main(cfg: ThroughputConfig) -> None:
     check_counts(cfg, positive=("batch_size", "steps"), non_negative=("warmup_steps", "cpu_threads"))
+    if cfg.device not in ("auto", "cpu", "cuda"):  # anything else would silently time the CPU
+        raise ValueError(f"--device is {cfg.device!r}, expected auto, cpu or cuda")
     for name in cfg.configs:  # before any child runs: get_config names the known ones
         get_config(name)
     ctx = mp.get_context("spawn")

@@ -222,6 +222,14 @@ def test_eval_throughput_names_a_bad_count(monkeypatch, field, value, low):
         et.main(et.ThroughputConfig(**{field: value}))
 
 
+def test_eval_throughput_names_bad_num_envs(monkeypatch):
+    monkeypatch.setattr(et, "step_rate", no_run)
+    monkeypatch.setattr(et, "tiny_checkpoint", no_run)
+    for envs in ([], [2, 0]):
+        with pytest.raises(ValueError, match=re.escape(f"--num_envs is {envs}, expected a non-empty list of counts")):
+            et.main(et.ThroughputConfig(num_envs=envs))
+
+
 # ---- train_throughput ---------------------------------------------------------------------------------------------
 
 
@@ -287,6 +295,13 @@ def test_train_throughput_names_a_bad_count(monkeypatch, field, value, low):
     monkeypatch.setattr(tt.mp, "get_context", no_run)
     with pytest.raises(ValueError, match=rf"--{field} is {value}, expected >= {low}"):
         tt.main(tt.ThroughputConfig(**{field: value}))
+
+
+def test_train_throughput_names_an_unknown_device(monkeypatch):
+    monkeypatch.setattr(tt.mp, "get_context", no_run)
+    for device in ("gpu", "cuda:0", "CUDA"):
+        with pytest.raises(ValueError, match=f"--device is '{re.escape(device)}', expected auto, cpu or cuda"):
+            tt.main(tt.ThroughputConfig(device=device))
 
 
 def test_train_throughput_names_an_unknown_config_before_any_run(monkeypatch):
