@@ -63,7 +63,8 @@ def test_demo_actions_is_none_where_the_expert_fails(monkeypatch):
 def test_main_reports_the_mean_of_the_replays(tmp_path):
     cfg = BlindReplayConfig(suites=["goal"], source_demos=2, trials_per_task=3, first_init_state=4,
                             out_dir=tmp_path / "out")
-    result = main(cfg, log=lambda *_: None)
+    logged = []
+    result = main(cfg, log=logged.append)
     per_task = result["suites"]["goal"]["per_task"]
     assert len(per_task) == 10
     sources = source_trajectories("goal", 6, 2, seed=0, noise=0.1)
@@ -75,14 +76,20 @@ def test_main_reports_the_mean_of_the_replays(tmp_path):
     assert result["suites"]["goal"]["success"] == pytest.approx(np.mean(per_task))
     assert all(p * 6 == round(p * 6) for p in per_task)  # 2 demos × 3 init states each
     assert json.loads((tmp_path / "out" / "blind_replay.json").read_text())["suites"] == result["suites"]
+    mean = 100 * result["suites"]["goal"]["success"]
+    assert logged == ["| suite | success % | per task |", "|---|---:|---|",
+                      f"| goal | {mean:.1f} | {' '.join(str(round(100 * p)) for p in per_task)} |"]
 
 
 @pytest.mark.parametrize("kw, match", [
     ({"suites": ["kitchen"]}, "suites is"),
+    ({"suites": []}, r"suites is \[\], expected a non-empty subset"),
+    ({"trials_per_task": 0}, "positive integers"),
     ({"source_demos": 0}, "positive integers"),
     ({"first_init_state": 45, "trials_per_task": 10}, "within the 50 init states"),
     ({"noise": -0.1}, "noise must be >= 0"),
     ({"noise": float("nan")}, "noise must be >= 0, got seed=0, noise=nan"),
+    ({"noise": float("inf")}, "noise must be >= 0, got seed=0, noise=inf"),
     ({"seed": -1}, "seed and noise must be >= 0, got seed=-1"),
 ])
 def test_bad_settings_are_named(kw, match):
@@ -135,3 +142,29 @@ def test_an_out_dir_that_is_a_file_is_named_before_any_rollout(tmp_path, monkeyp
     (tmp_path / "f").write_text("mine")
     with pytest.raises(NotADirectoryError, match="--out_dir .*f is a file, not a directory"):
         blind_replay.main(BlindReplayConfig(suites=["goal"], out_dir=tmp_path / "f"), log=lambda *_: None)
+
+
+def test_replay_policy_replays_the_demos_of_its_seed_and_noise():
+    from experiments.robot.tabletop_pipeline.blind_replay import ReplayPolicy
+
+    policy = ReplayPolicy("goal", seed=1, noise=0.05, chunk_len=4, open_loop_steps=3)
+    policy.start_episodes([{}], ["turn on the stove"], [0])
+    demo = source_trajectories("goal", 6, 1, seed=1, noise=0.05)[0]
+    assert not np.array_equal(demo, source_trajectories("goal", 6, 1, seed=1, noise=0.1)[0])
+    # chunks of 4 actions, each call 3 further on
+    np.testing.assert_array_equal(policy.act([{}], ["turn on the stove"], [0])[0], demo[0:4])
+    np.testing.assert_array_equal(policy.act([{}], ["turn on the stove"], [0])[0], demo[3:7])
+
+
+def test_demo_actions_may_use_every_step_of_the_task(monkeypatch):
+    import dataclasses
+
+    from experiments.robot.tabletop_pipeline import blind_replay
+
+    demo = demo_actions("goal", 6, 0)
+    assert demo is not None and len(demo) == 12  # turn on the stove: solved on step 12
+    for max_steps, want in ((12, demo), (11, None)):
+        task = dataclasses.replace(get_task("goal", 6), max_steps=max_steps)
+        monkeypatch.setattr(blind_replay, "get_task", lambda suite, task_id, _task=task: _task)
+        got = demo_actions("goal", 6, 0)
+        assert (got is None) if want is None else np.array_equal(got, want)
