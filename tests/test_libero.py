@@ -139,6 +139,8 @@ def test_quaternion_past_half_a_turn_gives_robosuites_axis_angle():
     q = np.array([0.0, 0.0, np.sin(3 * np.pi / 4), np.cos(3 * np.pi / 4)])
     np.testing.assert_allclose(quat_to_axis_angle(q), [0.0, 0.0, 3 * np.pi / 2], atol=1e-9)
     np.testing.assert_allclose(quat_to_axis_angle(np.array([0.0, 0.0, 0.0, -1.0])), 0.0)
+    # a unit quaternion whose w rounds past 1 (float32 observations) is the identity, not NaN
+    np.testing.assert_array_equal(quat_to_axis_angle(np.array([0.0, 0.0, 0.0, 1.0 + 1e-7])), 0.0)
 
 
 def test_checkpoint_kind_errors(tmp_path):
@@ -260,6 +262,17 @@ def test_a_device_that_is_not_one_is_named():
     with pytest.raises(ValueError, match="device 'tpu' is not a torch device"):
         resolve_device("tpu")
     assert resolve_device("cpu") == "cpu"
+
+
+def test_auto_device_is_cuda_only_where_cuda_is_available(monkeypatch):
+    from experiments.robot.policy import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (resolve_device("auto"), resolve_device("cuda:1")) == ("cuda", "cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ValueError, match="device 'cuda' was requested but CUDA is not available"):
+        resolve_device("cuda")
 
 
 @needs_libero
@@ -502,6 +515,8 @@ def test_center_crop_policy_transform_matches_the_crop_and_checks_its_area():
     assert CenterCrop(1.0)(ramp) is ramp  # models trained on full frames see them unchanged
     with pytest.raises(ValueError, match=r"crop area is 0.0, expected a fraction in \(0, 1\]"):
         CenterCrop(0.0)
+    with pytest.raises(ValueError, match=r"crop area is 1.5, expected a fraction in \(0, 1\]"):
+        CenterCrop(1.5)
 
 
 class _FakeSuite:
@@ -550,6 +565,37 @@ def test_policy_gets_third_person_camera_first_then_wrist():
     model = StubModel()
     VLAPolicy(model, LiberoImageTransform(size=4, jpeg=False, center_crop=False)).act([obs], ["x"], [0])
     assert model.seen["images"][0, 0].max() == 10 and model.seen["images"][0, 1].min() == 200
+
+
+def test_a_batch_of_episodes_keeps_each_episodes_instruction_and_proprio_in_order():
+    def obs(x):
+        return {"agentview_image": np.zeros((4, 4, 3), np.uint8), "robot0_eye_in_hand_image": np.zeros((4, 4, 3), np.uint8),
+                "robot0_eef_pos": np.array([x, 0.0, 0.0]), "robot0_eef_quat": np.array([0.0, 0.0, 0.0, 1.0]),
+                "robot0_gripper_qpos": np.zeros(2)}
+
+    model = StubModel()
+    policy = VLAPolicy(model)
+    assert policy.start_episodes([obs(0.0), obs(2.0)], ["a", "b"]) == [{}, {}]  # nothing to log, one per episode
+    actions = policy.act([obs(0.0), obs(2.0)], ["first task", "second task"], [3, 4])
+    assert model.seen["instructions"] == ["first task", "second task"] and actions.shape == (2, 8, 7)
+    assert model.seen["proprio"][:, 0].tolist() == [-1.0, 1.0]  # eef x 0 and 2 in [0, 2] → -1 and +1
+
+
+def test_a_half_precision_model_gives_float32_actions_and_a_model_without_stats_is_refused():
+    class HalfModel(StubModel):
+        def predict_action(self, x):
+            return super().predict_action(x).to(torch.bfloat16)
+
+    obs = {"agentview_image": np.zeros((4, 4, 3), np.uint8), "robot0_eye_in_hand_image": np.zeros((4, 4, 3), np.uint8),
+           "robot0_eef_pos": np.zeros(3), "robot0_eef_quat": np.array([0.0, 0.0, 0.0, 1.0]),
+           "robot0_gripper_qpos": np.zeros(2)}
+    actions = VLAPolicy(HalfModel()).act([obs], ["x"], [0])
+    assert actions.dtype == np.float32 and actions[0, :, 6].tolist() == [-1.0, 1.0] * 4
+    np.testing.assert_allclose(actions[0, :, 0], 1.0)
+    model = StubModel()
+    model.norm_stats = None
+    with pytest.raises(ValueError, match="the checkpoint has no norm_stats; it cannot turn predictions into actions"):
+        VLAPolicy(model).act([obs], ["x"], [0])
 
 
 def test_run_names_are_file_name_safe():

@@ -3,6 +3,7 @@ suites, fixed init states, and the scripted expert (solves every task) vs a rand
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -25,6 +26,8 @@ from experiments.robot.tabletop import (
 from experiments.robot.tabletop.bodies import OPEN_FINGER
 from experiments.robot.tabletop.language import unknown_words
 from experiments.robot.tabletop.physics import MAX_DELTA, goal_done, step_physics, success
+from experiments.robot.tabletop.scenes import Spec, layout_clear, sample_scene
+from experiments.robot.tabletop.suites import check_trial_range
 
 OPEN, CLOSE = -1.0, 1.0
 
@@ -526,6 +529,90 @@ def test_suites_have_ten_tasks_with_known_words():
             assert unknown_words(t.instruction) == [], t.instruction
             assert t.name == t.instruction.replace(" ", "_") and "/" not in t.name
     assert all(len(init_state("long", i, 0).goals) == 2 for i in range(10))
+    # ≈ 2× the longest demo: the long suite's two sub-goals get more steps
+    assert {n: {t.max_steps for t in get_suite(n)} for n in SUITE_NAMES} == {
+        "spatial": {64}, "object": {64}, "goal": {64}, "long": {112}}
+
+
+def _goals_said(text):
+    """The (verb, object, target) sub-goals an instruction states, in the order it states them."""
+    if m := re.fullmatch(r"put both the (\w+ \w+) and the (\w+ \w+) (?:in|on) the (\w+)", text):
+        said = [("place", m[1], m[3]), ("place", m[2], m[3])]
+    else:
+        said = []
+        for clause in text.split(" and then "):
+            if clause == "turn on the stove":
+                said.append(("press", "stove", ""))
+            elif m := re.fullmatch(r"push the (\w+ \w+) to the (\w+ zone)", clause):
+                said.append(("push", m[1], m[2]))
+            else:  # "it": what the previous clause acted on
+                m = re.fullmatch(r"(?:put|stack) the (\w+ \w+) (?:in|on) (?:the (\w+(?: \w+)?)|it)", clause)
+                assert m, clause
+                said.append(("place", m[1], m[2] or said[-1][1]))
+    return [(v, o.replace(" ", "_"), t.replace(" ", "_")) for v, o, t in said]
+
+
+@pytest.mark.parametrize("suite", ["goal", "long"])
+def test_goals_are_what_the_instruction_says_in_its_order(suite):
+    for task in get_suite(suite):
+        goals = init_state(suite, task.task_id, 0).goals
+        assert [(g.verb, g.obj, g.target) for g in goals] == _goals_said(task.instruction), task.instruction
+
+
+def test_spatial_tasks_sharing_a_layout_differ_only_in_the_cube_they_name():
+    scenes = [t.sample(np.random.default_rng(7)) for t in get_suite("spatial")]  # one stream for every task
+
+    def layout(s):
+        return [(b.name, b.support, *np.round(b.pos, 9)) for b in s.bodies]
+
+    for a, b in [(0, 1), (2, 3), (8, 9)]:
+        assert layout(scenes[a]) == layout(scenes[b])
+        assert {scenes[a].goals[0].obj, scenes[b].goals[0].obj} == {"cube_1", "cube_2"}
+    assert len({tuple(layout(s)) for s in scenes}) == 7  # the other tasks each have a layout of their own
+
+
+def test_trial_ranges_must_lie_within_the_init_states():
+    check_trial_range(0, NUM_INIT_STATES)
+    check_trial_range(NUM_INIT_STATES - 1, 1)
+    with pytest.raises(ValueError, match=r"within the 50 init states, got 1 \+ 50"):
+        check_trial_range(1, NUM_INIT_STATES)
+    with pytest.raises(KeyError, match=r"got -1 \+ 2"):
+        check_trial_range(-1, 2, KeyError)
+    with pytest.raises(ValueError, match="seed and index must be non-negative, got seed=-1, index=0"):
+        demo_scene("goal", 0, -1, 0)
+
+
+# ---------------------------------------------------------------- scene sampling
+def test_layout_clearance_and_table_limits_are_hand_computed():
+    def clear(*bodies, on=None):
+        return layout_clear(list(bodies), {b.name: (on or {}).get(b.name, "") for b in bodies})
+
+    # two cubes (radius 0.025) need 0.025 + 0.025 + CLEARANCE 0.012 = 0.062 between centres
+    assert clear(cube("a"), cube("b", x=0.063)) and not clear(cube("a"), cube("b", x=0.061))
+    assert clear(cube("a", x=0.19)) and not clear(cube("a", x=0.21)) and not clear(cube("a", y=-0.21))
+    assert clear(cube("a"), cube("b", z=0.05), on={"b": "a"})  # bodies resting on another are not on the table
+    zone, bowl = Body("green_zone", "zone", "green", (0.0, 0.0, 0.0)), Body("bowl", "bowl", "white", (0.0, 0.1, 0.0))
+    assert clear(zone, cube("a"))  # an object may start inside a zone
+    # a fixture may not overlap a zone (radii 0.05 + 0.058 = 0.108), but needs no clearance beyond touching
+    assert not clear(zone, bowl) and clear(zone, Body("bowl", "bowl", "white", (0.0, 0.11, 0.0)))
+
+
+def test_sample_scene_places_bodies_at_their_base_and_the_gripper_at_home():
+    specs = [Spec("tray", "tray", "gray", 0.05, -0.02), Spec("red_cube", "cube", "red", on="tray"),
+             Spec("ball", "ball", "blue", -0.1, 0.1)]
+    for seed in range(10):
+        s = sample_scene(np.random.default_rng(seed), specs, jitter=0.0, shift=0.0)
+        assert s.goals == () and s.held == "" and s.finger == OPEN_FINGER
+        np.testing.assert_array_equal(s.body("tray").pos, [0.05, -0.02, 0.0])
+        np.testing.assert_array_equal(s.body("ball").pos, [-0.1, 0.1, 0.0])
+        c = s.body("red_cube")  # within ±0.15 of the tray's half extents (0.075, 0.055) of its centre, on it
+        assert c.support == "tray" and c.pos[2] == pytest.approx(0.015)
+        assert abs(c.pos[0] - 0.05) <= 0.15 * 0.075 + 1e-12 and abs(c.pos[1] + 0.02) <= 0.15 * 0.055 + 1e-12
+        assert np.abs(s.gripper_pos - [0.0, -0.16, 0.15]).max() <= 0.01  # GRIPPER_HOME ± 1 cm
+    with pytest.raises(RuntimeError, match="red_cube should start on ball but settled on the table"):
+        sample_scene(np.random.default_rng(0), [Spec("ball", "ball", "blue"), Spec("red_cube", "cube", "red", on="ball")])
+    with pytest.raises(RuntimeError, match=r"could not place \['a', 'b'\] apart in 3 tries"):
+        sample_scene(np.random.default_rng(0), [Spec("a", "cube", "red"), Spec("b", "cube", "blue", 0.03)], tries=3)
 
 
 def test_spatial_targets_match_their_relation_in_every_init_state():
@@ -564,11 +651,11 @@ def _spread(scenes, name):
     return float(np.ptp(np.array([s.body(name).pos[:2] for s in scenes]), axis=0).max())
 
 
-@pytest.mark.parametrize("suite", ["spatial", "object"])
+@pytest.mark.parametrize("suite", ["spatial", "object", "goal", "long"])
 def test_each_task_keeps_one_layout_across_episodes_as_in_libero(suite):
     # LIBERO's init regions are per task and about ±1 cm wide: episodes (evaluation and demos alike) shift
     # the whole layout by at most `shift` and each body by at most `jitter`, never move it elsewhere
-    shift, jitter = (0.02, 0.012) if suite == "spatial" else (0.01, 0.012)
+    shift, jitter = {"spatial": 0.02, "object": 0.01, "goal": 0.015, "long": 0.02}[suite], 0.012
     for task in get_suite(suite):
         scenes = [init_state(suite, task.task_id, i) for i in range(NUM_INIT_STATES)]
         scenes += [demo_scene(suite, task.task_id, 0, i) for i in range(20)]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from experiments.robot.tabletop import SUITES, Body, SceneState
+from experiments.robot.tabletop.language import CAPTION_PROMPT as CAPTION
 from experiments.robot.tabletop.language import place_phrase, relation, scene_texts, unknown_words
 from experiments.robot.tabletop.pretrain import pretrain_rng, pretrain_scene
 from prismatic.models.processing import build_tiny_tokenizer
@@ -17,7 +18,7 @@ def test_unknown_words_agrees_with_the_tiny_tokenizer():
     for i in range(30):
         rng = pretrain_rng(0, i)
         texts += [w for _, p, a in scene_texts(pretrain_scene(rng), rng) for w in (p, a)]
-    texts += ["pick up the shiny cube", "put it on the saucer ?"]
+    texts += ["pick up the shiny cube", "put it on the saucer ?", "Put the RED Cube in the Bowl"]
     for text in texts:
         ids = tok.encode(text).ids
         assert (unk in ids) == bool(unknown_words(text)), text
@@ -48,6 +49,8 @@ def body(name, x, y, kind="cube", color="red", z=0.0, support=""):
     (-0.1, 0.0, "left of"), (0.1, 0.02, "right of"), (0.0, -0.1, "in front of"), (0.01, 0.1, "behind"),
     (0.08, 0.08, None),  # diagonal: no single word fits
     (0.03, 0.0, None),  # too close to tell
+    (0.059, 0.0, None), (-0.061, 0.0, "left of"),  # "too close": both offsets under 6 cm
+    (0.09375, 0.0625, "right of"), (0.0625, -0.09375, "in front of"),  # exactly 1.5× the other offset: clear
 ])
 def test_relation_follows_the_third_person_camera(dx, dy, expected):
     assert relation(body("a", dx, dy), body("b", 0.0, 0.0, "bowl", "white")) == expected
@@ -63,6 +66,8 @@ def test_place_phrases():
     assert place_phrase(s, cube) == "in the bowl"
     assert place_phrase(s, ball) == "on the red cube"
     assert place_phrase(s, loose) == "in the green zone"
+    beside = body("cyan_cube", 0.15, 0.03, color="cyan")  # the zone's column but well in front of it
+    assert place_phrase(SceneState([zone, beside], np.array([0.0, 0.0, 0.2])), beside) is None
     s.held = "pink_cube"
     assert place_phrase(s, loose) == "in the gripper"
     basket = body("basket", -0.15, 0.0, "basket", "brown")
@@ -110,3 +115,46 @@ def test_scene_texts_state_the_scene_as_it_is():
         assert ("qa", "what is in the gripper ?", "the red cube") in items
         assert ("qa", "is the gripper open ?", "no") in items
         assert not [t for k, _, t in items if k == "caption" and " of " in t]  # nothing relative to a held object
+
+
+def test_scene_texts_of_a_row_of_clear_relations_a_stove_and_a_crowded_bowl():
+    def texts(s, seed, max_items=100):
+        return scene_texts(s, np.random.default_rng(seed), max_items=max_items)
+
+    # three bodies in a row, all clearly left/right of each other: each of the three draws is stated
+    row = [body("bowl", 0.0, 0.0, "bowl", "white"), body("red_cube", -0.1, 0.0), body("blue_cube", 0.1, 0.0, color="blue")]
+    s = SceneState(row, np.array([0.0, -0.15, 0.2]))
+    for seed in range(3):
+        items = texts(s, seed)
+        assert len([t for k, _, t in items if k == "caption" and " of " in t]) == 3
+        assert ("qa", "what shape is the red object ?", "cube") in items
+        assert not [q for _, q, _ in items if q == "what color is the cube ?"]  # two cubes: no single answer
+        assert len(scene_texts(s, np.random.default_rng(seed))) == 8  # max_items defaults to 8
+    twins = SceneState([body("a_cube", -0.1, 0.0), body("b_ball", 0.1, 0.0, "ball")], np.array([0.0, -0.15, 0.2]))
+    assert not [q for _, q, _ in texts(twins, 0) if q == "what shape is the red object ?"]  # two red objects
+    # a stove that is on, a bowl holding two objects, the gripper right above the nearest object
+    stove = body("stove", -0.12, 0.1, "stove", "black")
+    stove.on = True
+    bowl = body("bowl", 0.1, 0.1, "bowl", "white")
+    inside = [body("red_cube", 0.1, 0.1, z=0.008, support="bowl"),
+              body("blue_ball", 0.1, 0.1, "ball", "blue", z=0.058, support="red_cube")]
+    inside[1].support = "bowl"  # what `place in` counts: resting in the bowl, directly or not
+    free = body("green_cube", 0.0, -0.1, color="green")
+    s = SceneState([stove, bowl, *inside, free], np.array([0.005, -0.1, 0.08]))
+    items = texts(s, 0)
+    assert ("qa", "is the stove on ?", "yes") in items and ("caption", CAPTION, "the stove is on") in items
+    assert ("qa", "what is in the bowl ?", "the red cube and the blue ball") in items
+    assert ("caption", CAPTION, "the gripper is above the green cube") in items
+    stove.on = False
+    s.gripper_pos = np.array([0.005, -0.1, 0.04])  # beside the cube's sides, below its top (0.05)
+    items = texts(s, 0)
+    assert ("qa", "is the stove on ?", "no") in items and ("caption", CAPTION, "the stove is on") not in items
+    assert not [t for k, _, t in items if t.startswith("the gripper is above")]
+
+
+def test_no_closest_object_question_when_the_nearest_object_is_held():
+    cube, ball = body("red_cube", 0.0, 0.0, z=0.05), body("blue_ball", 0.15, 0.0, "ball", "blue")
+    s = SceneState([cube, ball], np.array([0.0, 0.0, 0.075]), finger=0.025, held="red_cube")
+    items = scene_texts(s, np.random.default_rng(0), max_items=100)
+    assert ("qa", "what is in the gripper ?", "the red cube") in items
+    assert not [q for _, q, _ in items if q == "which object is closest to the gripper ?"]

@@ -178,6 +178,26 @@ def test_demo_presets_fill_only_unset_knobs():
     assert full.action_loss == "mse"  # TableTop-4's default; fine-tuning (FinetuneConfig) keeps the published L1
 
 
+def test_the_demos_defaults_are_the_pipelines_and_quick_mode_changes_only_its_presets():
+    # every knob's default is the pipeline's own (one default per knob); quick mode shrinks only the size knobs,
+    # to the presets that the knobs' comments state, and runs in its own directory
+    assert DemoConfig().pipeline_config() == PipelineConfig()
+    quick, full = (dataclasses.asdict(DemoConfig(quick=q).pipeline_config()) for q in (True, False))
+    assert {k: v for k, v in quick.items() if full[k] != v} == {
+        "task_ids": [0, 1], "demos_per_task": 6, "expert_steps": 60, "joint_steps": 80, "trials_per_task": 2,
+        "out_dir": Path("runs/demo-quick")}
+    assert (full["task_ids"], full["demos_per_task"], full["expert_steps"], full["joint_steps"],
+            full["trials_per_task"]) == (None, 50, 1500, 3000, 4)
+
+
+def test_a_size_knob_set_to_an_empty_or_zero_value_is_passed_on_not_replaced_by_the_preset():
+    from experiments.robot.demo import DataKnobs, EvalKnobs, TrainKnobs
+
+    cfg = DemoConfig(quick=True, data=DataKnobs(task_ids=[], demos_per_task=0), train=TrainKnobs(expert_steps=0),
+                     eval=EvalKnobs(trials_per_task=0)).pipeline_config()  # so that validation names it
+    assert (cfg.task_ids, cfg.demos_per_task, cfg.expert_steps, cfg.trials_per_task) == ([], 0, 0, 0)
+
+
 def test_shipped_base_matches_its_recorded_hash():
     from prismatic.io import state_dict_sha256
     from prismatic.models import get_config
