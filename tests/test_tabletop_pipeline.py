@@ -817,6 +817,7 @@ def test_the_oracle_policy_logs_the_given_task_not_a_routing():
         ended = None
 
         def start_episodes(self, first_obs, instructions, episode_ids=None):
+            self.started = (list(instructions), episode_ids)
             return [{"routed_expert": "goal", "scores": [1.0]} for _ in first_obs]
 
         def end_episodes(self, episode_ids):
@@ -828,6 +829,7 @@ def test_the_oracle_policy_logs_the_given_task_not_a_routing():
     inner = Inner()
     p = OraclePolicy(inner)
     assert p.start_episodes([{}, {}], ["a", "b"], [0, 1]) == [{"oracle_task": "goal"}, {"oracle_task": "goal"}]
+    assert inner.started == (["a", "b"], [0, 1])  # the episodes' ids passed on
     assert p.act([{}], ["a"], [0]).shape == (1, 8, 7)
     p.end_episodes([0, 1])
     assert inner.ended == [0, 1]
@@ -908,3 +910,428 @@ def test_every_first_observation_is_routed_under_every_variant_across_batches():
     policy = SimpleNamespace(merged=Merged(), image_transform=None)
     got = route_all_variants(policy, obs, [f"i{i}" for i in range(7)], batch_size=3)  # batches of 3, 3, 1
     assert got == {"value": [tasks[i % 3] for i in range(7)], "key": [tasks[(i + 1) % 3] for i in range(7)]}
+    # the frames as the policy shows them (its centre crop), not as rendered
+    shown = SimpleNamespace(merged=Merged(), image_transform=lambda img: img + 1)
+    assert route_all_variants(shown, obs[:2], ["i1", "i2"])["value"] == ["long", "object"]
+
+
+def test_the_eval_env_factory_renders_at_its_image_size():
+    from experiments.robot.tabletop_pipeline.evaluation import TableTopEnvFactory
+
+    obs = TableTopEnvFactory(image_size=32)("goal", 0, 0).reset()
+    assert obs["agentview_image"].shape == obs["robot0_eye_in_hand_image"].shape == (32, 32, 3)
+    assert TableTopEnvFactory()("goal", 0, 0).reset()["agentview_image"].shape == (64, 64, 3)
+
+
+def test_the_eval_plan_starts_each_trial_at_its_own_init_state_with_its_suites_names_and_horizon():
+    from experiments.robot.tabletop import SUITE_MAX_STEPS, get_suite
+    from experiments.robot.tabletop_pipeline.evaluation import plan
+
+    episodes = plan(["goal", "long"], [3, 7], 2, first_init_state=5)
+    assert [e.key for e in episodes] == [f"{s}/{t}/{k}" for s in ("goal", "long") for t in (3, 7) for k in (0, 1)]
+    assert [e.init_state_id for e in episodes] == [5, 6] * 4  # trial k from init state first + k
+    assert {e.suite: e.max_steps for e in episodes} == {"goal": SUITE_MAX_STEPS["goal"], "long": SUITE_MAX_STEPS["long"]}
+    assert SUITE_MAX_STEPS["goal"] != SUITE_MAX_STEPS["long"]
+    assert [e.task for e in episodes if e.suite == "long"] == [get_suite("long")[t].instruction for t in (3, 3, 7, 7)]
+    assert len(plan(["object"], None, 1)) == len(get_suite("object"))  # no task ids: every task
+
+
+def _fake_eval(monkeypatch):
+    """run_eval with every model and rollout faked: what each call got, and rows made up from its episodes."""
+    import experiments.robot.policy as policy_mod
+    import experiments.robot.tabletop_pipeline.blind_replay as blind_replay
+    import experiments.robot.tabletop_pipeline.evaluation as evaluation
+    import model_merging
+    import model_merging.routed_policy as routed_policy
+    import prismatic.models as models
+
+    calls = []
+
+    class Model:
+        def __init__(self, d):
+            self.dir = d
+
+        def eval(self):
+            return self
+
+    class Policy:
+        def __init__(self, *args, **kw):
+            self.args, self.kw = args, kw
+
+    def run_episodes(factory, policy, eps, path, **kw):
+        calls.append({"factory": factory, "policy": policy, "eps": list(eps), "path": Path(path), **kw})
+        rows = [{"key": e.key, "suite": e.suite, "success": e.trial == 0, "steps": 10 + e.task_id,
+                 "expected_expert": e.expected_expert, "routed_expert": "goal"} for e in eps]
+        if kw.get("video_dir"):
+            for r in rows:
+                r["video"] = str(Path(kw["video_dir"]) / f"{r['key'].replace('/', '-')}.mp4")
+        return rows
+
+    monkeypatch.setattr(models, "from_pretrained", Model)
+    monkeypatch.setattr(policy_mod, "VLAPolicy", Policy)
+    monkeypatch.setattr(model_merging, "load_merged", lambda a: f"merged:{a}")
+    monkeypatch.setattr(routed_policy, "RoutedPolicy", Policy)
+    monkeypatch.setattr(blind_replay, "ReplayPolicy", Policy)
+    monkeypatch.setattr(evaluation, "run_episodes", run_episodes)
+    monkeypatch.setattr(evaluation, "first_observations", lambda eps, s: ([{}] * len(eps), ["i"] * len(eps)))
+    # value routes every first observation to its suite, key everything to "long"
+    monkeypatch.setattr(evaluation, "route_all_variants", lambda p, obs, instr: {
+        "value": [e.suite for e in evaluation.plan(("goal", "long"), (1,), 2)], "key": ["long"] * len(obs)})
+    return calls
+
+
+def _eval_settings(tmp_path, **kw):
+    from experiments.robot.tabletop_pipeline.evaluation import EvalSettings
+
+    return EvalSettings(**{**dict(suites=("goal", "long"), task_ids=(1,), trials_per_task=2, first_init_state=3,
+                                  num_envs=3, noop_steps=2, seed=9, image_size=32, crop_area=0.9,
+                                  out_dir=str(tmp_path)), **kw})
+
+
+def test_each_eval_kind_rolls_out_its_own_policy_per_suite_with_the_settings(tmp_path, monkeypatch):
+    from experiments.robot.tabletop_pipeline.evaluation import EvalJob, OraclePolicy, run_eval
+
+    calls = _fake_eval(monkeypatch)
+    s = _eval_settings(tmp_path)
+    # a results file of other weights is discarded before the rollouts
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "long.jsonl").write_text(json.dumps({"key": "long/1/0", "policy_id": "old"}) + "\n")
+    ft = run_eval(EvalJob("ft", "FT experts", "experts", "p1", (("long", "ck/l"), ("goal", "ck/g"))), s)
+    assert not (tmp_path / "ft" / "long.jsonl").exists()
+    assert [(c["policy"].args[0].dir, [e.key for e in c["eps"]], c["path"]) for c in calls] == [
+        ("ck/g", ["goal/1/0", "goal/1/1"], tmp_path / "ft" / "goal.jsonl"),
+        ("ck/l", ["long/1/0", "long/1/1"], tmp_path / "ft" / "long.jsonl")]
+    c = calls[0]
+    assert [e.init_state_id for e in c["eps"]] == [3, 4]
+    assert (c["num_envs"], c["num_workers"], c["seed"], c["run_info"]) == (
+        3, 0, 9, {"method": "FT experts", "policy_id": "p1"})
+    assert (c["protocol"].num_noop_steps, c["factory"].image_size, c["policy"].args[1].area) == (2, 32, 0.9)
+    assert (ft["episodes"], ft["success"], ft["env_steps"], ft["files"]) == (
+        4, 0.5, 44, [str(tmp_path / "ft" / "goal.jsonl"), str(tmp_path / "ft" / "long.jsonl")])
+    assert "rollout_routing" not in ft and "first_obs_routing" not in ft and "videos" not in ft
+
+    calls.clear()
+    single = run_eval(EvalJob("joint", "Joint", "single", "p2", (("all", "ck/j"),)), s)
+    ((c,),) = [calls]
+    assert (c["policy"].args[0].dir, len(c["eps"]), c["path"]) == ("ck/j", 4, tmp_path / "joint.jsonl")
+    assert single["files"] == [str(tmp_path / "joint.jsonl")]
+
+    calls.clear()
+    run_eval(EvalJob("blind", "Blind", "blind", "p3", demos=(4, 0.2)), s)
+    assert [(c["policy"].args, c["policy"].kw, c["eps"][0].suite) for c in calls] == [
+        (("goal", 4, 0.2), {"open_loop_steps": 8}, "goal"), (("long", 4, 0.2), {"open_loop_steps": 8}, "long")]
+
+    calls.clear()
+    oracle = run_eval(EvalJob("base", "Baseline", "oracle", "p4", artifact="m/base"), s)
+    assert all(isinstance(c["policy"], OraclePolicy) for c in calls)
+    assert [(c["policy"].inner.args[0], c["policy"].inner.kw["force_task"], c["eps"][0].suite, c["path"])
+            for c in calls] == [("merged:m/base", x, x, tmp_path / "base" / f"{x}.jsonl") for x in ("goal", "long")]
+    assert calls[0]["policy"].inner.args[1].area == 0.9 and "rollout_routing" not in oracle
+
+    with pytest.raises(ValueError, match="unknown evaluation kind 'nope'"):
+        run_eval(EvalJob("x", "X", "nope", "p5"), s)
+
+
+def test_a_routed_row_scores_its_router_on_first_observations_and_in_its_rollouts(tmp_path, monkeypatch):
+    from experiments.robot.tabletop_pipeline.evaluation import EvalJob, run_eval
+
+    calls = _fake_eval(monkeypatch)
+    r = run_eval(EvalJob("ta", "TA + router", "routed", "p", artifact="m/ta", variant="key"), _eval_settings(tmp_path))
+    ((c,),) = [calls]
+    assert (c["policy"].args[0], c["policy"].kw["variant"], len(c["eps"]), c["path"]) == (
+        "merged:m/ta", "key", 4, tmp_path / "ta.jsonl")
+    assert r["first_obs_routing"] == {"value": {"goal": 1.0, "long": 1.0, "all": 1.0},
+                                      "key": {"goal": 0.0, "long": 1.0, "all": 0.5}}
+    assert r["rollout_routing"] == {"goal": 1.0, "long": 0.0, "all": 0.5}  # the rows' routed_expert: always goal
+    written = json.loads((tmp_path / "ta.routing.json").read_text())
+    assert written == {"method": "TA + router", "policy_id": "p", "episodes": ["goal/1/0", "goal/1/1", "long/1/0",
+                       "long/1/1"], "routed": {"value": ["goal", "goal", "long", "long"], "key": ["long"] * 4},
+                       "accuracy": r["first_obs_routing"]}
+
+
+def test_chosen_episodes_are_recorded_again_and_videos_of_other_weights_are_dropped(tmp_path, monkeypatch):
+    from experiments.robot.harness.video import video_name
+    from experiments.robot.tabletop_pipeline.evaluation import EvalJob, run_eval
+
+    calls = _fake_eval(monkeypatch)
+    s = _eval_settings(tmp_path, video_episodes=("goal/1/0", "long/*/1"), video_scale=2)
+    vdir = tmp_path / "videos" / "ft"
+    vdir.mkdir(parents=True)
+    stale = [vdir / video_name("goal", 1, 0, ok) for ok in (True, False)]
+    other = vdir / video_name("goal", 1, 1, True)  # not chosen: left alone
+    for p in [*stale, other]:
+        p.write_bytes(b"old")
+    job = EvalJob("ft", "FT experts", "experts", "p1", (("goal", "ck/g"), ("long", "ck/l")))
+    r = run_eval(job, s)
+    assert r["videos"] == [str(vdir / "goal-1-0.mp4"), str(vdir / "long-1-1.mp4")]
+    assert len(calls) == 4 and [[e.key for e in c["eps"]] for c in calls[2:]] == [["goal/1/0"], ["long/1/1"]]
+    v = calls[2]
+    assert (v["path"], v["video_dir"], v["video_episodes"], v["seed"], v["num_envs"], v["policy"]) == (
+        vdir / "goal.jsonl", vdir, ("goal/1/0", "long/*/1"), 9, 3, calls[0]["policy"])
+    assert (v["protocol"].num_noop_steps, v["protocol"].video_fps, calls[3]["path"]) == (2, 10, vdir / "long.jsonl")
+    cams = {"agentview_image": np.zeros((2, 3, 3), np.uint8), "robot0_eye_in_hand_image": np.ones((2, 3, 3), np.uint8)}
+    assert v["frame_fn"](cams).shape == (4, 12, 3)  # both cameras, video_scale 2
+    assert not any(p.exists() for p in stale) and other.exists()
+
+    # recorded by these weights: the MP4s stay; by other weights: their rows and MP4s go
+    (vdir / "goal.jsonl").write_text(json.dumps({"key": "goal/1/0", "policy_id": "p1"}) + "\n")
+    stale[0].write_bytes(b"mine")
+    run_eval(job, s)
+    assert stale[0].exists() and (vdir / "goal.jsonl").exists()
+    run_eval(dataclasses.replace(job, policy_id="p2"), s)
+    assert not stale[0].exists() and not (vdir / "goal.jsonl").exists()
+
+
+def test_first_observations_are_what_the_policy_sees_after_the_noop_steps(monkeypatch):
+    import experiments.robot.tabletop_pipeline.evaluation as evaluation
+
+    made, actions = [], []
+
+    class Env:  # each observation tells how many steps it follows
+        def __init__(self, suite, task_id, init_state_id):
+            self.instruction, self.n = f"{suite} {task_id} {init_state_id}", 0
+
+        def reset(self):
+            return {"steps": 0}
+
+        def step(self, action):
+            actions.append(list(action))
+            self.n += 1
+            return {"steps": self.n}, 0.0, False, {}
+
+    def factory(image_size):
+        made.append(image_size)
+        return Env
+
+    monkeypatch.setattr(evaluation, "TableTopEnvFactory", factory)
+    episodes = evaluation.plan(["goal", "long"], [2], 2, first_init_state=4)
+    obs, instr = evaluation.first_observations(episodes, _eval_settings(Path("."), noop_steps=3, image_size=32))
+    assert obs == [{"steps": 3}] * 4 and made == [32]
+    assert instr == ["goal 2 4", "goal 2 5", "long 2 4", "long 2 5"]  # each episode's own env
+    assert actions == [[0, 0, 0, 0, 0, 0, -1.0]] * 12  # the protocol's no-op: gripper open
+
+
+def _report_inputs(tmp_path):
+    from types import SimpleNamespace
+
+    def job(label, outcomes, **extra):
+        f = tmp_path / f"{label}.jsonl"
+        f.write_text("".join(json.dumps({"key": k, "method": label, "suite": k.split("/")[0], "success": ok,
+                                         "task_id": int(k.split("/")[1]), "expected_expert": k.split("/")[0],
+                                         "routed_expert": "goal"}) + "\n" for k, ok in outcomes))
+        return {"label": label, "files": [str(f)], **extra}
+
+    routing = {"first_obs_routing": {"value": {"all": 0.5}, "exemplar": {"all": 1.0}},
+               "rollout_routing": {"goal": 1.0, "long": 0.0, "all": 0.5}}
+    outputs = {"ft": job("FT experts", [("long/0/1", True), ("goal/0/0", True), ("goal/0/1", False),
+                                       ("long/0/0", True)]),
+               "ta": job("TA + router", [("goal/0/0", True), ("long/0/0", False)], **routing)}
+    train = {n: {"name": n, "steps": 10, "final_loss": 0.5, "wall_s": 2.0, "steps_per_s": 5.0}
+             for n in ("joint", "baseline/long", "mergevla/long", "mergevla/goal", "other")}
+    results = {"eval": SimpleNamespace(outputs=outputs), "train": SimpleNamespace(outputs=train),
+               "merge": SimpleNamespace(outputs={"m": 1}), "base": SimpleNamespace(outputs={"b": 2}),
+               "data": SimpleNamespace(outputs={"d": 3})}
+    cfg = SimpleNamespace(suites=["goal", "long"], task_ids=[0], trials_per_task=2, demos_per_task=5, expert_steps=30,
+                          joint_steps=40, batch_size=4, action_loss="l1", seed=7, router_variant="key", plots=False)
+    timing = {"started": "2026-01-01T00:00:00+00:00", "total_wall_s": 99.4,
+              "stages": {"train": {"wall_s": 90.0, "cached": False}, "eval": {"wall_s": 9.4, "cached": True}},
+              "machine_start": {"cpus": 2, "platform": "Linux", "torch": "2.x", "loadavg_1m": 0.25},
+              "machine_end": {"cpus": 2, "platform": "Linux", "torch": "2.x", "loadavg_1m": 1.5}}
+    return cfg, results, timing
+
+
+PLANNED = {"goal/0/0", "goal/0/1", "long/0/0", "long/0/1"}
+
+
+def test_the_demo_table_renders_every_section_of_the_run():
+    import tempfile
+
+    from experiments.robot.tabletop_pipeline.report import build_report, render
+
+    cfg, results, timing = _report_inputs(Path(tempfile.mkdtemp()))
+    report = build_report(cfg, results, PLANNED, timing, ["FT experts", "TA + router"]) | {"timing": timing}
+    assert (report["merge"], report["base"], report["data"]) == ({"m": 1}, {"b": 2}, {"d": 3})
+    assert [(r["method"], r["key"]) for r in report["rows"]] == [  # by row, then episode, whatever the files' order
+        ("FT experts", k) for k in sorted(PLANNED)] + [("TA + router", "goal/0/0"), ("TA + router", "long/0/0")]
+    assert render(cfg, report) == (
+        "# TableTop-4 demo (2026-01-01T00:00:00+00:00)\n\n"
+        "Suites goal, long; tasks per suite: 1 (0); 2 episode(s) per task (2 per suite and row); 5 demos per task; "
+        "30 steps per expert, 40 for the joint model (batch 4, L1 action loss); seed 7.\n\n"
+        "## Success rate (%)\n\n| method | Goal | Long | avg |\n|---|---:|---:|---:|\n"
+        "| FT experts | 50.0 | 100.0 | 75.0 |\n| TA + router | 100.0 | 0.0 | 50.0 |\n\n"
+        "## Routing accuracy (%) per suite (first observation of each rollout, routed as the row says: "
+        "\"+ router\" = key-only)\n\n| method | goal | long | all |\n|---|---:|---:|---:|\n"
+        "| TA + router | 100.0 | 0.0 | 50.0 |\n\n"
+        "## Router variants (%, all suites, first observations)\n\n"
+        "| method | value-only | exemplar (beyond the paper) |\n|---|---:|---:|\n| TA + router | 50.0 | 100.0 |\n\n"
+        "## Training\n\n| run | steps | final L1 loss | wall (s) | steps/s |\n|---|---:|---:|---:|---:|\n"
+        + "".join(f"| {n} | 10 | 0.5 | 2.0 | 5.0 |\n" for n in ("mergevla/goal", "mergevla/long", "baseline/long",
+                                                              "joint", "other"))  # in job order, others last
+        + "\n## Wall time\n\n| stage | wall (s) | cached |\n|---|---:|---|\n| train | 90.0 | no |\n"
+        "| eval | 9.4 | yes |\n\nTotal 99 s on 2 CPU(s) (Linux; torch 2.x), load average 0.25 at the start and "
+        "1.50 at the end.\n")
+    # every task, and no routed row: no routing sections
+    del results["eval"].outputs["ta"]
+    cfg.task_ids = None
+    text = render(cfg, build_report(cfg, results, PLANNED, timing, ["FT experts"]) | {"timing": timing})
+    assert "tasks per suite: all 10;" in text and "## Rout" not in text
+
+
+def test_the_report_files_hold_this_runs_table_routing_and_timing(tmp_path):
+    from experiments.robot.tabletop_pipeline.report import build_report, render, write_report
+
+    cfg, results, timing = _report_inputs(tmp_path)
+    report = build_report(cfg, results, PLANNED, timing, ["FT experts", "TA + router"]) | {"timing": timing}
+    root = tmp_path / "run"
+    (root / "summary").mkdir(parents=True)
+    (root / "summary" / "routing_an_earlier_row.png").write_bytes(b"stale")
+    logged = []
+    write_report(cfg, report, root, log=logged.append)
+    assert (root / "demo_table.md").read_text() == render(cfg, report) and logged[0] == "\n" + render(cfg, report)
+    assert sorted(p.name for p in (root / "summary").iterdir() if not p.name.startswith(".")) == [
+        "results.csv", "results.md", "results_by_task.csv"]  # no plots asked for; the earlier run's plot gone
+    assert json.loads((root / "routing.json").read_text()) == {"TA + router": {
+        "first_obs": {"value": {"all": 0.5}, "exemplar": {"all": 1.0}},
+        "rollouts": {"goal": 1.0, "long": 0.0, "all": 0.5}}}
+    written = json.loads((root / "timing.json").read_text())
+    assert written["ft_success"] == {"goal": 0.5, "long": 1.0} and written["stages"] == timing["stages"]
+    assert written["success_pct"] == {"FT experts": {"goal": 50.0, "long": 100.0},
+                                      "TA + router": {"goal": 100.0, "long": 0.0}}
+    write_report(cfg, report, root, log=logged.append)  # a second run adds a line to the history
+    history = [json.loads(x) for x in (root / "timing_history.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and history[1]["ft_success"] == {"goal": 0.5, "long": 1.0}
+    assert (history[1]["total_wall_s"], history[1]["loadavg_1m_start"], history[1]["stages"]) == (
+        99.4, 0.25, timing["stages"])
+
+
+def test_a_merge_spec_holds_every_hyper_parameter_defaults_included():
+    from experiments.robot.tabletop_pipeline.merging import MergeJob
+    from model_merging import get_method
+
+    job = MergeJob("m", "mergevla", "ties", True, 1, (("goal", "ck/g"),), ("a",), "out/m")
+    defaults = dataclasses.asdict(get_method("ties").params())
+    assert defaults and job.spec()["params"] == defaults  # a changed default redoes the merge
+    assert dataclasses.replace(job, params={"k": 50.0}).spec()["params"] == {**defaults, "k": 50.0}
+
+
+def _fake_merge(monkeypatch):
+    """merge_experts and the exemplar calibration faked: the artifact is a manifest, its exemplars a file."""
+    from types import SimpleNamespace
+
+    import model_merging
+    import model_merging.exemplar_router as exemplar_router
+    import model_merging.exemplars as exemplars
+    import model_merging.merged_model as merged_model
+
+    seen = {"merges": [], "calibrations": []}
+
+    def merge_experts(experts, out, opts, log=None):
+        assert not out.exists()  # as the real one: it refuses an existing directory
+        seen["merges"].append((experts, opts))
+        out.mkdir()
+        (out / "manifest.json").write_text(json.dumps({"weights_sha256": f"w{len(seen['merges'])}",
+                                                       "masks": {"stats": {"selfish_ratio": 0.25}}}))
+
+    def calibrate(merged, sources, per_task, view):
+        seen["calibrations"].append((sources, per_task, view))
+        return "exemplars", "provenance"
+
+    def write_exemplars(merged, ex, provenance, view):
+        (merged.dir / "exemplars.json").write_text(json.dumps({"weights_sha256": "e1"}))
+
+    monkeypatch.setattr(model_merging, "merge_experts", merge_experts)
+    monkeypatch.setattr(exemplar_router, "calibrate", calibrate)
+    monkeypatch.setattr(exemplars, "write_exemplars", write_exemplars)
+    monkeypatch.setattr(exemplars, "exemplar_record", lambda d: json.loads((Path(d) / "exemplars.json").read_text())
+                        if (Path(d) / "exemplars.json").is_file() else None)
+    monkeypatch.setattr(merged_model, "load_merged", lambda out, exemplars=True: SimpleNamespace(
+        dir=Path(out), task_names=["goal", "long"]))
+    return seen
+
+
+def test_an_exemplar_merge_is_calibrated_recorded_reused_and_redone_when_its_exemplars_change(tmp_path, monkeypatch):
+    from experiments.robot.tabletop_pipeline.merging import MergeJob, run_merge, run_merges
+    from model_merging.exemplar_router import DataSource
+    from model_merging.exemplars import FrameView
+
+    seen = _fake_merge(monkeypatch)
+    job = MergeJob("m", "mergevla", "ties", True, 1, (("goal", "ck/g"), ("long", "ck/l")), ("a", "b"),
+                   str(tmp_path / "m"), exemplars=3, data_root="data", crop_area=0.81, variant="exemplar")
+    r = run_merge(job)
+    assert {k: v for k, v in r.items() if k != "wall_s"} == {
+        "name": "m", "label": "MergeVLA TIES + masks + exemplar router", "dir": str(tmp_path / "m"),
+        "weights_sha256": "w1", "exemplars_sha256": "e1", "selfish_ratio": 0.25, "cached": False}
+    ((sources, per_task, view),) = seen["calibrations"]
+    assert sources == {t: DataSource(Path("data"), t) for t in ("goal", "long")}
+    assert (per_task, view) == (3, FrameView("crop", 0.81))  # the frames as the rollouts show them
+    assert json.loads((tmp_path / "m.spec.json").read_text()) == job.spec() | {"exemplars_sha256": "e1"}
+    assert run_merge(job)["cached"] is True and len(seen["merges"]) == 1
+    (tmp_path / "m" / "exemplars.json").write_text(json.dumps({"weights_sha256": "by hand"}))
+    assert run_merge(job)["cached"] is False and len(seen["merges"]) == 2  # not the exemplars it recorded
+    # without exemplars: none recorded, and none of the earlier artifact's left behind
+    plain = run_merge(dataclasses.replace(job, exemplars=0))
+    assert (plain["exemplars_sha256"], plain["weights_sha256"], len(seen["calibrations"])) == (None, "w3", 2)
+
+    # the jobs' results in the jobs' order, each logged once
+    logged = []
+    other = dataclasses.replace(job, name="n", out_dir=str(tmp_path / "n"), exemplars=0, masks=False)
+    out = run_merges([other, job], workers=1, log=logged.append)
+    assert list(out) == ["n", "m"] and out["m"]["cached"] is False and out["n"]["weights_sha256"] == "w4"
+    assert [m.split(" in ")[0] for m in logged] == ["[merge] MergeVLA TIES (no masks) + exemplar router: merged",
+                                                   "[merge] MergeVLA TIES + masks + exemplar router: merged"]
+    assert logged[0].endswith(", selfish ratio 0.250")
+    assert run_merges([job], workers=1, log=logged.append)["m"]["cached"] and logged[-1].startswith(
+        "[merge] MergeVLA TIES + masks + exemplar router: reused in ")
+
+
+def test_merge_labels_name_the_family_masks_expert_and_router():
+    from experiments.robot.tabletop_pipeline.merging import MergeJob
+
+    job = MergeJob("m", "mergevla", "knots", True, 1, (), (), "out/m")
+    assert job.label == "MergeVLA KnOTS + masks + router"  # no variant: the value router
+    assert dataclasses.replace(job, variant="key_value").label == "MergeVLA KnOTS + masks + router (key_value subspaces)"
+    assert dataclasses.replace(job, masks=False, routed=False, algorithm="new").label == "MergeVLA new (no masks), task given"
+    assert dataclasses.replace(job, per_task_parts=("action_queries",), variant="exemplar").label == (
+        "MergeVLA KnOTS + masks, per-task action expert + exemplar router")
+    base = dataclasses.replace(job, family="baseline", algorithm="task_arithmetic", masks=False)
+    assert base.label == "Baseline TA, no masks (self-attn)"
+    assert dataclasses.replace(base, masks=True).label == "Baseline TA + masks (self-attn)"
+
+
+def test_eval_jobs_run_routed_rows_first_and_come_back_in_the_jobs_order(monkeypatch, tmp_path):
+    import experiments.robot.tabletop_pipeline.evaluation as evaluation
+
+    ran = []
+
+    def run_eval(job, settings):
+        ran.append(job.name)
+        r = {"name": job.name, "label": job.label, "success": 0.5, "episodes": 4, "wall_s": 3.2}
+        if job.kind == "routed":
+            r |= {"first_obs_routing": {"value": {"all": 1.0}, "key": {"all": 0.5}},
+                  "videos": [str(tmp_path / "v" / "ta" / "a.mp4"), str(tmp_path / "v" / "ta" / "b.mp4")]}
+        return r
+
+    monkeypatch.setattr(evaluation, "run_eval", run_eval)
+    jobs = [evaluation.EvalJob("ft", "FT experts", "experts", "p"), evaluation.EvalJob("ta", "TA", "routed", "q")]
+    logged = []
+    out = evaluation.run_evals(jobs, _eval_settings(tmp_path), workers=1, log=logged.append)
+    assert ran == ["ta", "ft"] and list(out) == ["ft", "ta"]  # the slowest first; the table's order back
+    assert logged == ["[eval] TA: 50.0% of 4 episodes in 3s, routing value=100% key=50%, 2 video(s) in "
+                      f"{tmp_path / 'v' / 'ta'}", "[eval] FT experts: 50.0% of 4 episodes in 3s"]
+
+
+def test_a_results_file_wholly_of_other_weights_is_refused_and_every_file_counts(tmp_path):
+    from experiments.robot.harness import ResultsError
+    from experiments.robot.tabletop_pipeline.evaluation import load_rows, results_of
+
+    files = []
+    for suite in ("goal", "long"):
+        files.append(tmp_path / f"{suite}.jsonl")
+        files[-1].write_text(json.dumps({"key": f"{suite}/0/0", "policy_id": "a"}) + "\n")
+    job = {"label": "FT experts", "policy_id": "a", "files": [str(f) for f in files]}
+    assert [r["key"] for r in load_rows({"ft": job})] == ["goal/0/0", "long/0/0"]
+    with pytest.raises(ResultsError, match=r"long.jsonl holds rows of policies \['a'\]; FT experts is b"):
+        load_rows({"ft": job | {"policy_id": "b", "files": [str(files[1])]}})
+    logged = []
+    results_of(files[0], "b", log=logged.append)
+    assert logged == [f"[eval] {files[0]}: discarding 1 episode(s) of other weights or settings (policy a, now b)"]
