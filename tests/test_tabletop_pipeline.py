@@ -1058,8 +1058,9 @@ def test_chosen_episodes_are_recorded_again_and_videos_of_other_weights_are_drop
     vdir = tmp_path / "videos" / "ft"
     vdir.mkdir(parents=True)
     stale = [vdir / video_name("goal", 1, 0, ok) for ok in (True, False)]
-    other = vdir / video_name("goal", 1, 1, True)  # not chosen: left alone
-    for p in [*stale, other]:
+    other = vdir / video_name("goal", 1, 1, True)  # not chosen now, yet also of other weights
+    kept = vdir / video_name("spatial", 1, 0, True)  # a suite this row does not evaluate
+    for p in [*stale, other, kept]:
         p.write_bytes(b"old")
     job = EvalJob("ft", "FT experts", "experts", "p1", (("goal", "ck/g"), ("long", "ck/l")))
     r = run_eval(job, s)
@@ -1071,15 +1072,16 @@ def test_chosen_episodes_are_recorded_again_and_videos_of_other_weights_are_drop
     assert (v["protocol"].num_noop_steps, v["protocol"].video_fps, calls[3]["path"]) == (2, 10, vdir / "long.jsonl")
     cams = {"agentview_image": np.zeros((2, 3, 3), np.uint8), "robot0_eye_in_hand_image": np.ones((2, 3, 3), np.uint8)}
     assert v["frame_fn"](cams).shape == (4, 12, 3)  # both cameras, video_scale 2
-    assert not any(p.exists() for p in stale) and other.exists()
+    assert not any(p.exists() for p in [*stale, other]) and kept.exists()
 
-    # recorded by these weights: the MP4s stay; by other weights: their rows and MP4s go
+    # recorded by these weights: the MP4s stay, chosen now or not; by other weights: their rows and MP4s go
     (vdir / "goal.jsonl").write_text(json.dumps({"key": "goal/1/0", "policy_id": "p1"}) + "\n")
     stale[0].write_bytes(b"mine")
+    other.write_bytes(b"mine")
     run_eval(job, s)
-    assert stale[0].exists() and (vdir / "goal.jsonl").exists()
+    assert stale[0].exists() and other.exists() and (vdir / "goal.jsonl").exists()
     run_eval(dataclasses.replace(job, policy_id="p2"), s)
-    assert not stale[0].exists() and not (vdir / "goal.jsonl").exists()
+    assert not stale[0].exists() and not other.exists() and not (vdir / "goal.jsonl").exists() and kept.exists()
 
 
 def test_first_observations_are_what_the_policy_sees_after_the_noop_steps(monkeypatch):

@@ -18,6 +18,11 @@ def video_name(suite: str, task_id: int, trial: int, success: bool) -> str:
     return f"{suite}--task{task_id:03d}--trial{trial:03d}--{'success' if success else 'failure'}.mp4"
 
 
+def video_pattern(suite: str) -> str:
+    """The glob pattern of every `video_name` of `suite`."""
+    return f"{suite}--*.mp4"
+
+
 def write_mp4(path: Path | str, frames: Sequence[np.ndarray], fps: int = 30) -> Path:
     """Write uint8 (H, W, 3) frames atomically (needs the `imageio-ffmpeg` package)."""
     import imageio.v2 as imageio

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.robot.harness import EpisodeSpec, Protocol, plan_episodes, read_rows, run_episodes
-from experiments.robot.harness.video import video_name, wants_video
+from experiments.robot.harness.video import video_pattern, wants_video
 from experiments.robot.tabletop import SUITE_MAX_STEPS, get_suite, make_env
 
 
@@ -235,12 +235,12 @@ def record_videos(calls, job: EvalJob, settings: EvalSettings, factory, run_info
     videos = []
     for policy, eps, path in calls:
         chosen = [e for e in eps if wants_video(e.key, settings.video_episodes)]
+        results = results_of(vdir / path.name, job.policy_id)
+        if not results.exists():  # nothing recorded for these weights: every MP4 of its suites is other weights'
+            for suite in sorted({e.suite for e in eps}):
+                for old in vdir.glob(video_pattern(suite)):
+                    old.unlink()
         if chosen:
-            results = results_of(vdir / path.name, job.policy_id)
-            if not results.exists():  # nothing recorded for these weights: drop MP4s that other weights left
-                for e in chosen:
-                    for ok in (True, False):
-                        (vdir / video_name(e.suite, e.task_id, e.trial, ok)).unlink(missing_ok=True)
             rows = run_episodes(factory, policy, chosen, results,
                                 num_envs=settings.num_envs, num_workers=0, protocol=settings.protocol(),
                                 run_info=run_info, seed=settings.seed, video_dir=vdir,
