@@ -19,7 +19,6 @@ written as MP4s under <out_dir>/videos/<row>/; the table's results are not touch
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -295,14 +294,3 @@ def load_rows(results: dict[str, dict]) -> list[dict]:
                 raise ResultsError(f"{f} holds rows of policies {sorted(map(str, ids))}; {r.get('label')} is {want}")
             rows += got
     return rows
-
-
-def write_routing(path: Path, results: dict[str, dict]) -> None:
-    from prismatic.io import write_json
-
-    write_json(path, {r["label"]: {"first_obs": r["first_obs_routing"], "rollouts": r.get("rollout_routing")}
-                      for r in results.values() if "first_obs_routing" in r})
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
