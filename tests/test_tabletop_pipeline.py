@@ -1337,3 +1337,9 @@ def test_a_results_file_wholly_of_other_weights_is_refused_and_every_file_counts
     logged = []
     results_of(files[0], "b", log=logged.append)
     assert logged == [f"[eval] {files[0]}: discarding 1 episode(s) of other weights or settings (policy a, now b)"]
+    # a file mixing the current weights' rows with others' names the others, not whichever row came first
+    files[1].write_text("".join(json.dumps({"key": f"long/0/{i}", "policy_id": p}) + "\n"
+                                for i, p in enumerate("bcb")))
+    results_of(files[1], "b", log=logged.append)
+    assert logged[1] == f"[eval] {files[1]}: discarding 3 episode(s) of other weights or settings (policy c, now b)"
+    assert not files[1].exists()

@@ -114,8 +114,9 @@ def results_of(path: Path, policy_id: str, log=print) -> Path:
     """Discard a results file written by other weights (the demo owns its out_dir), saying so."""
     rows = read_rows(path) if path.exists() else []
     if rows and any(r.get("policy_id") != policy_id for r in rows):
+        others = sorted({str(r.get("policy_id")) for r in rows} - {policy_id})  # a mixed file holds ours too
         log(f"[eval] {path}: discarding {len(rows)} episode(s) of other weights or settings (policy "
-            f"{rows[0].get('policy_id')}, now {policy_id})")
+            f"{', '.join(others)}, now {policy_id})")
         path.unlink()
     return path
 
